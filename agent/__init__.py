@@ -1,0 +1,1 @@
+"""Control tier: declaration sources, the node reconcile loop, status, and the CLI."""

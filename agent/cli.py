@@ -1,0 +1,219 @@
+"""The ``nodecache`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.logs import setup_logging
+from agent.standalone import SOCKET_NAME, STATUS_PATH, AgentOptions, run_standalone
+
+__all__ = ["main"]
+
+STANDALONE_HOME = Path(".nodecache")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
+    return value
+
+
+def _default_socket_dir() -> Path:
+    return Path(os.environ.get("NODECACHE_SOCKET_DIR", STANDALONE_HOME / "run"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodecache",
+        description="Keep ML models on local disk and warm in memory; serve them over the "
+        "Open Inference Protocol v2 on a node-local Unix socket.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = commands.add_parser(
+        "agent",
+        help="run the node agent",
+        description="Run the node agent. With --declarations it runs standalone from a folder "
+        "of LocalModelCache YAML files, watched for changes.",
+    )
+    agent.add_argument(
+        "--declarations",
+        type=Path,
+        metavar="DIR",
+        help="folder of LocalModelCache YAML files (standalone mode); files are watched",
+    )
+    agent.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=STANDALONE_HOME / "cache",
+        metavar="DIR",
+        help="where model files are kept on disk (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--socket-dir",
+        type=Path,
+        default=_default_socket_dir(),
+        metavar="DIR",
+        help=f"folder of the node socket {SOCKET_NAME} (default: %(default)s, "
+        "or $NODECACHE_SOCKET_DIR)",
+    )
+    agent.add_argument(
+        "--http-port",
+        type=_port,
+        metavar="PORT",
+        help="also serve the same API on this TCP port (off by default; 0 picks a free port)",
+    )
+    agent.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --http-port (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=9464,
+        metavar="PORT",
+        help="Prometheus /metrics on this TCP port; 0 turns it off (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address for --metrics-port (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may take to finish (default: %(default)s)",
+    )
+    _logging_options(agent)
+
+    status = commands.add_parser(
+        "status",
+        help="show the models of a running agent",
+        description="Ask the running agent over its socket for every declared model.",
+    )
+    status.add_argument(
+        "--socket-dir",
+        type=Path,
+        default=_default_socket_dir(),
+        metavar="DIR",
+        help="folder of the agent's socket (default: %(default)s)",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    return parser
+
+
+def _logging_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="one line per event, as text or JSON (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="(default: %(default)s)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "agent":
+        return _agent(args)
+    return _status(args)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    setup_logging(args.log_format, args.log_level)
+    if args.declarations is None:
+        print(
+            "nodecache agent: cluster mode (no --declarations) is not available yet; "
+            "run standalone with --declarations DIR",
+            file=sys.stderr,
+        )
+        return 2
+    options = AgentOptions(
+        declarations=args.declarations,
+        cache_dir=args.cache_dir,
+        socket_dir=args.socket_dir,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    asyncio.run(run_standalone(options))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from serve.client import ClientError, NodeClient
+
+    socket_path = args.socket_dir / SOCKET_NAME
+
+    async def fetch() -> Any:
+        async with NodeClient(socket_path, timeout=10) as client:
+            return await client.get(STATUS_PATH)
+
+    try:
+        status = asyncio.run(fetch())
+    except (OSError, ClientError) as exc:
+        print(f"nodecache status: no agent answers on {socket_path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    rows = [("NAME", "STATE", "SIZE", "PROGRESS", "DEVICE", "ERROR")]
+    for m in status["models"]:
+        total = m.get("bytesTotal")
+        progress = f"{100 * m['bytes'] // total}%" if total else "-"
+        error = m.get("error") or ""
+        if error and m.get("nextRetry"):
+            error += f" (retry in {max(0, m['nextRetry'] - time.time()):.0f}s)"
+        rows.append(
+            (
+                m["name"],
+                m["state"],
+                _human(total or m["modelSize"]),
+                progress,
+                m.get("device") or "-",
+                error,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[5]]) for r in rows]
+    for problem in status.get("declarationErrors", []):
+        lines.append(f"invalid declaration file {problem['file']}: {problem['error']}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Cache declarations (``LocalModelCache`` objects) parsed and validated.
+
+The same checks the CRD schema makes in a cluster, so a file that works standalone
+also applies to a cluster, and a KServe manifest works after changing apiVersion.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from kubernetes.utils.quantity import parse_quantity
+
+from cache import InvalidSourceError, validate_source_uri
+from serve.runtimes import FORMATS
+
+__all__ = [
+    "API_VERSION",
+    "DeclarationError",
+    "ModelDeclaration",
+    "WarmPolicy",
+    "parse_declarations",
+]
+
+API_VERSION = "nodecache.io/v1alpha1"
+KINDS = ("LocalModelCache",)
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_DURATION = re.compile(r"^(\d+(\.\d+)?(ms|s|m|h))+$")
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class DeclarationError(ValueError):
+    """A declaration is invalid; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class WarmPolicy:
+    min_replicas: int = 0
+    max_replicas: int | None = None
+    pinned: bool = False
+    idle_timeout: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelDeclaration:
+    name: str
+    source_uri: str
+    model_size: int
+    node_groups: tuple[str, ...]
+    format: str | None = None
+    entrypoint: str | None = None
+    warm: WarmPolicy = field(default_factory=WarmPolicy)
+    replicas: int | None = None
+    storage: dict[str, Any] | None = field(default=None, compare=False)
+
+    def same_model(self, other: ModelDeclaration) -> bool:
+        """Whether ``other`` can keep this model's disk copy and loaded runtime."""
+        return (self.source_uri, self.format, self.entrypoint) == (
+            other.source_uri,
+            other.format,
+            other.entrypoint,
+        )
+
+
+def parse_declarations(text: str) -> list[ModelDeclaration]:
+    """All declarations of one YAML file (one or several documents)."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise DeclarationError(f"not valid YAML: {exc}") from None
+    if not docs:
+        raise DeclarationError("the file holds no declaration")
+    return [_parse_one(doc, i) for i, doc in enumerate(docs)]
+
+
+def _parse_one(doc: Any, index: int) -> ModelDeclaration:
+    where = f"document {index + 1}"
+    if not isinstance(doc, dict):
+        raise DeclarationError(f"{where}: expected a mapping, got {type(doc).__name__}")
+    if doc.get("apiVersion") != API_VERSION:
+        raise DeclarationError(
+            f"{where}: apiVersion must be {API_VERSION}, got {doc.get('apiVersion')!r}"
+        )
+    if doc.get("kind") not in KINDS:
+        raise DeclarationError(
+            f"{where}: kind must be {' or '.join(KINDS)}, got {doc.get('kind')!r}"
+        )
+    name = (doc.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DeclarationError(
+            f"{where}: metadata.name must be a lowercase DNS name "
+            f"(a-z, 0-9, '-', '.'), got {name!r}"
+        )
+    where = f"{doc['kind']} '{name}'"
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        raise DeclarationError(f"{where}: spec is missing")
+    return ModelDeclaration(
+        name=name,
+        source_uri=_source_uri(where, spec),
+        model_size=_model_size(where, spec),
+        node_groups=_node_groups(where, spec),
+        format=_format(where, spec),
+        entrypoint=_entrypoint(where, spec),
+        warm=_warm(where, spec.get("warm")),
+        replicas=_optional_int(where, spec, "replicas", minimum=0),
+        storage=spec.get("storage"),
+    )
+
+
+def _source_uri(where: str, spec: dict[str, Any]) -> str:
+    uri = spec.get("sourceModelUri")
+    if not isinstance(uri, str) or not uri:
+        raise DeclarationError(f"{where}: spec.sourceModelUri is required")
+    try:
+        return validate_source_uri(uri)
+    except InvalidSourceError as exc:
+        raise DeclarationError(f"{where}: spec.sourceModelUri: {exc}") from None
+
+
+def _model_size(where: str, spec: dict[str, Any]) -> int:
+    raw = spec.get("modelSize")
+    if raw is None:
+        raise DeclarationError(f"{where}: spec.modelSize is required (e.g. 500Mi)")
+    try:
+        size = parse_quantity(raw)
+    except (ValueError, TypeError):
+        raise DeclarationError(
+            f"{where}: spec.modelSize {raw!r} is not a Kubernetes quantity (e.g. 500Mi, 2Gi)"
+        ) from None
+    if size <= 0:
+        raise DeclarationError(f"{where}: spec.modelSize must be positive, got {raw!r}")
+    return int(size)
+
+
+def _node_groups(where: str, spec: dict[str, Any]) -> tuple[str, ...]:
+    groups = spec.get("nodeGroups")
+    if (
+        not isinstance(groups, list)
+        or not groups
+        or not all(isinstance(g, str) and g for g in groups)
+    ):
+        raise DeclarationError(f"{where}: spec.nodeGroups must be a list of at least one name")
+    return tuple(groups)
+
+
+def _format(where: str, spec: dict[str, Any]) -> str | None:
+    fmt = spec.get("format", spec.get("runtime"))
+    if fmt is None:
+        return None
+    if fmt not in FORMATS:
+        raise DeclarationError(
+            f"{where}: spec.format must be one of {', '.join(FORMATS)}, got {fmt!r}"
+        )
+    if "format" in spec and "runtime" in spec and spec["format"] != spec["runtime"]:
+        raise DeclarationError(f"{where}: spec.format and spec.runtime disagree")
+    return fmt
+
+
+def _entrypoint(where: str, spec: dict[str, Any]) -> str | None:
+    entrypoint = spec.get("entrypoint")
+    if entrypoint is None:
+        return None
+    if not isinstance(entrypoint, str) or not _ENTRYPOINT.match(entrypoint):
+        raise DeclarationError(f"{where}: spec.entrypoint must look like 'module:Class'")
+    return entrypoint
+
+
+def _optional_int(where: str, spec: dict[str, Any], key: str, *, minimum: int) -> int | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DeclarationError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _warm(where: str, raw: Any) -> WarmPolicy:
+    if raw is None:
+        return WarmPolicy()
+    if not isinstance(raw, dict):
+        raise DeclarationError(f"{where}: spec.warm must be a mapping")
+    where = f"{where}: spec.warm"
+    min_replicas = _optional_int(where, raw, "minReplicas", minimum=0) or 0
+    max_replicas = _optional_int(where, raw, "maxReplicas", minimum=0)
+    if max_replicas is not None and max_replicas < min_replicas:
+        raise DeclarationError(f"{where}: minReplicas must not exceed maxReplicas")
+    pinned = raw.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise DeclarationError(f"{where}.pinned must be true or false")
+    idle = raw.get("idleTimeout")
+    if idle is not None and (not isinstance(idle, str) or not _DURATION.match(idle)):
+        raise DeclarationError(f"{where}.idleTimeout must be a duration like 90s, 10m or 1h")
+    return WarmPolicy(min_replicas, max_replicas, pinned, idle)

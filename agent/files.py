@@ -1,0 +1,81 @@
+"""Declarations from a folder of YAML files (standalone mode), watched with watchfiles.
+
+Each call to ``read`` is level-triggered: it reads the whole folder and returns
+what should exist now. A file that turns invalid keeps its last good declarations
+(a typo must not delete a model from the node) and is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import watchfiles
+
+from agent.declarations import DeclarationError, ModelDeclaration, parse_declarations
+
+__all__ = ["DeclarationFolder", "FolderSnapshot"]
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class FolderSnapshot:
+    declarations: dict[str, ModelDeclaration] = field(default_factory=dict)
+    # model name -> file it came from
+    origins: dict[str, str] = field(default_factory=dict)
+    # file name -> why it was refused
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class DeclarationFolder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last_good: dict[str, list[ModelDeclaration]] = {}
+        self._reported: dict[str, str] = {}
+
+    def read(self) -> FolderSnapshot:
+        """Parse every declaration file; never raises for a bad file."""
+        snapshot = FolderSnapshot()
+        files = sorted(p for p in self.path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        present = {p.name for p in files}
+        for gone in set(self._last_good) - present:
+            del self._last_good[gone]
+        for path in files:
+            try:
+                declared = parse_declarations(path.read_text())
+            except (DeclarationError, OSError, UnicodeDecodeError) as exc:
+                snapshot.errors[path.name] = str(exc)
+                declared = self._last_good.get(path.name, [])
+            else:
+                self._last_good[path.name] = declared
+            for decl in declared:
+                first = snapshot.origins.get(decl.name)
+                if first is not None:
+                    snapshot.errors[path.name] = (
+                        f"model '{decl.name}' is already declared in {first}"
+                    )
+                    continue
+                snapshot.declarations[decl.name] = decl
+                snapshot.origins[decl.name] = path.name
+        self._log_changes(snapshot.errors)
+        return snapshot
+
+    def _log_changes(self, errors: dict[str, str]) -> None:
+        for name, reason in errors.items():
+            if self._reported.get(name) != reason:
+                log.error("invalid declaration file", extra={"file": name, "error": reason})
+        for name in set(self._reported) - set(errors):
+            log.info("declaration file valid again", extra={"file": name})
+        self._reported = dict(errors)
+
+    async def watch(self) -> AsyncIterator[FolderSnapshot]:
+        """The current snapshot, then a new one after every change to the folder."""
+        yield self.read()
+        async for _changes in watchfiles.awatch(
+            self.path, debounce=200, step=50, recursive=False, rust_timeout=1000
+        ):
+            yield self.read()

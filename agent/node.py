@@ -1,0 +1,240 @@
+"""The node's control loop: make disk and memory hold what the declarations ask for.
+
+``apply`` is level-triggered: it is given the whole desired set each time and
+starts, restarts or retires one task per model. Each model's task drives it
+Pending -> Downloading -> Downloaded -> Loading -> Warm and retries failures with
+exponential backoff; its status says what went wrong and when the next try is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agent.declarations import ModelDeclaration
+from cache import CacheError, ModelStore
+from serve.errors import ServeError
+from serve.repository import ModelRepository
+from serve.runtimes import UnsupportedFormat, detect_format
+
+__all__ = ["ModelStatus", "NodeAgent"]
+
+log = logging.getLogger(__name__)
+
+
+class State:
+    PENDING = "Pending"
+    DOWNLOADING = "Downloading"
+    ERROR = "Error"
+
+
+@dataclass
+class ModelStatus:
+    """What the agent itself knows of a model; serve/ knows the rest once it is on disk."""
+
+    name: str
+    source_uri: str
+    declared_in: str | None
+    declared_size: int
+    state: str = State.PENDING
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    error: str | None = None
+    next_retry: float | None = None
+    attempts: int = 0
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        store: ModelStore,
+        repository: ModelRepository,
+        *,
+        retry_base: float = 1.0,
+        retry_max: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.repository = repository
+        self._retry = (retry_base, retry_max)
+        self._desired: dict[str, ModelDeclaration] = {}
+        self._status: dict[str, ModelStatus] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.declaration_errors: dict[str, str] = {}
+
+    # -- desired state ---------------------------------------------------------
+
+    async def apply(
+        self,
+        declarations: dict[str, ModelDeclaration],
+        *,
+        origins: dict[str, str] | None = None,
+        errors: dict[str, str] | None = None,
+    ) -> None:
+        """Converge on ``declarations``; models not in it are unloaded and deleted."""
+        origins = origins or {}
+        self.declaration_errors = dict(errors or {})
+        previous, self._desired = self._desired, dict(declarations)
+        for name, old in previous.items():
+            new = declarations.get(name)
+            if new is None or not new.same_model(old):
+                await self._retire(name, old)
+        for name, decl in declarations.items():
+            old = previous.get(name)
+            if old is not None and decl.same_model(old) and name in self._status:
+                status = self._status[name]
+                status.declared_in, status.declared_size = origins.get(name), decl.model_size
+                continue
+            self._status[name] = ModelStatus(
+                name, decl.source_uri, origins.get(name), decl.model_size
+            )
+            self._tasks[name] = asyncio.create_task(self._keep(decl), name=f"model:{name}")
+            log.info("model declared", extra={"model": name, "source": decl.source_uri})
+
+    async def _retire(self, name: str, decl: ModelDeclaration) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._status.pop(name, None)
+        await self.repository.unregister(name)  # waits for in-flight requests
+        still_used = any(d.source_uri == decl.source_uri for d in self._desired.values())
+        if not still_used and await asyncio.to_thread(self.store.remove, decl.source_uri):
+            log.info("model deleted from disk", extra={"model": name})
+        log.info("model retired", extra={"model": name})
+
+    async def collect_garbage(self) -> None:
+        """Delete disk copies no declaration refers to (left from before a restart)."""
+        wanted = {d.source_uri for d in self._desired.values()}
+        for stored in await asyncio.to_thread(self.store.models):
+            if stored.source_uri not in wanted:
+                await asyncio.to_thread(self.store.remove, stored.source_uri)
+                log.info("undeclared model deleted from disk", extra={"source": stored.source_uri})
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for model in self.repository.models():
+            await self.repository.unregister(model.name)
+
+    # -- one model -------------------------------------------------------------
+
+    async def _keep(self, decl: ModelDeclaration) -> None:
+        status = self._status[decl.name]
+        while True:
+            status.attempts += 1
+            try:
+                await self._bring_up(decl, status)
+                status.attempts, status.error, status.next_retry = 0, None, None
+                return
+            except (CacheError, UnsupportedFormat, ServeError, OSError) as exc:
+                delay = self._backoff(status.attempts)
+                status.state, status.error = State.ERROR, str(exc)
+                status.next_retry = time.time() + delay
+                log.error(
+                    "model failed",
+                    extra={"model": decl.name, "error": str(exc), "retry_in": round(delay, 1)},
+                )
+                await asyncio.sleep(delay)
+
+    async def _bring_up(self, decl: ModelDeclaration, status: ModelStatus) -> None:
+        stored = self.store.lookup(decl.source_uri)
+        if stored is None:
+            status.state = State.DOWNLOADING
+            status.bytes_done, status.bytes_total = 0, None
+            log.info("download started", extra={"model": decl.name})
+            started = time.perf_counter()
+
+            def progress(done: int, total: int | None) -> None:
+                status.bytes_done, status.bytes_total = done, total
+
+            stored = await self.store.fetch(decl.source_uri, progress=progress)
+            log.info(
+                "download finished",
+                extra={
+                    "model": decl.name,
+                    "bytes": stored.size_bytes,
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+        status.bytes_done = status.bytes_total = stored.size_bytes
+        fmt = decl.format or detect_format(f.path for f in stored.files)
+        if self.repository.get(decl.name) is None:
+            self.repository.register(decl.name, stored.path, fmt)
+        status.error = None
+        await self.repository.load(decl.name)
+
+    def _backoff(self, attempt: int) -> float:
+        base, cap = self._retry
+        return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+    # -- what the agent reports -------------------------------------------------
+
+    def model_state(self, name: str) -> str | None:
+        served = self.repository.get(name)
+        if served is not None:
+            return served.state
+        status = self._status.get(name)
+        return status.state if status else None
+
+    def not_ready_reason(self, name: str) -> str | None:
+        status = self._status.get(name)
+        if status is None or self.repository.get(name) is not None:
+            return None
+        if status.state == State.DOWNLOADING:
+            total = f" of {status.bytes_total}" if status.bytes_total else ""
+            return f"Downloading ({status.bytes_done}{total} bytes)"
+        if status.state == State.ERROR:
+            return f"Error: {status.error} (next retry in {_seconds_until(status.next_retry)})"
+        return status.state
+
+    def index(self) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "state": "UNAVAILABLE", "reason": self.not_ready_reason(name) or ""}
+            for name in self._status
+            if self.repository.get(name) is None
+        ]
+
+    def status(self) -> dict[str, Any]:
+        models = []
+        for name, status in sorted(self._status.items()):
+            served = self.repository.get(name)
+            entry: dict[str, Any] = {
+                "name": name,
+                "state": self.model_state(name),
+                "source": status.source_uri,
+                "declaredIn": status.declared_in,
+                "modelSize": status.declared_size,
+                "bytes": status.bytes_done,
+                "bytesTotal": status.bytes_total,
+                "error": status.error,
+                "nextRetry": status.next_retry,
+            }
+            if served is not None:
+                entry.update(
+                    format=served.format,
+                    path=str(served.path),
+                    device=served.device,
+                    loadSeconds=served.load_seconds,
+                    lastUsed=served.last_used,
+                    inflight=served.inflight,
+                )
+                if served.error:
+                    entry["error"] = served.error
+            models.append(entry)
+        return {
+            "models": models,
+            "declarationErrors": [
+                {"file": f, "error": e} for f, e in sorted(self.declaration_errors.items())
+            ],
+            "cache": {"dir": str(self.store.root), "usedBytes": self.store.used_bytes()},
+        }
+
+
+def _seconds_until(when: float | None) -> str:
+    return "now" if when is None else f"{max(0.0, when - time.time()):.0f}s"

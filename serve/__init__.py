@@ -1,0 +1,1 @@
+"""Memory tier: runtimes, the model repository, and the Open Inference Protocol server."""

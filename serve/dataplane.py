@@ -1,0 +1,196 @@
+"""The Open Inference Protocol's operations, independent of any transport.
+
+HTTP (and later gRPC) adapters parse the wire and call these; validation of a
+request against the model's declared inputs happens here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+
+from serve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serve.protocol import InferRequest, InferResponse
+from serve.repository import ModelRepository, ServedModel, State
+from serve.runtimes import Runtime, TensorSpec
+from serve.tensors import DATATYPES, datatype_of
+
+__all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane"]
+
+SERVER_NAME = "nodecache"
+SERVER_VERSION = "0.1.0"
+# Each declared model has one version on a node; clients may name it or not.
+MODEL_VERSION = "1"
+EXTENSIONS = ["model_repository", "binary_tensor_data"]
+
+
+class Catalog(Protocol):
+    """What the agent knows about models the repository does not hold (yet)."""
+
+    def not_ready_reason(self, name: str) -> str | None:
+        """Why a declared model cannot answer yet, or None if it is not declared."""
+
+    def index(self) -> list[dict[str, Any]]:
+        """Repository-index entries for declared models that are not registered."""
+
+
+class _NoCatalog:
+    def not_ready_reason(self, name: str) -> str | None:
+        return None
+
+    def index(self) -> list[dict[str, Any]]:
+        return []
+
+
+class DataPlane:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        catalog: Catalog | None = None,
+        executor: ThreadPoolExecutor | None = None,
+        on_infer: Callable[[str], None] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.catalog: Catalog = catalog or _NoCatalog()
+        self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
+        self._on_infer = on_infer
+
+    # -- lookups -------------------------------------------------------------
+
+    def _check(self, name: str, version: str | None) -> None:
+        if name not in self.repository:
+            reason = self.catalog.not_ready_reason(name)
+            if reason is None:
+                raise ModelNotFound(name)
+            raise ModelNotReady(f"model '{name}' is not ready: {reason}")
+        if version is not None and version != MODEL_VERSION:
+            raise ModelNotFound(name, version)
+
+    # -- health and metadata -------------------------------------------------
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Ready means: answers without waiting for a download (it may still need a load)."""
+        self._check(name, version)
+        model = self.repository.get(name)
+        return model is not None and model.state != State.ERROR
+
+    async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        self._check(name, version)
+        async with self.repository.use(name) as model:
+            runtime = _runtime(model)
+            return {
+                "name": name,
+                "versions": [MODEL_VERSION],
+                "platform": runtime.platform,
+                "inputs": [s.to_json() for s in runtime.inputs],
+                "outputs": [s.to_json() for s in runtime.outputs],
+            }
+
+    # -- inference -----------------------------------------------------------
+
+    async def infer(
+        self, name: str, request: InferRequest, version: str | None = None
+    ) -> InferResponse:
+        self._check(name, version)
+        async with self.repository.use(name) as model:
+            runtime = _runtime(model)
+            inputs = _validate_inputs(runtime.inputs, request.inputs)
+            wanted = _validate_outputs(runtime.outputs, request)
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(
+                self._executor, runtime.predict, inputs, list(wanted) or None
+            )
+        if self._on_infer is not None:
+            self._on_infer(name)
+        return InferResponse(
+            model_name=name,
+            model_version=MODEL_VERSION,
+            outputs=outputs,
+            id=request.id,
+            binary=wanted or dict.fromkeys(outputs, request.binary_outputs),
+        )
+
+    # -- model repository extension -----------------------------------------
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        entries = [
+            {
+                "name": m.name,
+                "version": MODEL_VERSION,
+                "state": _oip_state(m),
+                "reason": m.error or "",
+            }
+            for m in self.repository.models()
+        ]
+        entries.extend(self.catalog.index())
+        return sorted(entries, key=lambda e: e["name"])
+
+    async def load(self, name: str) -> None:
+        self._check(name, None)
+        await self.repository.load(name)
+
+    async def unload(self, name: str) -> None:
+        self._check(name, None)
+        await self.repository.unload(name)
+
+
+def _runtime(model: ServedModel) -> Runtime:
+    assert model.runtime is not None, "repository.use() yields loaded models"
+    return model.runtime
+
+
+def _oip_state(model: ServedModel) -> str:
+    # The repository extension speaks READY/UNAVAILABLE/LOADING/UNLOADING.
+    return {State.WARM: "READY", State.LOADING: "LOADING"}.get(model.state, "UNAVAILABLE")
+
+
+def _validate_inputs(
+    specs: list[TensorSpec], given: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    expected = {s.name: s for s in specs}
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise InvalidInput(
+            f"unknown input '{unknown[0]}'; the model takes {', '.join(expected) or 'no inputs'}"
+        )
+    missing = [n for n in expected if n not in given]
+    if missing:
+        raise InvalidInput(f"input '{missing[0]}' is missing")
+    for name, array in given.items():
+        spec = expected[name]
+        datatype = datatype_of(array) if array.dtype != DATATYPES["BYTES"] else "BYTES"
+        if datatype != spec.datatype:
+            raise InvalidInput(
+                f"input '{name}' has datatype {datatype}, the model expects {spec.datatype}"
+            )
+        if len(array.shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input '{name}' has shape {list(array.shape)}, "
+                f"the model expects {list(spec.shape)} (-1 is any size)"
+            )
+    return given
+
+
+def _validate_outputs(specs: list[TensorSpec], request: InferRequest) -> dict[str, bool]:
+    """Requested outputs -> binary flag; empty when the client asked for all of them."""
+    if request.outputs is None:
+        return {}
+    known = {s.name for s in specs}
+    wanted: dict[str, bool] = {}
+    for out in request.outputs:
+        if out.name not in known:
+            raise InvalidInput(
+                f"unknown output '{out.name}'; the model has {', '.join(sorted(known))}"
+            )
+        wanted[out.name] = out.binary
+    return wanted

@@ -1,0 +1,208 @@
+"""The Open Inference Protocol v2 over HTTP/1.1: routes, error mapping, listeners.
+
+This module is the only place where errors become status codes. Every error
+answer carries an OIP error body, ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from serve.dataplane import DataPlane
+from serve.errors import InvalidInput, PayloadTooLarge, ServeError
+from serve.metrics import INFER_LATENCY, INFLIGHT, REQUESTS
+from serve.protocol import HEADER_LENGTH, decode_request, encode_response
+
+__all__ = ["DEFAULT_MAX_BODY", "NodeServer", "build_app", "error_response"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DATAPLANE = web.AppKey("dataplane", DataPlane)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ServeError as exc:
+        return error_response(exc.status, str(exc), exc.retry_after)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason)
+    except Exception as exc:
+        log.exception("unhandled error", extra={"path": request.path})
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _version(request: web.Request) -> str | None:
+    return request.match_info.get("version")
+
+
+async def _live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    return web.json_response({"ready": True})
+
+
+async def _server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(request.app[DATAPLANE].server_metadata())
+
+
+async def _model_metadata(request: web.Request) -> web.Response:
+    dp = request.app[DATAPLANE]
+    return web.json_response(await dp.model_metadata(request.match_info["name"], _version(request)))
+
+
+async def _model_ready(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if request.app[DATAPLANE].model_ready(name, _version(request)):
+        return web.json_response({"name": name, "ready": True})
+    return error_response(400, f"model '{name}' is not ready")
+
+
+async def _infer(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    started = time.perf_counter()
+    INFLIGHT.labels(name).inc()
+    status = 500
+    try:
+        response = await _answer_infer(request, name)
+        status = response.status
+        return response
+    except ServeError as exc:
+        status = exc.status
+        raise
+    finally:
+        INFLIGHT.labels(name).dec()
+        REQUESTS.labels(name, "rest", str(status)).inc()
+        INFER_LATENCY.labels(name).observe(time.perf_counter() - started)
+
+
+async def _answer_infer(request: web.Request, name: str) -> web.Response:
+    length_header = request.headers.get(HEADER_LENGTH)
+    header_length = None
+    if length_header is not None:
+        try:
+            header_length = int(length_header)
+        except ValueError:
+            raise InvalidInput(
+                f"{HEADER_LENGTH} must be an integer, got {length_header!r}"
+            ) from None
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"request body is larger than {exc.max_size} bytes") from None
+    infer_request = decode_request(body, header_length)
+    result = await request.app[DATAPLANE].infer(name, infer_request, _version(request))
+    payload, json_length = encode_response(result)
+    if json_length is None:
+        return web.Response(body=payload, content_type="application/json")
+    return web.Response(
+        body=payload,
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(json_length)},
+    )
+
+
+async def _repository_index(request: web.Request) -> web.Response:
+    return web.json_response(request.app[DATAPLANE].repository_index())
+
+
+async def _repository_load(request: web.Request) -> web.Response:
+    await request.app[DATAPLANE].load(request.match_info["name"])
+    return web.json_response({})
+
+
+async def _repository_unload(request: web.Request) -> web.Response:
+    await request.app[DATAPLANE].unload(request.match_info["name"])
+    return web.json_response({})
+
+
+def build_app(dataplane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+    """The OIP v2 REST app; callers may add routes (the agent adds its status)."""
+    app = web.Application(middlewares=[_errors], client_max_size=max_body)
+    app[DATAPLANE] = dataplane
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    app.router.add_get("/v2/health/live", _live)
+    app.router.add_get("/v2/health/ready", _ready)
+    app.router.add_get("/v2", _server_metadata)
+    for base in (model, versioned):
+        app.router.add_get(base, _model_metadata)
+        app.router.add_get(base + "/ready", _model_ready)
+        app.router.add_post(base + "/infer", _infer)
+    app.router.add_post("/v2/repository/index", _repository_index)
+    app.router.add_post("/v2/repository/models/{name}/load", _repository_load)
+    app.router.add_post("/v2/repository/models/{name}/unload", _repository_unload)
+    return app
+
+
+class NodeServer:
+    """Runs one app on the node socket (mode 0660) and, if asked, on a TCP port."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        socket_path: Path,
+        *,
+        tcp_host: str = "127.0.0.1",
+        tcp_port: int | None = None,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        self.socket_path = socket_path
+        self._tcp = (tcp_host, tcp_port)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+        self.tcp_port: int | None = None
+
+    async def start(self) -> None:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_socket(self.socket_path)
+        await self._runner.setup()
+        # Create the socket 0660 from the first instant: no window where it is open to all.
+        old_umask = os.umask(0o117)
+        try:
+            await web.UnixSite(self._runner, str(self.socket_path)).start()
+        finally:
+            os.umask(old_umask)
+        host, port = self._tcp
+        if port is not None:
+            site = web.TCPSite(self._runner, host, port)
+            await site.start()
+            self.tcp_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, remove the socket file."""
+        await self._runner.cleanup()
+        self.socket_path.unlink(missing_ok=True)
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a killed agent, but never steal a live one."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"another process is already serving on {path}")

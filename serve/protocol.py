@@ -1,0 +1,148 @@
+"""Inference requests and responses of the Open Inference Protocol v2, apart from the wire.
+
+``decode_request`` and ``encode_response`` handle the REST body: JSON, optionally
+followed by raw tensor bytes (the binary tensor data extension, framed by the
+``Inference-Header-Content-Length`` header).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serve.errors import InvalidInput
+from serve.tensors import decode_tensor, encode_tensor
+
+__all__ = [
+    "HEADER_LENGTH",
+    "InferRequest",
+    "InferResponse",
+    "RequestedOutput",
+    "decode_request",
+    "encode_response",
+]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    # None: every output of the model.
+    outputs: list[RequestedOutput] | None = None
+    binary_outputs: bool = False
+
+
+@dataclass
+class InferResponse:
+    model_name: str
+    model_version: str | None
+    outputs: dict[str, np.ndarray]
+    id: str | None = None
+    binary: dict[str, bool] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be an object")
+    return params
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Parse a REST infer body; ``header_length`` is the JSON part's size when binary follows."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        if not 0 <= header_length <= len(body):
+            raise InvalidInput(
+                f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
+            )
+        header, binary = body[:header_length], memoryview(body)[header_length:]
+    try:
+        doc = json.loads(header)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request needs a non-empty 'inputs' list")
+
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in raw_inputs:
+        raw = None
+        if isinstance(spec, dict):
+            size = _parameters(spec, f"input '{spec.get('name')}'").get("binary_data_size")
+            if size is not None:
+                if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                    raise InvalidInput(
+                        f"input '{spec.get('name')}': binary_data_size {size!r} "
+                        f"does not fit the {len(binary)} binary bytes sent"
+                    )
+                raw = binary[offset : offset + size]
+                offset += size
+        name, array = decode_tensor(spec, raw)
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' is given twice")
+        inputs[name] = array
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} binary bytes are not claimed by any input")
+
+    params = _parameters(doc, "request")
+    binary_outputs = bool(params.get("binary_data_output", False))
+    outputs = None
+    if "outputs" in doc:
+        if not isinstance(doc["outputs"], list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for out in doc["outputs"]:
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise InvalidInput("each requested output must be an object with a string 'name'")
+            wants = _parameters(out, f"output '{out['name']}'").get("binary_data", binary_outputs)
+            outputs.append(RequestedOutput(out["name"], bool(wants)))
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    return InferRequest(
+        inputs=inputs,
+        id=request_id,
+        parameters=params,
+        outputs=outputs,
+        binary_outputs=binary_outputs,
+    )
+
+
+def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
+    """Serialise a response; returns (body, json_length if binary tensors follow else None)."""
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in response.outputs.items():
+        spec, raw = encode_tensor(name, array, binary=response.binary.get(name, False))
+        outputs.append(spec)
+        if raw is not None:
+            chunks.append(raw)
+    doc: dict[str, Any] = {"model_name": response.model_name, "outputs": outputs}
+    if response.model_version is not None:
+        doc["model_version"] = response.model_version
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)

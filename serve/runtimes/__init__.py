@@ -1,0 +1,97 @@
+"""Model runtimes: what turns files on disk into something that answers ``predict``.
+
+A runtime is small on purpose (metadata, ``predict``, ``unload``); everything about
+the protocol, concurrency and residency lives outside it. ``predict`` blocks and is
+always called from a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "FORMATS",
+    "Runtime",
+    "TensorSpec",
+    "UnsupportedFormat",
+    "detect_format",
+    "load_runtime",
+]
+
+
+class UnsupportedFormat(ValueError):
+    """The model's format is unknown, ambiguous, or has no runtime on this node."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as the OIP metadata endpoint reports it; -1 is a free dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class Runtime(Protocol):
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def predict(
+        self, inputs: dict[str, np.ndarray], output_names: list[str] | None
+    ) -> dict[str, np.ndarray]: ...
+
+    def unload(self) -> None: ...
+
+
+# File suffix -> format; the first format whose suffix appears among the files wins.
+_SUFFIXES: dict[str, str] = {
+    ".onnx": "onnx",
+    ".safetensors": "torch",
+    ".pt": "torch",
+    ".pt2": "torch",
+}
+FORMATS = ("onnx", "torch", "python")
+
+
+def detect_format(files: Iterable[str]) -> str:
+    """Guess the format from file names, as a KServe user who wrote no ``format`` expects."""
+    found = {_SUFFIXES[s] for f in files if (s := Path(f).suffix.lower()) in _SUFFIXES}
+    if len(found) == 1:
+        return found.pop()
+    if not found:
+        raise UnsupportedFormat(
+            "cannot tell the model format from its files (no .onnx, .safetensors, .pt or .pt2); "
+            "set spec.format"
+        )
+    raise UnsupportedFormat(
+        f"files look like several formats ({', '.join(sorted(found))}); set spec.format"
+    )
+
+
+def _load_onnx(model_dir: Path) -> Runtime:
+    from serve.runtimes.onnx import OnnxRuntime
+
+    return OnnxRuntime.from_dir(model_dir)
+
+
+_LOADERS: dict[str, Callable[[Path], Runtime]] = {"onnx": _load_onnx}
+
+
+def load_runtime(fmt: str, model_dir: Path) -> Runtime:
+    """Load the model in ``model_dir`` with the runtime for ``fmt`` (blocking)."""
+    try:
+        loader = _LOADERS[fmt]
+    except KeyError:
+        raise UnsupportedFormat(
+            f"no runtime for format '{fmt}' in this build; available: {', '.join(_LOADERS)}"
+        ) from None
+    return loader(model_dir)
