@@ -200,7 +200,9 @@ def format_status(status: dict[str, Any]) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[5]]) for r in rows]
+    lines = [
+        "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[5]]) for r in rows
+    ]
     for problem in status.get("declarationErrors", []):
         lines.append(f"invalid declaration file {problem['file']}: {problem['error']}")
     return "\n".join(line.rstrip() for line in lines)

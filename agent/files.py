@@ -36,6 +36,7 @@ class DeclarationFolder:
         self.path = path
         self._last_good: dict[str, list[ModelDeclaration]] = {}
         self._reported: dict[str, str] = {}
+        self._owners: dict[str, str] = {}  # model name -> file that declared it last time
 
     def read(self) -> FolderSnapshot:
         """Parse every declaration file; never raises for a bad file."""
@@ -44,23 +45,29 @@ class DeclarationFolder:
         present = {p.name for p in files}
         for gone in set(self._last_good) - present:
             del self._last_good[gone]
+        parsed: dict[str, list[ModelDeclaration]] = {}
         for path in files:
             try:
-                declared = parse_declarations(path.read_text())
+                parsed[path.name] = parse_declarations(path.read_text())
             except (DeclarationError, OSError, UnicodeDecodeError) as exc:
                 snapshot.errors[path.name] = str(exc)
-                declared = self._last_good.get(path.name, [])
+                parsed[path.name] = self._last_good.get(path.name, [])
             else:
-                self._last_good[path.name] = declared
-            for decl in declared:
+                self._last_good[path.name] = parsed[path.name]
+        # A name declared twice stays with the file that had it before; a new file
+        # cannot take a model away from a running one. Otherwise file order decides.
+        order = sorted(parsed, key=lambda f: (f not in self._owners.values(), f))
+        for filename in order:
+            for decl in parsed[filename]:
                 first = snapshot.origins.get(decl.name)
                 if first is not None:
-                    snapshot.errors[path.name] = (
+                    snapshot.errors[filename] = (
                         f"model '{decl.name}' is already declared in {first}"
                     )
                     continue
                 snapshot.declarations[decl.name] = decl
-                snapshot.origins[decl.name] = path.name
+                snapshot.origins[decl.name] = filename
+        self._owners = dict(snapshot.origins)
         self._log_changes(snapshot.errors)
         return snapshot
 

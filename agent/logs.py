@@ -59,3 +59,4 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is off; its other loggers are noisy at info.
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

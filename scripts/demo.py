@@ -81,9 +81,7 @@ def main() -> int:
 
     write_mlp_onnx(SOURCE / "model.onnx")
     DECLARATIONS.mkdir(parents=True, exist_ok=True)
-    (DECLARATIONS / "demo-mlp.yaml").write_text(
-        DECLARATION.format(uri=SOURCE.resolve().as_uri())
-    )
+    (DECLARATIONS / "demo-mlp.yaml").write_text(DECLARATION.format(uri=SOURCE.resolve().as_uri()))
     print(f"demo: built an ONNX MLP in {SOURCE}, declared it in {DECLARATIONS}/demo-mlp.yaml")
     command = [
         sys.executable, "-m", "agent.cli", "agent",

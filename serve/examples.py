@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_mlp_onnx", "write_all_types_onnx"]
+__all__ = ["write_all_types_onnx", "write_mlp_onnx"]
 
 
 def write_mlp_onnx(

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DATAPLANE = web.AppKey("dataplane", DataPlane)
+MAX_BODY = web.AppKey("max_body", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -39,7 +40,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ServeError as exc:
-        return error_response(exc.status, str(exc), exc.retry_after)
+        response = error_response(exc.status, str(exc), exc.retry_after)
+        if isinstance(exc, PayloadTooLarge):
+            response.force_close()  # the unread body makes the connection unusable
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -107,8 +111,9 @@ async def _answer_infer(request: web.Request, name: str) -> web.Response:
             ) from None
     try:
         body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(f"request body is larger than {exc.max_size} bytes") from None
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY]
+        raise PayloadTooLarge(f"request body is larger than the {limit} byte limit") from None
     infer_request = decode_request(body, header_length)
     result = await request.app[DATAPLANE].infer(name, infer_request, _version(request))
     payload, json_length = encode_response(result)
@@ -139,6 +144,7 @@ def build_app(dataplane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY) -> web.
     """The OIP v2 REST app; callers may add routes (the agent adds its status)."""
     app = web.Application(middlewares=[_errors], client_max_size=max_body)
     app[DATAPLANE] = dataplane
+    app[MAX_BODY] = max_body
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     app.router.add_get("/v2/health/live", _live)
@@ -168,7 +174,14 @@ class NodeServer:
     ) -> None:
         self.socket_path = socket_path
         self._tcp = (tcp_host, tcp_port)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=shutdown_timeout,
+            # After a 413 the unread body is drained this long (default 10 s) so the client
+            # sees the answer rather than a reset; keep it short so shutdown stays quick.
+            lingering_time=1.0,
+        )
         self.tcp_port: int | None = None
 
     async def start(self) -> None:

@@ -110,6 +110,8 @@ def _from_json(name: str, datatype: str, dtype: np.dtype, data: Any) -> np.ndarr
             return flat
         if dtype.kind in "biu":
             # Refuse silent truncation of 1.5 -> 1 or true -> 1.
+            if datatype == "UINT64":
+                return _uint64(name, data)
             probe = np.asarray(data)
             allowed = "b" if dtype.kind == "b" else "iu"
             if probe.size and probe.dtype.kind not in allowed:
@@ -125,6 +127,14 @@ def _from_json(name: str, datatype: str, dtype: np.dtype, data: Any) -> np.ndarr
         raise
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"tensor '{name}': data does not fit {datatype}: {exc}") from None
+
+
+def _uint64(name: str, data: list[Any]) -> np.ndarray:
+    # numpy infers float64 for ints above int64's range: check the Python values instead.
+    flat = np.array(data, dtype=object).ravel()
+    if not all(type(v) is int for v in flat):
+        raise InvalidInput(f"tensor '{name}': UINT64 data must be integers")
+    return np.array(flat.tolist(), dtype=DATATYPES["UINT64"])
 
 
 def _check_int_range(name: str, datatype: str, dtype: np.dtype, probe: np.ndarray) -> None:

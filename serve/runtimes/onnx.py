@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serve.errors import InvalidInput
 from serve.runtimes import TensorSpec, UnsupportedFormat
 
 __all__ = ["OnnxRuntime"]
@@ -83,7 +84,7 @@ class OnnxRuntime:
         self, inputs: dict[str, np.ndarray], output_names: list[str] | None
     ) -> dict[str, np.ndarray]:
         feed = {
-            name: (_as_str(array) if name in self._string_inputs else array)
+            name: (_as_str(name, array) if name in self._string_inputs else array)
             for name, array in inputs.items()
         }
         names = output_names or [s.name for s in self.outputs]
@@ -94,7 +95,12 @@ class OnnxRuntime:
         self._session = None  # type: ignore[assignment]
 
 
-def _as_str(array: np.ndarray) -> np.ndarray:
+def _as_str(name: str, array: np.ndarray) -> np.ndarray:
     """onnxruntime string tensors want str objects; OIP BYTES arrive as bytes."""
-    flat = [x.decode() if isinstance(x, bytes) else str(x) for x in array.ravel()]
+    try:
+        flat = [x.decode() if isinstance(x, bytes) else str(x) for x in array.ravel()]
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"input '{name}' holds bytes that are not UTF-8; this ONNX model takes text"
+        ) from None
     return np.array(flat, dtype=object).reshape(array.shape)

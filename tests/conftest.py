@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import Agent, kill_tree
+
+from serve.examples import write_all_types_onnx, write_mlp_onnx
+
+
+@pytest.fixture(scope="session")
+def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding one small ONNX MLP, FP32 [-1, 64] -> [-1, 10]."""
+    folder = tmp_path_factory.mktemp("mlp")
+    write_mlp_onnx(folder / "model.onnx")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def all_types_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ONNX identity model with one input/output pair per OIP datatype."""
+    folder = tmp_path_factory.mktemp("all_types")
+    write_all_types_onnx(folder / "model.onnx")
+    return folder
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    """An agent home; the test calls ``agent.start()``; always killed at the end."""
+    a = Agent(tmp_path / "agent")
+    yield a
+    if a.proc is not None:
+        kill_tree(a.proc)
