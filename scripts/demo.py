@@ -64,7 +64,7 @@ async def ask(agent: subprocess.Popen[bytes]) -> None:
                     "name": "input",
                     "datatype": "FP32",
                     "shape": [1, 64],
-                    "data": np.linspace(-1, 1, 64, dtype=np.float32).round(3).tolist(),
+                    "data": np.linspace(-1, 1, 64).round(3).tolist(),
                 }
             ]
         }
@@ -86,7 +86,8 @@ def main() -> int:
     command = [
         sys.executable, "-m", "agent.cli", "agent",
         "--declarations", str(DECLARATIONS),
-        "--metrics-port", os.environ.get("NODECACHE_METRICS_PORT", "0"),
+        # Interactive runs expose /metrics on the usual port; --once stays off the network.
+        "--metrics-port", "0" if args.once else os.environ.get("NODECACHE_METRICS_PORT", "9464"),
     ]  # fmt: skip
     print("demo: starting " + " ".join(["nodecache", *command[3:]]), flush=True)
     agent = subprocess.Popen(command)
