@@ -9,9 +9,18 @@ from cache.errors import (
     InsufficientSpaceError,
     IntegrityError,
     InvalidSourceError,
+    ModelInUseError,
 )
-from cache.fetch import MANIFEST_NAME, FetchOptions
-from cache.store import ModelStore, Progress, StoredFile, StoredModel
+from cache.fetch import FetchOptions
+from cache.sources import MANIFEST_NAME
+from cache.store import (
+    ModelStore,
+    Progress,
+    StoredFile,
+    StoredModel,
+    StoreStats,
+    format_bytes,
+)
 from cache.uri import SUPPORTED_SCHEMES, redact_uri, validate_source_uri
 
 __all__ = [
@@ -23,10 +32,13 @@ __all__ = [
     "InsufficientSpaceError",
     "IntegrityError",
     "InvalidSourceError",
+    "ModelInUseError",
     "ModelStore",
     "Progress",
+    "StoreStats",
     "StoredFile",
     "StoredModel",
+    "format_bytes",
     "redact_uri",
     "validate_source_uri",
 ]

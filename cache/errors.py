@@ -14,6 +14,7 @@ __all__ = [
     "InsufficientSpaceError",
     "IntegrityError",
     "InvalidSourceError",
+    "ModelInUseError",
 ]
 
 
@@ -62,3 +63,7 @@ class InsufficientSpaceError(CacheError):
     def __init__(self, message: str, *, needed: int | None = None) -> None:
         super().__init__(message)
         self.needed = needed
+
+
+class ModelInUseError(CacheError):
+    """The model is held by a reader (``ModelStore.use``) and cannot be removed now."""

@@ -1,50 +1,64 @@
-"""The node's model store: layout on disk, fetch-and-publish, scan, lookup, removal.
+"""The node's model store: layout on disk, fetch-and-publish, scan, quota, leases, removal.
 
 Layout under ``root`` (the agent's ``--cache-dir``)::
 
-    models/<key>/                 published models, each with its manifest
+    models/<key>/                        published models, each with its manifest
     models/<key>/.nodecache-manifest.json
-    tmp/<key>.<random>/           partial downloads and folders being deleted
+    tmp/<key>.partial/                   a download in progress or resumable after a kill
+    tmp/<key>.partial/.nodecache-journal.json
+    tmp/<anything else>                  folders being deleted; disposable
+    locks/<key>.lock                     flock held while a process downloads <key>
 
 A model folder only ever appears in ``models/`` through one atomic rename of a fully written,
-verified and fsynced folder, so a reader that finds ``models/<key>/`` with a manifest finds a
-complete model. Everything under ``tmp/`` is disposable.
+verified and flushed folder, so a reader that finds ``models/<key>/`` with a manifest finds a
+complete model. The manifest's modification time records the model's last use (LRU order
+survives restarts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
-import secrets
 import shutil
+import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cache.errors import CacheError
+from cache.errors import CacheError, InsufficientSpaceError, ModelInUseError
 from cache.fetch import (
-    MANIFEST_NAME,
+    JOURNAL_NAME,
     FetchedFile,
     FetchOptions,
+    Journal,
+    Transfer,
+    ensure_fetch_error,
+    retrying,
+)
+from cache.sources import (
+    MANIFEST_NAME,
+    RemoteFile,
     Source,
     check_relative_path,
-    download_file,
     open_source,
     translate_error,
 )
 from cache.uri import redact_uri, validate_source_uri
 
-__all__ = ["ModelStore", "Progress", "StoredFile", "StoredModel"]
+__all__ = ["ModelStore", "Progress", "StoreStats", "StoredFile", "StoredModel", "format_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,8 @@ Progress = Callable[[int, int | None], None]
 """``progress(done_bytes, total_bytes_or_None)``; may be called from a worker thread."""
 
 MANIFEST_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_MAX_AGE = 3 * 24 * 3600.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -79,6 +95,29 @@ class StoredModel:
         return sum(f.size for f in self.files)
 
 
+@dataclass
+class StoreStats:
+    """Counters for metrics; read them, never write them."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_fetched: int = 0
+    retries: int = 0
+    evictions: int = 0
+    fetches_failed: int = 0
+    fetch_seconds: list[float] = field(default_factory=list)
+    """Durations of completed downloads (the last 1000)."""
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 class _Download:
     """One in-flight download, shared by every caller that asked for the same source."""
 
@@ -89,7 +128,7 @@ class _Download:
         self.lock = threading.Lock()
         self.done = 0
         self.total: int | None = None
-        self.tmp: Path | None = None
+        self.reserved = 0
 
     def add(self, n: int) -> None:
         with self.lock:
@@ -109,20 +148,34 @@ def _call_progress(listener: Progress, done: int, total: int | None) -> None:
 class ModelStore:
     """Models on node-local disk, keyed by source URI.
 
-    Not safe to share one ``root`` between processes yet beyond what atomic renames give:
-    two processes fetching the same source both download, and the second rename loses.
+    ``limit_bytes`` bounds what the store may hold (published models plus partial
+    downloads); None means "whatever the disk has". Processes sharing one ``root`` (the
+    agent and a ``nodecache prefetch`` init container) coordinate through lock files: one
+    downloads, the other waits and then finds the published model.
     """
 
-    def __init__(self, root: Path, *, options: FetchOptions | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        options: FetchOptions | None = None,
+        limit_bytes: int | None = None,
+    ) -> None:
         self.root = Path(root)
         self.options = options or FetchOptions()
+        self.limit_bytes = limit_bytes
         self.models_dir = self.root / "models"
         self.tmp_dir = self.root / "tmp"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.locks_dir = self.root / "locks"
+        for folder in (self.models_dir, self.tmp_dir, self.locks_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.stats = StoreStats()
         self._index: dict[str, StoredModel] = {}
         self._index_loaded = False
         self._downloads: dict[str, _Download] = {}
+        self._leases: dict[str, int] = {}
+        self._protected: frozenset[str] = frozenset()
+        self._space_lock = threading.Lock()
 
     # ---- keys and lookups -------------------------------------------------------------
 
@@ -152,28 +205,77 @@ class ModelStore:
         return model
 
     def used_bytes(self) -> int:
-        """Bytes held by published models (their files; manifests not counted)."""
+        """Bytes held: published models (their files) plus partial downloads on disk."""
         self._ensure_index()
-        return sum(m.size_bytes for m in self._index.values())
+        published = sum(m.size_bytes for m in self._index.values())
+        return published + sum(self._partial_bytes().values())
 
     def models(self) -> list[StoredModel]:
         """Every published model, sorted by key."""
         self._ensure_index()
         return sorted(self._index.values(), key=lambda m: m.key)
 
+    # ---- use, protection, LRU ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, source_uri: str) -> Iterator[StoredModel]:
+        """Hold the published model for ``source_uri`` while reading or serving it.
+
+        A held model is never evicted, and :meth:`remove` refuses it. Raises
+        :class:`KeyError` when the model is not on disk.
+        """
+        model = self.lookup(source_uri)
+        if model is None:
+            raise KeyError(f"{redact_uri(source_uri)} is not in the cache")
+        self._leases[model.key] = self._leases.get(model.key, 0) + 1
+        self.touch(model)
+        try:
+            yield model
+        finally:
+            left = self._leases[model.key] - 1
+            if left:
+                self._leases[model.key] = left
+            else:
+                del self._leases[model.key]
+
+    def in_use(self, source_uri: str) -> bool:
+        return self._leases.get(self.key_for(source_uri), 0) > 0
+
+    def protect(self, source_uris: Iterable[str]) -> None:
+        """Replace the set of sources eviction must keep (declared or pinned models)."""
+        self._protected = frozenset(self.key_for(u) for u in source_uris)
+
+    def touch(self, model: StoredModel) -> None:
+        """Record a use of ``model`` now (LRU order)."""
+        with contextlib.suppress(OSError):
+            os.utime(model.path / MANIFEST_NAME)
+
+    def last_used(self, model: StoredModel) -> float:
+        try:
+            return os.stat(model.path / MANIFEST_NAME).st_mtime
+        except OSError:
+            return 0.0
+
     # ---- startup scan -----------------------------------------------------------------
 
     def scan(self) -> list[StoredModel]:
         """Clean up after a crash and return the intact models.
 
-        Deletes every partial under ``tmp/`` (except those of downloads running in this
-        store) and every model folder whose manifest is missing or unreadable, or whose
-        files are missing or differ in size from the manifest.
+        Deletes every model folder whose manifest is missing or unreadable, or whose files
+        are missing or differ in size from the manifest, and everything under ``tmp/``
+        except resumable partial downloads (a journal, younger than three days) and those
+        another process is downloading right now.
         """
-        active = {d.tmp.name for d in self._downloads.values() if d.tmp is not None}
+        now = time.time()
         for entry in _listdir(self.tmp_dir):
-            if entry.name not in active:
-                _rmtree(entry)
+            key = entry.name[: -len(PARTIAL_SUFFIX)] if entry.name.endswith(PARTIAL_SUFFIX) else ""
+            if key and (key in self._downloads or self._locked_elsewhere(key)):
+                continue
+            journal = entry / JOURNAL_NAME
+            with contextlib.suppress(OSError):
+                if key and now - journal.stat().st_mtime < PARTIAL_MAX_AGE:
+                    continue
+            _rmtree(entry)
         index: dict[str, StoredModel] = {}
         for entry in _listdir(self.models_dir):
             model = self._load(entry) if entry.is_dir() and not entry.is_symlink() else None
@@ -193,17 +295,22 @@ class ModelStore:
 
         A cache hit returns at once without touching the network. Concurrent calls for the
         same source share one download; cancelling one caller leaves the download running
-        for the others, and it stops when the last caller goes away.
+        for the others, and it stops when the last caller goes away. A download stopped by
+        cancellation or a transient error leaves its verified parts on disk, and the next
+        fetch of the same source resumes from them.
         """
         uri = validate_source_uri(source_uri)
         key = self.key_for(uri)
         hit = self.lookup(uri)
         if hit is not None:
+            self.stats.hits += 1
+            self.touch(hit)
             if progress is not None:
                 _call_progress(progress, hit.size_bytes, hit.size_bytes)
             return hit
         download = self._downloads.get(key)
         if download is None:
+            self.stats.misses += 1
             download = _Download()
             self._downloads[key] = download
             download.task = asyncio.create_task(self._download(uri, key, download))
@@ -237,54 +344,163 @@ class ModelStore:
             task.exception()  # mark retrieved: every waiter has seen or abandoned it
 
     async def _download(self, uri: str, key: str, download: _Download) -> StoredModel:
+        lock_fd = await self._acquire_lock(key)
+        try:
+            hit = self.lookup(uri)  # another process may have published it meanwhile
+            if hit is not None:
+                return hit
+            started = time.monotonic()
+            try:
+                model = await self._transfer(uri, key, download)
+            except BaseException:
+                self.stats.fetches_failed += 1
+                raise
+            self.stats.fetch_seconds = [
+                *self.stats.fetch_seconds[-999:],
+                time.monotonic() - started,
+            ]
+            return model
+        finally:
+            os.close(lock_fd)
+
+    async def _acquire_lock(self, key: str) -> int:
+        fd = os.open(self.locks_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    await asyncio.sleep(0.2)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _locked_elsewhere(self, key: str) -> bool:
+        path = self.locks_dir / f"{key}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops our lock, if we got it
+        return False
+
+    async def _transfer(self, uri: str, key: str, download: _Download) -> StoredModel:
         loop = asyncio.get_running_loop()
         opts = self.options
         pool = ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="nodecache")
         abort = threading.Event()
         futures: list[Future[Any]] = []
+        waiting: list[asyncio.Future[Any]] = []
         source: Source | None = None
+        transfer: Transfer | None = None
+        folder = self.tmp_dir / f"{key}{PARTIAL_SUFFIX}"
+
+        def run(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            return loop.run_in_executor(pool, fn, *args)
+
+        def on_retry(exc: BaseException, attempt: int, delay: float) -> None:
+            self.stats.retries += 1
+            log.info(
+                "retrying %s in %.1fs (attempt %d): %s",
+                redact_uri(uri),
+                delay,
+                attempt,
+                translate_error(exc, uri),
+            )
+
+        def on_bytes(n: int) -> None:
+            self.stats.bytes_fetched += max(n, 0)
+            download.add(n)
+
         try:
-            source = await loop.run_in_executor(pool, open_source, uri, opts)
-            remote_files = await loop.run_in_executor(pool, source.list_files)
-            sizes = [f.size for f in remote_files]
+            source = await run(
+                lambda: open_source(uri, chunk_size=opts.chunk_size, timeout=opts.timeout)
+            )
+            files: list[RemoteFile] = await run(
+                functools.partial(retrying, source.list_files, opts, abort, on_retry=on_retry)
+            )
+            sizes = [f.size for f in files]
             total = None if None in sizes else sum(s for s in sizes if s is not None)
             with download.lock:
                 download.total = total
-            tmp = self.tmp_dir / f"{key}.{secrets.token_hex(4)}"
-            download.tmp = tmp
-            await loop.run_in_executor(pool, tmp.mkdir)
-            for remote in remote_files:
-                futures.append(
-                    pool.submit(
-                        download_file, source, remote, tmp, on_bytes=download.add, abort=abort
-                    )
-                )
-            waiting = [asyncio.wrap_future(f) for f in futures]
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_EXCEPTION)
-            fetched: list[FetchedFile] = [await w for w in waiting]
-            model = await loop.run_in_executor(pool, self._publish, uri, key, tmp, fetched)
+            await run(self._make_room, uri, key, total or 0, download)
+            journal = Journal(folder, uri, opts.part_size)
+            await run(self._prepare_partial, folder, journal, files)
+            transfer = Transfer(
+                source,
+                files,
+                folder,
+                journal,
+                opts,
+                on_bytes=on_bytes,
+                on_retry=on_retry,
+                abort=abort,
+            )
+            resumed = await run(transfer.prepare)
+            if resumed:
+                log.info("resuming %s: %d bytes already on disk", redact_uri(uri), resumed)
+                download.add(resumed)
+            futures = [
+                pool.submit(transfer.run_part, job, part) for job, part in transfer.pending()
+            ]
+            if futures:
+                waiting.extend(asyncio.wrap_future(f) for f in futures)
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_EXCEPTION)
+                for w in waiting:
+                    await w
+            fetched = await run(transfer.finish)
+            model = await run(self._publish, uri, key, folder, fetched)
         except BaseException as exc:
             abort.set()
-            cleanup = loop.run_in_executor(None, self._cleanup, futures, download.tmp)
-            # Finish the cleanup even if we are being cancelled: no partial may stay behind.
+            for w in waiting:  # their errors are consequences of this one
+                w.add_done_callback(_retrieve)
+            error = (
+                None if isinstance(exc, asyncio.CancelledError) else ensure_fetch_error(exc, uri)
+            )
+            keep = error is None or (getattr(error, "permanent", True) is False)
+            cleanup = loop.run_in_executor(
+                None, self._cleanup, futures, transfer, None if keep else folder
+            )
             with contextlib.suppress(Exception):
-                await asyncio.shield(cleanup)
-            if isinstance(exc, Exception) and not isinstance(exc, CacheError):
-                raise translate_error(exc, uri) from None
-            raise
+                await asyncio.shield(cleanup)  # no thread may still write after we return
+            if error is None or error is exc:
+                raise
+            raise error from None
         finally:
             if source is not None:
-                await loop.run_in_executor(pool, source.close)
+                await run(source.close)
             pool.shutdown(wait=False)
+            with download.lock:
+                download.reserved = 0
         self._index[key] = model
         log.info("published %s as %s (%d bytes)", redact_uri(uri), key, model.size_bytes)
         return model
 
     @staticmethod
-    def _cleanup(futures: list[Future[Any]], tmp: Path | None) -> None:
+    def _cleanup(
+        futures: list[Future[Any]], transfer: Transfer | None, folder: Path | None
+    ) -> None:
         wait_futures(futures)
-        if tmp is not None:
-            _rmtree(tmp)
+        if transfer is not None:
+            transfer.close()
+        if folder is not None:
+            _rmtree(folder)
+
+    def _prepare_partial(self, folder: Path, journal: Journal, files: list[RemoteFile]) -> None:
+        folder.mkdir(exist_ok=True)
+        journal.load()
+        wanted = {f.path for f in files}
+        journal.files = {p: e for p, e in journal.files.items() if p in wanted}
+        for path in list(folder.rglob("*")):  # files the source no longer lists
+            rel = path.relative_to(folder).as_posix()
+            if path.is_file() and rel not in wanted and rel != JOURNAL_NAME:
+                path.unlink()
 
     def _publish(self, uri: str, key: str, tmp: Path, fetched: list[FetchedFile]) -> StoredModel:
         """Write the manifest, flush, and rename ``tmp`` into ``models/<key>``. Blocking."""
@@ -295,9 +511,9 @@ class ModelStore:
             "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in fetched],
         }
-        manifest_path = tmp / MANIFEST_NAME
         try:
-            with open(manifest_path, "w", encoding="utf-8") as out:
+            (tmp / JOURNAL_NAME).unlink(missing_ok=True)
+            with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as out:
                 json.dump(manifest, out, indent=1)
                 out.write("\n")
                 out.flush()
@@ -313,8 +529,7 @@ class ModelStore:
                 existing = self._load(final)
                 if existing is None:
                     raise
-                # Another process published the same source meanwhile: keep theirs.
-                _rmtree(tmp)
+                _rmtree(tmp)  # published by someone else meanwhile: keep theirs
                 return existing
             if self.options.fsync:
                 _fsync_dir(self.models_dir)
@@ -325,23 +540,97 @@ class ModelStore:
         files = tuple(StoredFile(f.path, f.size, f.sha256) for f in fetched)
         return StoredModel(key=key, source_uri=uri, path=final, files=files)
 
+    # ---- quota ----------------------------------------------------------------------------
+
+    def _make_room(self, uri: str, key: str, needed: int, download: _Download) -> None:
+        """Reserve ``needed`` bytes for ``key``, evicting LRU models; refuse if impossible."""
+        with self._space_lock:
+            self._ensure_index()
+            partials = self._partial_bytes()
+            own = partials.pop(key, 0)
+            # Partials of downloads in flight are preallocated: counted here and on the disk.
+            published = sum(m.size_bytes for m in self._index.values())
+            disk_free = shutil.disk_usage(self.root).free + own
+            if self.limit_bytes is None:
+                free = disk_free
+                limit_text = "none"
+            else:
+                used = published + sum(partials.values())
+                free = min(self.limit_bytes - used, disk_free)
+                limit_text = format_bytes(self.limit_bytes)
+            candidates = self._eviction_candidates()
+            evictable = sum(m.size_bytes for m in candidates)
+            idle_partials = {k: n for k, n in partials.items() if k not in self._downloads}
+            evictable += sum(idle_partials.values())
+            if needed > free + evictable:
+                raise InsufficientSpaceError(
+                    f"{redact_uri(uri)} needs {format_bytes(needed)}, limit {limit_text}, "
+                    f"free {format_bytes(max(free, 0))}"
+                    + (f" (+{format_bytes(evictable)} evictable)" if evictable else ""),
+                    needed=needed,
+                )
+            for pkey in sorted(idle_partials):
+                if needed <= free:
+                    break
+                if not self._locked_elsewhere(pkey):
+                    _rmtree(self.tmp_dir / f"{pkey}{PARTIAL_SUFFIX}")
+                    free += idle_partials[pkey]
+            for model in candidates:
+                if needed <= free:
+                    break
+                log.info("evicting %s (%d bytes) to make room", model.key, model.size_bytes)
+                if self._discard(model.path):
+                    self.stats.evictions += 1
+                    free += model.size_bytes
+                self._index.pop(model.key, None)
+            if needed > free:
+                raise InsufficientSpaceError(
+                    f"{redact_uri(uri)} needs {format_bytes(needed)}, limit {limit_text}, "
+                    f"free {format_bytes(max(free, 0))}",
+                    needed=needed,
+                )
+            download.reserved = needed
+
+    def _eviction_candidates(self) -> list[StoredModel]:
+        """Published models that are not protected and not in use, least recently used first."""
+        models = [
+            m
+            for m in self._index.values()
+            if m.key not in self._protected and not self._leases.get(m.key)
+        ]
+        return sorted(models, key=lambda m: (self.last_used(m), m.key))
+
+    def _partial_bytes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for entry in _listdir(self.tmp_dir):
+            if entry.name.endswith(PARTIAL_SUFFIX) and entry.is_dir():
+                key = entry.name[: -len(PARTIAL_SUFFIX)]
+                out[key] = _tree_bytes(entry)
+        return out
+
     # ---- removal ------------------------------------------------------------------------
 
     def remove(self, source_uri: str) -> bool:
-        """Delete the published model for ``source_uri``; True if there was one.
+        """Delete the published model (and any partial download) for ``source_uri``.
 
-        The folder leaves ``models/`` with one atomic rename first, so no reader ever sees
-        a half-deleted model. A download in flight for the same source is not stopped.
+        Returns True if a published model existed. The folder leaves ``models/`` with one
+        atomic rename first, so no reader ever sees a half-deleted model. Raises
+        :class:`ModelInUseError` while the model is held through :meth:`use`. A download in
+        flight for the same source is not stopped (cancel its fetch first).
         """
         key = self.key_for(source_uri)
+        if self._leases.get(key):
+            raise ModelInUseError(f"{redact_uri(source_uri)} is in use; release it first")
         self._index.pop(key, None)
+        if key not in self._downloads and not self._locked_elsewhere(key):
+            _rmtree(self.tmp_dir / f"{key}{PARTIAL_SUFFIX}")
         folder = self.models_dir / key
         if not folder.exists():
             return False
         return self._discard(folder)
 
     def _discard(self, entry: Path) -> bool:
-        trash = self.tmp_dir / f"{entry.name}.removed.{secrets.token_hex(4)}"
+        trash = self.tmp_dir / f"{entry.name}.removed.{os.urandom(4).hex()}"
         try:
             os.rename(entry, trash)
         except FileNotFoundError:
@@ -373,7 +662,7 @@ class ModelStore:
                 path = check_relative_path(str(item["path"]), uri)
                 size, digest = int(item["size"]), str(item["sha256"])
                 st = os.stat(folder / path, follow_symlinks=False)
-                if not _is_regular(st.st_mode) or st.st_size != size:
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                     return None
                 files.append(StoredFile(path, size, digest))
         except (OSError, ValueError, KeyError, TypeError):
@@ -383,10 +672,9 @@ class ModelStore:
         return StoredModel(key=folder.name, source_uri=uri, path=folder, files=tuple(files))
 
 
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _listdir(folder: Path) -> list[Path]:
@@ -394,6 +682,15 @@ def _listdir(folder: Path) -> list[Path]:
         return sorted(folder.iterdir())
     except FileNotFoundError:
         return []
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _rmtree(path: Path) -> None:

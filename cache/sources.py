@@ -1,0 +1,774 @@
+"""Sources: what a source URI lists, and reading byte ranges of its objects.
+
+Listing and metadata go through fsspec (s3fs, gcsfs, its HTTP filesystem). The byte path
+avoids fsspec's single event-loop thread where it can: ``http(s)`` objects and ``s3`` objects
+(through presigned URLs) are read with blocking ranged GETs, one keep-alive connection per
+worker thread, straight into a reused buffer. Everything here is blocking and runs in worker
+threads. Library errors are translated into :mod:`cache.errors` at this boundary, with
+credentials masked.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import http.client
+import os
+import posixpath
+import re
+import ssl
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
+from cache.uri import redact_uri, validate_source_uri
+
+__all__ = [
+    "MANIFEST_NAME",
+    "RESERVED_PREFIX",
+    "RemoteFile",
+    "Sink",
+    "Source",
+    "SourceHttpError",
+    "check_relative_path",
+    "is_transient",
+    "open_source",
+    "scrub",
+    "translate_error",
+]
+
+RESERVED_PREFIX = ".nodecache-"
+"""Names starting with this at the top of a model folder belong to nodecache."""
+MANIFEST_NAME = RESERVED_PREFIX + "manifest.json"
+"""Name of the manifest inside a model folder; never one of the model's files."""
+
+Sink = Callable[[int, memoryview], None]
+"""``sink(offset, data)``: write ``data`` at ``offset`` of the destination file."""
+
+_MAX_HTTP_ENTRIES = 100_000
+_MAX_REDIRECTS = 5
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One object of a source, as listed."""
+
+    path: str
+    """Relative posix path inside the model folder."""
+    url: str
+    """What the source reads (a local path, a URL, ``bucket/key``)."""
+    size: int | None
+    """Size the source publishes; None when it publishes none (HTTP without a length)."""
+    etag: str | None = None
+    """Entity tag, quotes stripped; ranged reads are pinned to it where the source allows."""
+    md5: str | None = None
+    """Hex MD5 of the content as the source publishes it (S3 single-part ETag, GCS md5Hash)."""
+    ranges: bool = True
+    """False when the source cannot serve byte ranges (then: one stream, no resume)."""
+
+
+class SourceHttpError(Exception):
+    """An HTTP error status from a source, with the source's own code and message."""
+
+    def __init__(self, status: int, code: str = "", message: str = "") -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        super().__init__(f"HTTP {status} {code} {message}".strip())
+
+
+def check_relative_path(path: str, source: str) -> str:
+    """Return ``path`` if it is a safe relative path inside a model folder, else raise.
+
+    Refuses absolute paths, empty, ``.`` and ``..`` segments, NUL bytes and backslashes, and
+    top-level names reserved for nodecache.
+    """
+    segments = path.split("/")
+    bad = (
+        not path
+        or path.startswith("/")
+        or "\x00" in path
+        or "\\" in path
+        or any(s in ("", ".", "..") for s in segments)
+        or segments[0].startswith(RESERVED_PREFIX)
+    )
+    if bad:
+        raise FetchError(
+            f"refusing object {path!r} of {redact_uri(source)}: "
+            "its path would escape the model folder or clash with nodecache's own files",
+            permanent=True,
+        )
+    return path
+
+
+class Source:
+    """One source URI: what it lists and how to read a byte range of one object."""
+
+    def __init__(self, uri: str, *, chunk_size: int, timeout: float) -> None:
+        self.uri = uri
+        self.chunk_size = chunk_size
+        self.timeout = timeout
+
+    def list_files(self) -> list[RemoteFile]:
+        raise NotImplementedError
+
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        """Deliver bytes ``[start, end)`` (to the end when ``end`` is None) to ``sink``.
+
+        Returns the offset reached. Raises on error; bytes already delivered stay delivered,
+        so a retry continues from the offset the sink has seen.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections. Safe to call more than once."""
+
+    def _finish_listing(self, files: list[RemoteFile]) -> list[RemoteFile]:
+        if not files:
+            raise FetchError(f"no files found under {redact_uri(self.uri)}", permanent=True)
+        files.sort(key=lambda f: f.path)
+        seen: set[str] = set()
+        for f in files:
+            check_relative_path(f.path, self.uri)
+            if f.path in seen:
+                raise FetchError(f"{redact_uri(self.uri)} lists {f.path!r} twice", permanent=True)
+            seen.add(f.path)
+        for f in files:  # "a" as a file and "a/b" as a file cannot both exist on disk
+            parent = posixpath.dirname(f.path)
+            while parent:
+                if parent in seen:
+                    raise FetchError(
+                        f"{redact_uri(self.uri)} has both a file and a folder named {parent!r}",
+                        permanent=True,
+                    )
+                parent = posixpath.dirname(parent)
+        return files
+
+
+# ---- file:// ---------------------------------------------------------------------------------
+
+
+class LocalSource(Source):
+    """``file://``: a folder (walked; symlinks may not leave it) or a single file."""
+
+    def __init__(self, uri: str, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        self.root = uri[len("file://") :]
+
+    def list_files(self) -> list[RemoteFile]:
+        root = self.root
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            raise FetchError(f"{self.uri} does not exist", permanent=True) from None
+        except PermissionError:
+            raise FetchError(f"{self.uri}: permission denied", permanent=True) from None
+        if stat.S_ISREG(st.st_mode):
+            return self._finish_listing([RemoteFile(posixpath.basename(root), root, st.st_size)])
+        if not stat.S_ISDIR(st.st_mode):
+            raise FetchError(f"{self.uri} is neither a file nor a folder", permanent=True)
+        real_root = os.path.realpath(root)
+        files: list[RemoteFile] = []
+
+        def fail(err: OSError) -> None:
+            raise err
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+            for name in dirnames:
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full):
+                    rel = os.path.relpath(full, root)
+                    raise FetchError(
+                        f"refusing symlinked folder {rel!r} in {self.uri}", permanent=True
+                    )
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                if os.path.islink(full):
+                    target = os.path.realpath(full)
+                    if os.path.commonpath([real_root, target]) != real_root:
+                        raise FetchError(
+                            f"refusing symlink {rel!r} in {self.uri}: it points outside the folder",
+                            permanent=True,
+                        )
+                fst = os.stat(full)
+                if not stat.S_ISREG(fst.st_mode):
+                    raise FetchError(
+                        f"refusing {rel!r} in {self.uri}: not a regular file", permanent=True
+                    )
+                files.append(RemoteFile(rel, full, fst.st_size))
+        return self._finish_listing(files)
+
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        buf = _buffer(self.chunk_size)
+        fd = os.open(remote.url, os.O_RDONLY)
+        try:
+            pos = start
+            while end is None or pos < end:
+                want = self.chunk_size if end is None else min(self.chunk_size, end - pos)
+                n = os.preadv(fd, [buf[:want]], pos)
+                if n == 0:
+                    break
+                sink(pos, buf[:n])
+                pos += n
+            return pos
+        finally:
+            os.close(fd)
+
+
+# ---- blocking HTTP ranged reads -------------------------------------------------------------
+
+
+class _Connections(threading.local):
+    def __init__(self) -> None:
+        self.pool: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(size: int) -> memoryview:
+    """A per-thread reusable buffer of at least ``size`` bytes."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = memoryview(bytearray(size))
+        _BUFFERS.buf = buf
+    return buf[:size]
+
+
+class HttpRanges:
+    """Blocking ranged GETs over per-thread keep-alive connections."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.local = _Connections()
+        self.ssl = ssl.create_default_context()
+        self.lock = threading.Lock()
+        self.all: list[http.client.HTTPConnection] = []
+
+    def _connection(self, scheme: str, host: str, port: int) -> tuple[Any, bool]:
+        key = (scheme, host, port)
+        conn = self.local.pool.get(key)
+        if conn is not None:
+            return conn, True
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.ssl)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        self.local.pool[key] = conn
+        with self.lock:
+            self.all.append(conn)
+        return conn, False
+
+    def _drop(self, scheme: str, host: str, port: int) -> None:
+        conn = self.local.pool.pop((scheme, host, port), None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        with self.lock:
+            conns, self.all = self.all, []
+        for conn in conns:
+            conn.close()
+
+    def get(
+        self,
+        url: str,
+        start: int,
+        end: int | None,
+        sink: Sink,
+        *,
+        chunk_size: int,
+        etag: str | None = None,
+    ) -> int:
+        headers = {"Accept-Encoding": "identity", "User-Agent": "nodecache"}
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        if etag:
+            headers["If-Match"] = f'"{etag}"'
+        for _ in range(_MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            scheme = parts.scheme
+            port = parts.port or (443 if scheme == "https" else 80)
+            host = parts.hostname or ""
+            target = parts.path or "/"
+            if parts.query:
+                target += "?" + parts.query
+            resp = self._request(scheme, host, port, target, headers)
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location")
+                resp.read()
+                if not location:
+                    raise SourceHttpError(resp.status, "", "redirect without Location")
+                url = location if "://" in location else f"{scheme}://{parts.netloc}{location}"
+                continue
+            try:
+                pos, reusable = self._body(resp, start, end, sink, chunk_size)
+            except BaseException:
+                self._drop(scheme, host, port)
+                raise
+            if not reusable:
+                self._drop(scheme, host, port)
+            return pos
+        raise SourceHttpError(310, "", "too many redirects")
+
+    def _request(
+        self, scheme: str, host: str, port: int, target: str, headers: dict[str, str]
+    ) -> http.client.HTTPResponse:
+        for attempt in range(2):
+            conn, reused = self._connection(scheme, host, port)
+            try:
+                conn.request("GET", target, headers=headers)
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._drop(scheme, host, port)
+                if not reused or attempt:
+                    raise
+            except BaseException:
+                self._drop(scheme, host, port)
+                raise
+        raise AssertionError("unreachable")
+
+    def _body(
+        self,
+        resp: http.client.HTTPResponse,
+        start: int,
+        end: int | None,
+        sink: Sink,
+        chunk_size: int,
+    ) -> tuple[int, bool]:
+        if resp.status >= 400:
+            body = resp.read(64 * 1024)
+            raise _http_error(resp.status, body)
+        skip = 0
+        if resp.status == 206:
+            first = _content_range_start(resp.getheader("Content-Range"))
+            if first != start:
+                raise IntegrityError(
+                    f"source answered range {first} when asked for {start}; refusing"
+                )
+        elif resp.status == 200:
+            skip = start  # the server ignored Range: read past what we already have
+        else:
+            raise SourceHttpError(resp.status, "", resp.reason)
+        buf = _buffer(chunk_size)
+        pos = start
+        while skip:
+            n = resp.readinto(buf[: min(chunk_size, skip)])
+            if n == 0:
+                raise http.client.IncompleteRead(b"")
+            skip -= n
+        while end is None or pos < end:
+            want = chunk_size if end is None else min(chunk_size, end - pos)
+            n = resp.readinto(buf[:want])
+            if n == 0:
+                break
+            sink(pos, buf[:n])
+            pos += n
+        if end is not None and pos < end:
+            if resp.length == 0:  # a complete answer, just shorter than the size announced
+                raise IntegrityError(
+                    f"source served {pos - start} bytes where {end - start} were announced"
+                )
+            raise http.client.IncompleteRead(b"", end - pos)
+        if resp.length:
+            return pos, False  # unread rest of a full-body answer: do not reuse
+        resp.read()  # nothing left: lets the connection be reused
+        return pos, True
+
+
+def _content_range_start(value: str | None) -> int | None:
+    match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _http_error(status: int, body: bytes) -> SourceHttpError:
+    text = body.decode("utf-8", "replace")
+    code = re.search(r"<Code>([^<]{1,100})</Code>", text)
+    message = re.search(r"<Message>([^<]{1,300})</Message>", text)
+    return SourceHttpError(
+        status,
+        code.group(1) if code else "",
+        scrub(message.group(1)) if message else "",
+    )
+
+
+# ---- http(s):// ----------------------------------------------------------------------------
+
+
+class HttpSource(Source):
+    """``http(s)://``: a URL ending in ``/`` is a folder listed through its index pages."""
+
+    def __init__(self, uri: str, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        import aiohttp
+        from fsspec.implementations.http import HTTPFileSystem
+
+        client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout, sock_read=self.timeout
+        )
+        self.fs = HTTPFileSystem(
+            skip_instance_cache=True,
+            client_kwargs={"timeout": client_timeout, "auto_decompress": False},
+            headers={"Accept-Encoding": "identity"},
+        )
+        self.http = HttpRanges(self.timeout)
+
+    def close(self) -> None:
+        self.http.close()
+        session = getattr(self.fs, "_session", None)
+        if session is not None:
+            with contextlib.suppress(Exception):
+                self.fs.close_session(self.fs.loop, session)
+            self.fs._session = None
+
+    def list_files(self) -> list[RemoteFile]:
+        if not self.uri.endswith("/"):
+            name = unquote(posixpath.basename(urlsplit(self.uri).path))
+            return self._finish_listing([self._remote(name, self.uri, self._info(self.uri))])
+        base = self.uri
+        files: list[RemoteFile] = []
+        folders, seen = [base], {base}
+        while folders:
+            # Index pages mark folders with a trailing '/' (nginx, Apache) or not at all
+            # (aiohttp): an HTML link that itself lists children is a folder too.
+            links = []
+            for folder in folders:
+                for url in self.fs.ls(folder, detail=False):
+                    rel = url[len(base) :] if url.startswith(base) else ""
+                    if rel and "?" not in rel and "#" not in rel and url not in seen:
+                        seen.add(url)
+                        links.append(url)
+            if len(seen) > _MAX_HTTP_ENTRIES:
+                raise FetchError(f"{self.uri} lists too many entries", permanent=True)
+            folders = [u for u in links if u.endswith("/")]
+            candidates = [u for u in links if not u.endswith("/")]
+            infos = _map_threads(self._info, candidates)
+            for url, info in zip(candidates, infos, strict=True):
+                if info.get("mimetype") == "text/html" and self.fs.ls(url, detail=False):
+                    folders.append(url)
+                else:
+                    files.append(self._remote(unquote(url[len(base) :]), url, info))
+        return self._finish_listing(files)
+
+    def _info(self, url: str) -> dict[str, Any]:
+        return self.fs.info(url)
+
+    @staticmethod
+    def _remote(path: str, url: str, info: dict[str, Any]) -> RemoteFile:
+        size = info.get("size")
+        etag = info.get("ETag")
+        strong = isinstance(etag, str) and not etag.startswith("W/")
+        return RemoteFile(
+            path,
+            url,
+            None if size is None else int(size),
+            etag=etag.strip('"') if strong else None,
+            ranges=info.get("partial", True) and size is not None,
+        )
+
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        # If-Match only where the server gave a strong ETag for a rangeable object.
+        etag = remote.etag if remote.ranges else None
+        return self.http.get(remote.url, start, end, sink, chunk_size=self.chunk_size, etag=etag)
+
+
+# ---- s3:// ---------------------------------------------------------------------------------
+
+
+class S3Source(Source):
+    """``s3://``: listing through s3fs, bytes through presigned ranged GETs."""
+
+    def __init__(self, uri: str, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        import s3fs
+
+        self.fs = s3fs.S3FileSystem(
+            skip_instance_cache=True,
+            config_kwargs={
+                "connect_timeout": self.timeout,
+                "read_timeout": self.timeout,
+                "signature_version": "s3v4",
+            },
+        )
+        self.root = uri[len("s3://") :]
+        self.http = HttpRanges(self.timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def list_files(self) -> list[RemoteFile]:
+        info = self.fs.info(self.root)
+        if info.get("type") != "directory":
+            return self._finish_listing([self._remote(posixpath.basename(self.root), info)])
+        prefix = self.root.rstrip("/") + "/"
+        found = self.fs.find(self.root, detail=True)
+        files = [
+            self._remote(name[len(prefix) :], meta)
+            for name, meta in found.items()
+            if name.startswith(prefix)
+            and not name.endswith("/")
+            and meta.get("type", "file") == "file"
+        ]
+        return self._finish_listing(files)
+
+    @staticmethod
+    def _remote(path: str, info: dict[str, Any]) -> RemoteFile:
+        etag = str(info.get("ETag") or "").strip('"') or None
+        md5 = etag if etag and re.fullmatch(r"[0-9a-f]{32}", etag) else None
+        return RemoteFile(path, info["name"], int(info["size"]), etag=etag, md5=md5)
+
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        url = self.fs.url(remote.url, expires=3600)
+        return self.http.get(url, start, end, sink, chunk_size=self.chunk_size, etag=remote.etag)
+
+
+# ---- gs:// ---------------------------------------------------------------------------------
+
+
+class GcsSource(Source):
+    """``gs://``: listing and bytes through gcsfs (ranged reads of one chunk each)."""
+
+    def __init__(self, uri: str, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        import gcsfs
+
+        options: dict[str, Any] = {"skip_instance_cache": True}
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            options.update(token="anon", project=os.environ.get("GCSFS_PROJECT", "test"))
+        self.fs = gcsfs.GCSFileSystem(**options)
+        self.root = uri[len("gs://") :]
+
+    def list_files(self) -> list[RemoteFile]:
+        info = self.fs.info(self.root)
+        if info.get("type") != "directory":
+            return self._finish_listing([self._remote(posixpath.basename(self.root), info)])
+        prefix = self.root.rstrip("/") + "/"
+        found = self.fs.find(self.root, detail=True)
+        files = [
+            self._remote(name[len(prefix) :], meta)
+            for name, meta in found.items()
+            if name.startswith(prefix)
+            and not name.endswith("/")
+            and meta.get("type", "file") == "file"
+        ]
+        return self._finish_listing(files)
+
+    @staticmethod
+    def _remote(path: str, info: dict[str, Any]) -> RemoteFile:
+        md5 = None
+        if info.get("md5Hash"):
+            try:
+                md5 = base64.b64decode(info["md5Hash"]).hex()
+            except ValueError:
+                md5 = None
+        return RemoteFile(
+            path,
+            info["name"],
+            int(info["size"]),
+            etag=str(info.get("generation") or "") or None,
+            md5=md5,
+        )
+
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        total = remote.size if end is None else end
+        pos = start
+        while total is None or pos < total:
+            stop = pos + self.chunk_size if total is None else min(pos + self.chunk_size, total)
+            data = self.fs.cat_file(remote.url, start=pos, end=stop)
+            if not data:
+                break
+            sink(pos, memoryview(data))
+            pos += len(data)
+        return pos
+
+
+def open_source(uri: str, *, chunk_size: int, timeout: float) -> Source:
+    """Return the :class:`Source` for ``uri``. Blocking (imports, clients)."""
+    uri = validate_source_uri(uri)
+    scheme = uri.split("://", 1)[0]
+    kinds: dict[str, type[Source]] = {
+        "file": LocalSource,
+        "http": HttpSource,
+        "https": HttpSource,
+        "s3": S3Source,
+        "gs": GcsSource,
+    }
+    try:
+        return kinds[scheme](uri, chunk_size=chunk_size, timeout=timeout)
+    except CacheError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, uri) from None
+
+
+def _map_threads(fn: Callable[[str], Any], items: list[str], workers: int = 8) -> list[Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+# ---- error translation -----------------------------------------------------------------------
+
+_PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 411, 416}
+_PERMANENT_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "NoSuchKey",
+    "InvalidBucketName",
+    "AccountProblem",
+    "ExpiredToken",
+    "InvalidToken",
+    "InvalidObjectState",
+}
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
+_URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]*@|\?[^\s'\"]*")
+
+
+def scrub(text: str) -> str:
+    """Mask anything URL-shaped in ``text`` that could carry a secret (user info, query)."""
+    return _URL_SECRETS.sub(
+        lambda m: (m.group("scheme") + "***@") if m.group("scheme") else "?***", text
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the same request later may succeed."""
+    if isinstance(exc, FetchError):
+        return not exc.permanent
+    if isinstance(exc, CacheError):
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return False
+    known = (
+        isinstance(exc, OSError | SourceHttpError | http.client.HTTPException)
+        or _is_transport_error(exc)
+        or _status_of(exc) is not None
+        or _code_of(exc) is not None
+    )
+    # Anything else is a bug or a surprise: fail now rather than retry it.
+    return known and not _classify(exc)[0]
+
+
+def translate_error(exc: BaseException, uri: str, path: str | None = None) -> CacheError:
+    """Turn a library error into a :class:`CacheError` with a message a person can act on."""
+    if isinstance(exc, CacheError):
+        return exc
+    where = redact_uri(uri) if path is None else f"{path!r} of {redact_uri(uri)}"
+    permanent, detail = _classify(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpaceError(f"disk full while fetching {where}: {detail}")
+    if isinstance(exc, SourceHttpError) and exc.code == "PreconditionFailed":
+        return IntegrityError(f"{where} changed on the source during the download")
+    kind = "permanent" if permanent else "transient"
+    return FetchError(f"fetching {where} failed ({kind}): {detail}", permanent=permanent)
+
+
+def _classify(exc: BaseException) -> tuple[bool, str]:
+    """Return (permanent, short description) for a library error."""
+    name = type(exc).__name__
+    text = scrub(str(exc)) or name
+    if isinstance(exc, SourceHttpError):
+        permanent = exc.status in _PERMANENT_HTTP or exc.code in _PERMANENT_CODES
+        if exc.code in _TRANSIENT_CODES:
+            permanent = False
+        return permanent, _http_detail(exc.status, exc)
+    if _is_transport_error(exc):
+        return False, f"{name}: {text}"
+    status = _status_of(exc)
+    code = _code_of(exc)
+    if code in _PERMANENT_CODES:
+        return True, f"{code}: {text}"
+    if code in _TRANSIENT_CODES:
+        return False, f"{code}: {text}"
+    if status is not None:
+        return status in _PERMANENT_HTTP, _http_detail(status, exc)
+    if isinstance(exc, FileNotFoundError):
+        return True, "not found"
+    if isinstance(exc, PermissionError):
+        return True, f"access denied: {text}"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError):
+        return True, f"{name}: {text}"
+    if isinstance(exc, TimeoutError):
+        return False, f"timed out: {text}"
+    return False, f"{name}: {text}"
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A connection-level failure (reset, truncated body, timeout): always worth a retry."""
+    import aiohttp
+
+    transport = (
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientConnectionError,
+        aiohttp.ServerTimeoutError,
+        http.client.HTTPException,
+        ConnectionError,
+        TimeoutError,
+    )
+    current: BaseException | None = exc
+    for _ in range(6):
+        if current is None:
+            break
+        if isinstance(current, transport) and not isinstance(current, FileNotFoundError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _http_detail(status: int, exc: BaseException) -> str:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    detail = f"HTTP {status} {phrase}".rstrip()
+    if status == 404:
+        detail += " (not found)"
+    code = getattr(exc, "code", "")
+    if isinstance(code, str) and code:
+        detail += f" {code}"
+    message = scrub(str(getattr(exc, "message", "") or "")).strip()
+    if message and message.lower() != phrase.lower() and "://" not in message:
+        detail += f": {message}"
+    return detail
+
+
+def _status_of(exc: BaseException, depth: int = 0) -> int | None:
+    for attr in ("status", "code", "status_code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value <= 599:
+            return value
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(value, int):
+            return value
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc and depth < 5:
+        return _status_of(cause, depth + 1)
+    return None
+
+
+def _code_of(exc: BaseException, depth: int = 0) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc and depth < 5:
+        return _code_of(cause, depth + 1)
+    return None
