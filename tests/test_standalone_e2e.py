@@ -8,11 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from support import ROOT, Agent, SlowHttpSource, declaration, wait_for
+from support import ROOT, Agent, SlowHttpSource, declaration, free_port, wait_for
 
 from serve.examples import write_mlp_onnx
 
@@ -164,3 +165,38 @@ def test_sigterm_removes_the_socket(agent: Agent, mlp_dir: Path) -> None:
     assert not agent.socket.exists()
     events = [e["event"] for e in agent.events()]
     assert events[-1] == "agent stopped"
+
+
+def test_unreachable_source_shows_error_and_next_retry(agent: Agent, tmp_path: Path) -> None:
+    missing = tmp_path / "not-yet"
+    agent.start()
+    agent.declare("late.yaml", declaration("late", missing.as_uri()))
+    failed = agent.wait_state("late", "Error")
+    assert str(missing.name) in failed["error"] and failed["nextRetry"] is not None
+    code, err = infer_json(agent, "late", np.ones((1, 64), np.float32))
+    assert code == 503 and "not ready" in err["error"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "--socket-dir", str(agent.socket_dir)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "Error" in shown and "retry in" in shown
+
+    # The source appears: the next retry picks it up without anyone touching the agent.
+    write_mlp_onnx(missing / "model.onnx")
+    agent.wait_state("late", "Warm", timeout=60)
+
+
+def test_metrics_endpoint_counts_requests(tmp_path: Path, mlp_dir: Path) -> None:
+    port = free_port()
+    agent = Agent(tmp_path / "agent")
+    try:
+        agent.start("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+        agent.declare("mlp.yaml", declaration("mlp", mlp_dir.as_uri()))
+        agent.wait_state("mlp", "Warm")
+        assert infer_json(agent, "mlp", np.ones((1, 64), np.float32))[0] == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = resp.read().decode()
+        assert 'nodecache_requests_total{code="200",model="mlp",protocol="rest"} 1.0' in text
+    finally:
+        if agent.proc is not None:
+            agent.stop()
