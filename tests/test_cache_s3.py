@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cache import MANIFEST_NAME, FetchError, FetchOptions, ModelStore
+from cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
 
 ACCESS_KEY, SECRET_KEY = "nodecache-ci", "s3cr3t-value-never-shown"
 BUCKET = "models"
@@ -138,12 +138,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             time.sleep(0.2)
         yield server
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.kill()  # its data is a temporary folder: no need for a graceful stop
+        proc.wait()
         log.close()
 
 
@@ -228,3 +224,146 @@ async def test_wrong_secret_is_permanent_and_never_shown(
     assert "wrong-secret-value" not in message
     assert SECRET_KEY not in message
     assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+# ---- fault injection through a proxy in front of the S3 server ------------------------------
+
+
+@dataclass
+class FaultProxy:
+    """An HTTP proxy to the S3 server that breaks ranged GETs as told, one fault per request."""
+
+    endpoint: str
+    faults: list[str]
+    injected: list[str]
+
+
+@pytest.fixture
+async def fault_proxy(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FaultProxy]:
+    import aiohttp
+    from aiohttp import web
+
+    upstream = s3_server.endpoint
+    proxy = FaultProxy(endpoint="", faults=[], injected=[])
+    session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        fault = ""
+        if request.method == "GET" and "Range" in request.headers and proxy.faults:
+            fault = proxy.faults.pop(0)
+            proxy.injected.append(fault)
+        if fault == "503":
+            body = "<Error><Code>SlowDown</Code><Message>Please reduce your rate</Message></Error>"
+            return web.Response(status=503, text=body, content_type="application/xml")
+        if fault == "stall":
+            await asyncio.sleep(2.0)
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        # Keep Host: S3 signatures cover it.
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in HOP_HEADERS or k.lower() == "host"
+        }
+        async with session.request(
+            request.method,
+            upstream + request.path_qs,
+            headers=headers,
+            data=await request.read(),
+            allow_redirects=False,
+        ) as up:
+            body = await up.read()
+            out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
+            if request.method == "HEAD" and "Content-Length" in up.headers:
+                out_headers["Content-Length"] = up.headers["Content-Length"]
+        if fault == "corrupt" and body:
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        if fault == "reset":
+            resp = web.StreamResponse(status=up.status, headers=out_headers)
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        return web.Response(status=up.status, body=body, headers=out_headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    proxy.endpoint = f"http://{host}:{port}"
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    await session.close()
+    await runner.cleanup()
+
+
+HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "host",
+    "content-encoding",
+}
+
+
+async def test_resets_throttling_and_stalls_are_retried_to_identical_bytes(
+    tmp_path: Path, s3_server: S3Server, fault_proxy: FaultProxy
+) -> None:
+    files = model_files()
+    upload(s3_server, "flaky-model", files)
+    fault_proxy.faults = ["reset", "503", "stall", "reset", "503"]
+    options = FetchOptions(
+        chunk_size=64 * 1024,
+        part_size=256 * 1024,
+        fsync=False,
+        timeout=0.5,
+        retries=6,
+        backoff_base=0.01,
+        backoff_max=0.05,
+    )
+    store = ModelStore(tmp_path / "cache", options=options)
+
+    model = await store.fetch(f"s3://{s3_server.bucket}/flaky-model")
+
+    assert read_model(model.path) == files
+    assert fault_proxy.injected == ["reset", "503", "stall", "reset", "503"]
+    assert store.stats.retries >= 5
+
+
+async def test_corrupted_bytes_fail_the_md5_check_and_are_not_published(
+    tmp_path: Path, s3_server: S3Server, fault_proxy: FaultProxy
+) -> None:
+    data = os.urandom(100_000)
+    s3_server.client().pipe_file(f"{s3_server.bucket}/corrupt/model.onnx", data)
+    fault_proxy.faults = ["corrupt"]
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+
+    with pytest.raises(IntegrityError, match="MD5"):
+        await store.fetch(f"s3://{s3_server.bucket}/corrupt/model.onnx")
+
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+    # The next attempt (no fault) succeeds from scratch.
+    model = await store.fetch(f"s3://{s3_server.bucket}/corrupt/model.onnx")
+    assert (model.path / "model.onnx").read_bytes() == data
+
+
+async def test_permanent_errors_are_not_retried(
+    tmp_path: Path, s3_server: S3Server, fault_proxy: FaultProxy
+) -> None:
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+    with pytest.raises(FetchError) as info:
+        await store.fetch(f"s3://{s3_server.bucket}/nothing/here.bin")
+    assert info.value.permanent
+    assert store.stats.retries == 0
