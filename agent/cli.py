@@ -26,6 +26,20 @@ def _port(text: str) -> int:
     return value
 
 
+def _quantity(text: str) -> int:
+    from kubernetes.utils.quantity import parse_quantity
+
+    try:
+        value = int(parse_quantity(text))
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a quantity such as 512Mi or 2Gi"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
 def _default_socket_dir() -> Path:
     return Path(os.environ.get("NODECACHE_SOCKET_DIR", STANDALONE_HOME / "run"))
 
@@ -97,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight requests may take to finish (default: %(default)s)",
     )
+    agent.add_argument(
+        "--cpu-memory-budget",
+        type=_quantity,
+        metavar="QUANTITY",
+        help="memory warm models may take on the CPU, as a Kubernetes quantity such as 2Gi "
+        "(default: half of the machine's or container's memory)",
+    )
     _logging_options(agent)
 
     status = commands.add_parser(
@@ -155,6 +176,7 @@ def _agent(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port or None,
         metrics_host=args.metrics_host,
         shutdown_timeout=args.shutdown_timeout,
+        cpu_memory_budget=args.cpu_memory_budget,
     )
     asyncio.run(run_standalone(options))
     return 0

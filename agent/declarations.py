@@ -28,6 +28,7 @@ API_VERSION = "nodecache.io/v1alpha1"
 KINDS = ("LocalModelCache",)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _DURATION = re.compile(r"^(\d+(\.\d+)?(ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -41,6 +42,14 @@ class WarmPolicy:
     max_replicas: int | None = None
     pinned: bool = False
     idle_timeout: str | None = None
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """``idleTimeout`` in seconds (e.g. "1h30m" -> 5400)."""
+        if self.idle_timeout is None:
+            return None
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        return sum(float(n) * units[u] for n, u in _DURATION_PART.findall(self.idle_timeout))
 
 
 @dataclass(frozen=True)

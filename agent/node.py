@@ -18,7 +18,7 @@ from typing import Any
 from agent.declarations import ModelDeclaration
 from cache import CacheError, ModelStore
 from serve.errors import ServeError
-from serve.repository import ModelRepository
+from serve.repository import ModelRepository, NoRoom
 from serve.runtimes import UnsupportedFormat, detect_format
 
 __all__ = ["ModelStatus", "NodeAgent"]
@@ -87,6 +87,9 @@ class NodeAgent:
             if old is not None and decl.same_model(old) and name in self._status:
                 status = self._status[name]
                 status.declared_in, status.declared_size = origins.get(name), decl.model_size
+                served = self.repository.get(name)
+                if served is not None:  # a warm policy edit applies in place
+                    served.pinned, served.idle_timeout = decl.warm.pinned, decl.warm.idle_seconds
                 continue
             self._status[name] = ModelStatus(
                 name, decl.source_uri, origins.get(name), decl.model_size
@@ -164,10 +167,24 @@ class NodeAgent:
             )
         status.bytes_done = status.bytes_total = stored.size_bytes
         fmt = decl.format or detect_format(f.path for f in stored.files)
-        if self.repository.get(decl.name) is None:
-            self.repository.register(decl.name, stored.path, fmt)
+        self.repository.register(
+            decl.name,
+            stored.path,
+            fmt,
+            entrypoint=decl.entrypoint,
+            pinned=decl.warm.pinned,
+            idle_timeout=decl.warm.idle_seconds,
+            size_hint=stored.size_bytes,
+        )
         status.error = None
-        await self.repository.load(decl.name)
+        # Pinned models must be warm and may make room; others warm only where they fit
+        # as is, and otherwise load on their first request.
+        try:
+            await self.repository.load(decl.name, evict=decl.warm.pinned)
+        except NoRoom as exc:
+            if decl.warm.pinned:
+                raise
+            log.info("model left on disk", extra={"model": decl.name, "reason": str(exc)})
 
     def _backoff(self, attempt: int) -> float:
         base, cap = self._retry
@@ -219,10 +236,12 @@ class NodeAgent:
                 entry.update(
                     format=served.format,
                     path=str(served.path),
-                    device=served.device,
+                    device=served.device.name if served.device else None,
                     loadSeconds=served.load_seconds,
-                    lastUsed=served.last_used,
+                    lastUsed=served.last_used or None,
                     inflight=served.inflight,
+                    pinned=served.pinned,
+                    residentBytes=served.charged_bytes if served.runtime else 0,
                 )
                 if served.error:
                     entry["error"] = served.error
@@ -233,6 +252,7 @@ class NodeAgent:
                 {"file": f, "error": e} for f, e in sorted(self.declaration_errors.items())
             ],
             "cache": {"dir": str(self.store.root), "usedBytes": self.store.used_bytes()},
+            "devices": [d.to_json() for d in self.repository.devices],
         }
 
 

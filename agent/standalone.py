@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from agent.files import DeclarationFolder
 from agent.node import NodeAgent
 from cache import ModelStore
 from serve.dataplane import DataPlane
+from serve.devices import discover_devices
 from serve.http import NodeServer, build_app
 from serve.repository import ModelRepository
 
@@ -36,6 +36,8 @@ class AgentOptions:
     metrics_port: int | None = 9464
     metrics_host: str = "0.0.0.0"
     shutdown_timeout: float = 30.0
+    cpu_memory_budget: int | None = None
+    idle_check_seconds: float = 5.0
 
 
 async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = None) -> None:
@@ -50,7 +52,9 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
     store = ModelStore(options.cache_dir)
     kept = await asyncio.to_thread(store.scan)
     log.info("cache scanned", extra={"dir": str(options.cache_dir), "models": len(kept)})
-    repository = ModelRepository()
+    devices = discover_devices(cpu_budget=options.cpu_memory_budget)
+    log.info("devices", extra={"devices": [d.to_json() for d in devices]})
+    repository = ModelRepository(devices)
     agent = NodeAgent(store, repository)
     app = build_app(DataPlane(repository, catalog=agent))
     app.router.add_get(STATUS_PATH, lambda _: _status_response(agent))
@@ -73,14 +77,17 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
             "declarations": str(options.declarations),
         },
     )
-    watcher = asyncio.create_task(_follow(DeclarationFolder(options.declarations), agent))
+    background = [
+        asyncio.create_task(_follow(DeclarationFolder(options.declarations), agent)),
+        asyncio.create_task(_unload_idle(repository, options.idle_check_seconds)),
+    ]
     try:
         await stop.wait()
     finally:
         log.info("agent stopping")
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await server.stop()  # stop accepting, finish in-flight requests, remove socket
         if metrics is not None:
             await metrics.cleanup()
@@ -96,6 +103,12 @@ async def _follow(folder: DeclarationFolder, agent: NodeAgent) -> None:
             # Only when every file parsed: a typo must not cost a re-download.
             await agent.collect_garbage()
         first = False
+
+
+async def _unload_idle(repository: ModelRepository, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        await repository.unload_idle()
 
 
 def _status_response(agent: NodeAgent) -> web.Response:

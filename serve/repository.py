@@ -1,22 +1,26 @@
 """Which models this server can answer for, and their life in memory.
 
 The agent registers a model once its files are verified on disk; the repository
-loads it on demand (one load however many requests wait for it), counts the
-requests using it, and unloads it only after those requests finish.
+loads it on demand (one load however many requests wait for it) onto a device
+with room, evicting least-recently-used models that are neither pinned nor busy,
+counts the requests using it, and unloads it only after those requests finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.errors import ModelLoadError, ModelNotFound, ServerOverloaded
-from serve.runtimes import Runtime, load_runtime
+from serve.devices import Device
+from serve.errors import ModelLoadError, ModelNotFound, ServeError, ServerOverloaded
+from serve.residency import Candidate, choose_victims, idle_models
+from serve.runtimes import Runtime, device_kinds, load_runtime
 
 __all__ = ["ModelRepository", "ServedModel", "State"]
 
@@ -30,31 +34,75 @@ class State:
     ERROR = "Error"
 
 
+class NoRoom(ServeError):
+    """No device can take the model, even after evicting what may be evicted (503)."""
+
+    status = 503
+    retry_after = 5.0
+
+
 @dataclass
 class ServedModel:
     name: str
     path: Path
     format: str
+    entrypoint: str | None = None
+    pinned: bool = False
+    idle_timeout: float | None = None
+    estimated_bytes: int = 0  # from the files, before loading
+    measured_bytes: int | None = None  # resident growth seen while loading
     state: str = State.DOWNLOADED
     runtime: Runtime | None = None
+    device: Device | None = None
     error: str | None = None
     inflight: int = 0
-    last_used: float | None = None
+    loads: int = 0
+    last_used: float = 0.0
     load_seconds: float | None = None
-    device: str | None = None
     _load: asyncio.Task[Runtime] | None = field(default=None, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
         self._idle.set()
 
+    @property
+    def charged_bytes(self) -> int:
+        """What the model counts against its device's budget."""
+        return max(self.estimated_bytes, self.measured_bytes or 0)
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight > 0 or (self._load is not None and self.runtime is None)
+
+    def candidate(self) -> Candidate:
+        return Candidate(self.name, self.charged_bytes, self.last_used, self.pinned, self.busy)
+
+
+def _files_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
 
 class ModelRepository:
-    """Registered models by name; loads are shared, unloads wait for readers."""
+    """Registered models by name; loads are shared and budgeted, unloads wait for readers."""
 
-    def __init__(self, *, max_inflight_per_model: int = 256) -> None:
+    def __init__(
+        self,
+        devices: list[Device] | None = None,
+        *,
+        max_inflight_per_model: int = 256,
+        max_concurrent_loads: int = 1,
+    ) -> None:
+        self.devices = devices or [Device("cpu", 0, 1 << 62)]
         self._models: dict[str, ServedModel] = {}
         self._max_inflight = max_inflight_per_model
+        # One load at a time by default: loads compete for the same disk, and a lone
+        # load lets the resident growth be measured.
+        self._load_slots = asyncio.Semaphore(max_concurrent_loads)
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
@@ -65,51 +113,134 @@ class ModelRepository:
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 
-    def register(self, name: str, path: Path, fmt: str) -> ServedModel:
+    def register(
+        self,
+        name: str,
+        path: Path,
+        fmt: str,
+        *,
+        entrypoint: str | None = None,
+        pinned: bool = False,
+        idle_timeout: float | None = None,
+        size_hint: int | None = None,
+    ) -> ServedModel:
         """Make a model on disk answerable; it loads on first use or on ``load``."""
         current = self._models.get(name)
-        if current is not None and current.path == path and current.format == fmt:
-            return current
         if current is not None:
-            raise ValueError(f"model '{name}' is registered with other files; unregister it first")
-        model = ServedModel(name=name, path=path, format=fmt)
+            if (current.path, current.format, current.entrypoint) != (path, fmt, entrypoint):
+                raise ValueError(f"model '{name}' is registered with other files; unregister it")
+            current.pinned, current.idle_timeout = pinned, idle_timeout
+            return current
+        model = ServedModel(
+            name=name,
+            path=path,
+            format=fmt,
+            entrypoint=entrypoint,
+            pinned=pinned,
+            idle_timeout=idle_timeout,
+            estimated_bytes=size_hint if size_hint is not None else _files_size(path),
+        )
         self._models[name] = model
         return model
 
-    async def load(self, name: str) -> ServedModel:
-        """Load the model if it is not warm; concurrent callers share one load."""
+    # -- loading -----------------------------------------------------------------
+
+    async def load(self, name: str, *, evict: bool = True) -> ServedModel:
+        """Load the model if it is not warm; concurrent callers share one load.
+
+        With ``evict=False`` (pre-warming) the model loads only where it fits as is.
+        """
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(name)
         if model.runtime is not None:
             return model
         if model._load is None:
-            model._load = asyncio.create_task(self._load(model))
+            model._load = asyncio.create_task(self._load(model, evict))
         try:
             await asyncio.shield(model._load)
+        except ServeError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"model '{name}' failed to load: {exc}") from exc
         return model
 
-    async def _load(self, model: ServedModel) -> Runtime:
-        model.state, model.error = State.LOADING, None
-        started = time.perf_counter()
-        log.info("loading model", extra={"model": model.name, "format": model.format})
+    async def _load(self, model: ServedModel, evict: bool) -> Runtime:
         try:
-            runtime = await asyncio.to_thread(load_runtime, model.format, model.path)
+            async with self._load_slots:
+                device = await self._place(model, evict)
+                model.state, model.error = State.LOADING, None
+                return await self._load_onto(model, device)
         except Exception as exc:
-            model.state, model.error, model._load = State.ERROR, str(exc), None
-            log.error("model load failed", extra={"model": model.name, "error": str(exc)})
+            model._load = None
+            if not isinstance(exc, NoRoom):
+                model.state, model.error = State.ERROR, str(exc)
+                log.error("model load failed", extra={"model": model.name, "error": str(exc)})
             raise
-        model.runtime, model.state = runtime, State.WARM
+
+    async def _place(self, model: ServedModel, evict: bool) -> Device:
+        """Pick a device and reserve the model's bytes there, evicting if allowed."""
+        kinds = device_kinds(model.format)
+        usable = [d for d in self.devices if d.kind in kinds]
+        needed = model.charged_bytes
+        for device in usable:
+            if needed <= device.free:
+                device.used += needed
+                return device
+        if evict:
+            for device in usable:
+                victims = choose_victims(self._warm_on(device), needed, device.free)
+                if victims is None:
+                    continue
+                for victim in victims:
+                    log.info("evicting model", extra={"model": victim, "for": model.name})
+                    await self._release(self._models[victim])
+                if needed <= device.free:
+                    device.used += needed
+                    return device
+        budgets = ", ".join(f"{d.name}: {d.free} of {d.budget} free" for d in usable)
+        raise NoRoom(
+            f"model '{model.name}' needs {needed} bytes and no device has room "
+            f"({budgets}); the warm models that hold it are pinned or busy"
+        )
+
+    def _warm_on(self, device: Device) -> list[Candidate]:
+        return [m.candidate() for m in self._models.values() if m.device is device]
+
+    async def _load_onto(self, model: ServedModel, device: Device) -> Runtime:
+        started, rss_before = time.perf_counter(), _resident_bytes()
+        log.info("loading model", extra={"model": model.name, "device": device.name})
+        try:
+            runtime = await asyncio.to_thread(
+                load_runtime, model.format, model.path,
+                device=device.name, entrypoint=model.entrypoint,
+            )  # fmt: skip
+        except BaseException:
+            device.used -= model.charged_bytes
+            raise
+        reserved = model.charged_bytes
+        reported = getattr(runtime, "resident_bytes", None)
+        if reported is not None:
+            model.measured_bytes = int(reported)
+        elif device.kind == "cpu":
+            model.measured_bytes = max(0, _resident_bytes() - rss_before)
+        device.used += model.charged_bytes - reserved
+        model.runtime, model.device, model.state = runtime, device, State.WARM
         model.load_seconds = time.perf_counter() - started
-        model.device = "cpu"
         model.last_used = time.time()
+        model.loads += 1
         log.info(
             "model warm",
-            extra={"model": model.name, "load_seconds": round(model.load_seconds, 3)},
+            extra={
+                "model": model.name,
+                "device": device.name,
+                "bytes": model.charged_bytes,
+                "load_seconds": round(model.load_seconds, 3),
+            },
         )
         return runtime
+
+    # -- using -------------------------------------------------------------------
 
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[ServedModel]:
@@ -118,9 +249,7 @@ class ModelRepository:
         if model is None:
             raise ModelNotFound(name)
         if model.inflight >= self._max_inflight:
-            raise ServerOverloaded(
-                f"model '{name}' already has {model.inflight} requests in flight"
-            )
+            raise ServerOverloaded(f"model '{name}' already has {model.inflight} requests waiting")
         model.inflight += 1
         model._idle.clear()
         try:
@@ -132,6 +261,8 @@ class ModelRepository:
             model.inflight -= 1
             if model.inflight == 0:
                 model._idle.set()
+
+    # -- unloading ---------------------------------------------------------------
 
     async def unload(self, name: str) -> None:
         """Free the model's memory after in-flight requests finish; it stays registered."""
@@ -146,13 +277,26 @@ class ModelRepository:
         if model is not None:
             await self._release(model)
 
+    async def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload models past their ``idle_timeout``; returns their names."""
+        warm = [m.candidate() for m in self._models.values() if m.runtime is not None]
+        timeouts = {n: m.idle_timeout for n, m in self._models.items() if m.idle_timeout}
+        names = idle_models(warm, timeouts, time.time() if now is None else now)
+        for name in names:
+            log.info("unloading idle model", extra={"model": name})
+            await self._release(self._models[name])
+        return names
+
     async def _release(self, model: ServedModel) -> None:
         if model._load is not None:
             await asyncio.gather(model._load, return_exceptions=True)
         await model._idle.wait()
         runtime, model.runtime, model._load = model.runtime, None, None
+        device, model.device = model.device, None
         if runtime is not None:
             await asyncio.to_thread(runtime.unload)
             log.info("model unloaded", extra={"model": model.name})
+        if device is not None:
+            device.used -= model.charged_bytes
         if model.state != State.ERROR:
             model.state = State.DOWNLOADED

@@ -278,11 +278,11 @@ async def test_concurrent_requests_to_a_cold_model_share_one_load(server, monkey
     real = repository_module.load_runtime
     lock = threading.Lock()
 
-    def counting(fmt: str, path: Path):  # type: ignore[no-untyped-def]
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         nonlocal loads
         with lock:
             loads += 1
-        return real(fmt, path)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(repository_module, "load_runtime", counting)
     body = mlp_request(np.ones((1, 64), np.float32))

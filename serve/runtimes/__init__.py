@@ -20,7 +20,9 @@ __all__ = [
     "TensorSpec",
     "UnsupportedFormat",
     "detect_format",
+    "device_kinds",
     "load_runtime",
+    "register_runtime",
 ]
 
 
@@ -41,6 +43,9 @@ class TensorSpec:
 
 
 class Runtime(Protocol):
+    """A loaded model. It may also have ``resident_bytes`` (int): what it holds in memory;
+    without it the repository measures the process's growth during the load."""
+
     platform: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -77,21 +82,56 @@ def detect_format(files: Iterable[str]) -> str:
     )
 
 
-def _load_onnx(model_dir: Path) -> Runtime:
+class Loader(Protocol):
+    def __call__(self, model_dir: Path, *, device: str, entrypoint: str | None) -> Runtime: ...
+
+
+@dataclass(frozen=True)
+class _RuntimeKind:
+    load: Loader
+    # Device kinds ("cpu", "cuda") this runtime can use on this machine.
+    device_kinds: Callable[[], frozenset[str]]
+
+
+def _load_onnx(model_dir: Path, *, device: str, entrypoint: str | None) -> Runtime:
     from serve.runtimes.onnx import OnnxRuntime
 
-    return OnnxRuntime.from_dir(model_dir)
+    return OnnxRuntime.from_dir(model_dir, device=device)
 
 
-_LOADERS: dict[str, Callable[[Path], Runtime]] = {"onnx": _load_onnx}
+def _onnx_devices() -> frozenset[str]:
+    import onnxruntime
+
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return frozenset({"cpu", "cuda"} if cuda else {"cpu"})
 
 
-def load_runtime(fmt: str, model_dir: Path) -> Runtime:
-    """Load the model in ``model_dir`` with the runtime for ``fmt`` (blocking)."""
+_RUNTIMES: dict[str, _RuntimeKind] = {"onnx": _RuntimeKind(_load_onnx, _onnx_devices)}
+
+
+def register_runtime(
+    fmt: str, load: Loader, device_kinds: Callable[[], frozenset[str]] = lambda: frozenset({"cpu"})
+) -> None:
+    """Add (or replace) the runtime for a format; tests use it for fake runtimes."""
+    _RUNTIMES[fmt] = _RuntimeKind(load, device_kinds)
+
+
+def _kind(fmt: str) -> _RuntimeKind:
     try:
-        loader = _LOADERS[fmt]
+        return _RUNTIMES[fmt]
     except KeyError:
         raise UnsupportedFormat(
-            f"no runtime for format '{fmt}' in this build; available: {', '.join(_LOADERS)}"
+            f"no runtime for format '{fmt}' in this build; available: {', '.join(_RUNTIMES)}"
         ) from None
-    return loader(model_dir)
+
+
+def device_kinds(fmt: str) -> frozenset[str]:
+    """Which kinds of device a model of this format can be loaded onto here."""
+    return _kind(fmt).device_kinds()
+
+
+def load_runtime(
+    fmt: str, model_dir: Path, *, device: str = "cpu", entrypoint: str | None = None
+) -> Runtime:
+    """Load the model in ``model_dir`` onto ``device`` (blocking; call from a thread)."""
+    return _kind(fmt).load(model_dir, device=device, entrypoint=entrypoint)

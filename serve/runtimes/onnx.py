@@ -60,25 +60,29 @@ class OnnxRuntime:
         self.inputs = [_spec(a) for a in session.get_inputs()]
         self.outputs = [_spec(a) for a in session.get_outputs()]
         self._string_inputs = {s.name for s in self.inputs if s.datatype == "BYTES"}
+        self.resident_bytes: int | None = None
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> OnnxRuntime:
+    def from_dir(cls, model_dir: Path, *, device: str = "cpu") -> OnnxRuntime:
         path = find_onnx_file(model_dir)
         options = ort.SessionOptions()
         # Many models share the node's cores: keep each session's pool small and
         # let concurrency come from parallel requests instead of spinning threads.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        providers = [
-            p
-            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-            if p in ort.get_available_providers()
-        ]
+        providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            index = device.partition(":")[2] or "0"
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
         try:
             session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise UnsupportedFormat(f"onnxruntime cannot load {path.name}: {exc}") from exc
-        return cls(session)
+        runtime = cls(session)
+        # Initializers are copied out of the file into the session: the file's bytes
+        # (with any external data beside it) are what the model holds.
+        runtime.resident_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+        return runtime
 
     def predict(
         self, inputs: dict[str, np.ndarray], output_names: list[str] | None
