@@ -1,0 +1,1 @@
+"""A small, faithful fake of the Kubernetes API server for nodecache's tests."""
