@@ -156,16 +156,28 @@ def _node_groups(where: str, spec: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _format(where: str, spec: dict[str, Any]) -> str | None:
-    fmt = spec.get("format", spec.get("runtime"))
-    if fmt is None:
-        return None
-    if fmt not in FORMATS:
-        raise DeclarationError(
-            f"{where}: spec.format must be one of {', '.join(FORMATS)}, got {fmt!r}"
-        )
-    if "format" in spec and "runtime" in spec and spec["format"] != spec["runtime"]:
+    fmt, runtime = spec.get("format"), spec.get("runtime")
+    for key, value in (("format", fmt), ("runtime", runtime)):
+        if value is not None and value not in FORMATS:
+            raise DeclarationError(
+                f"{where}: spec.{key} must be one of {', '.join(FORMATS)}, got {value!r}"
+            )
+    if fmt is not None and runtime is not None and fmt != runtime:
         raise DeclarationError(f"{where}: spec.format and spec.runtime disagree")
-    return fmt
+    effective = fmt or runtime
+    # Running code from a model source is a decision, never a default or a guess.
+    if effective == "python" and runtime != "python":
+        raise DeclarationError(
+            f"{where}: a python model runs code from its source; opt in with spec.runtime: python"
+        )
+    if spec.get("entrypoint") is not None and effective != "python":
+        raise DeclarationError(
+            f"{where}: spec.entrypoint runs code from the model source; "
+            "it needs spec.runtime: python"
+        )
+    if effective == "python" and spec.get("entrypoint") is None:
+        raise DeclarationError(f"{where}: spec.runtime python needs spec.entrypoint: module:Class")
+    return effective
 
 
 def _entrypoint(where: str, spec: dict[str, Any]) -> str | None:

@@ -1,1 +1,8 @@
-"""Memory tier: runtimes, the model repository, and the Open Inference Protocol server."""
+"""Memory tier: runtimes, the model repository, and the Open Inference Protocol server.
+
+``serve.Model`` is the base class for custom Python models.
+"""
+
+from serve.model import Model
+
+__all__ = ["Model"]

@@ -155,6 +155,8 @@ def _oip_state(model: ServedModel) -> str:
 def _validate_inputs(
     specs: list[TensorSpec], given: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
+    if not specs:  # a custom model that describes no inputs takes what it is given
+        return given
     expected = {s.name: s for s in specs}
     unknown = sorted(set(given) - set(expected))
     if unknown:
@@ -185,6 +187,8 @@ def _validate_outputs(specs: list[TensorSpec], request: InferRequest) -> dict[st
     """Requested outputs -> binary flag; empty when the client asked for all of them."""
     if request.outputs is None:
         return {}
+    if not specs:
+        return {out.name: out.binary for out in request.outputs}
     known = {s.name for s in specs}
     wanted: dict[str, bool] = {}
     for out in request.outputs:

@@ -106,7 +106,16 @@ def _onnx_devices() -> frozenset[str]:
     return frozenset({"cpu", "cuda"} if cuda else {"cpu"})
 
 
-_RUNTIMES: dict[str, _RuntimeKind] = {"onnx": _RuntimeKind(_load_onnx, _onnx_devices)}
+def _load_python(model_dir: Path, *, device: str, entrypoint: str | None) -> Runtime:
+    from serve.runtimes.python import PythonRuntime
+
+    return PythonRuntime.from_dir(model_dir, device=device, entrypoint=entrypoint)
+
+
+_RUNTIMES: dict[str, _RuntimeKind] = {
+    "onnx": _RuntimeKind(_load_onnx, _onnx_devices),
+    "python": _RuntimeKind(_load_python, lambda: frozenset({"cpu", "cuda"})),
+}
 
 
 def register_runtime(
