@@ -162,7 +162,17 @@ def _format(where: str, spec: dict[str, Any]) -> str | None:
             raise DeclarationError(
                 f"{where}: spec.{key} must be one of {', '.join(FORMATS)}, got {value!r}"
             )
-    if fmt is not None and runtime is not None and fmt != runtime:
+    # The one mix allowed: torch weights whose module class is code from the source.
+    if (
+        fmt is not None
+        and runtime is not None
+        and fmt != runtime
+        and (fmt, runtime)
+        != (
+            "torch",
+            "python",
+        )
+    ):
         raise DeclarationError(f"{where}: spec.format and spec.runtime disagree")
     effective = fmt or runtime
     # Running code from a model source is a decision, never a default or a guess.
@@ -170,7 +180,7 @@ def _format(where: str, spec: dict[str, Any]) -> str | None:
         raise DeclarationError(
             f"{where}: a python model runs code from its source; opt in with spec.runtime: python"
         )
-    if spec.get("entrypoint") is not None and effective != "python":
+    if spec.get("entrypoint") is not None and runtime != "python":
         raise DeclarationError(
             f"{where}: spec.entrypoint runs code from the model source; "
             "it needs spec.runtime: python"

@@ -112,7 +112,24 @@ def _load_python(model_dir: Path, *, device: str, entrypoint: str | None) -> Run
     return PythonRuntime.from_dir(model_dir, device=device, entrypoint=entrypoint)
 
 
+def _load_torch(model_dir: Path, *, device: str, entrypoint: str | None) -> Runtime:
+    try:
+        from serve.runtimes.torch import TorchRuntime
+    except ImportError:
+        raise UnsupportedFormat("PyTorch is not installed here; install nodecache[torch]") from None
+    return TorchRuntime.from_dir(model_dir, device=device, entrypoint=entrypoint)
+
+
+def _torch_devices() -> frozenset[str]:
+    try:
+        import torch
+    except ImportError:
+        return frozenset({"cpu"})
+    return frozenset({"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"})
+
+
 _RUNTIMES: dict[str, _RuntimeKind] = {
+    "torch": _RuntimeKind(_load_torch, _torch_devices),
     "onnx": _RuntimeKind(_load_onnx, _onnx_devices),
     "python": _RuntimeKind(_load_python, lambda: frozenset({"cpu", "cuda"})),
 }

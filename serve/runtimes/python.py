@@ -38,6 +38,15 @@ def _import(model_dir: Path, module: str) -> ModuleType:
     return loaded
 
 
+def import_entrypoint(model_dir: Path, entrypoint: str) -> object:
+    """The object ``module:Name`` from the model folder (only ever with the opt-in)."""
+    module_name, _, attr = entrypoint.partition(":")
+    found = getattr(_import(model_dir, module_name), attr, None)
+    if found is None:
+        raise UnsupportedFormat(f"entrypoint {entrypoint}: no '{attr}' in {module_name}")
+    return found
+
+
 class PythonRuntime:
     platform = "python"
 
@@ -50,8 +59,7 @@ class PythonRuntime:
     def from_dir(cls, model_dir: Path, *, device: str, entrypoint: str | None) -> PythonRuntime:
         if not entrypoint:
             raise UnsupportedFormat("a python model needs spec.entrypoint: module:Class")
-        module_name, _, class_name = entrypoint.partition(":")
-        cls_obj = getattr(_import(model_dir, module_name), class_name, None)
+        cls_obj = import_entrypoint(model_dir, entrypoint)
         if not (isinstance(cls_obj, type) and issubclass(cls_obj, Model)):
             raise UnsupportedFormat(f"entrypoint {entrypoint} is not a serve.Model subclass")
         model = cls_obj(model_dir, device)
