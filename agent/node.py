@@ -18,7 +18,8 @@ from typing import Any
 from agent.declarations import ModelDeclaration
 from cache import CacheError, ModelStore
 from serve.errors import ServeError
-from serve.repository import ModelRepository, NoRoom
+from serve.host import ModelHost
+from serve.repository import NoRoom
 from serve.runtimes import UnsupportedFormat, detect_format
 
 __all__ = ["ModelStatus", "NodeAgent"]
@@ -52,13 +53,13 @@ class NodeAgent:
     def __init__(
         self,
         store: ModelStore,
-        repository: ModelRepository,
+        host: ModelHost,
         *,
         retry_base: float = 1.0,
         retry_max: float = 300.0,
     ) -> None:
         self.store = store
-        self.repository = repository
+        self.host = host
         self._retry = (retry_base, retry_max)
         self._desired: dict[str, ModelDeclaration] = {}
         self._status: dict[str, ModelStatus] = {}
@@ -87,9 +88,10 @@ class NodeAgent:
             if old is not None and decl.same_model(old) and name in self._status:
                 status = self._status[name]
                 status.declared_in, status.declared_size = origins.get(name), decl.model_size
-                served = self.repository.get(name)
-                if served is not None:  # a warm policy edit applies in place
-                    served.pinned, served.idle_timeout = decl.warm.pinned, decl.warm.idle_seconds
+                # A warm policy edit applies in place.
+                await self.host.set_policy(
+                    name, pinned=decl.warm.pinned, idle_timeout=decl.warm.idle_seconds
+                )
                 continue
             self._status[name] = ModelStatus(
                 name, decl.source_uri, origins.get(name), decl.model_size
@@ -103,7 +105,7 @@ class NodeAgent:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._status.pop(name, None)
-        await self.repository.unregister(name)  # waits for in-flight requests
+        await self.host.unregister(name)  # waits for in-flight requests
         still_used = any(d.source_uri == decl.source_uri for d in self._desired.values())
         if not still_used and await asyncio.to_thread(self.store.remove, decl.source_uri):
             log.info("model deleted from disk", extra={"model": name})
@@ -122,8 +124,8 @@ class NodeAgent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for model in self.repository.models():
-            await self.repository.unregister(model.name)
+        for name in self.host.names():
+            await self.host.unregister(name)
 
     # -- one model -------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class NodeAgent:
             )
         status.bytes_done = status.bytes_total = stored.size_bytes
         fmt = decl.format or detect_format(f.path for f in stored.files)
-        self.repository.register(
+        await self.host.register(
             decl.name,
             stored.path,
             fmt,
@@ -180,7 +182,7 @@ class NodeAgent:
         # Pinned models must be warm and may make room; others warm only where they fit
         # as is, and otherwise load on their first request.
         try:
-            await self.repository.load(decl.name, evict=decl.warm.pinned)
+            await self.host.load(decl.name, evict=decl.warm.pinned)
         except NoRoom as exc:
             if decl.warm.pinned:
                 raise
@@ -193,15 +195,15 @@ class NodeAgent:
     # -- what the agent reports -------------------------------------------------
 
     def model_state(self, name: str) -> str | None:
-        served = self.repository.get(name)
+        served = self.host.describe(name)
         if served is not None:
-            return served.state
+            return served["state"]
         status = self._status.get(name)
         return status.state if status else None
 
     def not_ready_reason(self, name: str) -> str | None:
         status = self._status.get(name)
-        if status is None or self.repository.get(name) is not None:
+        if status is None or self.host.describe(name) is not None:
             return None
         if status.state == State.DOWNLOADING:
             total = f" of {status.bytes_total}" if status.bytes_total else ""
@@ -214,16 +216,15 @@ class NodeAgent:
         return [
             {"name": name, "state": "UNAVAILABLE", "reason": self.not_ready_reason(name) or ""}
             for name in self._status
-            if self.repository.get(name) is None
+            if self.host.describe(name) is None
         ]
 
     def status(self) -> dict[str, Any]:
         models = []
         for name, status in sorted(self._status.items()):
-            served = self.repository.get(name)
             entry: dict[str, Any] = {
                 "name": name,
-                "state": self.model_state(name),
+                "state": status.state,
                 "source": status.source_uri,
                 "declaredIn": status.declared_in,
                 "modelSize": status.declared_size,
@@ -232,19 +233,10 @@ class NodeAgent:
                 "error": status.error,
                 "nextRetry": status.next_retry,
             }
+            served = self.host.describe(name)
             if served is not None:
-                entry.update(
-                    format=served.format,
-                    path=str(served.path),
-                    device=served.device.name if served.device else None,
-                    loadSeconds=served.load_seconds,
-                    lastUsed=served.last_used or None,
-                    inflight=served.inflight,
-                    pinned=served.pinned,
-                    residentBytes=served.charged_bytes if served.runtime else 0,
-                )
-                if served.error:
-                    entry["error"] = served.error
+                error = served.pop("error", None) or entry["error"]
+                entry.update(served, error=error)
             models.append(entry)
         return {
             "models": models,
@@ -252,7 +244,7 @@ class NodeAgent:
                 {"file": f, "error": e} for f, e in sorted(self.declaration_errors.items())
             ],
             "cache": {"dir": str(self.store.root), "usedBytes": self.store.used_bytes()},
-            "devices": [d.to_json() for d in self.repository.devices],
+            "devices": self.host.devices(),
         }
 
 

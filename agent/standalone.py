@@ -16,6 +16,7 @@ from agent.node import NodeAgent
 from cache import ModelStore
 from serve.dataplane import DataPlane
 from serve.devices import discover_devices
+from serve.host import LocalHost
 from serve.http import NodeServer, build_app
 from serve.repository import ModelRepository
 
@@ -55,7 +56,7 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
     devices = discover_devices(cpu_budget=options.cpu_memory_budget)
     log.info("devices", extra={"devices": [d.to_json() for d in devices]})
     repository = ModelRepository(devices)
-    agent = NodeAgent(store, repository)
+    agent = NodeAgent(store, LocalHost(repository))
     app = build_app(DataPlane(repository, catalog=agent))
     app.router.add_get(STATUS_PATH, lambda _: _status_response(agent))
     server = NodeServer(

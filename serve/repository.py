@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serve.devices import Device
 from serve.errors import ModelLoadError, ModelNotFound, ServeError, ServerOverloaded
@@ -73,6 +74,21 @@ class ServedModel:
     @property
     def busy(self) -> bool:
         return self.inflight > 0 or (self._load is not None and self.runtime is None)
+
+    def to_json(self) -> dict[str, Any]:
+        """What status reports show of a served model."""
+        return {
+            "state": self.state,
+            "format": self.format,
+            "path": str(self.path),
+            "device": self.device.name if self.device else None,
+            "residentBytes": self.charged_bytes if self.runtime else 0,
+            "loadSeconds": self.load_seconds,
+            "lastUsed": self.last_used or None,
+            "inflight": self.inflight,
+            "pinned": self.pinned,
+            "error": self.error,
+        }
 
     def candidate(self) -> Candidate:
         return Candidate(self.name, self.charged_bytes, self.last_used, self.pinned, self.busy)
