@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 MiB = 1 << 20
+log = logging.getLogger(__name__)
 JOURNAL_NAME = RESERVED_PREFIX + "journal.json"
 
 
@@ -144,6 +145,7 @@ class Journal:
         self.part_size = part_size
         self.files: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
+        self.save_lock = threading.Lock()
 
     def load(self) -> None:
         try:
@@ -184,9 +186,10 @@ class Journal:
             data = json.dumps(
                 {"source_uri": self.source_uri, "part_size": self.part_size, "files": self.files}
             )
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, self.path)
+        with self.save_lock:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(data, encoding="utf-8")
+            os.replace(tmp, self.path)
 
 
 @dataclass
@@ -240,8 +243,9 @@ class Transfer:
         self.on_retry = on_retry
         self.abort = abort
         self.jobs = [self._plan(remote) for remote in files]
-        self.last_flush = time.monotonic()
-        self.flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
 
     def _plan(self, remote: RemoteFile) -> _FileJob:
         size, step = remote.size, self.options.part_size
@@ -287,7 +291,21 @@ class Transfer:
     def pending(self) -> list[tuple[_FileJob, _Part]]:
         return [(j, p) for j in self.jobs for p in j.parts if not j.done[p.index]]
 
+    def start_journal(self) -> None:
+        """Start recording progress in the background (call after :meth:`prepare`)."""
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name="nodecache-journal", daemon=True
+        )
+        self._flusher.start()
+
     def close(self) -> None:
+        """Stop the journal and close every file. Idempotent; call once workers are done."""
+        self._stop.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join()
+        if self._closed:
+            return
+        self._closed = True
         for job in self.jobs:
             if job.fd >= 0:
                 os.close(job.fd)
@@ -346,7 +364,6 @@ class Transfer:
             job.done[part.index] = True
             job.unflushed.append(part.index)
         self.hash_ready(job)
-        self._maybe_flush()
 
     def hash_ready(self, job: _FileJob) -> None:
         """Feed every newly contiguous completed part to the file's hashes."""
@@ -387,27 +404,25 @@ class Transfer:
                 job.md5.update(buf[:n])
             pos += n
 
-    def _maybe_flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_flush < self.options.journal_interval:
-            return
-        if not self.flush_lock.acquire(blocking=force):
-            return
-        try:
-            self.last_flush = now
-            for job in self.jobs:
-                with job.lock:
-                    parts, job.unflushed = job.unflushed, []
-                if not parts:
-                    continue
-                if self.options.fsync:
-                    os.fdatasync(job.fd)
-                self.journal.record(job.remote.path, parts)
-            self.journal.save()
-        except OSError as exc:
-            raise translate_error(exc, self.source.uri) from None
-        finally:
-            self.flush_lock.release()
+    def _flush_loop(self) -> None:
+        """Background: every ``journal_interval``, flush completed parts and record them."""
+        while not self._stop.wait(self.options.journal_interval):
+            try:
+                self.flush()
+            except Exception:
+                log.warning("could not update the download journal", exc_info=True)
+
+    def flush(self) -> None:
+        """Make completed parts durable, then record them in the journal."""
+        for job in self.jobs:
+            with job.lock:
+                parts, job.unflushed = job.unflushed, []
+            if not parts:
+                continue
+            if self.options.fsync:
+                os.fdatasync(job.fd)
+            self.journal.record(job.remote.path, parts)
+        self.journal.save()
 
     # -- finishing ------------------------------------------------------------------------
 

@@ -443,6 +443,7 @@ class ModelStore:
                 abort=abort,
             )
             resumed = await run(transfer.prepare)
+            transfer.start_journal()
             if resumed:
                 log.info("resuming %s: %d bytes already on disk", redact_uri(uri), resumed)
                 download.add(resumed)
@@ -455,6 +456,7 @@ class ModelStore:
                 for w in waiting:
                     await w
             fetched = await run(transfer.finish)
+            await run(transfer.close)
             model = await run(self._publish, uri, key, folder, fetched)
         except BaseException as exc:
             abort.set()
