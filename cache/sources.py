@@ -20,11 +20,11 @@ import re
 import ssl
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
 from cache.uri import redact_uri, validate_source_uri
@@ -110,10 +110,28 @@ def check_relative_path(path: str, source: str) -> str:
 class Source:
     """One source URI: what it lists and how to read a byte range of one object."""
 
-    def __init__(self, uri: str, *, chunk_size: int, timeout: float) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        chunk_size: int,
+        timeout: float,
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
         self.uri = uri
         self.chunk_size = chunk_size
         self.timeout = timeout
+        self.credentials: Mapping[str, str] = credentials or {}
+
+    def setting(self, *names: str) -> str | None:
+        """The first of ``names`` set in the credentials given, else in the environment."""
+        for name in names:
+            if self.credentials.get(name):
+                return self.credentials[name]
+        for name in names:
+            if os.environ.get(name):
+                return os.environ[name]
+        return None
 
     def list_files(self) -> list[RemoteFile]:
         raise NotImplementedError
@@ -489,6 +507,27 @@ class S3Source(Source):
         super().__init__(uri, **kwargs)
         import s3fs
 
+        options: dict[str, Any] = {}
+        key = self.setting("AWS_ACCESS_KEY_ID")
+        secret = self.setting("AWS_SECRET_ACCESS_KEY")
+        token = self.setting("AWS_SESSION_TOKEN")
+        shared = self.credentials.get("AWS_SHARED_CREDENTIALS_FILE")
+        if shared and not (self.credentials.get("AWS_ACCESS_KEY_ID")):
+            key, secret, token = _read_credentials_file(
+                shared, self.credentials.get("AWS_PROFILE") or "default"
+            )
+        if key and secret:
+            options.update(key=key, secret=secret, token=token)
+        endpoint = self.setting("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT")
+        if endpoint:
+            if "://" not in endpoint:
+                endpoint = "https://" + endpoint
+            options["endpoint_url"] = endpoint
+        region = self.setting("AWS_REGION", "AWS_DEFAULT_REGION")
+        if region:
+            options["client_kwargs"] = {"region_name": region}
+        if self.setting("AWS_NO_SIGN_REQUEST") in ("1", "true", "yes"):
+            options = {"anon": True, **{k: v for k, v in options.items() if k == "endpoint_url"}}
         self.fs = s3fs.S3FileSystem(
             skip_instance_cache=True,
             config_kwargs={
@@ -496,7 +535,10 @@ class S3Source(Source):
                 "read_timeout": self.timeout,
                 "signature_version": "s3v4",
             },
+            **options,
         )
+        self.anon = bool(options.get("anon"))
+        self.endpoint = endpoint or "https://s3.amazonaws.com"
         self.root = uri[len("s3://") :]
         self.http = HttpRanges(self.timeout)
 
@@ -525,7 +567,10 @@ class S3Source(Source):
         return RemoteFile(path, info["name"], int(info["size"]), etag=etag, md5=md5)
 
     def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
-        url = self.fs.url(remote.url, expires=3600)
+        if self.anon:
+            url = f"{self.endpoint.rstrip('/')}/{quote(remote.url, safe='/~')}"
+        else:
+            url = self.fs.url(remote.url, expires=3600)
         return self.http.get(url, start, end, sink, chunk_size=self.chunk_size, etag=remote.etag)
 
 
@@ -541,8 +586,19 @@ class GcsSource(Source):
         import gcsfs
 
         options: dict[str, Any] = {"skip_instance_cache": True}
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            options.update(token="anon", project=os.environ.get("GCSFS_PROJECT", "test"))
+        emulator = self.setting("STORAGE_EMULATOR_HOST")
+        if emulator:
+            options.update(
+                endpoint_url=emulator,
+                token="anon",
+                project=self.setting("GCSFS_PROJECT", "GOOGLE_CLOUD_PROJECT") or "test",
+            )
+        elif self.credentials.get("GOOGLE_SERVICE_ACCOUNT_JSON"):
+            import json
+
+            options["token"] = json.loads(self.credentials["GOOGLE_SERVICE_ACCOUNT_JSON"])
+        elif self.credentials.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            options["token"] = self.credentials["GOOGLE_APPLICATION_CREDENTIALS"]
         self.fs = gcsfs.GCSFileSystem(**options)
         self.root = uri[len("gs://") :]
 
@@ -590,8 +646,22 @@ class GcsSource(Source):
         return pos
 
 
-def open_source(uri: str, *, chunk_size: int, timeout: float) -> Source:
-    """Return the :class:`Source` for ``uri``. Blocking (imports, clients)."""
+def open_source(
+    uri: str,
+    *,
+    chunk_size: int,
+    timeout: float,
+    credentials: Mapping[str, str] | None = None,
+) -> Source:
+    """Return the :class:`Source` for ``uri``. Blocking (imports, clients).
+
+    ``credentials`` (from a Kubernetes Secret or a credentials file, resolved by the caller)
+    take precedence over the environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``,
+    ``AWS_SHARED_CREDENTIALS_FILE`` + ``AWS_PROFILE``, ``AWS_NO_SIGN_REQUEST``;
+    ``GOOGLE_APPLICATION_CREDENTIALS`` (a path), ``GOOGLE_SERVICE_ACCOUNT_JSON``,
+    ``STORAGE_EMULATOR_HOST``.
+    """
     uri = validate_source_uri(uri)
     scheme = uri.split("://", 1)[0]
     kinds: dict[str, type[Source]] = {
@@ -602,11 +672,45 @@ def open_source(uri: str, *, chunk_size: int, timeout: float) -> Source:
         "gs": GcsSource,
     }
     try:
-        return kinds[scheme](uri, chunk_size=chunk_size, timeout=timeout)
+        return kinds[scheme](uri, chunk_size=chunk_size, timeout=timeout, credentials=credentials)
     except CacheError:
         raise
     except Exception as exc:
         raise translate_error(exc, uri) from None
+
+
+def _read_credentials_file(path: str, profile: str) -> tuple[str, str, str | None]:
+    """``aws_access_key_id`` etc. of ``profile`` in an AWS shared credentials file."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+        section = parser[profile]
+        return (
+            section["aws_access_key_id"],
+            section["aws_secret_access_key"],
+            section.get("aws_session_token"),
+        )
+    except (OSError, KeyError, configparser.Error) as exc:
+        raise FetchError(
+            f"cannot read profile {profile!r} from the credentials file {path}: "
+            f"{type(exc).__name__}",
+            permanent=True,
+        ) from None
+
+
+def mask_secrets(error: CacheError, credentials: Mapping[str, str] | None) -> CacheError:
+    """Replace any credential value that slipped into ``error``'s message with ``***``."""
+    if not credentials or not error.args:
+        return error
+    message = str(error.args[0])
+    for name, value in credentials.items():
+        if value and len(value) >= 4 and "FILE" not in name and "ENDPOINT" not in name:
+            message = message.replace(value, "***")
+    error.args = (message, *error.args[1:])
+    return error
 
 
 def _map_threads(fn: Callable[[str], Any], items: list[str], workers: int = 8) -> list[Any]:

@@ -30,7 +30,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -53,6 +53,7 @@ from cache.sources import (
     RemoteFile,
     Source,
     check_relative_path,
+    mask_secrets,
     open_source,
     translate_error,
 )
@@ -290,7 +291,13 @@ class ModelStore:
 
     # ---- fetch --------------------------------------------------------------------------
 
-    async def fetch(self, source_uri: str, *, progress: Progress | None = None) -> StoredModel:
+    async def fetch(
+        self,
+        source_uri: str,
+        *,
+        progress: Progress | None = None,
+        credentials: Mapping[str, str] | None = None,
+    ) -> StoredModel:
         """Return the model for ``source_uri``, downloading and publishing it if needed.
 
         A cache hit returns at once without touching the network. Concurrent calls for the
@@ -298,6 +305,10 @@ class ModelStore:
         for the others, and it stops when the last caller goes away. A download stopped by
         cancellation or a transient error leaves its verified parts on disk, and the next
         fetch of the same source resumes from them.
+
+        ``credentials`` (resolved by the caller from a Secret or credentials file; see
+        :func:`cache.sources.open_source` for the names) override the environment. Their
+        values never appear in errors or logs.
         """
         uri = validate_source_uri(source_uri)
         key = self.key_for(uri)
@@ -313,7 +324,9 @@ class ModelStore:
             self.stats.misses += 1
             download = _Download()
             self._downloads[key] = download
-            download.task = asyncio.create_task(self._download(uri, key, download))
+            download.task = asyncio.create_task(
+                self._download(uri, key, download, dict(credentials or {}))
+            )
             download.task.add_done_callback(lambda _t: self._forget(key, download))
         if progress is not None:
             with download.lock:
@@ -343,7 +356,9 @@ class ModelStore:
         if task is not None and task.done() and not task.cancelled():
             task.exception()  # mark retrieved: every waiter has seen or abandoned it
 
-    async def _download(self, uri: str, key: str, download: _Download) -> StoredModel:
+    async def _download(
+        self, uri: str, key: str, download: _Download, credentials: dict[str, str]
+    ) -> StoredModel:
         lock_fd = await self._acquire_lock(key)
         try:
             hit = self.lookup(uri)  # another process may have published it meanwhile
@@ -351,7 +366,10 @@ class ModelStore:
                 return hit
             started = time.monotonic()
             try:
-                model = await self._transfer(uri, key, download)
+                model = await self._transfer(uri, key, download, credentials)
+            except CacheError as exc:
+                self.stats.fetches_failed += 1
+                raise mask_secrets(exc, credentials) from None
             except BaseException:
                 self.stats.fetches_failed += 1
                 raise
@@ -390,7 +408,9 @@ class ModelStore:
             os.close(fd)  # closing drops our lock, if we got it
         return False
 
-    async def _transfer(self, uri: str, key: str, download: _Download) -> StoredModel:
+    async def _transfer(
+        self, uri: str, key: str, download: _Download, credentials: dict[str, str]
+    ) -> StoredModel:
         loop = asyncio.get_running_loop()
         opts = self.options
         pool = ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="nodecache")
@@ -411,7 +431,7 @@ class ModelStore:
                 redact_uri(uri),
                 delay,
                 attempt,
-                translate_error(exc, uri),
+                mask_secrets(translate_error(exc, uri), credentials),
             )
 
         def on_bytes(n: int) -> None:
@@ -420,7 +440,9 @@ class ModelStore:
 
         try:
             source = await run(
-                lambda: open_source(uri, chunk_size=opts.chunk_size, timeout=opts.timeout)
+                lambda: open_source(
+                    uri, chunk_size=opts.chunk_size, timeout=opts.timeout, credentials=credentials
+                )
             )
             files: list[RemoteFile] = await run(
                 functools.partial(retrying, source.list_files, opts, abort, on_retry=on_retry)

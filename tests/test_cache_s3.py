@@ -367,3 +367,60 @@ async def test_permanent_errors_are_not_retried(
         await store.fetch(f"s3://{s3_server.bucket}/nothing/here.bin")
     assert info.value.permanent
     assert store.stats.retries == 0
+
+
+# ---- credentials from a Secret or a credentials file ------------------------------------------
+
+
+async def test_credentials_given_explicitly_override_the_environment(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(s3_server, "secret-model", {"w.bin": b"w" * 1000})
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+
+    model = await store.fetch(f"s3://{s3_server.bucket}/secret-model", credentials=s3_server.env())
+
+    assert (model.path / "w.bin").read_bytes() == b"w" * 1000
+
+
+async def test_credentials_file_and_profile(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(s3_server, "profile-model", {"w.bin": b"p" * 10})
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    creds = tmp_path / "credentials"
+    creds.write_text(
+        f"[default]\naws_access_key_id = nope\naws_secret_access_key = nope\n\n"
+        f"[ci]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+
+    model = await store.fetch(
+        f"s3://{s3_server.bucket}/profile-model",
+        credentials={
+            "AWS_SHARED_CREDENTIALS_FILE": str(creds),
+            "AWS_PROFILE": "ci",
+            "AWS_ENDPOINT_URL": s3_server.endpoint,
+        },
+    )
+
+    assert (model.path / "w.bin").read_bytes() == b"p" * 10
+
+
+async def test_wrong_explicit_secret_is_permanent_and_masked(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(s3_server, "masked", {"w.bin": b"m"})
+    bad = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "explicit-wrong-secret-123"}
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+
+    with pytest.raises(FetchError) as info:
+        await store.fetch(f"s3://{s3_server.bucket}/masked/w.bin", credentials=bad)
+
+    assert info.value.permanent
+    assert "explicit-wrong-secret-123" not in str(info.value)
+    assert "explicit-wrong-secret-123" not in repr(info.value)
