@@ -22,6 +22,7 @@ __all__ = [
     "ModelDeclaration",
     "WarmPolicy",
     "parse_declarations",
+    "parse_object",
 ]
 
 API_VERSION = "nodecache.io/v1alpha1"
@@ -84,7 +85,12 @@ def parse_declarations(text: str) -> list[ModelDeclaration]:
     return [_parse_one(doc, i) for i, doc in enumerate(docs)]
 
 
-def _parse_one(doc: Any, index: int) -> ModelDeclaration:
+def parse_object(doc: Any) -> ModelDeclaration:
+    """One LocalModelCache or LocalModelNamespaceCache as the API server returns it."""
+    return _parse_one(doc, 0, kinds=(*KINDS, "LocalModelNamespaceCache"))
+
+
+def _parse_one(doc: Any, index: int, kinds: tuple[str, ...] = KINDS) -> ModelDeclaration:
     where = f"document {index + 1}"
     if not isinstance(doc, dict):
         raise DeclarationError(f"{where}: expected a mapping, got {type(doc).__name__}")
@@ -92,9 +98,9 @@ def _parse_one(doc: Any, index: int) -> ModelDeclaration:
         raise DeclarationError(
             f"{where}: apiVersion must be {API_VERSION}, got {doc.get('apiVersion')!r}"
         )
-    if doc.get("kind") not in KINDS:
+    if doc.get("kind") not in kinds:
         raise DeclarationError(
-            f"{where}: kind must be {' or '.join(KINDS)}, got {doc.get('kind')!r}"
+            f"{where}: kind must be {' or '.join(kinds)}, got {doc.get('kind')!r}"
         )
     name = (doc.get("metadata") or {}).get("name")
     if not isinstance(name, str) or not _NAME.match(name):

@@ -153,6 +153,14 @@ class FakeApiServer:
 
     def close(self) -> None:
         self.stop()
+
+        async def cancel_rest() -> None:
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        self._call(cancel_rest())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 

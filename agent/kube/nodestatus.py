@@ -1,0 +1,209 @@
+"""What the agent asks of the cluster and what it tells it, as pure functions + one writer.
+
+``resolve`` turns this node's LocalModelNode spec and the caches into declarations for
+``NodeAgent.apply``. ``node_status`` turns ``NodeAgent.status()`` and the disk into the
+LocalModelNode status. ``StatusWriter`` writes it coalesced: at most one write per
+``min_interval`` however many models change, and a heartbeat when nothing does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.declarations import DeclarationError, ModelDeclaration, parse_object
+from agent.kube.api import LOCAL_MODEL_NODES, Backoff, Kube
+from agent.kube.errors import ApiError, ApiNotFound
+
+__all__ = ["Resolved", "StatusWriter", "disk_capacity", "node_status", "resolve", "rfc3339"]
+
+log = logging.getLogger(__name__)
+JSON = dict[str, Any]
+STATES = {"Pending", "Downloading", "Downloaded", "Loading", "Warm", "Error"}
+
+
+@dataclass
+class Resolved:
+    declarations: dict[str, ModelDeclaration]
+    origins: dict[str, str]  # model -> "LocalModelCache/name" it came from
+    errors: dict[str, str]  # modelName -> why it cannot be served
+    complete: bool  # every entry resolved: safe to garbage-collect the disk
+
+
+def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
+    """Declarations for ``node``'s spec.localModels; ``caches`` keyed by (namespace, name).
+
+    A ``modelName`` of ``ns/name`` names a LocalModelNamespaceCache, a bare name a
+    LocalModelCache. The model answers on the socket under the cache's own name.
+    """
+    out = Resolved({}, {}, {}, complete=node is not None)
+    for entry in ((node or {}).get("spec") or {}).get("localModels") or []:
+        model_name = entry["modelName"]
+        namespace, _, name = model_name.rpartition("/")
+        obj = caches.get((namespace, name))
+        kind = "LocalModelNamespaceCache" if namespace else "LocalModelCache"
+        if obj is None:
+            out.errors[model_name] = f"{kind} {model_name} not found"
+            out.complete = False
+            continue
+        try:
+            decl = parse_object(obj)
+        except DeclarationError as exc:
+            out.errors[model_name] = str(exc)
+            out.complete = False
+            continue
+        if decl.name in out.declarations:
+            out.errors[model_name] = (
+                f"model name {decl.name!r} is already served for {out.origins[decl.name]}"
+            )
+            continue
+        out.declarations[decl.name] = decl
+        out.origins[decl.name] = f"{kind}/{model_name}"
+    return out
+
+
+def rfc3339(when: float | None) -> str | None:
+    if not when:
+        return None
+    moment = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def disk_capacity(path: Path) -> JSON:
+    usage = shutil.disk_usage(path)
+    return {"total": usage.total, "free": usage.free}
+
+
+def node_status(
+    agent_status: JSON,
+    *,
+    disk: JSON,
+    origins: dict[str, str],
+    errors: dict[str, str],
+    generation: int | None = None,
+) -> JSON:
+    """The LocalModelNode status (without the heartbeat) from ``NodeAgent.status()``."""
+    by_model_name = {
+        origin.split("/", 1)[1]: model for model, origin in origins.items() if "/" in origin
+    }
+    agent_models = {m["name"]: m for m in agent_status.get("models", [])}
+    models: JSON = {}
+    for model_name, model in sorted(by_model_name.items()):
+        m = agent_models.get(model)
+        if m is None:
+            continue
+        total = m.get("bytesTotal")
+        entry = {
+            "state": m["state"] if m["state"] in STATES else "Unknown",
+            "sourceModelUri": m.get("source"),
+            "bytes": m.get("bytes") or 0,
+            "bytesTotal": total,
+            "progress": min(100, 100 * (m.get("bytes") or 0) // total) if total else None,
+            "error": m.get("error"),
+            "nextRetry": rfc3339(m.get("nextRetry")),
+            "lastUsed": rfc3339(m.get("lastUsed")),
+            "device": m.get("device"),
+        }
+        models[model_name] = {k: v for k, v in entry.items() if v is not None}
+    for model_name, error in errors.items():
+        models[model_name] = {"state": "Error", "error": error}
+    states = [m["state"] for m in models.values()]
+    status: JSON = {
+        "summary": {
+            "models": len(models),
+            "warm": states.count("Warm"),
+            "errors": states.count("Error"),
+        },
+        "modelStatus": models,
+        "capacity": {
+            "disk": {**disk, "used": (agent_status.get("cache") or {}).get("usedBytes", 0)},
+            "devices": [
+                {k: d[k] for k in ("name", "total", "budget", "used", "free") if k in d}
+                for d in agent_status.get("devices", [])
+            ],
+        },
+    }
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
+
+
+class StatusWriter:
+    """Writes ``snapshot()`` to the node's status: on change, but not more often than
+    ``min_interval``; at least every ``heartbeat_interval`` as a liveness signal."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        node_name: str,
+        snapshot: Callable[[], JSON],
+        *,
+        min_interval: float = 10.0,
+        heartbeat_interval: float = 30.0,
+        poll: float = 0.5,
+        agent_version: str = "",
+    ) -> None:
+        self.kube = kube
+        self.node_name = node_name
+        self.snapshot = snapshot
+        self.min_interval = min_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.poll = poll
+        self.agent_version = agent_version
+        self.writes = 0
+        self._last: JSON | None = None
+        self._last_write = float("-inf")
+        self._backoff = Backoff(base=1.0, cap=60.0)
+        self.wake = asyncio.Event()
+
+    def due(self, status: JSON, now: float) -> bool:
+        since = now - self._last_write
+        return (status != self._last and since >= self.min_interval) or (
+            since >= self.heartbeat_interval
+        )
+
+    async def run(self) -> None:
+        while True:
+            status = self.snapshot()
+            now = time.monotonic()
+            if self.due(status, now):
+                try:
+                    await self.write(status)
+                    self._backoff.reset()
+                except ApiNotFound:
+                    self._last_write = now  # no LocalModelNode yet: the reconciler makes it
+                except ApiError as exc:
+                    delay = self._backoff.next()
+                    log.warning(
+                        "status not written; retrying",
+                        extra={"error": str(exc), "retry_in": round(delay, 1)},
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.poll)
+
+    async def write(self, status: JSON) -> None:
+        body = {
+            **status,
+            "heartbeat": rfc3339(time.time()),
+            **({"agentVersion": self.agent_version} if self.agent_version else {}),
+        }
+        # JSON patch "add" replaces the whole status, so models that left are gone from it.
+        await self.kube.patch(
+            LOCAL_MODEL_NODES,
+            self.node_name,
+            [{"op": "add", "path": "/status", "value": body}],
+            status=True,
+        )
+        self._last, self._last_write = status, time.monotonic()
+        self.writes += 1

@@ -1,0 +1,84 @@
+"""Cluster-mode agents run in-process, each on its own thread, loop and temp folders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent.cluster import ClusterOptions, run_cluster
+
+from .server import FakeApiServer
+
+__all__ = ["ClusterAgent", "socket_request"]
+
+
+def socket_request(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One HTTP request over a Unix socket (from a thread with no running loop)."""
+
+    async def go() -> tuple[int, Any]:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session,
+            session.request(
+                method, f"http://localhost{path}", data=None if body is None else json.dumps(body)
+            ) as resp,
+        ):
+            data = await resp.read()
+            return resp.status, json.loads(data) if data else None
+
+    return asyncio.run(go())
+
+
+class ClusterAgent:
+    """``run_cluster`` for one node against the fake; ``stop()`` ends it cleanly."""
+
+    def __init__(self, fake: FakeApiServer, home: Path, node_name: str, **overrides: Any) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.options = ClusterOptions(
+            node_name=node_name,
+            cache_dir=home / "cache",
+            socket_dir=home / "run",
+            kubeconfig=fake.write_kubeconfig(home / "kubeconfig"),
+            metrics_port=None,
+            status_interval=0.2,
+            heartbeat_interval=1.0,
+            watch_timeout=5.0,
+            **overrides,
+        )
+        self.socket = self.options.socket_dir / "nodecache.sock"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True, name=f"agent-{node_name}")
+        self._started = threading.Event()
+        self.error: BaseException | None = None
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            self._started.set()
+            await run_cluster(self.options, stop=self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self.error = exc
+            self._started.set()
+
+    def start(self) -> ClusterAgent:
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return socket_request(self.socket, method, path, body)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,202 @@
+"""The node agent in cluster mode, against the fake API server through the real client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kubefake.fixtures import api_client, fake_api  # noqa: F401 (fixtures)
+from kubefake.harness import ClusterAgent
+from kubefake.server import FakeApiServer
+from kubernetes import client
+from support import wait_for
+
+from agent.kube.nodestatus import StatusWriter, node_status, resolve
+
+G, V = "nodecache.io", "v1alpha1"
+
+
+def cache_object(name: str, uri: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{G}/{V}",
+        "kind": "LocalModelCache",
+        "metadata": {"name": name},
+        "spec": {"sourceModelUri": uri, "modelSize": "1Mi", "nodeGroups": ["default"], **spec},
+    }
+
+
+def infer(agent: ClusterAgent, model: str) -> int:
+    x = np.ones((1, 64), np.float32)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    return agent.request("POST", f"/v2/models/{model}/infer", body)[0]
+
+
+@pytest.fixture
+def crs(api_client: client.ApiClient) -> client.CustomObjectsApi:  # noqa: F811
+    return client.CustomObjectsApi(api_client)
+
+
+@pytest.fixture
+def node_a(fake_api: FakeApiServer, tmp_path: Path) -> Iterator[ClusterAgent]:  # noqa: F811
+    agent = ClusterAgent(fake_api, tmp_path / "node-a", "node-a").start()
+    yield agent
+    agent.stop()
+
+
+def node_status_of(crs: client.CustomObjectsApi, name: str = "node-a") -> dict[str, Any]:
+    return crs.get_cluster_custom_object(G, V, "localmodelnodes", name).get("status") or {}
+
+
+def model_state(crs: client.CustomObjectsApi, model: str) -> str | None:
+    return (node_status_of(crs).get("modelStatus") or {}).get(model, {}).get("state")
+
+
+def set_models(crs: client.CustomObjectsApi, *models: tuple[str, str]) -> None:
+    body = {"spec": {"localModels": [{"modelName": m, "sourceModelUri": u} for m, u in models]}}
+    crs.patch_cluster_custom_object(G, V, "localmodelnodes", "node-a", body)
+
+
+def test_model_in_spec_becomes_warm_and_status_says_so_then_leaves(
+    crs: client.CustomObjectsApi, node_a: ClusterAgent, mlp_dir: Path
+) -> None:
+    uri = mlp_dir.as_uri()
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", cache_object("mlp", uri))
+    node = {"metadata": {"name": "node-a"}, "spec": {"localModels": []}}
+    crs.create_cluster_custom_object(G, V, "localmodelnodes", node)
+    set_models(crs, ("mlp", uri))
+    wait_for(lambda: model_state(crs, "mlp") == "Warm", what="mlp Warm in status")
+    assert infer(node_a, "mlp") == 200
+    status = node_status_of(crs)
+    entry = status["modelStatus"]["mlp"]
+    assert entry["bytes"] == entry["bytesTotal"] > 0 and entry["progress"] == 100
+    assert entry["sourceModelUri"] == uri and entry["device"] == "cpu"
+    assert status["capacity"]["disk"]["total"] >= status["capacity"]["disk"]["free"] > 0
+    assert status["capacity"]["devices"][-1]["name"] == "cpu"
+    assert status["heartbeat"] and status["summary"] == {"models": 1, "warm": 1, "errors": 0}
+
+    set_models(crs)
+    wait_for(lambda: "mlp" not in (node_status_of(crs).get("modelStatus") or {}), what="gone")
+    wait_for(lambda: node_a.request("GET", "/v2/models/mlp/ready")[0] == 404, what="unserved")
+    assert not any((node_a.options.cache_dir / "models").glob("*/*.onnx"))
+
+
+def test_a_missing_or_invalid_cache_is_reported_not_fatal(
+    crs: client.CustomObjectsApi, node_a: ClusterAgent, mlp_dir: Path
+) -> None:
+    uri = mlp_dir.as_uri()
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", cache_object("mlp", uri))
+    node = {"metadata": {"name": "node-a"}, "spec": {"localModels": [
+        {"modelName": "mlp", "sourceModelUri": uri},
+        {"modelName": "ghost", "sourceModelUri": "s3://b/ghost/"},
+    ]}}  # fmt: skip
+    crs.create_cluster_custom_object(G, V, "localmodelnodes", node)
+    wait_for(lambda: model_state(crs, "mlp") == "Warm", what="mlp Warm")
+    ghost = node_status_of(crs)["modelStatus"]["ghost"]
+    assert ghost == {"state": "Error", "error": "LocalModelCache ghost not found"}
+
+
+def test_api_server_away_serving_continues_then_status_catches_up(
+    crs: client.CustomObjectsApi,
+    node_a: ClusterAgent,
+    fake_api: FakeApiServer,  # noqa: F811
+    mlp_dir: Path,
+) -> None:
+    uri = mlp_dir.as_uri()
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", cache_object("mlp", uri))
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", cache_object("second", uri))
+    node = {"metadata": {"name": "node-a"}, "spec": {"localModels": [
+        {"modelName": "mlp", "sourceModelUri": uri}]}}  # fmt: skip
+    crs.create_cluster_custom_object(G, V, "localmodelnodes", node)
+    wait_for(lambda: model_state(crs, "mlp") == "Warm", what="mlp Warm")
+
+    fake_api.stop()
+    for _ in range(5):
+        assert infer(node_a, "mlp") == 200  # warm models answer without the API server
+    fake_api.compact()  # and when it is back, the agent's resourceVersion is too old
+    fake_api.start()
+    set_models(crs, ("mlp", uri), ("second", uri))
+    wait_for(lambda: model_state(crs, "second") == "Warm", what="second Warm after outage")
+    assert infer(node_a, "second") == 200
+
+
+def test_watch_is_of_the_agents_own_node_only(
+    crs: client.CustomObjectsApi,
+    node_a: ClusterAgent,
+    fake_api: FakeApiServer,  # noqa: F811
+) -> None:
+    crs.create_cluster_custom_object(G, V, "localmodelnodes", {"metadata": {"name": "node-a"}})
+    wait_for(lambda: node_status_of(crs).get("heartbeat"), what="a heartbeat")
+    node_requests = [  # list and watch calls (the test's own GETs name the object)
+        p for m, p in fake_api.requests if m == "GET" and "/localmodelnodes?" in p
+    ]
+    assert node_requests and all(
+        "fieldSelector=metadata.name%3Dnode-a" in p for p in node_requests
+    ), node_requests
+
+
+# -- pure parts ---------------------------------------------------------------
+
+
+def test_resolve_maps_entries_to_caches() -> None:
+    uri = "s3://bucket/m/"
+    caches = {
+        ("", "a"): cache_object("a", uri),
+        ("team", "b"): {**cache_object("b", uri), "kind": "LocalModelNamespaceCache"},
+        ("", "bad"): cache_object("bad", "ftp://x/"),
+    }
+    entries = [{"modelName": m, "sourceModelUri": uri} for m in ("a", "team/b", "bad", "none")]
+    node = {"metadata": {"name": "n"}, "spec": {"localModels": entries}}
+    out = resolve(node, caches)
+    assert set(out.declarations) == {"a", "b"}
+    assert out.origins == {"a": "LocalModelCache/a", "b": "LocalModelNamespaceCache/team/b"}
+    assert "sourceModelUri" in out.errors["bad"] and "not found" in out.errors["none"]
+    assert not out.complete
+    assert resolve(None, caches).complete is False
+
+
+def test_node_status_from_agent_status() -> None:
+    agent = {
+        "models": [
+            {
+                "name": "b",
+                "state": "Downloading",
+                "source": "s3://x",
+                "bytes": 50,
+                "bytesTotal": 200,
+                "error": None,
+                "nextRetry": None,
+            },
+        ],
+        "cache": {"usedBytes": 10},
+        "devices": [{"name": "cpu", "total": 8, "budget": 4, "used": 1, "free": 3}],
+    }
+    status = node_status(
+        agent,
+        disk={"total": 100, "free": 40},
+        origins={"b": "LocalModelNamespaceCache/team/b"},
+        errors={"c": "LocalModelCache c not found"},
+        generation=3,
+    )
+    assert status["modelStatus"]["team/b"] == {
+        "state": "Downloading", "sourceModelUri": "s3://x", "bytes": 50, "bytesTotal": 200,
+        "progress": 25,
+    }  # fmt: skip
+    assert status["modelStatus"]["c"]["state"] == "Error"
+    assert status["summary"] == {"models": 2, "warm": 0, "errors": 1}
+    assert status["capacity"]["disk"] == {"total": 100, "free": 40, "used": 10}
+    assert status["observedGeneration"] == 3
+
+
+def test_status_writes_are_coalesced() -> None:
+    writer = StatusWriter(None, "n", dict, min_interval=10, heartbeat_interval=30)  # type: ignore[arg-type]
+    assert writer.due({"a": 1}, now=0)
+    writer._last, writer._last_write = {"a": 1}, 0.0
+    changes = [{"a": i} for i in range(100)]
+    assert not any(writer.due(c, now=5) for c in changes)  # many changes, no write yet
+    assert writer.due(changes[-1], now=10)  # one write carries them all
+    assert not writer.due({"a": 1}, now=29)  # unchanged: only the heartbeat
+    assert writer.due({"a": 1}, now=30)
