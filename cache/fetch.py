@@ -214,6 +214,8 @@ class _FileJob:
     md5: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     unflushed: list[int] = field(default_factory=list)
+    finishing: bool = False
+    result: FetchedFile | None = None
 
 
 class Transfer:
@@ -374,9 +376,12 @@ class Transfer:
         try:
             while True:
                 with job.lock:
-                    if job.next_hash >= len(job.parts) or not job.done[job.next_hash]:
+                    complete = job.next_hash >= len(job.parts)
+                    if complete or not job.done[job.next_hash]:
                         job.hashing = False
-                        return
+                        finish = complete and job.result is None and not job.finishing
+                        job.finishing = job.finishing or finish
+                        break
                     part = job.parts[job.next_hash]
                 end = part.end if part.end is not None else job.written
                 self._hash_range(job, part.start, end)
@@ -386,6 +391,24 @@ class Transfer:
             with job.lock:
                 job.hashing = False
             raise
+        if finish:  # the whole file is hashed: check and flush it now, in parallel with others
+            job.result = self._finish_file(job)
+
+    def _finish_file(self, job: _FileJob) -> FetchedFile:
+        remote = job.remote
+        size = remote.size if remote.size is not None else job.written
+        if os.fstat(job.fd).st_size != size:
+            os.ftruncate(job.fd, size)
+        if job.md5 is not None and job.md5.hexdigest() != remote.md5:
+            self.journal.forget(remote.path)
+            self.journal.save()
+            raise IntegrityError(
+                f"{remote.path!r} of {redact_uri(self.source.uri)}: MD5 "
+                f"{job.md5.hexdigest()} differs from the source's {remote.md5}"
+            )
+        if self.options.fsync:
+            os.fsync(job.fd)
+        return FetchedFile(remote.path, size, job.sha256.hexdigest())
 
     def _hash_range(self, job: _FileJob, start: int, end: int) -> None:
         from cache.sources import _buffer
@@ -430,23 +453,12 @@ class Transfer:
         """Check every file (size, hashes), flush it, and return what was written."""
         out = []
         for job in self.jobs:
-            remote = job.remote
-            self.hash_ready(job)  # resumed-only files have not been hashed yet
+            self.hash_ready(job)  # files resumed whole have not been hashed yet
             if job.next_hash != len(job.parts):
-                raise IntegrityError(f"{remote.path!r}: not every part was written")
-            size = remote.size if remote.size is not None else job.written
-            if os.fstat(job.fd).st_size != size:
-                os.ftruncate(job.fd, size)
-            if job.md5 is not None and job.md5.hexdigest() != remote.md5:
-                self.journal.forget(remote.path)
-                self.journal.save()
-                raise IntegrityError(
-                    f"{remote.path!r} of {redact_uri(self.source.uri)}: MD5 "
-                    f"{job.md5.hexdigest()} differs from the source's {remote.md5}"
-                )
-            if self.options.fsync:
-                os.fsync(job.fd)
-            out.append(FetchedFile(remote.path, size, job.sha256.hexdigest()))
+                raise IntegrityError(f"{job.remote.path!r}: not every part was written")
+            if job.result is None:
+                job.result = self._finish_file(job)
+            out.append(job.result)
         return out
 
 
