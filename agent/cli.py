@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.logs import setup_logging
 from agent.standalone import SOCKET_NAME, STATUS_PATH, AgentOptions, run_standalone
+from serve.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory warm models may take on the CPU, as a Kubernetes quantity such as 2Gi "
         "(default: half of the machine's or container's memory)",
     )
+    agent.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run N model-server worker processes, supervised, spread over the GPUs "
+        "(default: one per GPU; on CPU-only nodes models are served in the agent process)",
+    )
     _logging_options(agent)
 
     status = commands.add_parser(
@@ -177,6 +184,8 @@ def _agent(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         shutdown_timeout=args.shutdown_timeout,
         cpu_memory_budget=args.cpu_memory_budget,
+        workers=args.workers,
+        log_format=args.log_format,
     )
     asyncio.run(run_standalone(options))
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from agent.files import DeclarationFolder
 from agent.node import NodeAgent
@@ -19,6 +21,7 @@ from serve.devices import discover_devices
 from serve.host import LocalHost
 from serve.http import NodeServer, build_app
 from serve.repository import ModelRepository
+from serve.workers import WorkerPool, build_router_app, worker_devices
 
 __all__ = ["SOCKET_NAME", "AgentOptions", "run_standalone"]
 
@@ -38,6 +41,8 @@ class AgentOptions:
     metrics_host: str = "0.0.0.0"
     shutdown_timeout: float = 30.0
     cpu_memory_budget: int | None = None
+    workers: int | None = None
+    log_format: str = "text"
     idle_check_seconds: float = 5.0
 
 
@@ -55,9 +60,26 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
     log.info("cache scanned", extra={"dir": str(options.cache_dir), "models": len(kept)})
     devices = discover_devices(cpu_budget=options.cpu_memory_budget)
     log.info("devices", extra={"devices": [d.to_json() for d in devices]})
-    repository = ModelRepository(devices)
-    agent = NodeAgent(store, LocalHost(repository))
-    app = build_app(DataPlane(repository, catalog=agent))
+    pool: WorkerPool | None = None
+    background: list[asyncio.Task[None]] = []
+    if options.workers or any(d.kind == "cuda" for d in devices):
+        pool = WorkerPool(
+            worker_devices(devices, options.workers),
+            options.socket_dir,
+            log_format=options.log_format,
+        )
+        await pool.start()
+        agent = NodeAgent(store, pool)
+        app = build_router_app(pool, agent)
+        background.append(asyncio.create_task(_every(1.0, pool.refresh_all)))
+    else:
+        # One CPU server: serve in this process, no hop between the socket and the model.
+        repository = ModelRepository(devices)
+        agent = NodeAgent(store, LocalHost(repository))
+        app = build_app(DataPlane(repository, catalog=agent))
+        background.append(
+            asyncio.create_task(_every(options.idle_check_seconds, repository.unload_idle))
+        )
     app.router.add_get(STATUS_PATH, lambda _: _status_response(agent))
     server = NodeServer(
         app,
@@ -67,7 +89,7 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
         shutdown_timeout=options.shutdown_timeout,
     )
     await server.start()
-    metrics = await _start_metrics(options)
+    metrics = await _start_metrics(options, pool.metrics_dir if pool else None)
     log.info(
         "agent started",
         extra={
@@ -78,10 +100,7 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
             "declarations": str(options.declarations),
         },
     )
-    background = [
-        asyncio.create_task(_follow(DeclarationFolder(options.declarations), agent)),
-        asyncio.create_task(_unload_idle(repository, options.idle_check_seconds)),
-    ]
+    background.append(asyncio.create_task(_follow(DeclarationFolder(options.declarations), agent)))
     try:
         await stop.wait()
     finally:
@@ -93,6 +112,8 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
         if metrics is not None:
             await metrics.cleanup()
         await agent.close()
+        if pool is not None:
+            await pool.stop()
         log.info("agent stopped")
 
 
@@ -106,22 +127,29 @@ async def _follow(folder: DeclarationFolder, agent: NodeAgent) -> None:
         first = False
 
 
-async def _unload_idle(repository: ModelRepository, every: float) -> None:
+async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
     while True:
-        await asyncio.sleep(every)
-        await repository.unload_idle()
+        await asyncio.sleep(seconds)
+        await job()
 
 
 def _status_response(agent: NodeAgent) -> web.Response:
     return web.json_response(agent.status())
 
 
-async def _start_metrics(options: AgentOptions) -> web.AppRunner | None:
+async def _start_metrics(
+    options: AgentOptions, multiprocess_dir: Path | None
+) -> web.AppRunner | None:
     if not options.metrics_port:
         return None
+    registry = REGISTRY
+    if multiprocess_dir is not None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(multiprocess_dir))
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

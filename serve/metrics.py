@@ -17,4 +17,9 @@ INFER_LATENCY = Histogram(
     ["model"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-INFLIGHT = Gauge("nodecache_requests_in_flight", "Requests being answered, by model.", ["model"])
+INFLIGHT = Gauge(
+    "nodecache_requests_in_flight",
+    "Requests being answered, by model.",
+    ["model"],
+    multiprocess_mode="livesum",  # summed over worker processes
+)

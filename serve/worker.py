@@ -1,0 +1,134 @@
+"""One multi-model server process: its own repository on one device, on a private socket.
+
+The agent starts these (``python -m serve.worker``), registers models with them
+over a small control API beside the OIP routes, and routes requests to them.
+A worker exits when the agent that started it is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from serve.dataplane import DataPlane
+from serve.devices import Device
+from serve.http import DATAPLANE, NodeServer, build_app
+from serve.logs import setup_logging
+from serve.repository import ModelRepository
+
+__all__ = ["CONTROL", "build_worker_app", "main"]
+
+log = logging.getLogger(__name__)
+CONTROL = "/nodecache/v1/worker"
+REPOSITORY = web.AppKey("repository", ModelRepository)
+
+
+async def _register(request: web.Request) -> web.Response:
+    body: dict[str, Any] = await request.json()
+    request.app[REPOSITORY].register(
+        request.match_info["name"],
+        Path(body["path"]),
+        body["format"],
+        entrypoint=body.get("entrypoint"),
+        pinned=bool(body.get("pinned", False)),
+        idle_timeout=body.get("idleTimeout"),
+        size_hint=body.get("sizeHint"),
+    )
+    return web.json_response({})
+
+
+async def _policy(request: web.Request) -> web.Response:
+    body: dict[str, Any] = await request.json()
+    model = request.app[REPOSITORY].get(request.match_info["name"])
+    if model is not None:
+        model.pinned, model.idle_timeout = bool(body["pinned"]), body.get("idleTimeout")
+    return web.json_response({})
+
+
+async def _load(request: web.Request) -> web.Response:
+    evict = request.query.get("evict", "1") != "0"
+    await request.app[REPOSITORY].load(request.match_info["name"], evict=evict)
+    return web.json_response({})
+
+
+async def _unregister(request: web.Request) -> web.Response:
+    await request.app[REPOSITORY].unregister(request.match_info["name"])
+    return web.json_response({})
+
+
+async def _status(request: web.Request) -> web.Response:
+    repository = request.app[REPOSITORY]
+    return web.json_response(
+        {
+            "pid": os.getpid(),
+            "models": {m.name: m.to_json() for m in repository.models()},
+            "devices": [d.to_json() for d in repository.devices],
+        }
+    )
+
+
+def build_worker_app(repository: ModelRepository) -> web.Application:
+    app = build_app(DataPlane(repository))
+    app[REPOSITORY] = repository
+    assert app[DATAPLANE].repository is repository
+    app.router.add_put(CONTROL + "/models/{name}", _register)
+    app.router.add_put(CONTROL + "/models/{name}/policy", _policy)
+    app.router.add_post(CONTROL + "/models/{name}/load", _load)
+    app.router.add_delete(CONTROL + "/models/{name}", _unregister)
+    app.router.add_get(CONTROL + "/status", _status)
+    return app
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    repository = ModelRepository([Device(args.device, args.total, args.budget)])
+    server = NodeServer(build_worker_app(repository), Path(args.socket))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    parent = os.getppid()
+
+    async def watch_parent() -> None:
+        # Orphaned workers would hold memory forever: leave with the agent.
+        while os.getppid() == parent:
+            await asyncio.sleep(1)
+        log.error("agent gone, worker exiting")
+        stop.set()
+
+    async def unload_idle() -> None:
+        while True:
+            await asyncio.sleep(args.idle_check_seconds)
+            await repository.unload_idle()
+
+    tasks = [asyncio.create_task(watch_parent()), asyncio.create_task(unload_idle())]
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    await server.stop()
+    for model in repository.models():
+        await repository.unregister(model.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serve.worker")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--total", type=int, default=0)
+    parser.add_argument("--budget", type=int, required=True)
+    parser.add_argument("--idle-check-seconds", type=float, default=5.0)
+    parser.add_argument("--log-format", default="text")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_format)
+    asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Co-located model servers: worker processes the agent supervises and routes to.
+
+Each worker owns one device's slice of memory. A model is registered on one
+worker (its home, the one with the most room for it); the node socket forwards
+that model's requests there untouched. A worker that dies is restarted and its
+models are registered again, and those that were warm are loaded again; requests
+caught on the dead worker get a clean 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from serve.dataplane import SERVER_NAME, SERVER_VERSION, Catalog
+from serve.devices import Device
+from serve.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServeError
+from serve.http import error_response
+from serve.repository import NoRoom
+from serve.runtimes import device_kinds
+from serve.worker import CONTROL
+
+__all__ = ["WorkerPool", "build_router_app", "worker_devices"]
+
+log = logging.getLogger(__name__)
+
+# Hop-by-hop headers are not forwarded (RFC 9110 7.6.1); the rest passes untouched.
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host", "content-length"}
+
+
+class WorkerUnavailable(ServeError):
+    status = 503
+    retry_after = 1.0
+
+
+@dataclass
+class _Registration:
+    path: Path
+    fmt: str
+    entrypoint: str | None
+    pinned: bool
+    idle_timeout: float | None
+    size_hint: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.fmt,
+            "entrypoint": self.entrypoint,
+            "pinned": self.pinned,
+            "idleTimeout": self.idle_timeout,
+            "sizeHint": self.size_hint,
+        }
+
+
+@dataclass
+class _Worker:
+    index: int
+    device: Device
+    socket: Path
+    proc: asyncio.subprocess.Process | None = None
+    session: aiohttp.ClientSession | None = None
+    up: bool = False
+    restarts: int = 0
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # last status seen
+    registrations: dict[str, _Registration] = field(default_factory=dict)
+
+    @property
+    def reserved(self) -> int:
+        return sum(r.size_hint or 0 for r in self.registrations.values())
+
+
+class WorkerPool:
+    """A ModelHost whose models live in supervised worker processes."""
+
+    def __init__(
+        self, devices: list[Device], socket_dir: Path, *, log_format: str = "text"
+    ) -> None:
+        self._workers = [
+            _Worker(i, d, socket_dir / "workers" / f"worker-{i}.sock")
+            for i, d in enumerate(devices)
+        ]
+        self._log_format = log_format
+        # Workers record metrics here (prometheus_client multiprocess mode); the agent's
+        # /metrics reads them all.
+        self.metrics_dir: Path | None = socket_dir / "workers" / "metrics"
+        self._homes: dict[str, _Worker] = {}
+        self._stopping = False
+        self._supervisors: list[asyncio.Task[None]] = []
+
+    # -- life of the workers -----------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir(parents=True)
+        for worker in self._workers:
+            worker.socket.parent.mkdir(parents=True, exist_ok=True)
+            await self._spawn(worker)
+        self._supervisors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
+
+    async def _spawn(self, worker: _Worker) -> None:
+        command = [
+            sys.executable, "-m", "serve.worker",
+            "--socket", str(worker.socket),
+            "--device", worker.device.name,
+            "--total", str(worker.device.total),
+            "--budget", str(worker.device.budget),
+            "--log-format", self._log_format,
+        ]  # fmt: skip
+        worker.socket.unlink(missing_ok=True)
+        env = dict(os.environ)
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        # Its own session: a Ctrl-C meant for the agent must not kill workers mid-request;
+        # the agent stops them in order.
+        worker.proc = await asyncio.create_subprocess_exec(
+            *command, env=env, start_new_session=True
+        )
+        if worker.session is None:
+            connector = aiohttp.UnixConnector(path=str(worker.socket), limit=256)
+            worker.session = aiohttp.ClientSession("http://worker", connector=connector)
+        deadline = time.monotonic() + 60
+        while True:
+            if worker.proc.returncode is not None:
+                raise RuntimeError(f"worker {worker.index} exited with {worker.proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                await self._refresh(worker)
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {worker.index} did not start within 60 s")
+            await asyncio.sleep(0.05)
+        worker.up = True
+        log.info("worker up", extra={"worker": worker.index, "pid": worker.proc.pid,
+                                     "device": worker.device.name})  # fmt: skip
+
+    async def _supervise(self, worker: _Worker) -> None:
+        while not self._stopping:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if self._stopping:
+                return
+            worker.up = False
+            warm = [n for n, m in worker.models.items() if m.get("state") == "Warm"]
+            log.error("worker died", extra={"worker": worker.index, "code": code, "warm": warm})
+            delay = min(30.0, 0.5 * 2**worker.restarts)
+            worker.restarts += 1
+            await asyncio.sleep(delay)
+            try:
+                await self._spawn(worker)
+                for name, registration in list(worker.registrations.items()):
+                    await self._call(worker, "PUT", f"{CONTROL}/models/{name}",
+                                     registration.to_json())  # fmt: skip
+                for name in warm:
+                    if name in worker.registrations:
+                        await self._call(worker, "POST", f"{CONTROL}/models/{name}/load")
+                await self._refresh(worker)
+                worker.restarts = 0
+                log.info("worker restored", extra={"worker": worker.index, "reloaded": warm})
+            except Exception as exc:
+                log.error("worker restart failed", extra={"worker": worker.index,
+                                                          "error": str(exc)})  # fmt: skip
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._supervisors:
+            task.cancel()
+        for worker in self._workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                worker.proc.terminate()
+        for worker in self._workers:
+            if worker.proc is not None:
+                try:
+                    await asyncio.wait_for(worker.proc.wait(), 30)
+                except TimeoutError:
+                    worker.proc.kill()
+            if worker.session is not None:
+                await worker.session.close()
+
+    # -- talking to a worker -----------------------------------------------------------
+
+    async def _call(self, worker: _Worker, method: str, path: str, body: Any = None) -> Any:
+        if not worker.up or worker.session is None:
+            raise WorkerUnavailable(f"worker {worker.index} is restarting")
+        try:
+            async with worker.session.request(method, path, json=body) as resp:
+                doc = await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise WorkerUnavailable(f"worker {worker.index} is not answering: {exc}") from None
+        if resp.status >= 400:
+            message = doc.get("error", "") if isinstance(doc, dict) else str(doc)
+            raise {503: NoRoom, 404: ModelNotFound}.get(resp.status, ModelLoadError)(message)
+        return doc
+
+    async def _refresh(self, worker: _Worker) -> None:
+        assert worker.session is not None
+        async with worker.session.get(f"{CONTROL}/status") as resp:
+            doc = await resp.json()
+        worker.models = doc["models"]
+        worker.device.used = doc["devices"][0]["used"]
+
+    # -- ModelHost ---------------------------------------------------------------------
+
+    async def register(
+        self,
+        name: str,
+        path: Path,
+        fmt: str,
+        *,
+        entrypoint: str | None,
+        pinned: bool,
+        idle_timeout: float | None,
+        size_hint: int | None,
+    ) -> None:
+        registration = _Registration(path, fmt, entrypoint, pinned, idle_timeout, size_hint)
+        worker = self._homes.get(name) or self._choose(fmt)
+        # Reserve before the first await, so concurrent registrations spread out.
+        worker.registrations[name] = registration
+        self._homes[name] = worker
+        try:
+            await self._call(worker, "PUT", f"{CONTROL}/models/{name}", registration.to_json())
+        except ServeError:
+            worker.registrations.pop(name, None)
+            self._homes.pop(name, None)
+            raise
+        await self._refresh(worker)
+
+    def _choose(self, fmt: str) -> _Worker:
+        kinds = device_kinds(fmt)
+        usable = [w for w in self._workers if w.device.kind in kinds] or self._workers
+        return max(usable, key=lambda w: w.device.budget - w.reserved)
+
+    async def load(self, name: str, *, evict: bool) -> None:
+        worker = self._home(name)
+        await self._call(worker, "POST", f"{CONTROL}/models/{name}/load?evict={int(evict)}")
+        await self._refresh(worker)
+
+    async def unregister(self, name: str) -> None:
+        worker = self._homes.pop(name, None)
+        if worker is None:
+            return
+        worker.registrations.pop(name, None)
+        with contextlib.suppress(WorkerUnavailable, aiohttp.ClientError, OSError):
+            await self._call(worker, "DELETE", f"{CONTROL}/models/{name}")
+            await self._refresh(worker)
+        worker.models.pop(name, None)
+
+    async def set_policy(self, name: str, *, pinned: bool, idle_timeout: float | None) -> None:
+        worker = self._homes.get(name)
+        if worker is None:
+            return
+        registration = worker.registrations[name]
+        registration.pinned, registration.idle_timeout = pinned, idle_timeout
+        body = {"pinned": pinned, "idleTimeout": idle_timeout}
+        await self._call(worker, "PUT", f"{CONTROL}/models/{name}/policy", body)
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        worker = self._homes.get(name)
+        if worker is None:
+            return None
+        seen = dict(worker.models.get(name) or {"state": "Downloaded"})
+        if not worker.up:
+            seen.update(state="Downloaded", error=f"worker {worker.index} is restarting")
+        seen["worker"] = worker.index
+        return seen
+
+    def names(self) -> list[str]:
+        return list(self._homes)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return [
+            {**w.device.to_json(), "worker": w.index, "up": w.up,
+             "pid": w.proc.pid if w.proc else None, "restarts": w.restarts}
+            for w in self._workers
+        ]  # fmt: skip
+
+    async def refresh_all(self) -> None:
+        """Pick up what workers changed on their own (idle unloads, LRU evictions)."""
+        for worker in self._workers:
+            if worker.up:
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    await self._refresh(worker)
+
+    # -- routing -----------------------------------------------------------------------
+
+    def _home(self, name: str) -> _Worker:
+        worker = self._homes.get(name)
+        if worker is None:
+            raise ModelNotFound(name)
+        return worker
+
+    def has(self, name: str) -> bool:
+        return name in self._homes
+
+    async def forward(self, request: web.Request, name: str) -> web.Response:
+        """Send the request to the model's worker as is; answer 503 if the worker dies."""
+        worker = self._home(name)
+        if not worker.up or worker.session is None:
+            raise WorkerUnavailable(
+                f"model '{name}' is on worker {worker.index}, which is restarting"
+            )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        body = await request.read()
+        try:
+            async with worker.session.request(
+                request.method, request.path_qs, data=body, headers=headers
+            ) as resp:
+                payload = await resp.read()
+                out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+                return web.Response(body=payload, status=resp.status, headers=out)
+        except (aiohttp.ClientError, OSError):
+            raise WorkerUnavailable(
+                f"worker {worker.index} stopped while answering for model '{name}'; retry"
+            ) from None
+
+
+def build_router_app(pool: WorkerPool, catalog: Catalog) -> web.Application:
+    """The node socket's app when models live in workers: answers locally what it can."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ServeError as exc:
+            return error_response(exc.status, str(exc), exc.retry_after)
+
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(_: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    async def metadata(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"name": SERVER_NAME, "version": SERVER_VERSION,
+             "extensions": ["model_repository", "binary_tensor_data"]}
+        )  # fmt: skip
+
+    async def model(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not pool.has(name):
+            reason = catalog.not_ready_reason(name)
+            if reason is None:
+                raise ModelNotFound(name)
+            raise ModelNotReady(f"model '{name}' is not ready: {reason}")
+        return await pool.forward(request, name)
+
+    async def index(_: web.Request) -> web.Response:
+        entries = []
+        for name in pool.names():
+            seen = pool.describe(name) or {}
+            state = {"Warm": "READY", "Loading": "LOADING"}.get(
+                seen.get("state", ""), "UNAVAILABLE"
+            )
+            entries.append({"name": name, "version": "1", "state": state,
+                            "reason": seen.get("error") or ""})  # fmt: skip
+        entries.extend(catalog.index())
+        return web.json_response(sorted(entries, key=lambda e: e["name"]))
+
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2", metadata)
+    app.router.add_route("*", "/v2/models/{name}{tail:(/.*)?}", model)
+    app.router.add_post("/v2/repository/index", index)
+    app.router.add_post("/v2/repository/models/{name}/{verb:load|unload}", model)
+    return app
+
+
+def worker_devices(devices: list[Device], workers: int | None) -> list[Device]:
+    """Default one worker per GPU, else one on the CPU; ``workers`` spreads that many over
+    the GPUs (or the CPU), the workers of one device sharing its budget equally."""
+    targets = [d for d in devices if d.kind == "cuda"] or [d for d in devices if d.kind == "cpu"]
+    count = workers or len(targets)
+    per = [sum(1 for i in range(count) if i % len(targets) == t) for t in range(len(targets))]
+    return [
+        Device(targets[i % len(targets)].name, targets[i % len(targets)].total,
+               targets[i % len(targets)].budget // per[i % len(targets)])
+        for i in range(count)
+    ]  # fmt: skip

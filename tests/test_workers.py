@@ -1,0 +1,143 @@
+"""Co-located worker processes: routing, supervision, and weights shared between them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import Agent, declaration, wait_for
+
+from serve.devices import Device
+from serve.workers import worker_devices
+
+
+def infer(agent: Agent, name: str, x: np.ndarray, timeout: float = 30) -> int:
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    return agent.request("POST", f"/v2/models/{name}/infer", body)[0]
+
+
+def workers(agent: Agent) -> list[dict]:
+    return [d for d in agent.status()["devices"] if "worker" in d]
+
+
+def test_models_spread_over_workers_and_answer(agent: Agent, mlp_dir: Path) -> None:
+    agent.start("--workers", "2")
+    agent.declare("a.yaml", declaration("a", mlp_dir.as_uri(), size="1Mi"))
+    agent.declare("b.yaml", declaration("b", mlp_dir.as_uri(), size="1Mi"))
+    a, b = agent.wait_state("a", "Warm"), agent.wait_state("b", "Warm")
+    assert {a["worker"], b["worker"]} == {0, 1}
+    assert infer(agent, "a", np.ones((2, 64), np.float32)) == 200
+    assert infer(agent, "b", np.ones((2, 64), np.float32)) == 200
+    assert len(workers(agent)) == 2
+    code, err = agent.request("GET", "/v2/models/nope")
+    assert code == 404 and "not found" in err["error"]
+
+
+def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir: Path) -> None:
+    agent.start("--workers", "1")
+    agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
+    agent.wait_state("m", "Warm")
+    (worker,) = workers(agent)
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        x = np.ones((1, 64), np.float32)
+        while not stop.is_set():
+            try:
+                codes.append(infer(agent, "m", x))
+            except OSError:
+                codes.append(-1)  # the node socket itself must never fail
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(codes) > 20, what="traffic")
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_for(lambda: workers(agent)[0]["pid"] != worker["pid"] and workers(agent)[0]["up"],
+             timeout=60, what="the worker restarted")  # fmt: skip
+    agent.wait_state("m", "Warm", timeout=60)
+    seen = len(codes)
+    wait_for(lambda: len(codes) > seen + 20, what="traffic after the restart")
+    stop.set()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a client hung"
+    assert set(codes) <= {200, 503}, set(codes)
+    assert 503 in codes and codes[-1] == 200
+    assert infer(agent, "m", np.ones((1, 64), np.float32)) == 200
+
+
+BIG_PY = """
+import torch
+
+
+class Big(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(75_000_000))
+
+    def forward(self, x):
+        return x * self.w.sum()  # touches every weight page
+"""
+
+
+def pss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Pss")
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_models_weights(agent: Agent, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "big.py").write_text(BIG_PY)
+    save_file({"w": torch.ones(75_000_000)}, folder / "model.safetensors")
+    size = (folder / "model.safetensors").stat().st_size  # 300 MB
+
+    agent.start("--workers", "2")
+    spec = {"format": "torch", "runtime": "python", "entrypoint": "big:Big"}
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    agent.declare("one.yaml", declaration("one", folder.as_uri(), size="300Mi", **spec))
+    first = agent.wait_state("one", "Warm", timeout=120)
+    assert agent.request("POST", "/v2/models/one/infer", body)[0] == 200
+    # The other worker imports torch with a tiny model first: measure weights, not libtorch.
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "big.py").write_text(BIG_PY.replace("75_000_000", "8"))
+    save_file({"w": torch.ones(8)}, tiny / "model.safetensors")
+    agent.declare("tiny.yaml", declaration("tiny", tiny.as_uri(), size="1Ki", **spec))
+    assert agent.wait_state("tiny", "Warm", timeout=120)["worker"] != first["worker"]
+    assert agent.request("POST", "/v2/models/tiny/infer", body)[0] == 200
+    pids = [w["pid"] for w in workers(agent)]
+    before = sum(pss(p) for p in pids)
+
+    # The same source under a second name: one copy on disk, warm on the other worker.
+    agent.declare("two.yaml", declaration("two", folder.as_uri(), size="300Mi", **spec))
+    second = agent.wait_state("two", "Warm", timeout=120)
+    assert second["worker"] != first["worker"] and second["path"] == first["path"]
+    assert agent.request("POST", "/v2/models/two/infer", body)[0] == 200
+    after = sum(pss(p) for p in pids)
+    growth = after - before
+    print(f"second copy added {growth / size:.1%} of the model ({growth} bytes)")
+    assert growth < 0.10 * size, f"the second copy added {growth / size:.0%} of the model"
+
+
+def test_worker_devices_split_budgets() -> None:
+    cpu = Device("cpu", 100, 80)
+    assert [(d.name, d.budget) for d in worker_devices([cpu], None)] == [("cpu", 80)]
+    assert [d.budget for d in worker_devices([cpu], 4)] == [20, 20, 20, 20]
+    gpus = [Device("cuda:0", 100, 90), Device("cuda:1", 100, 90), cpu]
+    assert [d.name for d in worker_devices(gpus, None)] == ["cuda:0", "cuda:1"]
+    three = worker_devices(gpus, 3)
+    assert [(d.name, d.budget) for d in three] == [("cuda:0", 45), ("cuda:1", 90), ("cuda:0", 45)]
