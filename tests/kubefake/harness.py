@@ -14,7 +14,7 @@ from agent.cluster import ClusterOptions, run_cluster
 
 from .server import FakeApiServer
 
-__all__ = ["ClusterAgent", "socket_request"]
+__all__ = ["ClusterAgent", "ClusterReconciler", "socket_request"]
 
 
 def socket_request(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -75,6 +75,66 @@ class ClusterAgent:
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         return socket_request(self.socket, method, path, body)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        if self.error is not None:
+            raise self.error
+
+
+class ClusterReconciler:
+    """``run_reconciler`` against the fake on its own thread and loop."""
+
+    def __init__(self, fake: FakeApiServer, home: Path, identity: str, **overrides: Any) -> None:
+        from agent.kube.reconciler import ReconcilerOptions
+
+        home.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = {
+            "kubeconfig": fake.write_kubeconfig(home / f"kubeconfig-{identity}"),
+            "identity": identity,
+            "metrics_port": None,
+            "resync_interval": 1.0,
+            "watch_timeout": 5.0,
+            "lease_duration": 1.5,
+            "renew_deadline": 1.0,
+            "retry_period": 0.2,
+            **overrides,
+        }
+        self.options = ReconcilerOptions(**settings)
+        self.reconciler: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True, name=identity)
+        self.error: BaseException | None = None
+
+    def _main(self) -> None:
+        from agent.kube.api import Kube, connect
+        from agent.kube.reconciler import Reconciler
+
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            kube = Kube(connect(self.options.kubeconfig))
+            self.reconciler = Reconciler(kube, self.options)
+            task = asyncio.create_task(self.reconciler.run())
+            await self._stop.wait()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            kube.api.close()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self.error = exc
+
+    @property
+    def leading(self) -> bool:
+        return bool(self.reconciler and self.reconciler.elector.leading)
+
+    def start(self) -> ClusterReconciler:
+        self._thread.start()
+        return self
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

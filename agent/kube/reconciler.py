@@ -1,0 +1,285 @@
+"""``nodecache reconciler``: one active replica turns caches, groups and reports into placement.
+
+Every replica keeps informers warm; only the Lease holder writes. A pass is level-triggered:
+observe (informers), ``placement.plan`` (pure), act (writes that differ from what is there).
+It runs on every change, debounced, and every ``resync_interval`` regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from agent.kube.api import (
+    LOCAL_MODEL_CACHES,
+    LOCAL_MODEL_NAMESPACE_CACHES,
+    LOCAL_MODEL_NODE_GROUPS,
+    LOCAL_MODEL_NODES,
+    NODES,
+    Kube,
+    Resource,
+    connect,
+)
+from agent.kube.errors import ApiConflict, ApiError, ApiNotFound
+from agent.kube.leader import LeaderElector
+from agent.kube.placement import FINALIZER, Event, Plan, plan
+from agent.kube.watching import Informer
+
+__all__ = ["Reconciler", "ReconcilerOptions", "run_reconciler"]
+
+log = logging.getLogger(__name__)
+JSON = dict[str, Any]
+PASSES = Counter("nodecache_reconciler_passes_total", "Reconcile passes run while leading")
+WRITES = Counter("nodecache_reconciler_writes_total", "Objects written by the reconciler", ["kind"])
+
+
+@dataclass(frozen=True)
+class ReconcilerOptions:
+    kubeconfig: Path | None = None
+    """None: in-cluster config, else $KUBECONFIG, else ~/.kube/config."""
+    lease_name: str = "nodecache-reconciler"
+    lease_namespace: str = "nodecache-system"
+    identity: str = ""
+    """Unique per replica (the pod name); default: hostname plus a random suffix."""
+    metrics_port: int | None = 9465
+    metrics_host: str = "0.0.0.0"
+    resync_interval: float = 30.0
+    watch_timeout: float = 300.0
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    event_namespace: str = "default"
+    """Where events about cluster-scoped caches go (kubectl describe finds them there)."""
+
+
+async def run_reconciler(options: ReconcilerOptions, *, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(RuntimeError, ValueError):  # not on the main thread (tests)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
+    reconciler = Reconciler(kube, options)
+    health = await _start_health(options, reconciler)
+    task = asyncio.create_task(reconciler.run())
+    log.info("reconciler started", extra={"identity": reconciler.elector.identity})
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if health is not None:
+            await health.cleanup()
+        kube.api.close()
+        log.info("reconciler stopped")
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, options: ReconcilerOptions) -> None:
+        self.kube, self.options = kube, options
+        self.wake = asyncio.Event()
+
+        def informer(resource: Resource) -> Informer:
+            return Informer(
+                kube, resource, on_change=self.wake.set, watch_timeout=options.watch_timeout
+            )
+
+        self.caches = informer(LOCAL_MODEL_CACHES)
+        self.namespace_caches = informer(LOCAL_MODEL_NAMESPACE_CACHES)
+        self.groups = informer(LOCAL_MODEL_NODE_GROUPS)
+        self.nodes = informer(NODES)
+        self.local_nodes = informer(LOCAL_MODEL_NODES)
+        self.informers = [
+            self.caches,
+            self.namespace_caches,
+            self.groups,
+            self.nodes,
+            self.local_nodes,
+        ]
+        identity = options.identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.elector = LeaderElector(
+            kube,
+            namespace=options.lease_namespace,
+            name=options.lease_name,
+            identity=identity,
+            lease_duration=options.lease_duration,
+            renew_deadline=options.renew_deadline,
+            retry_period=options.retry_period,
+        )
+        self.passes = 0
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(i.run()) for i in self.informers]
+        try:
+            await self.elector.run(self._lead)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _lead(self) -> None:
+        for informer in self.informers:
+            await informer.synced.wait()
+        self.wake.set()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.options.resync_interval)
+            await asyncio.sleep(0.05)  # a burst of events: one pass
+            self.wake.clear()
+            try:
+                await self.reconcile_once()
+            except ApiError as exc:
+                log.warning("reconcile pass failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+                self.wake.set()
+
+    async def reconcile_once(self) -> Plan:
+        """One observe-plan-act pass."""
+        self.passes += 1
+        PASSES.inc()
+        caches = self.caches.items() + self.namespace_caches.items()
+        for cache in caches:
+            await self._hold(cache)
+        result = plan(caches, self.groups.items(), self.nodes.items(), self.local_nodes.items())
+        await self._act(result)
+        return result
+
+    async def _hold(self, cache: JSON) -> None:
+        """Our finalizer on every live cache, so a delete waits for copies to be unplaced."""
+        meta = cache["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if meta.get("deletionTimestamp") or FINALIZER in finalizers:
+            return
+        body = {"metadata": {"finalizers": [*finalizers, FINALIZER],
+                             "resourceVersion": meta["resourceVersion"]}}  # fmt: skip
+        await self._write("finalizer", self._resource(cache), meta, body)
+
+    async def _act(self, p: Plan) -> None:
+        for name, entries in p.node_specs.items():
+            current = self.local_nodes.get(name)
+            if current is None:
+                node = self.nodes.get(name) or {"metadata": {}}
+                body = {
+                    "metadata": {
+                        "name": name,
+                        "labels": {"app.kubernetes.io/managed-by": "nodecache"},
+                        "ownerReferences": [{
+                            "apiVersion": "v1", "kind": "Node", "name": name,
+                            "uid": node["metadata"].get("uid", ""),
+                        }],
+                    },
+                    "spec": {"localModels": entries},
+                }  # fmt: skip
+                with contextlib.suppress(ApiConflict):  # made meanwhile: the next pass patches
+                    await self.kube.create(LOCAL_MODEL_NODES, body)
+                    WRITES.labels("localmodelnode").inc()
+            elif ((current.get("spec") or {}).get("localModels") or []) != entries:
+                await self._write(
+                    "localmodelnode", LOCAL_MODEL_NODES, current["metadata"],
+                    {"spec": {"localModels": entries}},
+                )  # fmt: skip
+        for name in p.delete_nodes:
+            with contextlib.suppress(ApiNotFound):
+                await self.kube.delete(LOCAL_MODEL_NODES, name)
+                WRITES.labels("localmodelnode").inc()
+                log.info("LocalModelNode of a deleted node removed", extra={"node": name})
+        caches = {(c["metadata"].get("namespace") or "", c["metadata"]["name"]): c
+                  for c in self.caches.items() + self.namespace_caches.items()}  # fmt: skip
+        for key, status in p.cache_status.items():
+            cache = caches[key]
+            if cache.get("status") != status:
+                await self._write_status("cache", self._resource(cache), cache["metadata"], status)
+        for name, status in p.group_status.items():
+            group = self.groups.get(name)
+            if group is not None and group.get("status") != status:
+                await self._write_status(
+                    "group", LOCAL_MODEL_NODE_GROUPS, group["metadata"], status
+                )
+        for key in p.release:
+            cache = caches[key]
+            meta = cache["metadata"]
+            rest = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+            body = {"metadata": {"finalizers": rest, "resourceVersion": meta["resourceVersion"]}}
+            await self._write("finalizer", self._resource(cache), meta, body)
+            log.info("cache released", extra={"cache": "/".join(k for k in key if k)})
+        for event in p.events:
+            await self._event(event)
+
+    def _resource(self, cache: JSON) -> Resource:
+        namespaced = cache.get("kind") == "LocalModelNamespaceCache"
+        return LOCAL_MODEL_NAMESPACE_CACHES if namespaced else LOCAL_MODEL_CACHES
+
+    async def _write(self, kind: str, res: Resource, meta: JSON, body: JSON) -> None:
+        try:
+            await self.kube.patch(res, meta["name"], body, namespace=meta.get("namespace"))
+            WRITES.labels(kind).inc()
+        except (ApiConflict, ApiNotFound):
+            self.wake.set()  # changed or gone meanwhile: look again
+
+    async def _write_status(self, kind: str, res: Resource, meta: JSON, status: JSON) -> None:
+        # JSON patch replaces the whole status: nodes that left drop out of nodeStatus.
+        body = [{"op": "add", "path": "/status", "value": status}]
+        try:
+            await self.kube.patch(
+                res, meta["name"], body, namespace=meta.get("namespace"), status=True
+            )
+            WRITES.labels(kind).inc()
+        except ApiNotFound:
+            pass
+
+    async def _event(self, event: Event) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = event.namespace or self.options.event_namespace
+        body = {
+            "metadata": {"generateName": f"{event.name}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": LOCAL_MODEL_CACHES.api_version,
+                "kind": event.kind,
+                "name": event.name,
+                "namespace": event.namespace or None,
+                "uid": event.uid,
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message,
+            "source": {"component": "nodecache-reconciler"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.kube.event(namespace, body)
+        except ApiError as exc:  # events are for people; never fail a pass for one
+            log.info("event not recorded", extra={"error": str(exc)})
+
+
+async def _start_health(options: ReconcilerOptions, reconciler: Reconciler) -> web.AppRunner | None:
+    if not options.metrics_port:
+        return None
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"leading": reconciler.elector.leading})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, options.metrics_host, options.metrics_port).start()
+    return runner

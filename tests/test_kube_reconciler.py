@@ -1,0 +1,201 @@
+"""The reconciler and in-process agents against the fake API server: a small cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubefake.fixtures import api_client, fake_api  # noqa: F401 (fixtures)
+from kubefake.harness import ClusterAgent, ClusterReconciler
+from kubefake.server import FakeApiServer
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from support import wait_for
+
+from agent.kube.placement import FINALIZER
+
+G, V = "nodecache.io", "v1alpha1"
+
+
+def make_node(core: client.CoreV1Api, name: str, ready: bool = True) -> None:
+    core.create_node({"metadata": {"name": name, "labels": {"pool": "cpu"}}})
+    # Status is written through /status, as the kubelet does (create ignores it).
+    condition = {"type": "Ready", "status": "True" if ready else "False"}
+    core.patch_node_status(name, {"status": {"conditions": [condition]}})
+
+
+@pytest.fixture
+def crs(api_client: client.ApiClient) -> client.CustomObjectsApi:  # noqa: F811
+    return client.CustomObjectsApi(api_client)
+
+
+@pytest.fixture
+def core(api_client: client.ApiClient) -> client.CoreV1Api:  # noqa: F811
+    return client.CoreV1Api(api_client)
+
+
+@pytest.fixture
+def cluster(
+    fake_api: FakeApiServer,  # noqa: F811
+    core: client.CoreV1Api,
+    crs: client.CustomObjectsApi,
+    tmp_path: Path,
+) -> Iterator[dict[str, Any]]:
+    """Two Ready nodes in group "cpu", each with an agent, and the reconciler."""
+    for name in ("n1", "n2"):
+        make_node(core, name)
+    crs.create_cluster_custom_object(G, V, "localmodelnodegroups", {
+        "apiVersion": f"{G}/{V}", "kind": "LocalModelNodeGroup", "metadata": {"name": "cpu"},
+        "spec": {"nodeSelector": {"pool": "cpu"}, "storageLimit": "1Gi"},
+    })  # fmt: skip
+    agents = {n: ClusterAgent(fake_api, tmp_path / n, n).start() for n in ("n1", "n2")}
+    reconciler = ClusterReconciler(fake_api, tmp_path / "reconciler", "r1").start()
+    yield {"agents": agents, "reconciler": reconciler}
+    reconciler.stop()
+    for agent in agents.values():
+        agent.stop()
+
+
+def get_cache(crs: client.CustomObjectsApi, name: str = "mlp") -> dict[str, Any]:
+    return crs.get_cluster_custom_object(G, V, "localmodelcaches", name)
+
+
+def cache_status(crs: client.CustomObjectsApi, name: str = "mlp") -> dict[str, Any]:
+    try:
+        return get_cache(crs, name).get("status") or {}
+    except ApiException:
+        return {}
+
+
+def ready(status: dict[str, Any]) -> str | None:
+    return next((c["status"] for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+
+
+def test_declare_scale_lose_a_node_delete(
+    cluster: dict[str, Any],
+    crs: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    mlp_dir: Path,
+) -> None:
+    uri = mlp_dir.as_uri()
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", {
+        "apiVersion": f"{G}/{V}", "kind": "LocalModelCache", "metadata": {"name": "mlp"},
+        "spec": {"sourceModelUri": uri, "modelSize": "1Mi", "nodeGroups": ["cpu"],
+                 "warm": {"minReplicas": 1, "maxReplicas": 2}},
+    })  # fmt: skip
+
+    # Declared: a copy on each node, both on disk, Ready, finalizer held.
+    wait_for(lambda: cache_status(crs).get("copies", {}).get("available") == 2, what="2 copies")
+    wait_for(lambda: ready(cache_status(crs)) == "True", what="Ready")
+    status = cache_status(crs)
+    assert status["nodeStatus"] == {"n1": "Warm", "n2": "Warm"}
+    assert status["warm"]["desired"] == 1  # idle: minReplicas
+    assert FINALIZER in get_cache(crs)["metadata"]["finalizers"]
+    for agent in cluster["agents"].values():
+        assert agent.request("GET", "/v2/models/mlp/ready")[0] == 200
+    group = crs.get_cluster_custom_object(G, V, "localmodelnodegroups", "cpu")["status"]
+    wait_for(
+        lambda: (
+            crs.get_cluster_custom_object(G, V, "localmodelnodegroups", "cpu")["status"]["used"]
+            == "2Mi"
+        ),
+        what="group usage",
+    )
+    assert group["nodes"] == 2
+    specs = [
+        crs.get_cluster_custom_object(G, V, "localmodelnodes", n)["spec"] for n in ("n1", "n2")
+    ]
+    assert sorted(s["localModels"][0]["warm"] for s in specs) == [False, True]
+    events = core.list_namespaced_event("default").items
+    assert any(e.reason == "AllCopiesAvailable" and e.involved_object.name == "mlp" for e in events)
+
+    # An HPA (or a person) scales warm copies through /scale: clamped to maxReplicas.
+    crs.patch_cluster_custom_object_scale(
+        G, V, "localmodelcaches", "mlp", {"spec": {"replicas": 5}}
+    )
+    wait_for(lambda: cache_status(crs)["warm"]["desired"] == 2, what="warm desired 2")
+    scale = crs.get_cluster_custom_object_scale(G, V, "localmodelcaches", "mlp")
+    assert scale["status"]["replicas"] == 2
+
+    # A node goes away: its LocalModelNode is collected, the cache counts one copy.
+    cluster["agents"]["n2"].stop()
+    core.delete_node("n2")
+    wait_for(lambda: _absent(crs, "n2"), what="LocalModelNode n2 collected")
+    wait_for(lambda: cache_status(crs).get("copies", {}).get("total") == 1, what="1 copy")
+    assert cache_status(crs)["nodeStatus"] == {"n1": "Warm"}
+
+    # Deleting the cache never hangs: unplaced, finalizer released, gone from the node.
+    crs.delete_cluster_custom_object(G, V, "localmodelcaches", "mlp")
+    wait_for(lambda: not cache_status(crs) and _cache_gone(crs), what="cache deleted")
+    n1 = cluster["agents"]["n1"]
+    wait_for(lambda: n1.request("GET", "/v2/models/mlp/ready")[0] == 404, what="unserved")
+    spec = crs.get_cluster_custom_object(G, V, "localmodelnodes", "n1")["spec"]
+    assert spec["localModels"] == []
+
+
+def test_not_ready_nodes_get_nothing_and_the_reason_is_stated(
+    fake_api: FakeApiServer,  # noqa: F811
+    crs: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    tmp_path: Path,
+) -> None:
+    make_node(core, "sick", ready=False)
+    crs.create_cluster_custom_object(G, V, "localmodelnodegroups", {
+        "metadata": {"name": "cpu"}, "spec": {"nodeSelector": {"pool": "cpu"},
+                                              "storageLimit": "1Gi"}})  # fmt: skip
+    spec = {"sourceModelUri": "s3://bucket/m/", "modelSize": "1Mi", "nodeGroups": ["cpu"]}
+    crs.create_cluster_custom_object(
+        G, V, "localmodelcaches", {"metadata": {"name": "m"}, "spec": spec}
+    )
+    reconciler = ClusterReconciler(fake_api, tmp_path, "r1").start()
+    try:
+        wait_for(lambda: ready(cache_status(crs, "m")) == "False", what="status")
+        condition = next(c for c in cache_status(crs, "m")["conditions"] if c["type"] == "Ready")
+        assert condition["reason"] == "NoReadyNodes" and "nodeSelector" in condition["message"]
+        spec = crs.get_cluster_custom_object(G, V, "localmodelnodes", "sick")["spec"]
+        assert spec["localModels"] == []
+    finally:
+        reconciler.stop()
+
+
+def test_one_leader_at_a_time_and_a_standby_takes_over(
+    fake_api: FakeApiServer,  # noqa: F811
+    api_client: client.ApiClient,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    a = ClusterReconciler(fake_api, tmp_path, "a").start()
+    b = ClusterReconciler(fake_api, tmp_path, "b").start()
+    try:
+        wait_for(lambda: a.leading or b.leading, what="a leader")
+        leases = client.CoordinationV1Api(api_client)
+        for _ in range(10):  # never both, however often we look
+            assert not (a.leading and b.leading)
+        leader, standby = (a, b) if a.leading else (b, a)
+        holder = leases.read_namespaced_lease("nodecache-reconciler", "nodecache-system")
+        assert holder.spec.holder_identity == leader.options.identity
+        leader.stop()
+        wait_for(lambda: standby.leading, what="the standby to take over")
+        lease = leases.read_namespaced_lease("nodecache-reconciler", "nodecache-system")
+        assert lease.spec.holder_identity == standby.options.identity
+        assert lease.spec.lease_transitions == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _absent(crs: client.CustomObjectsApi, name: str) -> bool:
+    try:
+        crs.get_cluster_custom_object(G, V, "localmodelnodes", name)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def _cache_gone(crs: client.CustomObjectsApi) -> bool:
+    try:
+        get_cache(crs)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
