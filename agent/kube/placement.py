@@ -148,6 +148,10 @@ def plan(
         for name, obj in local.items()
         if name in infos
     }
+    holders: dict[str, list[str]] = {}  # modelName -> nodes whose spec has it
+    for node_name, entries in current.items():
+        for m in entries:
+            holders.setdefault(m, []).append(node_name)
     specs: dict[str, dict[str, JSON]] = {name: {} for name in infos}
     ordered = sorted(
         caches, key=lambda c: (c["metadata"].get("creationTimestamp", ""), *cache_key(c))
@@ -165,15 +169,15 @@ def plan(
         key = cache_key(cache)
         name = model_name(key)
         if cache["metadata"].get("deletionTimestamp"):
-            for node_name, entries in current.items():
-                if name in entries:
-                    infos[node_name].used -= sizes[name]
+            for node_name in holders.get(name, []):
+                infos[node_name].used -= sizes[name]
             if FINALIZER in (cache["metadata"].get("finalizers") or []):
                 out.release.append(key)
             continue
         status = _place(
-            cache, name, sizes[name], groups_by_name, members, current, infos, specs, now
-        )
+            cache, name, sizes[name], groups_by_name, members, current,
+            holders.get(name, []), infos, specs, now,
+        )  # fmt: skip
         old = cache.get("status") or {}
         out.cache_status[key] = status
         out.events += _transitions(cache, old, status)
@@ -210,6 +214,7 @@ def _place(
     groups: dict[str, JSON],
     members: dict[str, list[_Node]],
     current: dict[str, dict[str, JSON]],
+    holders: list[str],
     infos: dict[str, _Node],
     specs: dict[str, dict[str, JSON]],
     now: float,
@@ -226,7 +231,6 @@ def _place(
     wanted = len(ready) if wanted is None else wanted
 
     # Keep copies that are in place (best state first); NotReady nodes keep theirs unseen.
-    holders = [n for n, entries in current.items() if name in entries]
     kept: list[_Node] = []
     rank = {"Warm": 0, "Loading": 1, "Downloaded": 2, "Downloading": 3}
     for n in sorted(holders, key=lambda n: (rank.get(_state(infos[n], name), 9), n)):
@@ -268,7 +272,8 @@ def _place(
         specs[info.name][name]["warm"] = info in chosen
 
     # Status, with reasons a person can act on.
-    states = {n: _state(infos[n], name) or "Pending" for n in sorted(specs) if name in specs[n]}
+    on = sorted({*(n.name for n in copies), *(n for n in holders if name in specs[n])})
+    states = {n: _state(infos[n], name) or "Pending" for n in on}
     available = sum(1 for n in copies if _state(n, name) in ON_DISK)
     failed = [n for n in copies if _state(n, name) == "Error"]
     warm_now = sum(1 for n in copies if _state(n, name) == "Warm")

@@ -29,7 +29,7 @@ from aiohttp import web
 from kubernetes import client
 
 from .schema import load_crds, prune, validate_object
-from .selectors import field_matches, label_matches
+from .selection import field_matches, label_matches
 
 __all__ = ["FakeApiServer", "ResourceType"]
 
