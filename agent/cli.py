@@ -86,10 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the same API on this TCP port (off by default; 0 picks a free port)",
     )
     agent.add_argument(
+        "--grpc-port",
+        type=_port,
+        metavar="PORT",
+        help="also serve OIP gRPC on this TCP port (always on <socket-dir>/nodecache-grpc.sock)",
+    )
+    agent.add_argument(
         "--http-host",
         default="127.0.0.1",
         metavar="HOST",
-        help="address for --http-port (default: %(default)s)",
+        help="address for --http-port and --grpc-port (default: %(default)s)",
     )
     agent.add_argument(
         "--metrics-port",
@@ -180,6 +186,7 @@ def _agent(args: argparse.Namespace) -> int:
         socket_dir=args.socket_dir,
         http_port=args.http_port,
         http_host=args.http_host,
+        grpc_port=args.grpc_port,
         metrics_port=args.metrics_port or None,
         metrics_host=args.metrics_host,
         shutdown_timeout=args.shutdown_timeout,

@@ -18,15 +18,17 @@ from agent.node import NodeAgent
 from cache import ModelStore
 from serve.dataplane import DataPlane
 from serve.devices import discover_devices
+from serve.grpc.server import GrpcServer
 from serve.host import LocalHost
 from serve.http import NodeServer, build_app
 from serve.repository import ModelRepository
-from serve.workers import WorkerPool, build_router_app, worker_devices
+from serve.workers import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 
 __all__ = ["SOCKET_NAME", "AgentOptions", "run_standalone"]
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "nodecache.sock"
+GRPC_SOCKET_NAME = "nodecache-grpc.sock"
 STATUS_PATH = "/nodecache/v1/status"
 
 
@@ -36,6 +38,7 @@ class AgentOptions:
     cache_dir: Path
     socket_dir: Path
     http_port: int | None = None
+    grpc_port: int | None = None
     http_host: str = "127.0.0.1"
     metrics_port: int | None = 9464
     metrics_host: str = "0.0.0.0"
@@ -71,12 +74,14 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
         await pool.start()
         agent = NodeAgent(store, pool)
         app = build_router_app(pool, agent)
+        dataplane: DataPlane | PoolDataPlane = PoolDataPlane(pool, agent)
         background.append(asyncio.create_task(_every(1.0, pool.refresh_all)))
     else:
         # One CPU server: serve in this process, no hop between the socket and the model.
         repository = ModelRepository(devices)
         agent = NodeAgent(store, LocalHost(repository))
-        app = build_app(DataPlane(repository, catalog=agent))
+        dataplane = DataPlane(repository, catalog=agent)
+        app = build_app(dataplane)
         background.append(
             asyncio.create_task(_every(options.idle_check_seconds, repository.unload_idle))
         )
@@ -88,7 +93,14 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
         tcp_port=options.http_port,
         shutdown_timeout=options.shutdown_timeout,
     )
+    grpc_server = GrpcServer(
+        dataplane,  # type: ignore[arg-type]  # both answer what the servicer asks
+        options.socket_dir / GRPC_SOCKET_NAME,
+        tcp_host=options.http_host,
+        tcp_port=options.grpc_port,
+    )
     await server.start()
+    await grpc_server.start()
     metrics = await _start_metrics(options, pool.metrics_dir if pool else None)
     log.info(
         "agent started",
@@ -96,6 +108,8 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
             "mode": "standalone",
             "socket": str(server.socket_path),
             "http_port": server.tcp_port,
+            "grpc_socket": str(grpc_server.socket_path),
+            "grpc_port": grpc_server.tcp_port,
             "metrics_port": options.metrics_port,
             "declarations": str(options.declarations),
         },
@@ -108,7 +122,8 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await server.stop()  # stop accepting, finish in-flight requests, remove socket
+        # Stop accepting, finish in-flight requests, remove the sockets.
+        await asyncio.gather(server.stop(), grpc_server.stop(options.shutdown_timeout))
         if metrics is not None:
             await metrics.cleanup()
         await agent.close()

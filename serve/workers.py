@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -25,13 +26,15 @@ from aiohttp import web
 
 from serve.dataplane import SERVER_NAME, SERVER_VERSION, Catalog
 from serve.devices import Device
-from serve.errors import ModelLoadError, ModelNotFound, ModelNotReady, ServeError
+from serve.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, ServeError
 from serve.http import error_response
+from serve.protocol import HEADER_LENGTH, InferRequest, InferResponse
 from serve.repository import NoRoom
 from serve.runtimes import device_kinds
+from serve.tensors import decode_tensor, encode_tensor
 from serve.worker import CONTROL
 
-__all__ = ["WorkerPool", "build_router_app", "worker_devices"]
+__all__ = ["PoolDataPlane", "WorkerPool", "build_router_app", "worker_devices"]
 
 log = logging.getLogger(__name__)
 
@@ -389,3 +392,96 @@ def worker_devices(devices: list[Device], workers: int | None) -> list[Device]:
                targets[i % len(targets)].budget // per[i % len(targets)])
         for i in range(count)
     ]  # fmt: skip
+
+
+class PoolDataPlane:
+    """The dataplane operations gRPC needs, answered by the model's worker over REST.
+
+    Tensors cross as raw bytes (the binary tensor data extension): no JSON on this hop.
+    """
+
+    def __init__(self, pool: WorkerPool, catalog: Catalog) -> None:
+        self.pool = pool
+        self.catalog = catalog
+
+    def _worker(self, name: str) -> _Worker:
+        if not self.pool.has(name):
+            reason = self.catalog.not_ready_reason(name)
+            if reason is None:
+                raise ModelNotFound(name)
+            raise ModelNotReady(f"model '{name}' is not ready: {reason}")
+        return self.pool._home(name)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION,
+                "extensions": ["model_repository", "binary_tensor_data"]}  # fmt: skip
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        self._worker(name)
+        seen = self.pool.describe(name) or {}
+        return seen.get("state") != "Error"
+
+    async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
+        return await self.pool._call(self._worker(name), "GET", path)
+
+    async def infer(
+        self, name: str, request: InferRequest, version: str | None = None
+    ) -> InferResponse:
+        worker = self._worker(name)
+        if not worker.up or worker.session is None:
+            raise WorkerUnavailable(f"model '{name}' is on worker {worker.index}, restarting")
+        specs, chunks = [], []
+        for input_name, array in request.inputs.items():
+            spec, raw = encode_tensor(input_name, array, binary=True)
+            specs.append(spec)
+            chunks.append(raw or b"")
+        doc: dict[str, Any] = {"inputs": specs, "parameters": {"binary_data_output": True}}
+        if request.id:
+            doc["id"] = request.id
+        if request.outputs is not None:
+            doc["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}}
+                              for o in request.outputs]  # fmt: skip
+        header = json.dumps(doc).encode()
+        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+        try:
+            async with worker.session.post(
+                path, data=header + b"".join(chunks),
+                headers={HEADER_LENGTH: str(len(header))},
+            ) as resp:  # fmt: skip
+                body = await resp.read()
+                length = resp.headers.get(HEADER_LENGTH)
+                status = resp.status
+        except (aiohttp.ClientError, OSError):
+            raise WorkerUnavailable(f"worker {worker.index} stopped while answering") from None
+        if status != 200:
+            message = json.loads(body).get("error", "")
+            error = {400: InvalidInput, 404: ModelNotFound}.get(status)
+            if error is InvalidInput:
+                raise InvalidInput(message)
+            if error is ModelNotFound:
+                raise ModelNotFound(name)
+            raise WorkerUnavailable(message) if status == 503 else ModelLoadError(message)
+        json_part = body if length is None else body[: int(length)]
+        raw = memoryview(body)[len(json_part) :]
+        answer = json.loads(json_part)
+        outputs, offset = {}, 0
+        for spec in answer["outputs"]:
+            size = spec.get("parameters", {}).get("binary_data_size")
+            chunk = None
+            if size is not None:
+                chunk, offset = raw[offset : offset + size], offset + size
+            out_name, array = decode_tensor(spec, chunk)
+            outputs[out_name] = array
+        return InferResponse(
+            model_name=name,
+            model_version=answer.get("model_version"),
+            outputs=outputs,
+            id=answer.get("id"),
+        )
+
+    async def load(self, name: str) -> None:
+        await self.pool.load(name, evict=True)
+
+    async def unload(self, name: str) -> None:
+        await self.pool._call(self._worker(name), "POST", f"/v2/repository/models/{name}/unload")

@@ -1,0 +1,202 @@
+"""``inference.GRPCInferenceService`` over the same dataplane as REST.
+
+Tensors arrive typed (``contents``) or raw (``raw_input_contents``); answers are
+always raw (``raw_output_contents``), as Triton does and every OIP client reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from serve.dataplane import DataPlane
+from serve.errors import InvalidInput, ServeError
+from serve.grpc import oip_pb2 as pb
+from serve.grpc import oip_pb2_grpc as pb_grpc
+from serve.protocol import InferRequest, RequestedOutput
+from serve.tensors import decode_tensor, encode_tensor
+
+__all__ = ["GrpcServer", "OipServicer"]
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+# Typed contents field for each datatype (FP16 has none: raw only).
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _parameters(params: Any) -> dict[str, Any]:
+    found = {key: value.WhichOneof("parameter_choice") for key, value in params.items()}
+    return {key: getattr(params[key], kind) for key, kind in found.items() if kind}
+
+
+def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        spec: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        if raw:
+            name, array = decode_tensor(spec, raw[i])
+        else:
+            field = _CONTENTS.get(tensor.datatype)
+            if field is None:
+                raise InvalidInput(f"input '{tensor.name}': {tensor.datatype} must be sent raw")
+            spec["data"] = list(getattr(tensor.contents, field))
+            name, array = decode_tensor(spec)
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' is given twice")
+        inputs[name] = array
+    outputs = [RequestedOutput(o.name, True) for o in request.outputs] or None
+    return InferRequest(
+        inputs=inputs,
+        id=request.id or None,
+        parameters=_parameters(request.parameters),
+        outputs=outputs,
+        binary_outputs=True,
+    )
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: ServeError) -> None:
+        await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
+
+    async def ServerLive(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context):  # type: ignore[no-untyped-def]
+        meta = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+        )
+
+    async def ModelReady(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            ready = self.dataplane.model_ready(request.name, request.version or None)
+        except ServeError as exc:
+            await self._fail(context, exc)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            meta = await self.dataplane.model_metadata(request.name, request.version or None)
+        except ServeError as exc:
+            await self._fail(context, exc)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            infer_request = decode_infer_request(request)
+            result = await self.dataplane.infer(
+                request.model_name, infer_request, request.model_version or None
+            )
+        except ServeError as exc:
+            await self._fail(context, exc)
+        response = pb.ModelInferResponse(
+            model_name=result.model_name,
+            model_version=result.model_version or "",
+            id=result.id or "",
+        )
+        for name, array in result.outputs.items():
+            spec, raw = encode_tensor(name, array, binary=True)
+            response.outputs.add(name=name, datatype=spec["datatype"], shape=spec["shape"])
+            response.raw_output_contents.append(raw or b"")
+        return response
+
+    async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            await self.dataplane.load(request.model_name)
+        except ServeError as exc:
+            await self._fail(context, exc)
+        return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
+
+    async def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            await self.dataplane.unload(request.model_name)
+        except ServeError as exc:
+            await self._fail(context, exc)
+        return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
+
+
+class GrpcServer:
+    """gRPC on a Unix socket (mode 0660) and, if asked, on a TCP port."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        socket_path: Path,
+        *,
+        tcp_host: str = "127.0.0.1",
+        tcp_port: int | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.socket_path = socket_path
+        self._tcp = (tcp_host, tcp_port)
+        self.tcp_port: int | None = None
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(dataplane), self._server)
+
+    async def start(self) -> None:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        old_umask = os.umask(0o117)
+        try:
+            self._server.add_insecure_port(f"unix:{self.socket_path}")
+            host, port = self._tcp
+            if port is not None:
+                self.tcp_port = self._server.add_insecure_port(f"{host}:{port}")
+            await self._server.start()
+        finally:
+            os.umask(old_umask)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Refuse new calls, let running ones finish within ``grace``, remove the socket."""
+        await self._server.stop(grace)
+        self.socket_path.unlink(missing_ok=True)
