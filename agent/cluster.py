@@ -25,7 +25,13 @@ from agent.kube.api import (
     Kube,
     connect,
 )
-from agent.kube.nodestatus import StatusWriter, disk_capacity, node_status, resolve
+from agent.kube.nodestatus import (
+    RequestRates,
+    StatusWriter,
+    disk_capacity,
+    node_status,
+    resolve,
+)
 from agent.kube.watching import Informer
 from agent.node import NodeAgent
 from agent.standalone import SOCKET_NAME, STATUS_PATH
@@ -151,6 +157,7 @@ class NodeFollower:
         self.origins: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.generation: int | None = None
+        self.rates = RequestRates()
         self.status = StatusWriter(
             kube,
             options.node_name,
@@ -166,6 +173,7 @@ class NodeFollower:
             origins=self.origins,
             errors=self.errors,
             generation=self.generation,
+            rates=self.rates.rates(),
         )
 
     async def run(self) -> None:

@@ -14,7 +14,7 @@ from kubefake.server import FakeApiServer
 from kubernetes import client
 from support import wait_for
 
-from agent.kube.nodestatus import StatusWriter, node_status, resolve
+from agent.kube.nodestatus import RequestRates, StatusWriter, node_status, resolve
 
 G, V = "nodecache.io", "v1alpha1"
 
@@ -200,3 +200,17 @@ def test_status_writes_are_coalesced() -> None:
     assert writer.due(changes[-1], now=10)  # one write carries them all
     assert not writer.due({"a": 1}, now=29)  # unchanged: only the heartbeat
     assert writer.due({"a": 1}, now=30)
+
+
+def test_request_rates_over_a_window() -> None:
+    now, counts = [0.0], {"a": 0.0}
+    rates = RequestRates(10, counts=lambda: dict(counts), clock=lambda: now[0])
+    assert rates.rates() == {}
+    for _ in range(20):  # 5 requests a second for 20 s
+        now[0] += 1
+        counts["a"] += 5
+        assert rates.rates() == {"a": 5.0}
+    for _ in range(12):  # then idle: the rate drops out once the window has passed
+        now[0] += 1
+        last = rates.rates()
+    assert last == {}

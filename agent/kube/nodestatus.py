@@ -14,6 +14,7 @@ import datetime
 import logging
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,17 @@ from typing import Any
 from agent.declarations import DeclarationError, ModelDeclaration, parse_object
 from agent.kube.api import LOCAL_MODEL_NODES, Backoff, Kube
 from agent.kube.errors import ApiError, ApiNotFound
+from serve.metrics import REQUESTS
 
-__all__ = ["Resolved", "StatusWriter", "disk_capacity", "node_status", "resolve", "rfc3339"]
+__all__ = [
+    "RequestRates",
+    "Resolved",
+    "StatusWriter",
+    "disk_capacity",
+    "node_status",
+    "resolve",
+    "rfc3339",
+]
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
@@ -70,6 +80,48 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
     return out
 
 
+def _request_counts() -> dict[str, float]:
+    """Requests answered so far, per model, from the serving tier's Prometheus counter."""
+    counts: dict[str, float] = {}
+    for metric in REQUESTS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                model = sample.labels.get("model", "")
+                counts[model] = counts.get(model, 0.0) + sample.value
+    return counts
+
+
+class RequestRates:
+    """Requests per second per model over about the last ``window`` seconds.
+
+    The reconciler adds warm copies when this rate per copy exceeds the cache's target.
+    """
+
+    def __init__(
+        self,
+        window: float = 10.0,
+        *,
+        counts: Callable[[], dict[str, float]] = _request_counts,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window, self.counts, self.clock = window, counts, clock
+        self._samples: deque[tuple[float, dict[str, float]]] = deque()
+
+    def rates(self) -> dict[str, float]:
+        now, counts = self.clock(), self.counts()
+        self._samples.append((now, counts))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+        then, before = self._samples[0]
+        if now - then <= 0:
+            return {}
+        return {
+            model: round((n - before.get(model, 0.0)) / (now - then), 1)
+            for model, n in counts.items()
+            if n > before.get(model, 0.0)
+        }
+
+
 def rfc3339(when: float | None) -> str | None:
     if not when:
         return None
@@ -89,6 +141,7 @@ def node_status(
     origins: dict[str, str],
     errors: dict[str, str],
     generation: int | None = None,
+    rates: dict[str, float] | None = None,
 ) -> JSON:
     """The LocalModelNode status (without the heartbeat) from ``NodeAgent.status()``."""
     by_model_name = {
@@ -111,6 +164,7 @@ def node_status(
             "nextRetry": rfc3339(m.get("nextRetry")),
             "lastUsed": rfc3339(m.get("lastUsed")),
             "device": m.get("device"),
+            "requestsPerSecond": (rates or {}).get(model),
         }
         models[model_name] = {k: v for k, v in entry.items() if v is not None}
     for model_name, error in errors.items():
