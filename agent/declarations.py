@@ -28,8 +28,8 @@ __all__ = [
 API_VERSION = "nodecache.io/v1alpha1"
 KINDS = ("LocalModelCache",)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_DURATION = re.compile(r"^(\d+(\.\d+)?(ms|s|m|h))+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -47,10 +47,7 @@ class WarmPolicy:
     @property
     def idle_seconds(self) -> float | None:
         """``idleTimeout`` in seconds (e.g. "1h30m" -> 5400)."""
-        if self.idle_timeout is None:
-            return None
-        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-        return sum(float(n) * units[u] for n, u in _DURATION_PART.findall(self.idle_timeout))
+        return None if self.idle_timeout is None else _seconds(self.idle_timeout)
 
 
 @dataclass(frozen=True)
@@ -63,6 +60,8 @@ class ModelDeclaration:
     entrypoint: str | None = None
     warm: WarmPolicy = field(default_factory=WarmPolicy)
     replicas: int | None = None
+    # (max batch size, max queue delay in seconds) when dynamic batching is asked for.
+    batching: tuple[int, float] | None = None
     storage: dict[str, Any] | None = field(default=None, compare=False)
 
     def same_model(self, other: ModelDeclaration) -> bool:
@@ -121,6 +120,7 @@ def _parse_one(doc: Any, index: int, kinds: tuple[str, ...] = KINDS) -> ModelDec
         entrypoint=_entrypoint(where, spec),
         warm=_warm(where, spec.get("warm")),
         replicas=_optional_int(where, spec, "replicas", minimum=0),
+        batching=_batching(where, spec.get("batching")),
         storage=spec.get("storage"),
     )
 
@@ -212,6 +212,26 @@ def _optional_int(where: str, spec: dict[str, Any], key: str, *, minimum: int) -
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise DeclarationError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _batching(where: str, raw: Any) -> tuple[int, float] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise DeclarationError(f"{where}: spec.batching must be a mapping")
+    where = f"{where}: spec.batching"
+    size = _optional_int(where, raw, "maxBatchSize", minimum=1)
+    if size is None:
+        raise DeclarationError(f"{where}.maxBatchSize is required (e.g. 16)")
+    delay = raw.get("maxQueueDelay", "1ms")
+    if not isinstance(delay, str) or not _DURATION.match(delay):
+        raise DeclarationError(f"{where}.maxQueueDelay must be a duration like 500us, 2ms or 1s")
+    return size, _seconds(delay)
+
+
+def _seconds(duration: str) -> float:
+    units = {"us": 1e-6, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in _DURATION_PART.findall(duration))
 
 
 def _warm(where: str, raw: Any) -> WarmPolicy:

@@ -90,7 +90,10 @@ class NodeAgent:
                 status.declared_in, status.declared_size = origins.get(name), decl.model_size
                 # A warm policy edit applies in place.
                 await self.host.set_policy(
-                    name, pinned=decl.warm.pinned, idle_timeout=decl.warm.idle_seconds
+                    name,
+                    pinned=decl.warm.pinned,
+                    idle_timeout=decl.warm.idle_seconds,
+                    batching=decl.batching,
                 )
                 continue
             self._status[name] = ModelStatus(
@@ -177,6 +180,7 @@ class NodeAgent:
             pinned=decl.warm.pinned,
             idle_timeout=decl.warm.idle_seconds,
             size_hint=stored.size_bytes,
+            batching=decl.batching,
         )
         status.error = None
         # Pinned models must be warm and may make room; others warm only where they fit

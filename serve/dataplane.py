@@ -7,13 +7,23 @@ request against the model's declared inputs happens here, once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
 
-from serve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from serve.batching import Batcher
+from serve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServeError
+from serve.metrics import (
+    BATCH_SIZE,
+    INFERENCE_SECONDS,
+    INFLIGHT,
+    QUEUE_SECONDS,
+    REQUEST_SECONDS,
+    REQUESTS,
+)
 from serve.protocol import InferRequest, InferResponse
 from serve.repository import ModelRepository, ServedModel, State
 from serve.runtimes import Runtime, TensorSpec
@@ -59,6 +69,7 @@ class DataPlane:
         self.catalog: Catalog = catalog or _NoCatalog()
         self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
         self._on_infer = on_infer
+        self._batchers: dict[str, Batcher] = {}
 
     # -- lookups -------------------------------------------------------------
 
@@ -97,17 +108,45 @@ class DataPlane:
     # -- inference -----------------------------------------------------------
 
     async def infer(
-        self, name: str, request: InferRequest, version: str | None = None
+        self,
+        name: str,
+        request: InferRequest,
+        version: str | None = None,
+        *,
+        protocol: str = "rest",
+    ) -> InferResponse:
+        """Run one request; records its metrics under ``protocol`` whatever the outcome."""
+        started = time.perf_counter()
+        code = "500"
+        INFLIGHT.labels(name).inc()
+        try:
+            response = await self._infer(name, request, version, started)
+            code = "200"
+            return response
+        except ServeError as exc:
+            code = str(exc.status)
+            raise
+        finally:
+            INFLIGHT.labels(name).dec()
+            REQUESTS.labels(name, protocol, code).inc()
+            REQUEST_SECONDS.labels(name, protocol).observe(time.perf_counter() - started)
+
+    async def _infer(
+        self, name: str, request: InferRequest, version: str | None, started: float
     ) -> InferResponse:
         self._check(name, version)
         async with self.repository.use(name) as model:
             runtime = _runtime(model)
             inputs = _validate_inputs(runtime.inputs, request.inputs)
             wanted = _validate_outputs(runtime.outputs, request)
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(
-                self._executor, runtime.predict, inputs, list(wanted) or None
-            )
+            if model.batching is not None:
+                outputs = await self._batcher(model).submit(inputs)
+                if wanted:
+                    outputs = {n: outputs[n] for n in wanted if n in outputs}
+            else:
+                async with model.slots:
+                    QUEUE_SECONDS.labels(name).observe(time.perf_counter() - started)
+                    outputs = await self._predict(model, inputs, list(wanted) or None)
         if self._on_infer is not None:
             self._on_infer(name)
         return InferResponse(
@@ -117,6 +156,30 @@ class DataPlane:
             id=request.id,
             binary=wanted or dict.fromkeys(outputs, request.binary_outputs),
         )
+
+    async def _predict(
+        self, model: ServedModel, inputs: dict[str, np.ndarray], names: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        runtime = _runtime(model)
+        began = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._executor, runtime.predict, inputs, names)
+        INFERENCE_SECONDS.labels(model.name).observe(time.perf_counter() - began)
+        return outputs
+
+    def _batcher(self, model: ServedModel) -> Batcher:
+        batcher = self._batchers.get(model.name)
+        assert model.batching is not None
+        if batcher is None or (batcher.max_batch_size, batcher.max_queue_delay) != model.batching:
+
+            async def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                rows = next(iter(inputs.values())).shape[0]
+                BATCH_SIZE.labels(model.name).observe(rows)
+                async with model.slots:
+                    return await self._predict(model, inputs, None)
+
+            batcher = self._batchers[model.name] = Batcher(run, *model.batching)
+        return batcher
 
     # -- model repository extension -----------------------------------------
 

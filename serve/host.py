@@ -25,6 +25,7 @@ class ModelHost(Protocol):
         pinned: bool,
         idle_timeout: float | None,
         size_hint: int | None,
+        batching: tuple[int, float] | None = None,
     ) -> None: ...
 
     async def load(self, name: str, *, evict: bool) -> None:
@@ -33,7 +34,14 @@ class ModelHost(Protocol):
     async def unregister(self, name: str) -> None:
         """Stop serving the model once its in-flight requests finish."""
 
-    async def set_policy(self, name: str, *, pinned: bool, idle_timeout: float | None) -> None: ...
+    async def set_policy(
+        self,
+        name: str,
+        *,
+        pinned: bool,
+        idle_timeout: float | None,
+        batching: tuple[int, float] | None = None,
+    ) -> None: ...
 
     def describe(self, name: str) -> dict[str, Any] | None:
         """The model's serving status (state, device, bytes, ...), None if not registered."""
@@ -59,6 +67,7 @@ class LocalHost:
         pinned: bool,
         idle_timeout: float | None,
         size_hint: int | None,
+        batching: tuple[int, float] | None = None,
     ) -> None:
         self.repository.register(
             name,
@@ -68,6 +77,7 @@ class LocalHost:
             pinned=pinned,
             idle_timeout=idle_timeout,
             size_hint=size_hint,
+            batching=batching,
         )
 
     async def load(self, name: str, *, evict: bool) -> None:
@@ -76,10 +86,17 @@ class LocalHost:
     async def unregister(self, name: str) -> None:
         await self.repository.unregister(name)
 
-    async def set_policy(self, name: str, *, pinned: bool, idle_timeout: float | None) -> None:
+    async def set_policy(
+        self,
+        name: str,
+        *,
+        pinned: bool,
+        idle_timeout: float | None,
+        batching: tuple[int, float] | None = None,
+    ) -> None:
         model = self.repository.get(name)
         if model is not None:
-            model.pinned, model.idle_timeout = pinned, idle_timeout
+            model.pinned, model.idle_timeout, model.batching = pinned, idle_timeout, batching
 
     def describe(self, name: str) -> dict[str, Any] | None:
         model = self.repository.get(name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from aiohttp import web
 
 from serve.dataplane import DataPlane
 from serve.errors import InvalidInput, PayloadTooLarge, ServeError
-from serve.metrics import INFER_LATENCY, INFLIGHT, REQUESTS
 from serve.protocol import HEADER_LENGTH, decode_request, encode_response
 
 __all__ = ["DEFAULT_MAX_BODY", "NodeServer", "build_app", "error_response"]
@@ -83,23 +81,6 @@ async def _model_ready(request: web.Request) -> web.Response:
 
 async def _infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    started = time.perf_counter()
-    INFLIGHT.labels(name).inc()
-    status = 500
-    try:
-        response = await _answer_infer(request, name)
-        status = response.status
-        return response
-    except ServeError as exc:
-        status = exc.status
-        raise
-    finally:
-        INFLIGHT.labels(name).dec()
-        REQUESTS.labels(name, "rest", str(status)).inc()
-        INFER_LATENCY.labels(name).observe(time.perf_counter() - started)
-
-
-async def _answer_infer(request: web.Request, name: str) -> web.Response:
     length_header = request.headers.get(HEADER_LENGTH)
     header_length = None
     if length_header is not None:

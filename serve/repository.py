@@ -20,6 +20,7 @@ from typing import Any
 
 from serve.devices import Device
 from serve.errors import ModelLoadError, ModelNotFound, ServeError, ServerOverloaded
+from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES
 from serve.residency import Candidate, choose_victims, idle_models
 from serve.runtimes import Runtime, device_kinds, load_runtime
 
@@ -60,6 +61,10 @@ class ServedModel:
     loads: int = 0
     last_used: float = 0.0
     load_seconds: float | None = None
+    # (max batch size, max queue delay in seconds) when dynamic batching is on.
+    batching: tuple[int, float] | None = None
+    # Bounds the model's concurrent runtime calls; the rest of its requests wait here.
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4), repr=False)
     _load: asyncio.Task[Runtime] | None = field(default=None, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -111,11 +116,13 @@ class ModelRepository:
         devices: list[Device] | None = None,
         *,
         max_inflight_per_model: int = 256,
+        max_concurrency_per_model: int = 4,
         max_concurrent_loads: int = 1,
     ) -> None:
         self.devices = devices or [Device("cpu", 0, 1 << 62)]
         self._models: dict[str, ServedModel] = {}
         self._max_inflight = max_inflight_per_model
+        self._max_concurrency = max_concurrency_per_model
         # One load at a time by default: loads compete for the same disk, and a lone
         # load lets the resident growth be measured.
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
@@ -139,6 +146,7 @@ class ModelRepository:
         pinned: bool = False,
         idle_timeout: float | None = None,
         size_hint: int | None = None,
+        batching: tuple[int, float] | None = None,
     ) -> ServedModel:
         """Make a model on disk answerable; it loads on first use or on ``load``."""
         current = self._models.get(name)
@@ -146,6 +154,7 @@ class ModelRepository:
             if (current.path, current.format, current.entrypoint) != (path, fmt, entrypoint):
                 raise ValueError(f"model '{name}' is registered with other files; unregister it")
             current.pinned, current.idle_timeout = pinned, idle_timeout
+            current.batching = batching
             return current
         model = ServedModel(
             name=name,
@@ -155,6 +164,8 @@ class ModelRepository:
             pinned=pinned,
             idle_timeout=idle_timeout,
             estimated_bytes=size_hint if size_hint is not None else _files_size(path),
+            batching=batching,
+            slots=asyncio.Semaphore(self._max_concurrency),
         )
         self._models[name] = model
         return model
@@ -210,6 +221,7 @@ class ModelRepository:
                     continue
                 for victim in victims:
                     log.info("evicting model", extra={"model": victim, "for": model.name})
+                    MODEL_EVICTIONS.labels(victim, "room").inc()
                     await self._release(self._models[victim])
                 if needed <= device.free:
                     device.used += needed
@@ -245,6 +257,8 @@ class ModelRepository:
         model.load_seconds = time.perf_counter() - started
         model.last_used = time.time()
         model.loads += 1
+        MODEL_LOADS.labels(model.name).inc()
+        RESIDENT_BYTES.labels(model.name, device.name).set(model.charged_bytes)
         log.info(
             "model warm",
             extra={
@@ -265,7 +279,9 @@ class ModelRepository:
         if model is None:
             raise ModelNotFound(name)
         if model.inflight >= self._max_inflight:
-            raise ServerOverloaded(f"model '{name}' already has {model.inflight} requests waiting")
+            raise ServerOverloaded(
+                f"model '{name}' already has {model.inflight} requests in flight; retry later"
+            )
         model.inflight += 1
         model._idle.clear()
         try:
@@ -300,6 +316,7 @@ class ModelRepository:
         names = idle_models(warm, timeouts, time.time() if now is None else now)
         for name in names:
             log.info("unloading idle model", extra={"model": name})
+            MODEL_EVICTIONS.labels(name, "idle").inc()
             await self._release(self._models[name])
         return names
 
@@ -314,5 +331,6 @@ class ModelRepository:
             log.info("model unloaded", extra={"model": model.name})
         if device is not None:
             device.used -= model.charged_bytes
+            RESIDENT_BYTES.labels(model.name, device.name).set(0)
         if model.state != State.ERROR:
             model.state = State.DOWNLOADED

@@ -30,6 +30,11 @@ CONTROL = "/nodecache/v1/worker"
 REPOSITORY = web.AppKey("repository", ModelRepository)
 
 
+def _batching(body: dict[str, Any]) -> tuple[int, float] | None:
+    raw = body.get("batching")
+    return (int(raw[0]), float(raw[1])) if raw else None
+
+
 async def _register(request: web.Request) -> web.Response:
     body: dict[str, Any] = await request.json()
     request.app[REPOSITORY].register(
@@ -40,6 +45,7 @@ async def _register(request: web.Request) -> web.Response:
         pinned=bool(body.get("pinned", False)),
         idle_timeout=body.get("idleTimeout"),
         size_hint=body.get("sizeHint"),
+        batching=_batching(body),
     )
     return web.json_response({})
 
@@ -49,6 +55,7 @@ async def _policy(request: web.Request) -> web.Response:
     model = request.app[REPOSITORY].get(request.match_info["name"])
     if model is not None:
         model.pinned, model.idle_timeout = bool(body["pinned"]), body.get("idleTimeout")
+        model.batching = _batching(body)
     return web.json_response({})
 
 

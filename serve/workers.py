@@ -55,6 +55,7 @@ class _Registration:
     pinned: bool
     idle_timeout: float | None
     size_hint: int | None
+    batching: tuple[int, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class _Registration:
             "pinned": self.pinned,
             "idleTimeout": self.idle_timeout,
             "sizeHint": self.size_hint,
+            "batching": list(self.batching) if self.batching else None,
         }
 
 
@@ -225,8 +227,11 @@ class WorkerPool:
         pinned: bool,
         idle_timeout: float | None,
         size_hint: int | None,
+        batching: tuple[int, float] | None = None,
     ) -> None:
-        registration = _Registration(path, fmt, entrypoint, pinned, idle_timeout, size_hint)
+        registration = _Registration(
+            path, fmt, entrypoint, pinned, idle_timeout, size_hint, batching
+        )
         worker = self._homes.get(name) or self._choose(fmt)
         # Reserve before the first await, so concurrent registrations spread out.
         worker.registrations[name] = registration
@@ -259,13 +264,21 @@ class WorkerPool:
             await self._refresh(worker)
         worker.models.pop(name, None)
 
-    async def set_policy(self, name: str, *, pinned: bool, idle_timeout: float | None) -> None:
+    async def set_policy(
+        self,
+        name: str,
+        *,
+        pinned: bool,
+        idle_timeout: float | None,
+        batching: tuple[int, float] | None = None,
+    ) -> None:
         worker = self._homes.get(name)
         if worker is None:
             return
         registration = worker.registrations[name]
         registration.pinned, registration.idle_timeout = pinned, idle_timeout
-        body = {"pinned": pinned, "idleTimeout": idle_timeout}
+        registration.batching = batching
+        body = registration.to_json()
         await self._call(worker, "PUT", f"{CONTROL}/models/{name}/policy", body)
 
     def describe(self, name: str) -> dict[str, Any] | None:

@@ -131,7 +131,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             infer_request = decode_infer_request(request)
             result = await self.dataplane.infer(
-                request.model_name, infer_request, request.model_version or None
+                request.model_name, infer_request, request.model_version or None, protocol="grpc"
             )
         except ServeError as exc:
             await self._fail(context, exc)
