@@ -22,9 +22,11 @@ from agent.kube.api import (
     LOCAL_MODEL_CACHES,
     LOCAL_MODEL_NAMESPACE_CACHES,
     LOCAL_MODEL_NODES,
+    PODS,
     Kube,
     connect,
 )
+from agent.kube.callers import CallerIdentity, namespace_guard
 from agent.kube.nodestatus import (
     RequestRates,
     StatusWriter,
@@ -67,6 +69,8 @@ class ClusterOptions:
     """Seconds one watch request lasts before it is renewed from its resourceVersion."""
     cpu_memory_budget: int | None = None
     idle_check_seconds: float = 5.0
+    proc_root: Path = Path("/proc")
+    """Where callers' cgroups are read (the host's /proc: the DaemonSet runs with hostPID)."""
 
 
 async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = None) -> None:
@@ -100,10 +104,13 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
         tcp_port=options.http_port,
         shutdown_timeout=options.shutdown_timeout,
     )
-    await server.start()
-    metrics = await _start_metrics(options)
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
     follower = NodeFollower(kube, agent, options)
+    # Namespaced models answer only to their namespace's pods (before the app is frozen).
+    identity = CallerIdentity(follower.pods, options.proc_root)
+    app.middlewares.append(namespace_guard(follower.access.get, identity))
+    await server.start()
+    metrics = await _start_metrics(options)
     log.info(
         "agent started",
         extra={
@@ -154,6 +161,13 @@ class NodeFollower:
             on_change=self.wake.set,
             watch_timeout=options.watch_timeout,
         )
+        self.pods = Informer(
+            kube,
+            PODS,
+            watch_timeout=options.watch_timeout,
+            field_selector=f"spec.nodeName={options.node_name}",
+        )
+        self.access: dict[str, frozenset[str] | None] = {}
         self.origins: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.generation: int | None = None
@@ -177,7 +191,7 @@ class NodeFollower:
         )
 
     async def run(self) -> None:
-        informers = (self.node, self.caches, self.namespace_caches)
+        informers = (self.node, self.caches, self.namespace_caches, self.pods)
         tasks = [asyncio.create_task(i.run()) for i in informers]
         tasks.append(asyncio.create_task(self.status.run()))
         try:
@@ -204,6 +218,8 @@ class NodeFollower:
             resolved = resolve(node, caches)
             self.generation = node["metadata"].get("generation")
             self.origins, self.errors = resolved.origins, resolved.errors
+            self.access.clear()
+            self.access.update(resolved.access)
             if (resolved.declarations, resolved.errors) != applied:
                 await self.agent.apply(
                     resolved.declarations, origins=resolved.origins, errors=resolved.errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from kubefake.server import FakeApiServer
 from kubernetes import client
 from support import wait_for
 
+from agent.kube.callers import pod_uid_of
 from agent.kube.nodestatus import RequestRates, StatusWriter, node_status, resolve
 
 G, V = "nodecache.io", "v1alpha1"
@@ -214,3 +216,76 @@ def test_request_rates_over_a_window() -> None:
         now[0] += 1
         last = rates.rates()
     assert last == {}
+
+
+def test_namespaced_models_answer_only_to_pods_of_their_namespace(
+    crs: client.CustomObjectsApi,
+    api_client: client.ApiClient,  # noqa: F811
+    fake_api: FakeApiServer,  # noqa: F811
+    mlp_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Peer credentials of this test process, mapped to a pod by a cgroup file we write."""
+    uri = mlp_dir.as_uri()
+    crs.create_namespaced_custom_object(G, V, "team", "localmodelnamespacecaches", {
+        **cache_object("secret", uri), "kind": "LocalModelNamespaceCache"})  # fmt: skip
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", cache_object("open", uri))
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", cache_object(
+        "listed", uri, allowedNamespaces=["team", "ops"]))  # fmt: skip
+    node = {
+        "metadata": {"name": "node-a"},
+        "spec": {
+            "localModels": [
+                {"modelName": m, "sourceModelUri": uri} for m in ("team/secret", "open", "listed")
+            ]
+        },
+    }
+    crs.create_cluster_custom_object(G, V, "localmodelnodes", node)  # fmt: skip
+    core = client.CoreV1Api(api_client)
+    pods = {}
+    for ns in ("team", "other"):
+        pod = {"metadata": {"name": "caller"}, "spec": {"nodeName": "node-a", "containers": []}}
+        pods[ns] = core.create_namespaced_pod(ns, pod).metadata.uid
+    cgroup = tmp_path / "proc" / str(os.getpid()) / "cgroup"
+    cgroup.parent.mkdir(parents=True)
+
+    def run_as_pod_of(ns: str | None) -> None:
+        if ns is None:
+            cgroup.write_text("0::/user.slice/user-0.slice/session-1.scope\n")
+            return
+        uid = pods[ns].replace("-", "_")  # the systemd cgroup driver's spelling
+        cgroup.write_text(
+            f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/"
+            "cri-containerd-0123abcd.scope\n"
+        )
+
+    agent = ClusterAgent(fake_api, tmp_path / "node-a", "node-a", proc_root=tmp_path / "proc")
+    agent.start()
+    try:
+        for model in ("team/secret", "open", "listed"):
+            wait_for(lambda m=model: model_state(crs, m) == "Warm", what=f"{model} Warm")
+        run_as_pod_of("team")
+        wait_for(lambda: infer(agent, "secret") == 200, what="the team pod is let in")
+        assert infer(agent, "listed") == 200 and infer(agent, "open") == 200
+        run_as_pod_of("other")
+        code, body = agent.request("POST", "/v2/models/secret/infer", {"inputs": []})
+        assert code == 403 and "namespace(s) team" in body["error"]
+        assert "a pod of namespace other" in body["error"]
+        assert infer(agent, "listed") == 403 and infer(agent, "open") == 200
+        run_as_pod_of(None)  # not a pod at all
+        assert infer(agent, "secret") == 403 and infer(agent, "open") == 200
+    finally:
+        agent.stop()
+
+
+def test_pod_uid_from_both_cgroup_layouts(tmp_path: Path) -> None:
+    uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    layouts = {
+        1: f"12:memory:/kubepods/besteffort/pod{uid}/0123abcd\n",  # cgroupfs driver, v1
+        2: f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-o-1.scope\n",
+        3: "0::/system.slice/sshd.service\n",
+    }
+    for pid, text in layouts.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(text)
+    assert [pod_uid_of(pid, tmp_path) for pid in (1, 2, 3, 4)] == [uid, uid, None, None]

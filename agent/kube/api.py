@@ -23,6 +23,7 @@ __all__ = [
     "LOCAL_MODEL_NODES",
     "LOCAL_MODEL_NODE_GROUPS",
     "NODES",
+    "PODS",
     "Backoff",
     "Kube",
     "Resource",
@@ -55,6 +56,7 @@ LOCAL_MODEL_NAMESPACE_CACHES = Resource(
 LOCAL_MODEL_NODE_GROUPS = Resource(GROUP, VERSION, "localmodelnodegroups", "LocalModelNodeGroup")
 LOCAL_MODEL_NODES = Resource(GROUP, VERSION, "localmodelnodes", "LocalModelNode")
 NODES = Resource("", "v1", "nodes", "Node")
+PODS = Resource("", "v1", "pods", "Pod", namespaced=True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", namespaced=True)
 
 
@@ -145,6 +147,8 @@ class Kube:
         """The client function listing (and, with watch=True, watching) ``res``."""
         if res == NODES:
             return self.core.list_node, ()
+        if res == PODS:
+            return self.core.list_pod_for_all_namespaces, ()
         if res.group == GROUP:
             ns = res.namespaced and namespace is not None
             fn = (

@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class Resolved:
     origins: dict[str, str]  # model -> "LocalModelCache/name" it came from
     errors: dict[str, str]  # modelName -> why it cannot be served
     complete: bool  # every entry resolved: safe to garbage-collect the disk
+    access: dict[str, frozenset[str] | None] = field(default_factory=dict)
+    """Model -> namespaces whose pods may call it (None: any caller)."""
 
 
 def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
@@ -77,6 +79,10 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
             continue
         out.declarations[decl.name] = decl
         out.origins[decl.name] = f"{kind}/{model_name}"
+        allowed = (obj.get("spec") or {}).get("allowedNamespaces")
+        out.access[decl.name] = (
+            frozenset([namespace]) if namespace else frozenset(allowed) if allowed else None
+        )
     return out
 
 

@@ -1,0 +1,94 @@
+"""Who is calling on the node socket: peer credentials -> PID -> cgroup -> pod -> namespace.
+
+Models of a LocalModelNamespaceCache answer only to pods of its namespace, and a
+LocalModelCache with ``allowedNamespaces`` only to pods of those. The kernel tells us the
+caller's PID (SO_PEERCRED, which the caller cannot forge); the PID's cgroup path names
+its pod's UID (both the cgroupfs and the systemd layouts of the kubelet); a watch of this
+node's pods maps the UID to a namespace. Anything unknown is refused: fail closed.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.kube.watching import Informer
+
+__all__ = ["CallerIdentity", "namespace_guard", "peer_pid", "pod_uid_of"]
+
+_POD_UID = re.compile(
+    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
+)
+Access = Callable[[str], frozenset[str] | None]  # model -> allowed namespaces (None: all)
+
+
+def peer_pid(transport: Any) -> int | None:
+    """The PID of the process at the other end of a Unix socket; None over TCP."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return pid or None
+
+
+def pod_uid_of(pid: int, proc_root: Path = Path("/proc")) -> str | None:
+    """The pod UID in ``pid``'s cgroup path, or None for a process outside any pod."""
+    try:
+        text = (proc_root / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    match = _POD_UID.search(text)
+    return match.group(1).replace("_", "-") if match else None
+
+
+class CallerIdentity:
+    """Maps a caller PID to its pod's namespace through this node's pods."""
+
+    def __init__(self, pods: Informer, proc_root: Path = Path("/proc")) -> None:
+        self.pods = pods
+        self.proc_root = proc_root
+
+    def namespace_of(self, pid: int | None) -> str | None:
+        if pid is None:
+            return None
+        uid = pod_uid_of(pid, self.proc_root)
+        if uid is None:
+            return None
+        for pod in self.pods.items():
+            if pod["metadata"].get("uid") == uid:
+                return pod["metadata"].get("namespace")
+        return None
+
+
+def namespace_guard(access: Access, identity: CallerIdentity) -> Any:
+    """aiohttp middleware: 403 for a namespaced model when the caller's pod is elsewhere."""
+
+    @web.middleware
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        model = request.match_info.get("name")
+        allowed = access(model) if model else None
+        if allowed is not None:
+            namespace = identity.namespace_of(peer_pid(request.transport))
+            if namespace not in allowed:
+                caller = (
+                    f"a pod of namespace {namespace}"
+                    if namespace
+                    else "not a known pod of this node (or not on the node socket)"
+                )
+                message = (
+                    f"model {model} answers only to pods of namespace(s) "
+                    f"{', '.join(sorted(allowed))}; the caller is {caller}"
+                )
+                return web.json_response({"error": message}, status=403)
+        return await handler(request)
+
+    return guard
