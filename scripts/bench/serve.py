@@ -1,0 +1,502 @@
+#!/usr/bin/env python3
+"""Serving benchmark (issue 6): ours vs MLServer, KServe and a bare handler, one run.
+
+Same tiny ONNX MLP (FP32 [1,64] -> [1,10]) everywhere, same session options (one
+intra-op thread), same load generator (autocannon from npm, driven by cannon.js so each
+latency keeps sub-millisecond resolution), JSON and binary bodies, concurrency 1 and 16.
+Repeats go round-robin over every server so slow drift in machine load hits all alike.
+
+    .venv/bin/python scripts/bench/serve.py                       # 3 x 20 s, as issue 6 asks
+    .venv/bin/python scripts/bench/serve.py --duration 5 --repeats 1   # a quick look
+    .venv/bin/python scripts/bench/serve.py --only ours,bare
+
+Servers: ours (agent, in-process model: UDS and TCP), ours --workers 1 (node socket ->
+router -> worker process: the routing cost), MLServer 1.7.1 (custom runtime,
+parallel_workers 0, own venv), KServe 0.21.0 ModelServer (kserve.Model, logging off, own
+venv), and a bare aiohttp handler calling onnxruntime on the event loop (the ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, ensure_autocannon, ensure_venv, loadavg, log, median, table, verdict
+
+HERE = Path(__file__).resolve().parent
+PROJECT_PY = ROOT / ".venv" / "bin" / "python"
+MODEL = "mlp"
+INFER_PATH = f"/v2/models/{MODEL}/infer"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- request bodies -----------------------------------------------------------------
+
+
+def write_bodies(folder: Path) -> dict[str, tuple[Path, dict[str, str]]]:
+    """body kind -> (file, headers). Both ask for the whole [1,10] output back."""
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    json_doc = {
+        "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
+    json_file = folder / "body.json"
+    json_file.write_text(json.dumps(json_doc))
+    raw = x.tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    bin_file = folder / "body.bin"
+    bin_file.write_bytes(header + raw)
+    return {
+        "json": (json_file, {"Content-Type": "application/json"}),
+        "binary": (
+            bin_file,
+            {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))},
+        ),
+    }
+
+
+# -- servers ------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    label: str
+    url: str  # http://host:port or http://localhost (with socket)
+    socket: Path | None = None
+
+
+@dataclass
+class Server:
+    name: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    endpoints: list[Endpoint] = field(default_factory=list)
+    pid: int | None = None  # the process that answers (for profiling)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def _spawn(command: list[str], log_file: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    out = log_file.open("ab")
+    # Own process group, so stopping a server stops its children (workers) too.
+    return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=out, start_new_session=True)
+
+
+async def _request(endpoint: Endpoint, method: str, path: str, **kw: object) -> tuple[int, bytes]:
+    connector = aiohttp.UnixConnector(path=str(endpoint.socket)) if endpoint.socket else None
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        session.request(method, endpoint.url + path, **kw) as resp,  # type: ignore[arg-type]
+    ):
+        return resp.status, await resp.read()
+
+
+def request(endpoint: Endpoint, method: str, path: str, **kw: object) -> tuple[int, bytes]:
+    return asyncio.run(_request(endpoint, method, path, **kw))
+
+
+def wait_until(server: Server, check: object, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc in server.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{server.name} exited {proc.returncode} while waiting for {what}"
+                )
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except (TimeoutError, OSError, aiohttp.ClientError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name}: timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def probe_infer(endpoint: Endpoint, body: tuple[Path, dict[str, str]]) -> tuple[int, bytes]:
+    path, headers = body
+    return request(endpoint, "POST", INFER_PATH, data=path.read_bytes(), headers=headers)
+
+
+def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -> Server:
+    name = "ours --workers 1" if workers else "ours"
+    home.mkdir(parents=True, exist_ok=True)
+    declarations = home / "declarations"
+    declarations.mkdir(exist_ok=True)
+    declaration = {
+        "apiVersion": "nodecache.io/v1alpha1",
+        "kind": "LocalModelCache",
+        "metadata": {"name": MODEL},
+        "spec": {
+            "sourceModelUri": model_dir.as_uri() + "/",
+            "modelSize": "1Mi",
+            "nodeGroups": ["default"],
+            "format": "onnx",
+        },
+    }
+    (declarations / "mlp.yaml").write_text(json.dumps(declaration))
+    socket_dir = home / "run"
+    command = [
+        str(PROJECT_PY), "-m", "agent.cli", "agent",
+        "--declarations", str(declarations),
+        "--cache-dir", str(home / "cache"),
+        "--socket-dir", str(socket_dir),
+        "--metrics-port", "0",
+        "--log-format", "json",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    port = free_port() if tcp else None
+    if port is not None:
+        command += ["--http-port", str(port)]
+    if workers:
+        command += ["--workers", str(workers)]
+    server = Server(name, [_spawn(command, home / "agent.log")])
+    uds = Endpoint(f"{name} UDS", "http://localhost", socket_dir / "nodecache.sock")
+    server.endpoints.append(uds)
+    if port is not None:
+        server.endpoints.append(Endpoint(f"{name} TCP", f"http://127.0.0.1:{port}"))
+    server.pid = server.procs[0].pid
+
+    def state() -> str | None:
+        code, data = request(uds, "GET", "/nodecache/v1/status")
+        if code != 200:
+            return None
+        models = json.loads(data)["models"]
+        return next((m["state"] for m in models if m["name"] == MODEL), None)
+
+    wait_until(server, lambda: state() in ("Downloaded", "Loading", "Warm"), f"{name} model")
+    wait_until(server, lambda: request(uds, "POST", f"/v2/repository/models/{MODEL}/load")[0]
+               == 200, f"{name} load")  # fmt: skip
+    wait_until(server, lambda: state() == "Warm", f"{name} warm")
+    if workers:
+        # The process that runs the model is the worker, a child of the agent.
+        found = subprocess.run(
+            ["pgrep", "-P", str(server.procs[0].pid), "-f", "serve.worker"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        server.pid = int(found[0]) if found else None
+    return server
+
+
+def start_bare(home: Path, model: Path) -> Server:
+    port, sock = free_port(), home / "bare.sock"
+    sock.unlink(missing_ok=True)
+    command = [str(PROJECT_PY), str(HERE / "_serve_peers.py"), "bare", str(model), str(port),
+               str(sock)]  # fmt: skip
+    server = Server("bare aiohttp+ort", [_spawn(command, home / "bare.log")])
+    tcp = Endpoint("bare aiohttp+ort TCP", f"http://127.0.0.1:{port}")
+    server.endpoints = [tcp, Endpoint("bare aiohttp+ort UDS", "http://localhost", sock)]
+    server.pid = server.procs[0].pid
+    wait_until(server, lambda: request(tcp, "GET", "/v2/health/live")[0] == 200, "bare server")
+    return server
+
+
+def start_kserve(home: Path, model: Path) -> Server:
+    python = ensure_venv("kserve")
+    port = free_port()
+    command = [str(python), str(HERE / "_serve_peers.py"), "kserve", str(model), str(port)]
+    server = Server("KServe", [_spawn(command, home / "kserve.log")])
+    tcp = Endpoint("KServe 0.21 TCP", f"http://127.0.0.1:{port}")
+    server.endpoints = [tcp]
+    server.pid = server.procs[0].pid
+    wait_until(server, lambda: request(tcp, "GET", f"/v2/models/{MODEL}/ready")[0] == 200,
+               "KServe model ready")  # fmt: skip
+    return server
+
+
+def start_mlserver(home: Path, model: Path) -> Server:
+    python = ensure_venv("mlserver")
+    sys.path.insert(0, str(HERE))
+    from _serve_peers import write_mlserver_repo
+
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    repo = write_mlserver_repo(home / "mlserver", model, ports)
+    mlserver = python.parent / "mlserver"
+    server = Server("MLServer", [_spawn([str(mlserver), "start", str(repo)],
+                                        home / "mlserver.log", cwd=repo)])  # fmt: skip
+    tcp = Endpoint("MLServer 1.7 TCP", f"http://127.0.0.1:{ports['http']}")
+    server.endpoints = [tcp]
+    server.pid = server.procs[0].pid
+    wait_until(server, lambda: request(tcp, "GET", f"/v2/models/{MODEL}/ready")[0] == 200,
+               "MLServer model ready")  # fmt: skip
+    return server
+
+
+# -- load ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    errors: int
+
+
+def cannon(
+    cli: Path, endpoint: Endpoint, body: tuple[Path, dict[str, str]], connections: int,
+    duration: float, warmup: float,
+) -> Sample:  # fmt: skip
+    path, headers = body
+    opts = {
+        "autocannon": str(cli.parent),
+        "url": endpoint.url + INFER_PATH,
+        "socketPath": str(endpoint.socket) if endpoint.socket else None,
+        "connections": connections,
+        "duration": duration,
+        "warmup": warmup,
+        "headers": headers,
+        "bodyFile": str(path),
+    }
+    done = subprocess.run(
+        ["node", str(HERE / "cannon.js"), json.dumps(opts)],
+        capture_output=True,
+        text=True,
+        timeout=duration + warmup + 120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cannon failed on {endpoint.label}: {done.stderr[-2000:]}")
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    return Sample(
+        doc["rps"], doc["p50_ms"] or float("nan"), doc["p99_ms"] or float("nan"),
+        doc["non2xx"], doc["errors"] + doc["timeouts"],
+    )  # fmt: skip
+
+
+@dataclass
+class Cell:
+    samples: list[Sample] = field(default_factory=list)
+
+    def med(self, attr: str) -> float:
+        return median([getattr(s, attr) for s in self.samples])
+
+
+@contextlib.contextmanager
+def servers_up(which: set[str], home: Path, model_dir: Path) -> Iterator[list[Server]]:
+    started: list[Server] = []
+    try:
+        model = model_dir / "model.onnx"
+        if "ours" in which:
+            started.append(start_ours(home / "ours", model_dir, workers=None, tcp=True))
+        if "workers" in which:
+            started.append(start_ours(home / "ours-w1", model_dir, workers=1, tcp=False))
+        if "bare" in which:
+            started.append(start_bare(home, model))
+        if "mlserver" in which:
+            started.append(start_mlserver(home, model))
+        if "kserve" in which:
+            started.append(start_kserve(home, model))
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def profile(server: Server, seconds: float, out: Path, run_load: object) -> None:
+    """py-spy record the serving process while ``run_load`` runs (needs root or ptrace)."""
+    pyspy = ensure_venv("tools").parent / "py-spy"
+    assert server.pid is not None
+    spy = subprocess.Popen(
+        [str(pyspy), "record", "--pid", str(server.pid), "--duration", str(int(seconds)),
+         "--format", "raw", "--output", str(out), "--subprocesses", "--idle", "--rate", "250"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    run_load()  # type: ignore[operator]
+    spy.wait(60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per cell (median)")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated connections")
+    parser.add_argument("--bodies", default="json,binary", help="json, binary or both")
+    parser.add_argument(
+        "--only",
+        default="ours,workers,bare,mlserver,kserve",
+        help="servers to run (comma-separated from: ours, workers, bare, mlserver, kserve)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="instead of the table: py-spy record each of ours' serving processes at c=16 "
+        "(JSON and binary) and write collapsed stacks to DIR",
+    )
+    parser.add_argument("--keep", type=Path, help="keep server folders and logs here")
+    args = parser.parse_args()
+
+    which = set(args.only.split(","))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    kinds = args.bodies.split(",")
+    cli = ensure_autocannon()
+    home = args.keep or Path(tempfile.mkdtemp(prefix="nodecache-bench-"))
+    home.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from serve.examples import write_mlp_onnx
+
+    model_dir = home / "model"
+    write_mlp_onnx(model_dir / "model.onnx")
+    bodies = write_bodies(home)
+
+    with servers_up(which, home, model_dir) as servers:
+        endpoints = [e for s in servers for e in s.endpoints]
+        usable: dict[tuple[str, str], bool] = {}
+        for endpoint in endpoints:
+            for kind in kinds:
+                code, data = probe_infer(endpoint, bodies[kind])
+                usable[(endpoint.label, kind)] = code == 200
+                if code != 200:
+                    log(f"{endpoint.label} answers {code} to a {kind} body: "
+                        f"{data[:200]!r}; left out")  # fmt: skip
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for server in servers:
+                for kind in kinds:
+                    endpoint = server.endpoints[0]
+                    if not usable[(endpoint.label, kind)] or server.pid is None:
+                        continue
+                    out = args.profile / f"{endpoint.label.replace(' ', '_')}-{kind}.txt"
+                    log(f"profiling {endpoint.label} {kind} -> {out}")
+                    profile(server, args.duration, out, lambda e=endpoint, k=kind: cannon(
+                        cli, e, bodies[k], 16, args.duration, 0))  # fmt: skip
+            return 0
+
+        cells: dict[tuple[str, str, int], Cell] = {}
+        log(f"load average before: {loadavg()}; {args.repeats} x {args.duration:g} s "
+            f"(+{args.warmup:g} s warm-up) per cell")  # fmt: skip
+        started = time.monotonic()
+        for repeat in range(args.repeats):
+            for kind in kinds:
+                for c in levels:
+                    for endpoint in endpoints:
+                        if not usable[(endpoint.label, kind)]:
+                            continue
+                        sample = cannon(cli, endpoint, bodies[kind], c, args.duration, args.warmup)
+                        cells.setdefault((endpoint.label, kind, c), Cell()).samples.append(sample)
+                        log(f"[{repeat + 1}/{args.repeats}] {endpoint.label:24} {kind:6} c={c:<3}"
+                            f" {sample.rps:8.0f} req/s  p50 {sample.p50_ms:6.2f} ms  p99 "
+                            f"{sample.p99_ms:6.2f} ms  non-2xx {sample.non2xx} "
+                            f"errors {sample.errors}")  # fmt: skip
+        log(f"load average after: {loadavg()}; took {time.monotonic() - started:.0f} s")
+
+    print(f"\n## Serving a [1,64]->[1,10] ONNX MLP: medians of {args.repeats} x "
+          f"{args.duration:g} s after {args.warmup:g} s warm-up\n")  # fmt: skip
+    rows = []
+    for kind in kinds:
+        for c in levels:
+            for endpoint in endpoints:
+                cell = cells.get((endpoint.label, kind, c))
+                if cell is None:
+                    rows.append([endpoint.label, kind, c, "unsupported", "", "", ""])
+                    continue
+                bad = sum(s.non2xx + s.errors for s in cell.samples)
+                rows.append([endpoint.label, kind, c, cell.med("rps"), cell.med("p50_ms"),
+                             cell.med("p99_ms"), bad])  # fmt: skip
+    print(table(["server", "body", "conc.", "req/s", "p50 ms", "p99 ms", "non-2xx+errors"], rows))
+    print(f"\nload average at the end: {loadavg()}")
+    print_targets(cells, kinds, levels)
+    if args.keep is None:
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+def print_targets(
+    cells: dict[tuple[str, str, int], Cell], kinds: list[str], levels: list[int]
+) -> None:
+    def get(label: str, kind: str, c: int) -> Cell | None:
+        return cells.get((label, kind, c))
+
+    checks: list[tuple[str, str, str]] = []
+    c = 16 if 16 in levels else max(levels)
+    for kind in kinds:
+        peers = [
+            p for p in (get("MLServer 1.7 TCP", kind, c), get("KServe 0.21 TCP", kind, c)) if p
+        ]
+        best = max(peers, key=lambda p: p.med("rps")) if peers else None
+        for ours_label in ("ours TCP", "ours UDS"):
+            ours = get(ours_label, kind, c)
+            if ours is None:
+                continue
+            if best is not None:
+                ratio = ours.med("rps") / best.med("rps")
+                checks.append((f"{ours_label} {kind} c={c}: >= 3x the faster peer's req/s",
+                               f"{ratio:.2f}x", verdict(ratio >= 3)))  # fmt: skip
+                ratio = ours.med("p99_ms") / best.med("p99_ms")
+                checks.append((f"{ours_label} {kind} c={c}: p99 <= 1/2 the faster peer's p99",
+                               f"{ratio:.2f}x", verdict(ratio <= 0.5)))  # fmt: skip
+            bare = get("bare aiohttp+ort " + ours_label.split()[-1], kind, c)
+            if bare is not None:
+                ratio = ours.med("rps") / bare.med("rps")
+                what = f"{ours_label} {kind} c={c}: >= 80% of the bare handler (same transport)"
+                checks.append((what, f"{ratio:.0%}", verdict(ratio >= 0.8)))
+        uds, tcp = get("ours UDS", kind, c), get("ours TCP", kind, c)
+        if uds and tcp:
+            ratio = uds.med("rps") / tcp.med("rps")
+            checks.append((f"ours {kind} c={c}: UDS at least as fast as TCP", f"{ratio:.2f}x",
+                           verdict(ratio >= 0.98)))  # fmt: skip
+        for level in levels:
+            direct, routed = get("ours UDS", kind, level), get("ours --workers 1 UDS", kind, level)
+            if direct and routed:
+                added = routed.med("p50_ms") - direct.med("p50_ms")
+                ratio = routed.med("rps") / direct.med("rps")
+                what = f"routing cost {kind} c={level}: router->worker vs in-process"
+                checks.append((what, f"{ratio:.0%} of the req/s, p50 +{added:.2f} ms", "info"))
+    if checks:
+        print("\n## Targets (issue 6)\n")
+        print(table(["target", "measured", "verdict"], checks))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
