@@ -69,6 +69,8 @@ class ClusterOptions:
     """Seconds one watch request lasts before it is renewed from its resourceVersion."""
     cpu_memory_budget: int | None = None
     idle_check_seconds: float = 5.0
+    rate_window: float = 10.0
+    """Seconds over which the request rate per model is reported."""
     proc_root: Path = Path("/proc")
     """Where callers' cgroups are read (the host's /proc: the DaemonSet runs with hostPID)."""
 
@@ -171,7 +173,7 @@ class NodeFollower:
         self.origins: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.generation: int | None = None
-        self.rates = RequestRates()
+        self.rates = RequestRates(options.rate_window)
         self.status = StatusWriter(
             kube,
             options.node_name,

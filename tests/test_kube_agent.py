@@ -47,6 +47,7 @@ def node_a(fake_api: FakeApiServer, tmp_path: Path) -> Iterator[ClusterAgent]:  
     agent = ClusterAgent(fake_api, tmp_path / "node-a", "node-a").start()
     yield agent
     agent.stop()
+    assert fake_api.pruned == [], "the agent wrote fields the CRD schema does not have"
 
 
 def node_status_of(crs: client.CustomObjectsApi, name: str = "node-a") -> dict[str, Any]:
@@ -276,6 +277,7 @@ def test_namespaced_models_answer_only_to_pods_of_their_namespace(
         assert infer(agent, "secret") == 403 and infer(agent, "open") == 200
     finally:
         agent.stop()
+    assert fake_api.pruned == []
 
 
 def test_pod_uid_from_both_cgroup_layouts(tmp_path: Path) -> None:

@@ -13,8 +13,10 @@ from kubefake.server import FakeApiServer
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from support import wait_for
+from test_cache_s3 import S3Server, s3, s3_server, upload  # noqa: F401 (fixtures)
 
 from agent.kube.placement import FINALIZER
+from serve.examples import write_mlp_onnx
 
 G, V = "nodecache.io", "v1alpha1"
 
@@ -50,12 +52,15 @@ def cluster(
         "apiVersion": f"{G}/{V}", "kind": "LocalModelNodeGroup", "metadata": {"name": "cpu"},
         "spec": {"nodeSelector": {"pool": "cpu"}, "storageLimit": "1Gi"},
     })  # fmt: skip
-    agents = {n: ClusterAgent(fake_api, tmp_path / n, n).start() for n in ("n1", "n2")}
+    agents = {
+        n: ClusterAgent(fake_api, tmp_path / n, n, rate_window=1.0).start() for n in ("n1", "n2")
+    }
     reconciler = ClusterReconciler(fake_api, tmp_path / "reconciler", "r1").start()
     yield {"agents": agents, "reconciler": reconciler}
     reconciler.stop()
     for agent in agents.values():
         agent.stop()
+    assert fake_api.pruned == [], "a write carried fields the CRD schema does not have"
 
 
 def get_cache(crs: client.CustomObjectsApi, name: str = "mlp") -> dict[str, Any]:
@@ -199,3 +204,44 @@ def _cache_gone(crs: client.CustomObjectsApi) -> bool:
     except ApiException as exc:
         return exc.status == 404
     return False
+
+
+def test_warm_copies_follow_load_from_s3(
+    cluster: dict[str, Any],
+    crs: client.CustomObjectsApi,
+    s3: S3Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Both agents fetch from a real S3 server; warm copies rise under load, fall when idle."""
+    write_mlp_onnx(tmp_path / "model.onnx")
+    upload(s3, "sim/mlp", {"model.onnx": (tmp_path / "model.onnx").read_bytes()})
+    policy = {"minReplicas": 1, "maxReplicas": 2, "targetRequestsPerSecond": 2}
+    crs.create_cluster_custom_object(G, V, "localmodelcaches", {
+        "metadata": {"name": "mlp"},
+        "spec": {"sourceModelUri": f"s3://{s3.bucket}/sim/mlp/", "modelSize": "1Mi",
+                 "nodeGroups": ["cpu"], "warm": policy},
+    })  # fmt: skip
+    wait_for(lambda: cache_status(crs).get("copies", {}).get("available") == 2, what="2 copies")
+    assert cache_status(crs)["warm"]["desired"] == 1
+
+    def warm_flags() -> list[bool]:
+        return [
+            crs.get_cluster_custom_object(G, V, "localmodelnodes", n)["spec"]["localModels"][0][
+                "warm"
+            ]
+            for n in ("n1", "n2")
+        ]
+
+    n1 = cluster["agents"]["n1"]
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                        "data": [0.5] * 64}]}  # fmt: skip
+
+    def loaded() -> bool:
+        for _ in range(20):
+            assert n1.request("POST", "/v2/models/mlp/infer", body)[0] == 200
+        return cache_status(crs)["warm"]["desired"] == 2
+
+    wait_for(loaded, what="a second warm copy under load")
+    assert sorted(warm_flags()) == [True, True]
+    wait_for(lambda: cache_status(crs)["warm"]["desired"] == 1, what="back to one when idle")
+    wait_for(lambda: sorted(warm_flags()) == [False, True], what="one warm flag")

@@ -134,6 +134,7 @@ class FakeApiServer:
         self.history_limit = history_limit
         self.state = _State()
         self.requests: list[tuple[str, str]] = []  # (method, path?query) seen, for tests
+        self.pruned: list[str] = []  # "<kind>/<name>" whose writes carried unknown fields
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -485,7 +486,10 @@ class FakeApiServer:
         obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
         if rtype.schema is None:
             return obj
-        obj = prune(rtype.schema, obj)
+        kept = prune(rtype.schema, obj)
+        if kept != obj:  # the apiserver drops these silently: tests want to know
+            self.pruned.append(f"{rtype.kind}/{obj['metadata'].get('name')}")
+        obj = kept
         problems = validate_object(rtype.schema, obj, old)
         if problems:
             name = obj["metadata"].get("name")
