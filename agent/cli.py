@@ -40,6 +40,24 @@ def _quantity(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _group(text: str) -> int:
+    import grp
+
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+
+
 def _default_socket_dir() -> Path:
     return Path(os.environ.get("NODECACHE_SOCKET_DIR", STANDALONE_HOME / "run"))
 
@@ -131,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N model-server worker processes, supervised, spread over the GPUs "
         "(default: one per GPU; on CPU-only nodes models are served in the agent process)",
     )
+    agent.add_argument(
+        "--socket-group",
+        type=_group,
+        metavar="GROUP",
+        help="group (name or id) that owns the sockets; they are mode 0660 (default: the "
+        "agent's group)",
+    )
+    agent.add_argument(
+        "--model-concurrency",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="runtime calls one model may run at once (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--model-queue",
+        type=_positive,
+        default=256,
+        metavar="N",
+        help="requests one model may hold, running or waiting; more get 503 with "
+        "Retry-After (default: %(default)s)",
+    )
     _logging_options(agent)
 
     status = commands.add_parser(
@@ -192,6 +232,9 @@ def _agent(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         cpu_memory_budget=args.cpu_memory_budget,
         workers=args.workers,
+        socket_group=args.socket_group,
+        model_concurrency=args.model_concurrency,
+        model_queue=args.model_queue,
         log_format=args.log_format,
     )
     asyncio.run(run_standalone(options))

@@ -45,6 +45,9 @@ class AgentOptions:
     shutdown_timeout: float = 30.0
     cpu_memory_budget: int | None = None
     workers: int | None = None
+    socket_group: int | None = None
+    model_concurrency: int = 4
+    model_queue: int = 256
     log_format: str = "text"
     idle_check_seconds: float = 5.0
 
@@ -70,6 +73,8 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
             worker_devices(devices, options.workers),
             options.socket_dir,
             log_format=options.log_format,
+            model_concurrency=options.model_concurrency,
+            model_queue=options.model_queue,
         )
         await pool.start()
         agent = NodeAgent(store, pool)
@@ -78,7 +83,11 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
         background.append(asyncio.create_task(_every(1.0, pool.refresh_all)))
     else:
         # One CPU server: serve in this process, no hop between the socket and the model.
-        repository = ModelRepository(devices)
+        repository = ModelRepository(
+            devices,
+            max_inflight_per_model=options.model_queue,
+            max_concurrency_per_model=options.model_concurrency,
+        )
         agent = NodeAgent(store, LocalHost(repository))
         dataplane = DataPlane(repository, catalog=agent)
         app = build_app(dataplane)
@@ -92,12 +101,14 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
         tcp_host=options.http_host,
         tcp_port=options.http_port,
         shutdown_timeout=options.shutdown_timeout,
+        socket_group=options.socket_group,
     )
     grpc_server = GrpcServer(
         dataplane,  # type: ignore[arg-type]  # both answer what the servicer asks
         options.socket_dir / GRPC_SOCKET_NAME,
         tcp_host=options.http_host,
         tcp_port=options.grpc_port,
+        socket_group=options.socket_group,
     )
     await server.start()
     await grpc_server.start()

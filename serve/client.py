@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -13,7 +15,7 @@ import numpy as np
 from serve.protocol import HEADER_LENGTH
 from serve.tensors import decode_tensor, encode_tensor
 
-__all__ = ["ClientError", "NodeClient"]
+__all__ = ["ClientError", "NodeClient", "SyncNodeClient"]
 
 
 class ClientError(Exception):
@@ -65,27 +67,97 @@ class NodeClient:
         self, model: str, inputs: dict[str, np.ndarray], *, binary: bool = False
     ) -> dict[str, np.ndarray]:
         """Run one inference; ``binary`` sends and asks for raw tensor bytes."""
-        specs, chunks = [], []
-        for name, array in inputs.items():
-            spec, raw = encode_tensor(name, np.asarray(array), binary=binary)
-            specs.append(spec)
-            if raw is not None:
-                chunks.append(raw)
-        doc: dict[str, Any] = {"inputs": specs}
-        if binary:
-            doc["parameters"] = {"binary_data_output": True}
-        header = json.dumps(doc).encode()
-        headers = {"Content-Type": "application/json"}
-        if binary:
-            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+        body, headers = _infer_body(inputs, binary)
         async with self._session.post(
-            f"/v2/models/{model}/infer", data=header + b"".join(chunks), headers=headers
+            f"/v2/models/{model}/infer", data=body, headers=headers
         ) as resp:
             if resp.status != 200:
                 await _json_or_raise(resp)
-            body = await resp.read()
+            payload = await resp.read()
             length = resp.headers.get(HEADER_LENGTH)
-        return _decode_outputs(body, int(length) if length else None)
+        return _decode_outputs(payload, int(length) if length else None)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class SyncNodeClient:
+    """The same client for code without an event loop (one keep-alive connection)."""
+
+    def __init__(self, socket_path: Path | str, *, timeout: float = 60.0) -> None:
+        self._conn = _UnixConnection(str(socket_path), timeout)
+
+    def __enter__(self) -> SyncNodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        self._conn.request(method, path, body=body, headers=headers)
+        resp = self._conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+
+    def get(self, path: str) -> Any:
+        return _json_or_error(*self._request("GET", path, None, {}))
+
+    def post(self, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else b""
+        return _json_or_error(
+            *self._request("POST", path, data, {"Content-Type": "application/json"})
+        )
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], *, binary: bool = False
+    ) -> dict[str, np.ndarray]:
+        body, headers = _infer_body(inputs, binary)
+        status, resp_headers, payload = self._request(
+            "POST", f"/v2/models/{model}/infer", body, headers
+        )
+        if status != 200:
+            _json_or_error(status, resp_headers, payload)
+        length = {k.lower(): v for k, v in resp_headers.items()}.get(HEADER_LENGTH.lower())
+        return _decode_outputs(payload, int(length) if length else None)
+
+
+def _infer_body(inputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict[str, str]]:
+    specs, chunks = [], []
+    for name, array in inputs.items():
+        spec, raw = encode_tensor(name, np.asarray(array), binary=binary)
+        specs.append(spec)
+        if raw is not None:
+            chunks.append(raw)
+    doc: dict[str, Any] = {"inputs": specs}
+    if not binary:
+        return json.dumps(doc).encode(), {"Content-Type": "application/json"}
+    doc["parameters"] = {"binary_data_output": True}
+    header = json.dumps(doc).encode()
+    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+    return header + b"".join(chunks), headers
+
+
+def _json_or_error(status: int, headers: dict[str, str], payload: bytes) -> Any:
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        doc = {"error": payload[:500].decode(errors="replace")}
+    if status >= 400:
+        raise ClientError(status, doc.get("error", "") if isinstance(doc, dict) else str(doc))
+    return doc
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:

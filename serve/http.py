@@ -6,17 +6,26 @@ answer carries an OIP error body, ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
 from aiohttp import web
 
 from serve.dataplane import DataPlane
 from serve.errors import InvalidInput, PayloadTooLarge, ServeError
-from serve.protocol import HEADER_LENGTH, decode_request, encode_response
+from serve.protocol import (
+    DEFAULT_MAX_ELEMENTS,
+    HEADER_LENGTH,
+    InferRequest,
+    decode_request,
+    encode_response,
+)
+from serve.tensors import DATATYPES
 
 __all__ = ["DEFAULT_MAX_BODY", "NodeServer", "build_app", "error_response"]
 
@@ -25,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 MAX_BODY = web.AppKey("max_body", int)
+MAX_ELEMENTS = web.AppKey("max_elements", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -95,7 +105,7 @@ async def _infer(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[MAX_BODY]
         raise PayloadTooLarge(f"request body is larger than the {limit} byte limit") from None
-    infer_request = decode_request(body, header_length)
+    infer_request = decode_request(body, header_length, max_elements=request.app[MAX_ELEMENTS])
     result = await request.app[DATAPLANE].infer(name, infer_request, _version(request))
     payload, json_length = encode_response(result)
     if json_length is None:
@@ -105,6 +115,39 @@ async def _infer(request: web.Request) -> web.Response:
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(json_length)},
     )
+
+
+async def _v1_model(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    return web.json_response({"name": name, "ready": request.app[DATAPLANE].model_ready(name)})
+
+
+async def _v1_predict(request: web.Request) -> web.Response:
+    """KServe V1 ``{"instances": [...]}`` for old clients: single-input models only."""
+    name = request.match_info["name"]
+    dataplane = request.app[DATAPLANE]
+    try:
+        doc = json.loads(await request.read())
+    except ValueError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
+        raise InvalidInput('a V1 request is {"instances": [...]}')
+    meta = await dataplane.model_metadata(name)
+    if len(meta["inputs"]) != 1:
+        raise InvalidInput(f"model '{name}' takes {len(meta['inputs'])} inputs; use the V2 API")
+    spec = meta["inputs"][0]
+    dtype = DATATYPES[spec["datatype"]]
+    try:
+        array = np.asarray(doc["instances"], dtype=dtype)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"instances do not fit {spec['datatype']}: {exc}") from None
+    result = await dataplane.infer(name, InferRequest(inputs={spec["name"]: array}), protocol="v1")
+    first = next(iter(result.outputs.values()))
+    return web.json_response({"predictions": first.tolist()}, dumps=_dumps)
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
 
 
 async def _repository_index(request: web.Request) -> web.Response:
@@ -121,11 +164,17 @@ async def _repository_unload(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-def build_app(dataplane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+def build_app(
+    dataplane: DataPlane,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> web.Application:
     """The OIP v2 REST app; callers may add routes (the agent adds its status)."""
     app = web.Application(middlewares=[_errors], client_max_size=max_body)
     app[DATAPLANE] = dataplane
     app[MAX_BODY] = max_body
+    app[MAX_ELEMENTS] = max_elements
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     app.router.add_get("/v2/health/live", _live)
@@ -135,6 +184,8 @@ def build_app(dataplane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY) -> web.
         app.router.add_get(base, _model_metadata)
         app.router.add_get(base + "/ready", _model_ready)
         app.router.add_post(base + "/infer", _infer)
+    app.router.add_get("/v1/models/{name}", _v1_model)
+    app.router.add_post(r"/v1/models/{name:[^/:]+}:predict", _v1_predict)
     app.router.add_post("/v2/repository/index", _repository_index)
     app.router.add_post("/v2/repository/models/{name}/load", _repository_load)
     app.router.add_post("/v2/repository/models/{name}/unload", _repository_unload)
@@ -152,8 +203,10 @@ class NodeServer:
         tcp_host: str = "127.0.0.1",
         tcp_port: int | None = None,
         shutdown_timeout: float = 30.0,
+        socket_group: int | None = None,
     ) -> None:
         self.socket_path = socket_path
+        self._group = socket_group
         self._tcp = (tcp_host, tcp_port)
         self._runner = web.AppRunner(
             app,
@@ -175,6 +228,8 @@ class NodeServer:
             await web.UnixSite(self._runner, str(self.socket_path)).start()
         finally:
             os.umask(old_umask)
+        if self._group is not None:
+            os.chown(self.socket_path, -1, self._group)
         host, port = self._tcp
         if port is not None:
             site = web.TCPSite(self._runner, host, port)

@@ -17,6 +17,7 @@ from serve.errors import InvalidInput
 from serve.tensors import decode_tensor, encode_tensor
 
 __all__ = [
+    "DEFAULT_MAX_ELEMENTS",
     "HEADER_LENGTH",
     "InferRequest",
     "InferResponse",
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Elements one tensor may claim: refuses a [10**12] shape before any allocation.
+DEFAULT_MAX_ELEMENTS = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+def decode_request(
+    body: bytes, header_length: int | None = None, *, max_elements: int | None = None
+) -> InferRequest:
     """Parse a REST infer body; ``header_length`` is the JSON part's size when binary follows."""
     if header_length is None:
         header, binary = body, b""
@@ -95,7 +100,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
                     )
                 raw = binary[offset : offset + size]
                 offset += size
-        name, array = decode_tensor(spec, raw)
+        name, array = decode_tensor(spec, raw, max_elements=max_elements)
         if name in inputs:
             raise InvalidInput(f"input '{name}' is given twice")
         inputs[name] = array

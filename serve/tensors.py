@@ -71,7 +71,9 @@ def _dtype_of(name: str, spec: dict[str, Any]) -> tuple[str, np.dtype]:
     return datatype, DATATYPES[datatype]
 
 
-def decode_tensor(spec: Any, raw: bytes | memoryview | None = None) -> tuple[str, np.ndarray]:
+def decode_tensor(
+    spec: Any, raw: bytes | memoryview | None = None, *, max_elements: int | None = None
+) -> tuple[str, np.ndarray]:
     """Turn one request tensor into (name, array shaped as declared).
 
     ``raw`` holds the tensor's bytes when it came through the binary tensor data
@@ -83,6 +85,11 @@ def decode_tensor(spec: Any, raw: bytes | memoryview | None = None) -> tuple[str
     datatype, dtype = _dtype_of(name, spec)
     shape = _shape_of(name, spec)
     count = prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise InvalidInput(
+            f"tensor '{name}': shape {list(shape)} has {count} elements, "
+            f"over the limit of {max_elements}"
+        )
     if raw is not None:
         array = _from_binary(name, datatype, dtype, raw, count)
     else:

@@ -94,7 +94,11 @@ def build_worker_app(repository: ModelRepository) -> web.Application:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    repository = ModelRepository([Device(args.device, args.total, args.budget)])
+    repository = ModelRepository(
+        [Device(args.device, args.total, args.budget)],
+        max_inflight_per_model=args.model_queue,
+        max_concurrency_per_model=args.model_concurrency,
+    )
     server = NodeServer(build_worker_app(repository), Path(args.socket))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, required=True)
     parser.add_argument("--idle-check-seconds", type=float, default=5.0)
     parser.add_argument("--log-format", default="text")
+    parser.add_argument("--model-concurrency", type=int, default=4)
+    parser.add_argument("--model-queue", type=int, default=256)
     args = parser.parse_args(argv)
     setup_logging(args.log_format)
     asyncio.run(_serve(args))

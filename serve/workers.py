@@ -90,13 +90,20 @@ class WorkerPool:
     """A ModelHost whose models live in supervised worker processes."""
 
     def __init__(
-        self, devices: list[Device], socket_dir: Path, *, log_format: str = "text"
+        self,
+        devices: list[Device],
+        socket_dir: Path,
+        *,
+        log_format: str = "text",
+        model_concurrency: int = 4,
+        model_queue: int = 256,
     ) -> None:
         self._workers = [
             _Worker(i, d, socket_dir / "workers" / f"worker-{i}.sock")
             for i, d in enumerate(devices)
         ]
         self._log_format = log_format
+        self._limits = (model_concurrency, model_queue)
         # Workers record metrics here (prometheus_client multiprocess mode); the agent's
         # /metrics reads them all.
         self.metrics_dir: Path | None = socket_dir / "workers" / "metrics"
@@ -123,6 +130,8 @@ class WorkerPool:
             "--total", str(worker.device.total),
             "--budget", str(worker.device.budget),
             "--log-format", self._log_format,
+            "--model-concurrency", str(self._limits[0]),
+            "--model-queue", str(self._limits[1]),
         ]  # fmt: skip
         worker.socket.unlink(missing_ok=True)
         env = dict(os.environ)

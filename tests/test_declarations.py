@@ -36,11 +36,13 @@ def test_our_fields() -> None:
     text = KSERVE_STYLE + (
         "  format: onnx\n  replicas: 2\n"
         "  warm: {minReplicas: 1, maxReplicas: 3, pinned: true, idleTimeout: 10m}\n"
+        "  batching: {maxBatchSize: 16, maxQueueDelay: 500us}\n"
     )
     (decl,) = parse_declarations(text)
     assert decl.format == "onnx" and decl.replicas == 2
     assert (decl.warm.min_replicas, decl.warm.max_replicas, decl.warm.pinned) == (1, 3, True)
-    assert decl.warm.idle_timeout == "10m"
+    assert decl.warm.idle_timeout == "10m" and decl.warm.idle_seconds == 600
+    assert decl.batching == (16, 0.0005)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,8 @@ def test_our_fields() -> None:
         (("nodeGroups: [gpu-a100]", "nodeGroups: [gpu-a100]\n  warm: {idleTimeout: soon}"),
          "idleTimeout must be a duration"),
         (("metadata:\n  name: llama-mini\n", "metadata: {}\n"), "metadata.name must be"),
+        (("nodeGroups: [gpu-a100]", "nodeGroups: [gpu-a100]\n  batching: {maxQueueDelay: 1ms}"),
+         "maxBatchSize is required"),
     ],
 )  # fmt: skip
 def test_invalid_fields_are_named(change: tuple[str, str], message: str) -> None:

@@ -18,7 +18,7 @@ from serve.dataplane import DataPlane
 from serve.errors import InvalidInput, ServeError
 from serve.grpc import oip_pb2 as pb
 from serve.grpc import oip_pb2_grpc as pb_grpc
-from serve.protocol import InferRequest, RequestedOutput
+from serve.protocol import DEFAULT_MAX_ELEMENTS, InferRequest, RequestedOutput
 from serve.tensors import decode_tensor, encode_tensor
 
 __all__ = ["GrpcServer", "OipServicer"]
@@ -67,13 +67,13 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
             "shape": list(tensor.shape),
         }
         if raw:
-            name, array = decode_tensor(spec, raw[i])
+            name, array = decode_tensor(spec, raw[i], max_elements=DEFAULT_MAX_ELEMENTS)
         else:
             field = _CONTENTS.get(tensor.datatype)
             if field is None:
                 raise InvalidInput(f"input '{tensor.name}': {tensor.datatype} must be sent raw")
             spec["data"] = list(getattr(tensor.contents, field))
-            name, array = decode_tensor(spec)
+            name, array = decode_tensor(spec, max_elements=DEFAULT_MAX_ELEMENTS)
         if name in inputs:
             raise InvalidInput(f"input '{name}' is given twice")
         inputs[name] = array
@@ -172,8 +172,10 @@ class GrpcServer:
         tcp_host: str = "127.0.0.1",
         tcp_port: int | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        socket_group: int | None = None,
     ) -> None:
         self.socket_path = socket_path
+        self._group = socket_group
         self._tcp = (tcp_host, tcp_port)
         self.tcp_port: int | None = None
         options = [
@@ -195,6 +197,8 @@ class GrpcServer:
             await self._server.start()
         finally:
             os.umask(old_umask)
+        if self._group is not None:
+            os.chown(self.socket_path, -1, self._group)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Refuse new calls, let running ones finish within ``grace``, remove the socket."""
