@@ -225,14 +225,15 @@ class NodeServer:
         # Create the socket 0660 from the first instant: no window where it is open to all.
         old_umask = os.umask(0o117)
         try:
-            await web.UnixSite(self._runner, str(self.socket_path)).start()
+            # A deep backlog: a burst of clients gets answers (503 at worst), not resets.
+            await web.UnixSite(self._runner, str(self.socket_path), backlog=4096).start()
         finally:
             os.umask(old_umask)
         if self._group is not None:
             os.chown(self.socket_path, -1, self._group)
         host, port = self._tcp
         if port is not None:
-            site = web.TCPSite(self._runner, host, port)
+            site = web.TCPSite(self._runner, host, port, backlog=4096)
             await site.start()
             self.tcp_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
