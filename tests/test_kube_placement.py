@@ -151,6 +151,11 @@ def test_warm_copies_between_min_and_max_by_device_memory_and_load() -> None:
     a["status"] = {"warm": {"desired": 2}}
     assert plan([a], [group()], nodes, busy).cache_status[("", "a")]["warm"]["desired"] == 2
     assert plan([a], [group()], nodes, idle).cache_status[("", "a")]["warm"]["desired"] == 1
+    # Light load keeps two copies (hysteresis); well below half the target drops one.
+    light = [report("n1", 1, 4), report("n2", 9, 4), report("n3", 5, 4)]  # 12 rps in all
+    assert plan([a], [group()], nodes, light).cache_status[("", "a")]["warm"]["desired"] == 2
+    lighter = [report("n1", 1, 1), report("n2", 9, 1), report("n3", 5, 1)]  # 3 rps
+    assert plan([a], [group()], nodes, lighter).cache_status[("", "a")]["warm"]["desired"] == 1
     # The scale subresource (an HPA) decides instead, clamped to min..max.
     scaled = cache("a", warm={**policy, "replicas": 5})
     assert plan([scaled], [group()], nodes, idle).cache_status[("", "a")]["warm"]["desired"] == 2

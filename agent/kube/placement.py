@@ -189,7 +189,7 @@ def plan(
         used = sum(n.used for n in ready)
         old = groups_by_name[g].get("status") or {}
         out.group_status[g] = {
-            "observedGeneration": groups_by_name[g]["metadata"].get("generation"),
+            **_generation(groups_by_name[g]),
             "nodes": len(ready),
             "used": format_quantity(used),
             "available": format_quantity(sum(max(0, min(limit, n.budget) - n.used) for n in ready)),
@@ -303,7 +303,7 @@ def _place(
         why = ("AsExpected", "no node reports an error")
     progressing = available < len(copies)
     return {
-        "observedGeneration": cache["metadata"].get("generation"),
+        **_generation(cache),
         "nodeStatus": states,
         "copies": {"available": available, "total": len(copies), "failed": len(failed)},
         "warm": {"replicas": warm_now, "desired": target, "selector": SCALE_SELECTOR},
@@ -316,6 +316,12 @@ def _place(
             _condition(old, "Degraded", degraded, *why, now),
         ],
     }  # fmt: skip
+
+
+def _generation(obj: JSON) -> JSON:
+    """observedGeneration, left out when unknown: null is not an integer to the schema."""
+    generation = obj["metadata"].get("generation")
+    return {} if generation is None else {"observedGeneration": generation}
 
 
 def _state(info: _Node, name: str) -> str | None:
@@ -333,10 +339,11 @@ def _warm_target(cache: JSON, policy: JSON, copies: list[_Node], name: str) -> i
         desired = ((cache.get("status") or {}).get("warm") or {}).get("desired", low)
         rate = sum(float((n.models.get(name) or {}).get("requestsPerSecond") or 0) for n in copies)
         per_copy = policy.get("targetRequestsPerSecond")
-        warm = max(1, sum(1 for n in copies if _state(n, name) == "Warm"))
-        if per_copy and rate / warm > per_copy:
+        # Per copy of the *desired* count: a copy on its way already counts, so passes that
+        # see the same report do not keep adding. Lower only well below target (hysteresis).
+        if per_copy and rate / max(1, desired) > per_copy:
             desired += 1
-        elif rate == 0:
+        elif rate == 0 or (per_copy and desired > 1 and rate / (desired - 1) < per_copy / 2):
             desired -= 1
     return max(0, min(len(copies), max(low, min(high, desired))))
 
