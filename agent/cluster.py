@@ -204,6 +204,15 @@ class NodeFollower:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _follow(self) -> None:
+        while True:
+            try:
+                await self._follow_changes()
+            except Exception:  # keep following: the next change gets a fresh try
+                log.exception("applying the LocalModelNode failed; retrying")
+                await asyncio.sleep(1.0)
+                self.wake.set()
+
+    async def _follow_changes(self) -> None:
         informers = (self.node, self.caches, self.namespace_caches)
         collected = False
         applied: Any = None

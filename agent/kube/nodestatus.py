@@ -232,7 +232,12 @@ class StatusWriter:
 
     async def run(self) -> None:
         while True:
-            status = self.snapshot()
+            try:
+                status = self.snapshot()
+            except Exception:  # report nothing this round rather than never again
+                log.exception("status snapshot failed")
+                await asyncio.sleep(self.min_interval)
+                continue
             now = time.monotonic()
             if self.due(status, now):
                 try:

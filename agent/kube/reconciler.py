@@ -145,6 +145,10 @@ class Reconciler:
                 log.warning("reconcile pass failed; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
                 self.wake.set()
+            except Exception:  # one bad object must not stop placement for everyone
+                log.exception("reconcile pass failed; retrying")
+                await asyncio.sleep(5.0)
+                self.wake.set()
 
     async def reconcile_once(self) -> Plan:
         """One observe-plan-act pass."""

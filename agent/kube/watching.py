@@ -68,6 +68,10 @@ class Informer:
                         extra={**self._extra(), "error": str(exc), "retry_in": round(delay, 2)},
                     )
                     await asyncio.sleep(delay)
+                except Exception:  # a bug or an odd object must not end the watch for good
+                    log.exception("watch failed; listing again", extra=self._extra())
+                    self.resource_version = None
+                    await asyncio.sleep(self.backoff.next())
         finally:
             self._stopped = True
 
