@@ -1,7 +1,10 @@
-"""Real clients nobody here wrote: Triton's HTTP and gRPC clients, and gRPC error codes."""
+"""Real clients nobody here wrote: Triton's and KServe's, over REST and gRPC; gRPC errors."""
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +138,16 @@ def test_grpc_errors_carry_the_right_status(served) -> None:
     assert response.outputs[0].name == "output" and len(response.raw_output_contents[0]) == 40
     assert stub.ModelReady(pb.ModelReadyRequest(name="mlp")).ready
     assert stub.ServerMetadata(pb.ServerMetadataRequest()).name == "nodecache"
+
+
+def test_kserve_rest_and_grpc_clients(served, mlp_dir: Path) -> None:
+    agent, http_port, grpc_port = served
+    script = Path(__file__).parent / "kserve_client_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(http_port), str(grpc_port), str(agent.socket)],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    got = np.load(io.BytesIO(done.stdout))
+    x = np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)
+    np.testing.assert_allclose(got, expected(mlp_dir, x), rtol=1e-5)
