@@ -106,6 +106,9 @@ class StoreStats:
     retries: int = 0
     evictions: int = 0
     fetches_failed: int = 0
+    fetches: int = 0
+    """Downloads completed and published (``fetch_seconds`` keeps only the last 1000, so
+    a metrics exporter needs this count to tell which durations are new)."""
     fetch_seconds: list[float] = field(default_factory=list)
     """Durations of completed downloads (the last 1000)."""
 
@@ -177,6 +180,7 @@ class ModelStore:
         self._leases: dict[str, int] = {}
         self._protected: frozenset[str] = frozenset()
         self._space_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
 
     # ---- keys and lookups -------------------------------------------------------------
 
@@ -377,6 +381,7 @@ class ModelStore:
                 *self.stats.fetch_seconds[-999:],
                 time.monotonic() - started,
             ]
+            self.stats.fetches += 1
             return model
         finally:
             os.close(lock_fd)
@@ -425,7 +430,8 @@ class ModelStore:
             return loop.run_in_executor(pool, fn, *args)
 
         def on_retry(exc: BaseException, attempt: int, delay: float) -> None:
-            self.stats.retries += 1
+            with self._stats_lock:
+                self.stats.retries += 1
             log.info(
                 "retrying %s in %.1fs (attempt %d): %s",
                 redact_uri(uri),
@@ -435,7 +441,9 @@ class ModelStore:
             )
 
         def on_bytes(n: int) -> None:
-            self.stats.bytes_fetched += max(n, 0)
+            if n > 0:
+                with self._stats_lock:  # worker threads: += alone can lose updates
+                    self.stats.bytes_fetched += n
             download.add(n)
 
         try:
