@@ -284,6 +284,12 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[5]]) for r in rows
     ]
+    for device in status.get("devices", []):
+        where = f" (worker {device['worker']})" if "worker" in device else ""
+        lines.append(
+            f"device {device['name']}{where}: {_human(device['used'])} used of "
+            f"{_human(device['budget'])} budget, {_human(device['free'])} free"
+        )
     for problem in status.get("declarationErrors", []):
         lines.append(f"invalid declaration file {problem['file']}: {problem['error']}")
     return "\n".join(line.rstrip() for line in lines)
