@@ -28,6 +28,7 @@ import yaml
 from aiohttp import web
 from kubernetes import client
 
+from . import discovery
 from .schema import load_crds, prune, validate_object
 from .selection import field_matches, label_matches
 
@@ -47,6 +48,8 @@ class ResourceType:
     schema: JSON | None = None
     scale: JSON | None = None
     fields: tuple[str, ...] = ("metadata.name", "metadata.namespace")
+    crd: JSON | None = None
+    columns: tuple[JSON, ...] = ()
 
     @property
     def api_version(self) -> str:
@@ -83,6 +86,8 @@ def _crd_types() -> list[ResourceType]:
                 "status" in crd.subresources,
                 crd.schema,
                 crd.subresources.get("scale"),
+                crd=crd.crd,
+                columns=tuple(crd.crd["spec"]["versions"][0].get("additionalPrinterColumns", [])),
             )
         )
     return out
@@ -233,11 +238,24 @@ class FakeApiServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
         try:
+            if request.method == "GET" and (found := self._discovery(request.path)) is not None:
+                return web.json_response(found)
             rtype, namespace, name, sub = self._route(request.path)
+            table = rtype.columns and discovery.wants_table(request.headers.get("Accept", ""))
             if request.method == "GET" and name is None:
                 if request.query.get("watch") in ("true", "1"):
                     return await self._watch(request, rtype, namespace)
-                return web.json_response(self._list(request, rtype, namespace))
+                listing = self._list(request, rtype, namespace)
+                if table:
+                    rv = listing["metadata"]["resourceVersion"]
+                    return web.json_response(
+                        discovery.table(list(rtype.columns), listing["items"], rv)
+                    )
+                return web.json_response(listing)
+            if request.method == "GET" and table and sub is None:
+                obj = self._lookup(rtype, namespace, name)  # type: ignore[arg-type]
+                rv = obj["metadata"]["resourceVersion"]
+                return web.json_response(discovery.table(list(rtype.columns), [obj], rv))
             if request.method == "POST" and name is None:
                 return web.json_response(await self._create(request, rtype, namespace), status=201)
             if name is None:
@@ -253,6 +271,24 @@ class FakeApiServer:
             return web.json_response(await handler(request, rtype, namespace, name, sub))
         except ApiError as exc:
             return exc.response()
+
+    def _discovery(self, path: str) -> JSON | None:
+        """Discovery documents (kubectl asks for them before anything else)."""
+        parts = [p for p in path.split("/") if p]
+        types = list(self.types.values())
+        if parts == ["version"]:
+            return {"major": "1", "minor": "32", "gitVersion": "v1.32.0-nodecache-fake"}
+        if parts == ["api"]:
+            return discovery.api_versions(f"127.0.0.1:{self.port}")
+        if parts == ["apis"]:
+            return discovery.api_group_list(types)
+        if parts == ["api", "v1"] or (parts[:1] == ["apis"] and len(parts) == 3):
+            group, version = ("", "v1") if parts[0] == "api" else (parts[1], parts[2])
+            mine = [t for t in types if (t.group, t.version) == (group, version)]
+            if not mine:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            return discovery.resource_list(f"{group}/{version}" if group else version, mine)
+        return None
 
     def _route(self, path: str) -> tuple[ResourceType, str | None, str | None, str | None]:
         parts = [p for p in path.split("/") if p]
