@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where model files are kept on disk (default: %(default)s)",
     )
     agent.add_argument(
+        "--cache-size",
+        type=_quantity,
+        metavar="QUANTITY",
+        help="most the cache may hold on disk, e.g. 500Gi; least-recently-used undeclared "
+        "models are evicted to make room (default: what the disk has)",
+    )
+    agent.add_argument(
         "--socket-dir",
         type=Path,
         default=_default_socket_dir(),
@@ -232,6 +239,7 @@ def _agent(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         cpu_memory_budget=args.cpu_memory_budget,
         workers=args.workers,
+        cache_size=args.cache_size,
         socket_group=args.socket_group,
         model_concurrency=args.model_concurrency,
         model_queue=args.model_queue,

@@ -79,6 +79,8 @@ class NodeAgent:
         origins = origins or {}
         self.declaration_errors = dict(errors or {})
         previous, self._desired = self._desired, dict(declarations)
+        # What is declared is never evicted to make room on disk; leftovers may be.
+        self.store.protect(d.source_uri for d in declarations.values())
         for name, old in previous.items():
             new = declarations.get(name)
             if new is None or not new.same_model(old):
@@ -110,8 +112,11 @@ class NodeAgent:
         self._status.pop(name, None)
         await self.host.unregister(name)  # waits for in-flight requests
         still_used = any(d.source_uri == decl.source_uri for d in self._desired.values())
-        if not still_used and await asyncio.to_thread(self.store.remove, decl.source_uri):
-            log.info("model deleted from disk", extra={"model": name})
+        try:
+            if not still_used and await asyncio.to_thread(self.store.remove, decl.source_uri):
+                log.info("model deleted from disk", extra={"model": name})
+        except CacheError as exc:  # e.g. an init container still reading it
+            log.warning("model kept on disk", extra={"model": name, "reason": str(exc)})
         log.info("model retired", extra={"model": name})
 
     async def collect_garbage(self) -> None:
@@ -140,7 +145,11 @@ class NodeAgent:
                 await self._bring_up(decl, status)
                 status.attempts, status.error, status.next_retry = 0, None, None
                 return
-            except (CacheError, UnsupportedFormat, ServeError, OSError) as exc:
+            except Exception as exc:
+                if not isinstance(exc, (CacheError, UnsupportedFormat, ServeError, OSError)):
+                    log.exception(
+                        "unexpected error bringing a model up", extra={"model": decl.name}
+                    )
                 delay = self._backoff(status.attempts)
                 status.state, status.error = State.ERROR, str(exc)
                 status.next_retry = time.time() + delay

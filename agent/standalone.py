@@ -45,6 +45,7 @@ class AgentOptions:
     shutdown_timeout: float = 30.0
     cpu_memory_budget: int | None = None
     workers: int | None = None
+    cache_size: int | None = None
     socket_group: int | None = None
     model_concurrency: int = 4
     model_queue: int = 256
@@ -61,7 +62,7 @@ async def run_standalone(options: AgentOptions, *, stop: asyncio.Event | None = 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    store = ModelStore(options.cache_dir)
+    store = ModelStore(options.cache_dir, limit_bytes=options.cache_size)
     kept = await asyncio.to_thread(store.scan)
     log.info("cache scanned", extra={"dir": str(options.cache_dir), "models": len(kept)})
     devices = discover_devices(cpu_budget=options.cpu_memory_budget)

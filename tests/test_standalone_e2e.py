@@ -207,3 +207,17 @@ def test_metrics_endpoint_counts_requests(tmp_path: Path, mlp_dir: Path) -> None
     finally:
         if agent.proc is not None:
             agent.stop()
+
+
+def test_a_model_over_the_cache_size_is_refused_before_downloading(
+    agent: Agent, tmp_path: Path, mlp_dir: Path
+) -> None:
+    big = tmp_path / "big"
+    write_mlp_onnx(big / "model.onnx", inputs=512, hidden=512)  # ~1 MiB
+    agent.start("--cache-size", "256Ki")
+    agent.declare("small.yaml", declaration("small", mlp_dir.as_uri()))
+    agent.declare("big.yaml", declaration("big", big.as_uri()))
+    agent.wait_state("small", "Warm")
+    refused = agent.wait_state("big", "Error")
+    assert "needs" in refused["error"] and "limit 256" in refused["error"], refused["error"]
+    assert agent.model("small")["state"] == "Warm"  # a declared model is never evicted for it
