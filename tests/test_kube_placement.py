@@ -104,7 +104,7 @@ def test_copies_stay_put_and_move_when_their_node_leaves() -> None:
     assert p.delete_nodes == ["n2"] and placed(p) == {"n1": ["a"]}
     # n2 leaves the group (labels changed): same.
     p = plan(caches, [group()], [node("n1"), node("n2", pool="cpu")], reports)
-    assert placed(p) == {"n1": ["a"]} and p.delete_nodes == []
+    assert placed(p) == {"n1": ["a"], "n2": []} and p.delete_nodes == []
 
 
 def test_a_not_ready_node_keeps_its_spec_but_another_node_serves() -> None:

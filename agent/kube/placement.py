@@ -183,6 +183,9 @@ def plan(
         out.events += _transitions(cache, old, status)
     for node_name in infos:
         out.node_specs[node_name] = [specs[node_name][m] for m in sorted(specs[node_name])]
+    for node_name in local:  # a node that left every group keeps nothing
+        if node_name in node_names and node_name not in infos:
+            out.node_specs[node_name] = []
     for g, nodes_of in members.items():
         ready = [n for n in nodes_of if n.ready]
         limit = _quantity(groups_by_name[g]["spec"].get("storageLimit"))
