@@ -7,11 +7,11 @@ followed by raw tensor bytes (the binary tensor data extension, framed by the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from serve.errors import InvalidInput
 from serve.tensors import decode_tensor, encode_tensor
@@ -77,7 +77,7 @@ def decode_request(
             )
         header, binary = body[:header_length], memoryview(body)[header_length:]
     try:
-        doc = json.loads(header)
+        doc = orjson.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -136,7 +136,9 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, array in response.outputs.items():
-        spec, raw = encode_tensor(name, array, binary=response.binary.get(name, False))
+        spec, raw = encode_tensor(
+            name, array, binary=response.binary.get(name, False), numpy_data=True
+        )
         outputs.append(spec)
         if raw is not None:
             chunks.append(raw)
@@ -147,7 +149,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
         doc["id"] = response.id
     if response.parameters:
         doc["parameters"] = response.parameters
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)

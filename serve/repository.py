@@ -61,6 +61,8 @@ class ServedModel:
     loads: int = 0
     last_used: float = 0.0
     load_seconds: float | None = None
+    # Moving average of the runtime's call time; short calls skip the thread hop.
+    typical_predict: float | None = None
     # (max batch size, max queue delay in seconds) when dynamic batching is on.
     batching: tuple[int, float] | None = None
     # Bounds the model's concurrent runtime calls; the rest of its requests wait here.

@@ -178,9 +178,13 @@ def _from_binary(
 
 
 def encode_tensor(
-    name: str, array: np.ndarray, *, binary: bool
+    name: str, array: np.ndarray, *, binary: bool, numpy_data: bool = False
 ) -> tuple[dict[str, Any], bytes | None]:
-    """Turn one output array into its OIP JSON object, plus its bytes if ``binary``."""
+    """Turn one output array into its OIP JSON object, plus its bytes if ``binary``.
+
+    With ``numpy_data`` the JSON ``data`` stays a flat array, for a serializer that
+    writes numpy itself (orjson) instead of building a Python list first.
+    """
     array = np.asarray(array)
     datatype = datatype_of(array)
     spec: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
@@ -201,6 +205,8 @@ def encode_tensor(
                 f"output '{name}' holds bytes that are not UTF-8; "
                 "ask for it with binary_data_output"
             ) from None
+    elif numpy_data:
+        spec["data"] = np.ascontiguousarray(array).ravel()
     else:
         spec["data"] = array.ravel().tolist()
     return spec, None

@@ -123,8 +123,9 @@ async def test_infer_json_every_datatype(server, datatype: str) -> None:
     (out,) = answer["outputs"]
     assert (out["name"], out["datatype"], out["shape"]) == (f"out_{datatype}", datatype, [2, 2])
     if datatype in ("FP16", "FP32"):
-        expected = np.array(data, dtype=DATATYPES[datatype]).tolist()
-        assert out["data"] == expected
+        # Written in the shortest form that reads back to the same value of that type.
+        got = np.array(out["data"], dtype=DATATYPES[datatype])
+        np.testing.assert_array_equal(got, np.array(data, dtype=DATATYPES[datatype]))
     else:
         assert out["data"] == data
 
