@@ -149,7 +149,9 @@ GOOD = [
     cache(warm={"minReplicas": 2, "maxReplicas": 2}),
     cache(warm={"minReplicas": 1}),
     cache(format="onnx", runtime="onnx"),
-    cache(format="python", entrypoint="pkg.mod:Model"),
+    cache(runtime="python", entrypoint="pkg.mod:Model"),
+    cache(format="torch", runtime="python", entrypoint="pkg.mod:Net"),
+    cache(batching={"maxBatchSize": 8, "maxQueueDelay": "2ms"}),
 ]
 
 BAD = [
@@ -267,3 +269,51 @@ def test_reconciler_has_its_own_account_and_a_lease(objects: list[dict[str, Any]
     lease_rules = find(objects, "Role", "nodecache-reconciler-leader")["rules"]
     assert {r["apiGroups"][0] for r in lease_rules} == {"coordination.k8s.io"}
     assert any(r.get("resourceNames") == ["nodecache-reconciler"] for r in lease_rules)
+
+
+# -- the CRD and the standalone parser accept the same specs --
+
+PARITY = [
+    {},
+    {"format": "onnx"},
+    {"format": "onnx", "runtime": "onnx"},
+    {"format": "onnx", "runtime": "torch"},
+    {"format": "torch", "runtime": "python", "entrypoint": "pkg.mod:Model"},
+    {"format": "python", "entrypoint": "pkg.mod:Model"},
+    {"format": "python", "runtime": "python", "entrypoint": "pkg.mod:Model"},
+    {"runtime": "python", "entrypoint": "pkg.mod:Model"},
+    {"runtime": "python"},
+    {"entrypoint": "pkg.mod:Model"},
+    {"runtime": "onnx", "entrypoint": "pkg.mod:Model"},
+    {"entrypoint": "not an entrypoint", "runtime": "python"},
+    {"batching": {"maxBatchSize": 16, "maxQueueDelay": "500us"}},
+    {"batching": {"maxBatchSize": 16}},
+    {"batching": {"maxBatchSize": 0}},
+    {"batching": {"maxQueueDelay": "1ms"}},
+    {"batching": {"maxBatchSize": 4, "maxQueueDelay": "soon"}},
+    {"warm": {"idleTimeout": "1h30m"}},
+    {"warm": {"idleTimeout": "90"}},
+    {"warm": {"minReplicas": 2, "maxReplicas": 1}},
+    {"warm": {"pinned": True, "minReplicas": 1}},
+    {"replicas": 0},
+    {"replicas": -1},
+    {"modelSize": "0"},
+    {"modelSize": "2Gi"},
+    {"nodeGroups": []},
+    {"sourceModelUri": "ftp://host/m/"},
+]
+
+
+@pytest.mark.parametrize("spec", PARITY, ids=[str(s) for s in PARITY])
+def test_crd_and_standalone_parser_agree(spec: dict[str, Any]) -> None:
+    """A manifest that works standalone works in a cluster, and the other way round."""
+    from agent.declarations import DeclarationError, parse_object
+
+    obj = cache(**spec)
+    crd_ok = validate_object(load_crds()["localmodelcaches"].schema, obj) == []
+    try:
+        parse_object(obj)
+        parser_ok = True
+    except DeclarationError:
+        parser_ok = False
+    assert crd_ok == parser_ok, (crd_ok, parser_ok)
