@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.standalone import SOCKET_NAME, STATUS_PATH, AgentOptions, run_standalone
+from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
+from agent.standalone import run_standalone
 from serve.logs import setup_logging
 
 __all__ = ["main"]
@@ -227,10 +228,10 @@ def _agent(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    options = AgentOptions(
-        declarations=args.declarations,
+    options = NodeOptions(
         cache_dir=args.cache_dir,
         socket_dir=args.socket_dir,
+        cache_size=args.cache_size,
         http_port=args.http_port,
         http_host=args.http_host,
         grpc_port=args.grpc_port,
@@ -239,13 +240,12 @@ def _agent(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         cpu_memory_budget=args.cpu_memory_budget,
         workers=args.workers,
-        cache_size=args.cache_size,
         socket_group=args.socket_group,
         model_concurrency=args.model_concurrency,
         model_queue=args.model_queue,
         log_format=args.log_format,
     )
-    asyncio.run(run_standalone(options))
+    asyncio.run(run_standalone(args.declarations, options))
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "BATCH_SIZE",
@@ -21,7 +21,9 @@ __all__ = [
     "REQUESTS",
     "REQUEST_SECONDS",
     "RESIDENT_BYTES",
+    "SERVING_METRICS",
     "child",
+    "request_counts",
 ]
 
 _LATENCY = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -79,3 +81,30 @@ RESIDENT_BYTES = Gauge(
 def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
     """``metric.labels(*labels)``, remembered: the lookup costs more than the update."""
     return metric.labels(*labels)
+
+
+# What the serving tier records per request: in worker mode the workers hold the values.
+SERVING_METRICS = (
+    REQUESTS,
+    REQUEST_SECONDS,
+    QUEUE_SECONDS,
+    INFERENCE_SECONDS,
+    BATCH_SIZE,
+    INFLIGHT,
+    MODEL_LOADS,
+    MODEL_EVICTIONS,
+    RESIDENT_BYTES,
+)
+
+
+def request_counts(registry: CollectorRegistry | None = None) -> dict[str, float]:
+    """Inference requests answered so far per model (every protocol and code)."""
+    counts: dict[str, float] = {}
+    for family in (registry or REGISTRY).collect():
+        if family.name != "nodecache_requests":
+            continue
+        for sample in family.samples:
+            if sample.name == "nodecache_requests_total":
+                model = sample.labels.get("model", "")
+                counts[model] = counts.get(model, 0.0) + sample.value
+    return counts

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import Agent, declaration, wait_for
+from support import Agent, declaration, free_port, wait_for
 
 from serve.devices import Device
 from serve.workers import worker_devices
@@ -26,7 +27,8 @@ def workers(agent: Agent) -> list[dict]:
 
 
 def test_models_spread_over_workers_and_answer(agent: Agent, mlp_dir: Path) -> None:
-    agent.start("--workers", "2")
+    port = free_port()
+    agent.start("--workers", "2", "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
     agent.declare("a.yaml", declaration("a", mlp_dir.as_uri(), size="1Mi"))
     agent.declare("b.yaml", declaration("b", mlp_dir.as_uri(), size="1Mi"))
     a, b = agent.wait_state("a", "Warm"), agent.wait_state("b", "Warm")
@@ -36,6 +38,11 @@ def test_models_spread_over_workers_and_answer(agent: Agent, mlp_dir: Path) -> N
     assert len(workers(agent)) == 2
     code, err = agent.request("GET", "/v2/models/nope")
     assert code == 404 and "not found" in err["error"]
+    # The workers' counts reach the agent's /metrics, each family exactly once.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = resp.read().decode()
+    assert 'nodecache_requests_total{code="200",model="a",protocol="rest"} 1.0' in text
+    assert text.count("# TYPE nodecache_requests_total counter") == 1
 
 
 def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir: Path) -> None:

@@ -1,0 +1,203 @@
+"""What a node runs, whichever source tells it what to hold: the disk store, the
+serving host (in-process or worker processes), the HTTP and gRPC sockets, metrics.
+
+Standalone and cluster modes build one of these and differ only in where their
+declarations come from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from agent.node import NodeAgent
+from cache import ModelStore
+from serve.dataplane import DataPlane
+from serve.devices import discover_devices
+from serve.grpc.server import GrpcServer
+from serve.host import LocalHost
+from serve.http import NodeServer, build_app
+from serve.metrics import SERVING_METRICS, request_counts
+from serve.repository import ModelRepository
+from serve.workers import PoolDataPlane, WorkerPool, build_router_app, worker_devices
+
+__all__ = ["GRPC_SOCKET_NAME", "SOCKET_NAME", "STATUS_PATH", "NodeOptions", "NodeServices"]
+
+log = logging.getLogger(__name__)
+SOCKET_NAME = "nodecache.sock"
+GRPC_SOCKET_NAME = "nodecache-grpc.sock"
+STATUS_PATH = "/nodecache/v1/status"
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """How this node keeps and serves models (the same in both modes)."""
+
+    cache_dir: Path
+    socket_dir: Path
+    cache_size: int | None = None
+    http_port: int | None = None
+    grpc_port: int | None = None
+    http_host: str = "127.0.0.1"
+    metrics_port: int | None = 9464
+    metrics_host: str = "0.0.0.0"
+    shutdown_timeout: float = 30.0
+    cpu_memory_budget: int | None = None
+    workers: int | None = None
+    socket_group: int | None = None
+    model_concurrency: int = 4
+    model_queue: int = 256
+    log_format: str = "text"
+    idle_check_seconds: float = 5.0
+
+
+class NodeServices:
+    """Build with ``create``, add routes or middleware to ``app``, then ``start``/``stop``."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.store = ModelStore(options.cache_dir, limit_bytes=options.cache_size)
+        self.pool: WorkerPool | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._metrics: web.AppRunner | None = None
+        # Set by create():
+        self.agent: NodeAgent
+        self.app: web.Application
+        self._dataplane: DataPlane | PoolDataPlane
+        self._repository: ModelRepository | None = None
+
+    @classmethod
+    async def create(cls, options: NodeOptions) -> NodeServices:
+        node = cls(options)
+        kept = await asyncio.to_thread(node.store.scan)
+        log.info("cache scanned", extra={"dir": str(options.cache_dir), "models": len(kept)})
+        devices = discover_devices(cpu_budget=options.cpu_memory_budget)
+        log.info("devices", extra={"devices": [d.to_json() for d in devices]})
+        if options.workers or any(d.kind == "cuda" for d in devices):
+            node.pool = WorkerPool(
+                worker_devices(devices, options.workers),
+                options.socket_dir,
+                log_format=options.log_format,
+                model_concurrency=options.model_concurrency,
+                model_queue=options.model_queue,
+            )
+            node.agent = NodeAgent(node.store, node.pool)
+            node.app = build_router_app(node.pool, node.agent)
+            node._dataplane = PoolDataPlane(node.pool, node.agent)
+        else:
+            # One CPU server: serve in this process, no hop between the socket and the model.
+            node._repository = ModelRepository(
+                devices,
+                max_inflight_per_model=options.model_queue,
+                max_concurrency_per_model=options.model_concurrency,
+            )
+            node.agent = NodeAgent(node.store, LocalHost(node._repository))
+            node._dataplane = DataPlane(node._repository, catalog=node.agent)
+            node.app = build_app(node._dataplane)
+        node.app.router.add_get(STATUS_PATH, node._status)
+        return node
+
+    async def _status(self, _: web.Request) -> web.Response:
+        return web.json_response(self.agent.status())
+
+    def request_counts(self) -> dict[str, float]:
+        """Inference requests answered so far per model, across worker processes."""
+        return request_counts(self._registry())
+
+    def _registry(self) -> CollectorRegistry:
+        if self.pool is None or self.pool.metrics_dir is None:
+            return REGISTRY
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.pool.metrics_dir))
+        return registry
+
+    async def start(self, **log_fields: Any) -> None:
+        options = self.options
+        if self.pool is not None:
+            await self.pool.start()
+            # Serving metrics come from the workers; this process's copies stay empty.
+            for metric in SERVING_METRICS:
+                with contextlib.suppress(KeyError):  # already, by an earlier instance
+                    REGISTRY.unregister(metric)
+            self._every(1.0, self.pool.refresh_all)
+        elif self._repository is not None:
+            self._every(options.idle_check_seconds, self._repository.unload_idle)
+        self._http = NodeServer(
+            self.app,
+            options.socket_dir / SOCKET_NAME,
+            tcp_host=options.http_host,
+            tcp_port=options.http_port,
+            shutdown_timeout=options.shutdown_timeout,
+            socket_group=options.socket_group,
+        )
+        self._grpc = GrpcServer(
+            self._dataplane,  # type: ignore[arg-type]  # both answer what the servicer asks
+            options.socket_dir / GRPC_SOCKET_NAME,
+            tcp_host=options.http_host,
+            tcp_port=options.grpc_port,
+            socket_group=options.socket_group,
+        )
+        await self._http.start()
+        await self._grpc.start()
+        if options.metrics_port:
+            self._metrics = await self._serve_metrics()
+        log.info(
+            "agent started",
+            extra={
+                **log_fields,
+                "socket": str(self._http.socket_path),
+                "http_port": self._http.tcp_port,
+                "grpc_socket": str(self._grpc.socket_path),
+                "grpc_port": self._grpc.tcp_port,
+                "metrics_port": options.metrics_port,
+                "workers": len(self.pool.devices()) if self.pool else 0,
+            },
+        )
+
+    def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                try:
+                    await job()
+                except Exception:
+                    log.exception("periodic job failed", extra={"job": job.__qualname__})
+
+        self._background.append(asyncio.create_task(loop()))
+
+    async def _serve_metrics(self) -> web.AppRunner:
+        async def metrics(_: web.Request) -> web.Response:
+            body = generate_latest(REGISTRY)
+            if self.pool is not None:
+                body += generate_latest(self._registry())
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.options.metrics_host, self.options.metrics_port).start()
+        return runner
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, remove the sockets, stop workers."""
+        log.info("agent stopping")
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(self._http.stop(), self._grpc.stop(self.options.shutdown_timeout))
+        if self._metrics is not None:
+            await self._metrics.cleanup()
+        await self.agent.close()
+        if self.pool is not None:
+            await self.pool.stop()
+        log.info("agent stopped")
