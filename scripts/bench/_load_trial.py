@@ -9,12 +9,14 @@ library is imported at the top: this file also runs in the Run:ai streamer's ven
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+# The nodecache source tree ours is loaded from (load.py --tree); default this checkout.
+ROOT = Path(os.environ.get("NODECACHE_TREE") or Path(__file__).resolve().parents[2])
 
 
 def _torch_module(model_dir: Path) -> Any:

@@ -6,7 +6,8 @@
 //                    "connections": 16, "duration": 20, "warmup": 3,
 //                    "headers": {...}, "bodyFile": PATH}'
 //
-// Prints one JSON line: requests, rps, p50_ms, p99_ms, mean_ms, non2xx, errors.
+// Prints one JSON line: requests, rps, p50_ms, p99_ms, mean_ms, non2xx, warmup_requests,
+// errors, timeouts.
 'use strict'
 const fs = require('fs')
 
@@ -17,6 +18,7 @@ const body = fs.readFileSync(opts.bodyFile)
 function once (duration, keep) {
   const latencies = []
   let non2xx = 0
+  let ok = 0
   const instance = autocannon({
     url: opts.url,
     socketPath: opts.socketPath || undefined,
@@ -28,12 +30,13 @@ function once (duration, keep) {
   })
   instance.on('response', (client, statusCode, bytes, ms) => {
     if (statusCode >= 200 && statusCode < 300) {
+      ok++
       if (keep) latencies.push(ms)
     } else {
       non2xx++
     }
   })
-  return instance.then((result) => ({ result, latencies, non2xx }))
+  return instance.then((result) => ({ result, latencies, non2xx, ok }))
 }
 
 function percentile (sorted, p) {
@@ -43,7 +46,7 @@ function percentile (sorted, p) {
 }
 
 async function main () {
-  if (opts.warmup > 0) await once(opts.warmup, false)
+  const warm = opts.warmup > 0 ? await once(opts.warmup, false) : { ok: 0, non2xx: 0 }
   const { result, latencies, non2xx } = await once(opts.duration, true)
   latencies.sort((a, b) => a - b)
   const total = latencies.reduce((a, b) => a + b, 0)
@@ -55,6 +58,7 @@ async function main () {
     p99_ms: percentile(latencies, 99),
     mean_ms: latencies.length ? total / latencies.length : null,
     non2xx,
+    warmup_requests: warm.ok + warm.non2xx,
     errors: result.errors,
     timeouts: result.timeouts
   }) + '\n')

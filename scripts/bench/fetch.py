@@ -46,7 +46,16 @@ KSERVE_REQUIREMENTS = ["kserve-storage==0.21.0"]
 BUCKET = "bench"
 ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
 MiB, GiB = 1 << 20, 1 << 30
-TOOLS = ("ours", "s5cmd", "kserve")
+TOOLS = ("ours", "s5cmd", "kserve", "ours-lite")
+DEFAULT_TOOLS = ("ours", "s5cmd", "kserve")
+# ours-lite: the same store without fsync and MD5 checks, to show what durability and
+# verification cost (sha256 of every file is always computed).
+OURS_LITE_SNIPPET = (
+    "import asyncio, sys\n"
+    "from cache import FetchOptions, ModelStore\n"
+    "store = ModelStore(sys.argv[2], options=FetchOptions(fsync=False, verify_md5=False))\n"
+    "print(asyncio.run(store.fetch(sys.argv[1])).path)\n"
+)
 KSERVE_SNIPPET = (
     "import sys\nfrom kserve_storage import Storage\nStorage.download(sys.argv[1], sys.argv[2])\n"
 )
@@ -277,6 +286,8 @@ def command(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None)
             str(VENV_BIN / "python"), "-m", "agent.prefetch", uri,
             "--cache-dir", str(dest), "--progress", "none", "--log-level", "warning",
         ]  # fmt: skip
+    if tool == "ours-lite":
+        return [str(VENV_BIN / "python"), "-c", OURS_LITE_SNIPPET, uri, str(dest)]
     if tool == "s5cmd":
         src = f"{uri}*" if ds.is_folder else uri
         return [*weed.s5cmd(), "cp", src, f"{dest}/"]
@@ -304,7 +315,7 @@ def measure(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None)
     got = tree_bytes(dest, skip=(".nodecache-",))
     if got != ds.nbytes:
         raise SystemExit(f"{tool} wrote {got} bytes for {ds.name}, expected {ds.nbytes}")
-    if tool == "ours":
+    if tool.startswith("ours"):
         folder = Path(done.stdout.strip().splitlines()[-1])
         if not folder.is_dir():
             raise SystemExit(f"ours printed {folder}, which is not a folder")
@@ -371,7 +382,7 @@ def summarize(runs: list[Run], datasets: list[Dataset], tools: list[str]) -> str
             continue
         for peer in tools:
             other = stats.get((peer, ds.name))
-            if peer == "ours" or other is None:
+            if peer.startswith("ours") or other is None:
                 continue
             ratio_rows.append(
                 (ds.name, f"ours / {peer}", ours["mib_s"] / other["mib_s"],
@@ -390,7 +401,9 @@ def main() -> int:
     parser.add_argument("--files", type=int, help="files in the folder (default 200)")
     parser.add_argument("--folder", type=float, help="folder total, MiB (default 1024)")
     parser.add_argument(
-        "--tools", default=",".join(TOOLS), help="comma-separated subset of: " + ", ".join(TOOLS)
+        "--tools",
+        default=",".join(DEFAULT_TOOLS),
+        help="comma-separated, from: " + ", ".join(TOOLS) + " (default: %(default)s)",
     )
     parser.add_argument("--work", type=Path, default=HOME, help="scratch folder (on disk)")
     args = parser.parse_args()

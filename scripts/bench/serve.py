@@ -98,6 +98,7 @@ class Endpoint:
     label: str
     url: str  # http://host:port or http://localhost (with socket)
     socket: Path | None = None
+    pgid: int | None = None  # the server's process group, for CPU accounting
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Server:
     name: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
-    pid: int | None = None  # the process that answers (for profiling)
+    pid: int | None = None  # the process that answers (profiled with its children)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -121,10 +122,18 @@ class Server:
                 proc.wait(5)
 
 
-def _spawn(command: list[str], log_file: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+# The nodecache source tree ours runs from (--tree): a clean export of a commit keeps the
+# numbers independent of whatever is being edited in the working tree.
+TREE = ROOT
+
+
+def _spawn(command: list[str], log_file: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     out = log_file.open("ab")
+    env = dict(os.environ, PYTHONPATH=str(TREE))
     # Own process group, so stopping a server stops its children (workers) too.
-    return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=out, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=cwd or TREE, stdout=out, stderr=out, env=env, start_new_session=True
+    )
 
 
 async def _request(endpoint: Endpoint, method: str, path: str, **kw: object) -> tuple[int, bytes]:
@@ -214,14 +223,6 @@ def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -
     wait_until(server, lambda: request(uds, "POST", f"/v2/repository/models/{MODEL}/load")[0]
                == 200, f"{name} load")  # fmt: skip
     wait_until(server, lambda: state() == "Warm", f"{name} warm")
-    if workers:
-        # The process that runs the model is the worker, a child of the agent.
-        found = subprocess.run(
-            ["pgrep", "-P", str(server.procs[0].pid), "-f", "serve.worker"],
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        server.pid = int(found[0]) if found else None
     return server
 
 
@@ -279,6 +280,26 @@ class Sample:
     p99_ms: float
     non2xx: int
     errors: int
+    cpu_us: float = float("nan")  # server CPU time per request (all its processes)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user+system CPU of every process in a process group (a server and its workers).
+
+    Far steadier than req/s on a shared machine: it counts the work a request costs the
+    server, not how much of the CPU the server happened to get."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5: pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / _TICK
 
 
 def cannon(
@@ -286,6 +307,7 @@ def cannon(
     duration: float, warmup: float,
 ) -> Sample:  # fmt: skip
     path, headers = body
+    cpu_before = group_cpu_seconds(endpoint.pgid) if endpoint.pgid else None
     opts = {
         "autocannon": str(cli.parent),
         "url": endpoint.url + INFER_PATH,
@@ -305,9 +327,14 @@ def cannon(
     if done.returncode != 0:
         raise RuntimeError(f"cannon failed on {endpoint.label}: {done.stderr[-2000:]}")
     doc = json.loads(done.stdout.strip().splitlines()[-1])
+    cpu_us = float("nan")
+    if cpu_before is not None and endpoint.pgid:
+        answered = doc["requests"] + doc["non2xx"] + doc.get("warmup_requests", 0)
+        cpu = group_cpu_seconds(endpoint.pgid) - cpu_before
+        cpu_us = cpu / max(1, answered) * 1e6
     return Sample(
         doc["rps"], doc["p50_ms"] or float("nan"), doc["p99_ms"] or float("nan"),
-        doc["non2xx"], doc["errors"] + doc["timeouts"],
+        doc["non2xx"], doc["errors"] + doc["timeouts"], cpu_us,
     )  # fmt: skip
 
 
@@ -346,7 +373,7 @@ def profile(server: Server, seconds: float, out: Path, run_load: object) -> None
     assert server.pid is not None
     spy = subprocess.Popen(
         [str(pyspy), "record", "--pid", str(server.pid), "--duration", str(int(seconds)),
-         "--format", "raw", "--output", str(out), "--subprocesses", "--idle", "--rate", "250"],
+         "--format", "raw", "--output", str(out), "--subprocesses", "--threads", "--rate", "250"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     run_load()  # type: ignore[operator]
@@ -373,7 +400,21 @@ def main() -> int:
         "(JSON and binary) and write collapsed stacks to DIR",
     )
     parser.add_argument("--keep", type=Path, help="keep server folders and logs here")
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=ROOT,
+        help="nodecache source tree to run ours from, e.g. an export of a commit "
+        "(git archive HEAD | tar -x -C DIR); default: this checkout",
+    )
     args = parser.parse_args()
+    # Stop the servers on SIGTERM or Ctrl-C, even when started in the background (where a
+    # shell leaves SIGINT ignored).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    global TREE
+    TREE = args.tree.resolve()
+    log(f"ours from {TREE}")
 
     which = set(args.only.split(","))
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -390,6 +431,9 @@ def main() -> int:
 
     with servers_up(which, home, model_dir) as servers:
         endpoints = [e for s in servers for e in s.endpoints]
+        for server in servers:
+            for endpoint in server.endpoints:
+                endpoint.pgid = server.procs[0].pid  # started with start_new_session
         usable: dict[tuple[str, str], bool] = {}
         for endpoint in endpoints:
             for kind in kinds:
@@ -425,8 +469,8 @@ def main() -> int:
                         cells.setdefault((endpoint.label, kind, c), Cell()).samples.append(sample)
                         log(f"[{repeat + 1}/{args.repeats}] {endpoint.label:24} {kind:6} c={c:<3}"
                             f" {sample.rps:8.0f} req/s  p50 {sample.p50_ms:6.2f} ms  p99 "
-                            f"{sample.p99_ms:6.2f} ms  non-2xx {sample.non2xx} "
-                            f"errors {sample.errors}")  # fmt: skip
+                            f"{sample.p99_ms:6.2f} ms  cpu {sample.cpu_us:5.0f} us/req  "
+                            f"non-2xx {sample.non2xx} errors {sample.errors}")  # fmt: skip
         log(f"load average after: {loadavg()}; took {time.monotonic() - started:.0f} s")
 
     print(f"\n## Serving a [1,64]->[1,10] ONNX MLP: medians of {args.repeats} x "
@@ -437,12 +481,14 @@ def main() -> int:
             for endpoint in endpoints:
                 cell = cells.get((endpoint.label, kind, c))
                 if cell is None:
-                    rows.append([endpoint.label, kind, c, "unsupported", "", "", ""])
+                    rows.append([endpoint.label, kind, c, "unsupported", "", "", "", ""])
                     continue
                 bad = sum(s.non2xx + s.errors for s in cell.samples)
                 rows.append([endpoint.label, kind, c, cell.med("rps"), cell.med("p50_ms"),
-                             cell.med("p99_ms"), bad])  # fmt: skip
-    print(table(["server", "body", "conc.", "req/s", "p50 ms", "p99 ms", "non-2xx+errors"], rows))
+                             cell.med("p99_ms"), cell.med("cpu_us"), bad])  # fmt: skip
+    headers = ["server", "body", "conc.", "req/s", "p50 ms", "p99 ms", "server CPU µs/req",
+               "non-2xx+errors"]  # fmt: skip
+    print(table(headers, rows))
     print(f"\nload average at the end: {loadavg()}")
     print_targets(cells, kinds, levels)
     if args.keep is None:
@@ -481,6 +527,9 @@ def print_targets(
                 ratio = ours.med("rps") / bare.med("rps")
                 what = f"{ours_label} {kind} c={c}: >= 80% of the bare handler (same transport)"
                 checks.append((what, f"{ratio:.0%}", verdict(ratio >= 0.8)))
+                ratio = bare.med("cpu_us") / ours.med("cpu_us")
+                what = "  (same, by server CPU per request: bare / ours)"
+                checks.append((what, f"{ratio:.0%}", verdict(ratio >= 0.8)))
         uds, tcp = get("ours UDS", kind, c), get("ours TCP", kind, c)
         if uds and tcp:
             ratio = uds.med("rps") / tcp.med("rps")
@@ -491,8 +540,10 @@ def print_targets(
             if direct and routed:
                 added = routed.med("p50_ms") - direct.med("p50_ms")
                 ratio = routed.med("rps") / direct.med("rps")
+                cpu = routed.med("cpu_us") - direct.med("cpu_us")
                 what = f"routing cost {kind} c={level}: router->worker vs in-process"
-                checks.append((what, f"{ratio:.0%} of the req/s, p50 +{added:.2f} ms", "info"))
+                found = f"{ratio:.0%} of the req/s, p50 +{added:.2f} ms, CPU +{cpu:.0f} µs/req"
+                checks.append((what, found, "info"))
     if checks:
         print("\n## Targets (issue 6)\n")
         print(table(["target", "measured", "verdict"], checks))
