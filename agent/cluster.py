@@ -11,12 +11,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.kube.api import (
     LOCAL_MODEL_CACHES,
@@ -36,13 +34,7 @@ from agent.kube.nodestatus import (
 )
 from agent.kube.watching import Informer
 from agent.node import NodeAgent
-from agent.standalone import SOCKET_NAME, STATUS_PATH
-from cache import ModelStore
-from serve.dataplane import DataPlane
-from serve.devices import discover_devices
-from serve.host import LocalHost
-from serve.http import NodeServer, build_app
-from serve.repository import ModelRepository
+from agent.services import NodeOptions, NodeServices
 
 __all__ = ["ClusterOptions", "run_cluster"]
 
@@ -52,23 +44,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ClusterOptions:
     node_name: str
-    cache_dir: Path
-    socket_dir: Path
+    node: NodeOptions
+    """How this node stores and serves models: the same settings as standalone."""
     kubeconfig: Path | None = None
     """None: in-cluster config, else $KUBECONFIG, else ~/.kube/config."""
-    http_port: int | None = None
-    http_host: str = "127.0.0.1"
-    metrics_port: int | None = 9464
-    metrics_host: str = "0.0.0.0"
-    shutdown_timeout: float = 30.0
     status_interval: float = 10.0
     """Least seconds between two status writes: at most 60/status_interval a minute."""
     heartbeat_interval: float = 30.0
     """A status write at least this often, changed or not."""
     watch_timeout: float = 300.0
     """Seconds one watch request lasts before it is renewed from its resourceVersion."""
-    cpu_memory_budget: int | None = None
-    idle_check_seconds: float = 5.0
     rate_window: float = 10.0
     """Seconds over which the request rate per model is reported."""
     proc_root: Path = Path("/proc")
@@ -84,67 +69,34 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
     with contextlib.suppress(RuntimeError, ValueError):  # not on the main thread (tests)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-
-    options.cache_dir.mkdir(parents=True, exist_ok=True)
-    store = ModelStore(options.cache_dir)
-    kept = await asyncio.to_thread(store.scan)
-    log.info("cache scanned", extra={"dir": str(options.cache_dir), "models": len(kept)})
-    devices = discover_devices(cpu_budget=options.cpu_memory_budget)
-    log.info("devices", extra={"devices": [d.to_json() for d in devices]})
-    repository = ModelRepository(devices)
-    agent = NodeAgent(store, LocalHost(repository))
-    app = build_app(DataPlane(repository, catalog=agent))
-
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(agent.status())
-
-    app.router.add_get(STATUS_PATH, status)
-    server = NodeServer(
-        app,
-        options.socket_dir / SOCKET_NAME,
-        tcp_host=options.http_host,
-        tcp_port=options.http_port,
-        shutdown_timeout=options.shutdown_timeout,
-    )
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
-    follower = NodeFollower(kube, agent, options)
-    # Namespaced models answer only to their namespace's pods (before the app is frozen).
+    node = await NodeServices.create(options.node)
+    follower = NodeFollower(kube, node.agent, options, counts=node.request_counts)
+    # Namespaced models answer only to their namespace's pods (added before the app freezes).
     identity = CallerIdentity(follower.pods, options.proc_root)
-    app.middlewares.append(namespace_guard(follower.access.get, identity))
-    await server.start()
-    metrics = await _start_metrics(options)
-    log.info(
-        "agent started",
-        extra={
-            "mode": "cluster",
-            "node": options.node_name,
-            "socket": str(server.socket_path),
-            "metrics_port": options.metrics_port,
-        },
-    )
-    background = [
-        asyncio.create_task(follower.run()),
-        asyncio.create_task(_unload_idle(repository, options.idle_check_seconds)),
-    ]
+    node.app.middlewares.append(namespace_guard(follower.access.get, identity))
+    await node.start(mode="cluster", node=options.node_name)
+    task = asyncio.create_task(follower.run())
     try:
         await stop.wait()
     finally:
-        log.info("agent stopping")
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await server.stop()
-        if metrics is not None:
-            await metrics.cleanup()
-        await agent.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await node.stop()
         kube.api.close()
-        log.info("agent stopped")
 
 
 class NodeFollower:
     """Watches the node's LocalModelNode and the caches; applies; reports status."""
 
-    def __init__(self, kube: Kube, agent: NodeAgent, options: ClusterOptions) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        agent: NodeAgent,
+        options: ClusterOptions,
+        *,
+        counts: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.kube, self.agent, self.options = kube, agent, options
         self.wake = asyncio.Event()
         self.node = Informer(
@@ -173,7 +125,7 @@ class NodeFollower:
         self.origins: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.generation: int | None = None
-        self.rates = RequestRates(options.rate_window)
+        self.rates = RequestRates(options.rate_window, **({"counts": counts} if counts else {}))
         self.status = StatusWriter(
             kube,
             options.node_name,
@@ -185,7 +137,7 @@ class NodeFollower:
     def snapshot(self) -> dict[str, Any]:
         return node_status(
             self.agent.status(),
-            disk=disk_capacity(self.options.cache_dir),
+            disk=disk_capacity(self.options.node.cache_dir),
             origins=self.origins,
             errors=self.errors,
             generation=self.generation,
@@ -240,24 +192,3 @@ class NodeFollower:
                 await self.agent.collect_garbage()  # leftovers from before a restart
                 collected = True
             self.status.wake.set()
-
-
-async def _unload_idle(repository: ModelRepository, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        await repository.unload_idle()
-
-
-async def _start_metrics(options: ClusterOptions) -> web.AppRunner | None:
-    if not options.metrics_port:
-        return None
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, options.metrics_host, options.metrics_port).start()
-    return runner

@@ -84,7 +84,7 @@ def test_model_in_spec_becomes_warm_and_status_says_so_then_leaves(
     set_models(crs)
     wait_for(lambda: "mlp" not in (node_status_of(crs).get("modelStatus") or {}), what="gone")
     wait_for(lambda: node_a.request("GET", "/v2/models/mlp/ready")[0] == 404, what="unserved")
-    assert not any((node_a.options.cache_dir / "models").glob("*/*.onnx"))
+    assert not any((node_a.options.node.cache_dir / "models").glob("*/*.onnx"))
 
 
 def test_a_missing_or_invalid_cache_is_reported_not_fatal(

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from agent.cluster import ClusterOptions, run_cluster
+from agent.services import NodeOptions
 
 from .server import FakeApiServer
 
@@ -38,18 +39,21 @@ class ClusterAgent:
 
     def __init__(self, fake: FakeApiServer, home: Path, node_name: str, **overrides: Any) -> None:
         home.mkdir(parents=True, exist_ok=True)
-        self.options = ClusterOptions(
-            node_name=node_name,
+        node = NodeOptions(
             cache_dir=home / "cache",
             socket_dir=home / "run",
-            kubeconfig=fake.write_kubeconfig(home / "kubeconfig"),
             metrics_port=None,
+        )
+        self.options = ClusterOptions(
+            node_name=node_name,
+            node=node,
+            kubeconfig=fake.write_kubeconfig(home / "kubeconfig"),
             status_interval=0.2,
             heartbeat_interval=1.0,
             watch_timeout=5.0,
             **overrides,
         )
-        self.socket = self.options.socket_dir / "nodecache.sock"
+        self.socket = node.socket_dir / "nodecache.sock"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, daemon=True, name=f"agent-{node_name}")
