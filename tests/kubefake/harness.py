@@ -100,6 +100,7 @@ class ClusterReconciler:
             "identity": identity,
             "metrics_port": None,
             "resync_interval": 1.0,
+            "min_pass_interval": 0.1,
             "watch_timeout": 5.0,
             "lease_duration": 1.5,
             "renew_deadline": 1.0,
@@ -111,6 +112,7 @@ class ClusterReconciler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, daemon=True, name=identity)
+        self._started = threading.Event()
         self.error: BaseException | None = None
 
     def _main(self) -> None:
@@ -121,6 +123,7 @@ class ClusterReconciler:
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
             kube = Kube(connect(self.options.kubeconfig))
             self.reconciler = Reconciler(kube, self.options)
+            self._started.set()
             task = asyncio.create_task(self.reconciler.run())
             await self._stop.wait()
             task.cancel()
@@ -131,6 +134,7 @@ class ClusterReconciler:
             asyncio.run(main())
         except BaseException as exc:
             self.error = exc
+            self._started.set()
 
     @property
     def leading(self) -> bool:
@@ -138,6 +142,7 @@ class ClusterReconciler:
 
     def start(self) -> ClusterReconciler:
         self._thread.start()
+        self._started.wait(10)
         return self
 
     def stop(self) -> None:
