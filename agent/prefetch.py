@@ -320,6 +320,7 @@ class ProgressReporter:
         self._bar_shown = False
         self._last_plain = 0.0
         self._last_drawn: tuple[int, int | None] | None = None
+        self._drawn_at = 0.0
 
     def update(self, done: int, total: int | None) -> None:
         self._latest = (done, total)  # one reference store: safe from any thread
@@ -340,7 +341,8 @@ class ProgressReporter:
         now = time.monotonic() if now is None else now
         self._sample(now, latest[0])
         if self.mode == "bar":
-            if latest != self._last_drawn or not self._bar_shown:
+            stale = now - self._drawn_at >= 1.0  # keep the clock moving through a stall
+            if latest != self._last_drawn or not self._bar_shown or stale:
                 self._draw_bar(latest, now)
         elif now - self._last_plain >= self.interval:
             self._last_plain = now
@@ -387,7 +389,7 @@ class ProgressReporter:
             cells = min(room, 40)
             filled = min(cells, cells * done // total)
             text = f"[{'#' * filled}{'.' * (cells - filled)}] {text}"
-        self._last_drawn = latest
+        self._last_drawn, self._drawn_at = latest, now
         self._write(f"\r{text[: width - 1]}\x1b[K", bar=True)
 
     def _columns(self) -> int:

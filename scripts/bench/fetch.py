@@ -281,10 +281,11 @@ def drop_caches() -> bool:
 
 def command(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None) -> list[str]:
     uri = f"s3://{BUCKET}/{ds.uri_key}"
-    if tool == "ours":
+    if tool == "ours" or tool.startswith("ours:"):  # ours:--concurrency=16+--part-size=64Mi
+        extra = [a for a in tool.partition(":")[2].split("+") if a]
         return [
             str(VENV_BIN / "python"), "-m", "agent.prefetch", uri,
-            "--cache-dir", str(dest), "--progress", "none", "--log-level", "warning",
+            "--cache-dir", str(dest), "--progress", "none", "--log-level", "warning", *extra,
         ]  # fmt: skip
     if tool == "ours-lite":
         return [str(VENV_BIN / "python"), "-c", OURS_LITE_SNIPPET, uri, str(dest)]
@@ -403,7 +404,8 @@ def main() -> int:
     parser.add_argument(
         "--tools",
         default=",".join(DEFAULT_TOOLS),
-        help="comma-separated, from: " + ", ".join(TOOLS) + " (default: %(default)s)",
+        help="comma-separated, from: " + ", ".join(TOOLS) + "; ours:ARG+ARG... runs ours "
+        "with extra options, e.g. ours:--concurrency=16 (default: %(default)s)",
     )
     parser.add_argument("--work", type=Path, default=HOME, help="scratch folder (on disk)")
     args = parser.parse_args()
@@ -412,7 +414,7 @@ def main() -> int:
     files = args.files or (50 if args.quick else 200)
     folder = int((args.folder or (128 if args.quick else 1024)) * MiB)
     tools = [t for t in args.tools.split(",") if t]
-    if unknown := set(tools) - set(TOOLS):
+    if unknown := {t for t in tools if not t.startswith("ours:")} - set(TOOLS):
         parser.error(f"unknown tools: {', '.join(sorted(unknown))}")
 
     kserve = ensure_kserve() if "kserve" in tools else None
