@@ -443,6 +443,8 @@ def main() -> int:
                     )
     finally:
         weed.stop()
+        shutil.rmtree(weed.root, ignore_errors=True)  # GiBs of objects, re-seeded each time
+        shutil.rmtree(work / "dest", ignore_errors=True)
     report = summarize(results, datasets, tools)
     header = (
         f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
