@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import prefetch
 from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
 from agent.standalone import run_standalone
 from serve.logs import setup_logging
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of the agent's socket (default: %(default)s)",
     )
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    prefetch.add_parser(commands)
     return parser
 
 
@@ -214,6 +216,8 @@ def _logging_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "prefetch":
+        return prefetch.run(args)
     if args.command == "agent":
         return _agent(args)
     return _status(args)

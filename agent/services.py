@@ -21,6 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from agent.node import NodeAgent
 from cache import ModelStore
+from cache.metrics import register_store_metrics
 from serve.dataplane import DataPlane
 from serve.devices import discover_devices
 from serve.grpc.server import GrpcServer
@@ -66,6 +67,7 @@ class NodeServices:
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
         self.store = ModelStore(options.cache_dir, limit_bytes=options.cache_size)
+        register_store_metrics(self.store)
         self.pool: WorkerPool | None = None
         self._background: list[asyncio.Task[None]] = []
         self._metrics: web.AppRunner | None = None
