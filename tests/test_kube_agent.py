@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from kubefake.fixtures import api_client, fake_api  # noqa: F401 (fixtures)
 from kubefake.harness import ClusterAgent
+from kubefake.rbac import denied_calls
 from kubefake.server import FakeApiServer
 from kubernetes import client
 from support import wait_for
@@ -48,6 +49,7 @@ def node_a(fake_api: FakeApiServer, tmp_path: Path) -> Iterator[ClusterAgent]:  
     yield agent
     agent.stop()
     assert fake_api.pruned == [], "the agent wrote fields the CRD schema does not have"
+    assert denied_calls(fake_api) == [], "the agent's RBAC would refuse these"
 
 
 def node_status_of(crs: client.CustomObjectsApi, name: str = "node-a") -> dict[str, Any]:
@@ -277,7 +279,7 @@ def test_namespaced_models_answer_only_to_pods_of_their_namespace(
         assert infer(agent, "secret") == 403 and infer(agent, "open") == 200
     finally:
         agent.stop()
-    assert fake_api.pruned == []
+    assert fake_api.pruned == [] and denied_calls(fake_api) == []
 
 
 def test_pod_uid_from_both_cgroup_layouts(tmp_path: Path) -> None:
@@ -291,3 +293,22 @@ def test_pod_uid_from_both_cgroup_layouts(tmp_path: Path) -> None:
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(text)
     assert [pod_uid_of(pid, tmp_path) for pid in (1, 2, 3, 4)] == [uid, uid, None, None]
+
+
+def test_rbac_check_refuses_what_the_roles_do_not_grant(fake_api: FakeApiServer) -> None:  # noqa: F811
+    nc = "/apis/nodecache.io/v1alpha1"
+    lease = "/apis/coordination.k8s.io/v1/namespaces/nodecache-system/leases"
+    fake_api.calls[:] = [
+        ("agent", "PATCH", f"{nc}/localmodelnodes/n1/status"),  # allowed
+        ("agent", "PATCH", f"{nc}/localmodelnodes/n1"),  # spec is the reconciler's
+        ("agent", "PATCH", f"{nc}/localmodelcaches/m"),
+        ("reconciler", "PUT", f"{lease}/nodecache-reconciler"),  # allowed
+        ("reconciler", "PUT", f"{lease}/someone-else"),
+        ("reconciler", "POST", "/apis/coordination.k8s.io/v1/namespaces/default/leases"),
+    ]
+    assert denied_calls(fake_api) == [
+        "agent: patch localmodelcaches /m",
+        "agent: patch localmodelnodes /n1",
+        "reconciler: create leases default/",
+        "reconciler: update leases nodecache-system/someone-else",
+    ]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from kubefake.fixtures import api_client, fake_api  # noqa: F401 (fixtures)
 from kubefake.harness import ClusterAgent, ClusterReconciler
+from kubefake.rbac import denied_calls
 from kubefake.server import FakeApiServer
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -61,6 +62,7 @@ def cluster(
     for agent in agents.values():
         agent.stop()
     assert fake_api.pruned == [], "a write carried fields the CRD schema does not have"
+    assert denied_calls(fake_api) == [], "RBAC in daemonset/ would refuse these"
 
 
 def get_cache(crs: client.CustomObjectsApi, name: str = "mlp") -> dict[str, Any]:
@@ -188,6 +190,7 @@ def test_one_leader_at_a_time_and_a_standby_takes_over(
     finally:
         a.stop()
         b.stop()
+    assert denied_calls(fake_api) == []
 
 
 def _absent(crs: client.CustomObjectsApi, name: str) -> bool:

@@ -47,7 +47,7 @@ class ClusterAgent:
         self.options = ClusterOptions(
             node_name=node_name,
             node=node,
-            kubeconfig=fake.write_kubeconfig(home / "kubeconfig"),
+            kubeconfig=fake.write_kubeconfig(home / "kubeconfig", user="agent"),
             status_interval=0.2,
             heartbeat_interval=1.0,
             watch_timeout=5.0,
@@ -96,7 +96,7 @@ class ClusterReconciler:
 
         home.mkdir(parents=True, exist_ok=True)
         settings: dict[str, Any] = {
-            "kubeconfig": fake.write_kubeconfig(home / f"kubeconfig-{identity}"),
+            "kubeconfig": fake.write_kubeconfig(home / f"kubeconfig-{identity}", "reconciler"),
             "identity": identity,
             "metrics_port": None,
             "resync_interval": 1.0,

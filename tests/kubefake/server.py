@@ -139,6 +139,7 @@ class FakeApiServer:
         self.history_limit = history_limit
         self.state = _State()
         self.requests: list[tuple[str, str]] = []  # (method, path?query) seen, for tests
+        self.calls: list[tuple[str, str, str]] = []  # (token, method, path?query)
         self.pruned: list[str] = []  # "<kind>/<name>" whose writes carried unknown fields
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -195,14 +196,15 @@ class FakeApiServer:
         config.host = self.url
         return config
 
-    def write_kubeconfig(self, path: Path) -> Path:
+    def write_kubeconfig(self, path: Path, user: str = "fake") -> Path:
+        """A kubeconfig for the fake; ``user`` becomes the bearer token, seen in ``calls``."""
         path.write_text(
             yaml.safe_dump(
                 {
                     "apiVersion": "v1",
                     "kind": "Config",
                     "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-                    "users": [{"name": "fake", "user": {"token": "fake"}}],
+                    "users": [{"name": "fake", "user": {"token": user}}],
                     "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
                     "current-context": "fake",
                 }
@@ -237,10 +239,12 @@ class FakeApiServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
+        user = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.calls.append((user, request.method, request.path_qs))
         try:
             if request.method == "GET" and (found := self._discovery(request.path)) is not None:
                 return web.json_response(found)
-            rtype, namespace, name, sub = self._route(request.path)
+            rtype, namespace, name, sub = self.route(request.path)
             table = rtype.columns and discovery.wants_table(request.headers.get("Accept", ""))
             if request.method == "GET" and name is None:
                 if request.query.get("watch") in ("true", "1"):
@@ -290,7 +294,7 @@ class FakeApiServer:
             return discovery.resource_list(f"{group}/{version}" if group else version, mine)
         return None
 
-    def _route(self, path: str) -> tuple[ResourceType, str | None, str | None, str | None]:
+    def route(self, path: str) -> tuple[ResourceType, str | None, str | None, str | None]:
         parts = [p for p in path.split("/") if p]
         if parts[:1] == ["api"] and len(parts) >= 3:
             group, rest = "", parts[2:]
