@@ -12,8 +12,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from serve.protocol import HEADER_LENGTH
-from serve.tensors import decode_tensor, encode_tensor
+from serve.protocol import HEADER_LENGTH, InferRequest, decode_response, encode_request
 
 __all__ = ["ClientError", "NodeClient", "SyncNodeClient"]
 
@@ -135,19 +134,10 @@ class SyncNodeClient:
 
 
 def _infer_body(inputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict[str, str]]:
-    specs, chunks = [], []
-    for name, array in inputs.items():
-        spec, raw = encode_tensor(name, np.asarray(array), binary=binary)
-        specs.append(spec)
-        if raw is not None:
-            chunks.append(raw)
-    doc: dict[str, Any] = {"inputs": specs}
-    if not binary:
-        return json.dumps(doc).encode(), {"Content-Type": "application/json"}
-    doc["parameters"] = {"binary_data_output": True}
-    header = json.dumps(doc).encode()
-    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
-    return header + b"".join(chunks), headers
+    body, json_length = encode_request(InferRequest(inputs=inputs), binary=binary)
+    if json_length is None:
+        return body, {"Content-Type": "application/json"}
+    return body, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_length)}
 
 
 def _json_or_error(status: int, headers: dict[str, str], payload: bytes) -> Any:
@@ -172,15 +162,4 @@ async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:
 
 
 def _decode_outputs(body: bytes, json_length: int | None) -> dict[str, np.ndarray]:
-    header = body if json_length is None else body[:json_length]
-    raw = memoryview(body)[len(header) :]
-    outputs: dict[str, np.ndarray] = {}
-    offset = 0
-    for spec in json.loads(header)["outputs"]:
-        size = spec.get("parameters", {}).get("binary_data_size")
-        chunk = None
-        if size is not None:
-            chunk, offset = raw[offset : offset + size], offset + size
-        name, array = decode_tensor(spec, chunk)
-        outputs[name] = array
-    return outputs
+    return decode_response(body, json_length).outputs

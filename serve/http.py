@@ -27,7 +27,7 @@ from serve.protocol import (
 )
 from serve.tensors import DATATYPES
 
-__all__ = ["DEFAULT_MAX_BODY", "NodeServer", "build_app", "error_response"]
+__all__ = ["DEFAULT_MAX_BODY", "PROTOCOL_HEADER", "NodeServer", "build_app", "error_response"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 MAX_BODY = web.AppKey("max_body", int)
 MAX_ELEMENTS = web.AppKey("max_elements", int)
+# Set by the agent when it forwards a gRPC call to a worker over REST, so the worker
+# counts the request under the protocol the client used.
+PROTOCOL_HEADER = "X-Nodecache-Protocol"
+_PROTOCOLS = frozenset({"rest", "grpc", "v1"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -106,7 +110,13 @@ async def _infer(request: web.Request) -> web.Response:
         limit = request.app[MAX_BODY]
         raise PayloadTooLarge(f"request body is larger than the {limit} byte limit") from None
     infer_request = decode_request(body, header_length, max_elements=request.app[MAX_ELEMENTS])
-    result = await request.app[DATAPLANE].infer(name, infer_request, _version(request))
+    protocol = request.headers.get(PROTOCOL_HEADER, "rest")
+    result = await request.app[DATAPLANE].infer(
+        name,
+        infer_request,
+        _version(request),
+        protocol=protocol if protocol in _PROTOCOLS else "rest",
+    )
     payload, json_length = encode_response(result)
     if json_length is None:
         return web.Response(body=payload, content_type="application/json")

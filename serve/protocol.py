@@ -23,6 +23,8 @@ __all__ = [
     "InferResponse",
     "RequestedOutput",
     "decode_request",
+    "decode_response",
+    "encode_request",
     "encode_response",
 ]
 
@@ -153,3 +155,56 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)
+
+
+def encode_request(request: InferRequest, *, binary: bool) -> tuple[bytes, int | None]:
+    """A client's REST body for ``request``; with ``binary`` tensors travel raw both ways.
+
+    Returns (body, json_length if binary tensors follow else None).
+    """
+    specs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in request.inputs.items():
+        spec, raw = encode_tensor(name, np.asarray(array), binary=binary, numpy_data=True)
+        specs.append(spec)
+        if raw is not None:
+            chunks.append(raw)
+    doc: dict[str, Any] = {"inputs": specs}
+    if request.id is not None:
+        doc["id"] = request.id
+    params = dict(request.parameters)
+    if binary or request.binary_outputs:
+        params["binary_data_output"] = True
+    if params:
+        doc["parameters"] = params
+    if request.outputs is not None:
+        doc["outputs"] = [
+            {"name": o.name, "parameters": {"binary_data": o.binary}} for o in request.outputs
+        ]
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
+
+
+def decode_response(body: bytes, json_length: int | None = None) -> InferResponse:
+    """A REST infer answer (JSON, or JSON followed by raw tensors) as the client sees it."""
+    header = body if json_length is None else body[:json_length]
+    raw = memoryview(body)[len(header) :]
+    doc = orjson.loads(header)
+    outputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in doc["outputs"]:
+        size = spec.get("parameters", {}).get("binary_data_size")
+        chunk = None
+        if size is not None:
+            chunk, offset = raw[offset : offset + size], offset + size
+        name, array = decode_tensor(spec, chunk)
+        outputs[name] = array
+    return InferResponse(
+        model_name=doc.get("model_name", ""),
+        model_version=doc.get("model_version"),
+        outputs=outputs,
+        id=doc.get("id"),
+        parameters=doc.get("parameters") or {},
+    )

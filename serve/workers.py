@@ -27,11 +27,16 @@ from aiohttp import web
 from serve.dataplane import SERVER_NAME, SERVER_VERSION, Catalog
 from serve.devices import Device
 from serve.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, ServeError
-from serve.http import error_response
-from serve.protocol import HEADER_LENGTH, InferRequest, InferResponse
+from serve.http import PROTOCOL_HEADER, error_response
+from serve.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    InferResponse,
+    decode_response,
+    encode_request,
+)
 from serve.repository import NoRoom
 from serve.runtimes import device_kinds
-from serve.tensors import decode_tensor, encode_tensor
 from serve.worker import CONTROL
 
 __all__ = ["PoolDataPlane", "WorkerPool", "build_router_app", "worker_devices"]
@@ -448,59 +453,39 @@ class PoolDataPlane:
         return await self.pool._call(self._worker(name), "GET", path)
 
     async def infer(
-        self, name: str, request: InferRequest, version: str | None = None
+        self,
+        name: str,
+        request: InferRequest,
+        version: str | None = None,
+        *,
+        protocol: str = "grpc",
     ) -> InferResponse:
         worker = self._worker(name)
         if not worker.up or worker.session is None:
             raise WorkerUnavailable(f"model '{name}' is on worker {worker.index}, restarting")
-        specs, chunks = [], []
-        for input_name, array in request.inputs.items():
-            spec, raw = encode_tensor(input_name, array, binary=True)
-            specs.append(spec)
-            chunks.append(raw or b"")
-        doc: dict[str, Any] = {"inputs": specs, "parameters": {"binary_data_output": True}}
-        if request.id:
-            doc["id"] = request.id
-        if request.outputs is not None:
-            doc["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}}
-                              for o in request.outputs]  # fmt: skip
-        header = json.dumps(doc).encode()
+        body, json_length = encode_request(request, binary=True)
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
         try:
             async with worker.session.post(
-                path, data=header + b"".join(chunks),
-                headers={HEADER_LENGTH: str(len(header))},
-            ) as resp:  # fmt: skip
-                body = await resp.read()
+                path,
+                data=body,
+                headers={PROTOCOL_HEADER: protocol, HEADER_LENGTH: str(json_length)},
+            ) as resp:
+                answer = await resp.read()
                 length = resp.headers.get(HEADER_LENGTH)
                 status = resp.status
         except (aiohttp.ClientError, OSError):
             raise WorkerUnavailable(f"worker {worker.index} stopped while answering") from None
         if status != 200:
-            message = json.loads(body).get("error", "")
-            error = {400: InvalidInput, 404: ModelNotFound}.get(status)
-            if error is InvalidInput:
+            message = json.loads(answer).get("error", "")
+            if status == 400:
                 raise InvalidInput(message)
-            if error is ModelNotFound:
+            if status == 404:
                 raise ModelNotFound(name)
             raise WorkerUnavailable(message) if status == 503 else ModelLoadError(message)
-        json_part = body if length is None else body[: int(length)]
-        raw = memoryview(body)[len(json_part) :]
-        answer = json.loads(json_part)
-        outputs, offset = {}, 0
-        for spec in answer["outputs"]:
-            size = spec.get("parameters", {}).get("binary_data_size")
-            chunk = None
-            if size is not None:
-                chunk, offset = raw[offset : offset + size], offset + size
-            out_name, array = decode_tensor(spec, chunk)
-            outputs[out_name] = array
-        return InferResponse(
-            model_name=name,
-            model_version=answer.get("model_version"),
-            outputs=outputs,
-            id=answer.get("id"),
-        )
+        result = decode_response(answer, int(length) if length else None)
+        result.model_name = name
+        return result
 
     async def load(self, name: str) -> None:
         await self.pool.load(name, evict=True)

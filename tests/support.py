@@ -86,7 +86,7 @@ class Agent:
         ]  # fmt: skip
         log = self.log.open("ab")
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
-        wait_for(self._answers, what="the agent socket")
+        wait_for(self._answers, timeout=60, what="the agent socket")
         return self
 
     def _answers(self) -> bool:

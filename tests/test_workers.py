@@ -45,6 +45,37 @@ def test_models_spread_over_workers_and_answer(agent: Agent, mlp_dir: Path) -> N
     assert text.count("# TYPE nodecache_requests_total counter") == 1
 
 
+def test_grpc_reaches_models_in_workers(agent: Agent, mlp_dir: Path) -> None:
+    import tritonclient.grpc as triton_grpc
+
+    port = free_port()
+    agent.start("--workers", "1", "--grpc-port", str(port))
+    agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
+    agent.wait_state("m", "Warm")
+    client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{port}")
+    x = np.ones((2, 64), np.float32)
+    inp = triton_grpc.InferInput("input", [2, 64], "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("m", [inp], request_id="w-1")
+    assert result.as_numpy("output").shape == (2, 10)
+    assert result.get_response().id == "w-1"
+    http = agent.request(
+        "POST",
+        "/v2/models/m/infer",
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [2, 64], "data": x.ravel().tolist()}
+            ]
+        },
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("output").ravel(), http[1]["outputs"][0]["data"], rtol=1e-6
+    )
+    assert client.get_model_metadata("m").platform == "onnxruntime_onnx"
+    with pytest.raises(Exception, match="not found"):
+        client.infer("nope", [inp])
+
+
 def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir: Path) -> None:
     agent.start("--workers", "1")
     agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
