@@ -166,7 +166,7 @@ class NodeFollower:
 
     async def _follow_changes(self) -> None:
         informers = (self.node, self.caches, self.namespace_caches)
-        collected = False
+        collected = warned = False
         applied: Any = None
         while True:
             await self.wake.wait()
@@ -175,8 +175,15 @@ class NodeFollower:
             if not all(i.synced.is_set() for i in informers):
                 continue
             node = self.node.get(self.options.node_name)
-            if node is None:
-                continue  # no LocalModelNode yet: keep what is there until one says otherwise
+            if node is None:  # keep what is there until a LocalModelNode says otherwise
+                if not warned:
+                    log.warning(
+                        "no LocalModelNode for this node yet; the reconciler creates one when "
+                        "the node matches a LocalModelNodeGroup's nodeSelector",
+                        extra={"node": self.options.node_name},
+                    )
+                    warned = True
+                continue
             caches = {**self.caches.objects, **self.namespace_caches.objects}
             resolved = resolve(node, caches)
             self.generation = node["metadata"].get("generation")

@@ -317,3 +317,20 @@ def test_crd_and_standalone_parser_agree(spec: dict[str, Any]) -> None:
     except DeclarationError:
         parser_ok = False
     assert crd_ok == parser_ok, (crd_ok, parser_ok)
+
+
+def test_container_args_are_ones_the_cli_accepts(objects: list[dict[str, Any]]) -> None:
+    """The manifests and `nodecache` cannot drift apart unnoticed."""
+    import argparse
+
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for kind, name in (("DaemonSet", "nodecache-agent"), ("Deployment", "nodecache-reconciler")):
+        (container,) = find(objects, kind, name)["spec"]["template"]["spec"]["containers"]
+        args = [a.replace("$(POD_NAMESPACE)", "ns").replace("$(POD_NAME)", "p")
+                for a in container["args"]]  # fmt: skip
+        if args[0] not in commands.choices:
+            pytest.skip(f"`nodecache {args[0]}` is not in agent/cli.py yet")
+        parser.parse_args(args)  # exits (SystemExit) on an unknown flag

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from agent.kube.placement import FINALIZER, format_quantity, plan
@@ -36,6 +37,7 @@ def cache(name: str, size: str = "1Gi", groups: tuple[str, ...] = ("gpu",), **sp
 def lmn(name: str, models: dict[str, dict[str, Any]] | None = None, **status: Any) -> Any:
     """A LocalModelNode holding ``models`` (name -> {state, warm, ...})."""
     models = models or {}
+    status.setdefault("heartbeat", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return {
         "metadata": {"name": name},
         "spec": {"localModels": [
@@ -200,3 +202,17 @@ def test_placement_at_scale_is_computed() -> None:
     p = plan(caches, groups, nodes, [])
     assert sum(len(v) for v in p.node_specs.values()) == 600
     assert all(s["copies"]["total"] == 3 for s in p.cache_status.values())
+
+
+def test_a_silent_agent_counts_as_unknown_and_says_where_to_look() -> None:
+    now = 1_800_000_000.0
+    beat = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 30))
+    old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 600))
+    reports = [lmn("n1", {"a": {"state": "Warm"}}, heartbeat=beat),
+               lmn("n2", {"a": {"state": "Warm"}}, heartbeat=old)]  # fmt: skip
+    p = plan([cache("a")], [group()], [node("n1"), node("n2")], reports, now=now)
+    status = p.cache_status[("", "a")]
+    assert status["nodeStatus"] == {"n1": "Warm", "n2": "Unknown"}
+    assert status["copies"]["available"] == 1
+    ready = condition(status, "Ready")
+    assert ready["reason"] == "AgentNotReporting" and "on n2" in ready["message"]

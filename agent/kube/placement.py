@@ -16,6 +16,7 @@ warm copy exceeds warm.targetRequestsPerSecond and lowered while the model is id
 
 from __future__ import annotations
 
+import datetime
 import heapq
 import time
 from collections.abc import Iterable
@@ -91,6 +92,7 @@ class _Node:
     used: int = 0
     groups: list[str] = field(default_factory=list)
     models: dict[str, JSON] = field(default_factory=dict)  # modelName -> reported status
+    silent: bool = False  # no heartbeat from its agent lately
 
     def room(self) -> int:
         room = self.budget - self.used
@@ -104,8 +106,13 @@ def plan(
     local_nodes: Iterable[JSON],
     *,
     now: float | None = None,
+    agent_timeout: float = 120.0,
 ) -> Plan:
-    """The whole desired state for the cluster, from what is there now."""
+    """The whole desired state for the cluster, from what is there now.
+
+    A node whose agent has not written a heartbeat for ``agent_timeout`` seconds reports
+    nothing: its copies count as Unknown, not available.
+    """
     now = time.time() if now is None else now
     nodes, caches = list(nodes), list(caches)
     out = Plan()
@@ -125,6 +132,9 @@ def plan(
         status = (local.get(name) or {}).get("status") or {}
         capacity = status.get("capacity") or {}
         reported = status.get("modelStatus") or {}
+        silent = bool(reported) and not _recent(status.get("heartbeat"), now, agent_timeout)
+        if silent:
+            reported = {m: {"state": "Unknown"} for m in reported}
         devices = capacity.get("devices") or []
         gpus = [d for d in devices if str(d.get("name", "")).startswith("cuda")]
         info = _Node(
@@ -135,6 +145,7 @@ def plan(
             device_free=sum(int(d.get("free") or 0) for d in (gpus or devices)),
             groups=mine,
             models=reported,
+            silent=silent,
         )
         infos[name] = info
         for g in mine:
@@ -202,6 +213,16 @@ def plan(
                                       if ready else "no Ready node matches the nodeSelector", now)],
         }  # fmt: skip
     return out
+
+
+def _recent(heartbeat: str | None, now: float, timeout: float) -> bool:
+    if not heartbeat:
+        return False
+    try:
+        then = datetime.datetime.strptime(heartbeat[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return False
+    return now - then.replace(tzinfo=datetime.UTC).timestamp() <= timeout
 
 
 def _quantity(value: Any) -> int:
@@ -291,6 +312,10 @@ def _place(
         ready_c = (False, "InsufficientCapacity", f"{len(copies)} of {wanted} copies placed: "
                    f"no other Ready node of the groups has {format_quantity(size)} free; "
                    "raise storageLimit, add nodes, or lower spec.replicas")  # fmt: skip
+    elif available < len(copies) and (silent := sorted(n.name for n in copies if n.silent)):
+        ready_c = (False, "AgentNotReporting", f"{available} of {len(copies)} copies known on "
+                   f"disk; no recent status from the agent on {', '.join(silent[:5])}: check "
+                   "the nodecache-agent pod there")  # fmt: skip
     elif available < len(copies):
         ready_c = (False, "CopiesPending", f"{available} of {len(copies)} copies on disk")
     else:

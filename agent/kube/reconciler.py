@@ -55,6 +55,8 @@ class ReconcilerOptions:
     metrics_port: int | None = 9465
     metrics_host: str = "0.0.0.0"
     resync_interval: float = 30.0
+    agent_timeout: float = 120.0
+    """An agent silent (no LocalModelNode heartbeat) this long: its copies count as Unknown."""
     min_pass_interval: float = 1.0
     """Passes start at most this often: at 5,000 nodes the agents' status writes alone
     would otherwise keep one pass running after another."""
@@ -163,7 +165,13 @@ class Reconciler:
         caches = self.caches.items() + self.namespace_caches.items()
         for cache in caches:
             await self._hold(cache)
-        result = plan(caches, self.groups.items(), self.nodes.items(), self.local_nodes.items())
+        result = plan(
+            caches,
+            self.groups.items(),
+            self.nodes.items(),
+            self.local_nodes.items(),
+            agent_timeout=self.options.agent_timeout,
+        )
         await self._act(result)
         return result
 

@@ -43,6 +43,7 @@ def main() -> None:
     cold = time.perf_counter() - started
     reports = [{"metadata": {"name": name}, "spec": {"localModels": entries},
                 "status": {"modelStatus": {e["modelName"]: {"state": "Warm"} for e in entries},
+                           "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "capacity": {"disk": {"free": 3 << 40},
                                         "devices": [{"name": "cuda:0", "free": 70 << 30}]}}}
                for name, entries in first.node_specs.items()]  # fmt: skip
