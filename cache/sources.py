@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
 from cache.uri import redact_uri, validate_source_uri
@@ -52,6 +52,8 @@ Sink = Callable[[int, memoryview], None]
 """``sink(offset, data)``: write ``data`` at ``offset`` of the destination file."""
 
 _MAX_HTTP_ENTRIES = 100_000
+_S3_PAGE = 1000
+"""Keys per ``ListObjectsV2`` page (S3's maximum)."""
 _MAX_REDIRECTS = 5
 
 
@@ -263,12 +265,21 @@ def _buffer(size: int) -> memoryview:
 class HttpRanges:
     """Blocking ranged GETs over per-thread keep-alive connections."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, *, cafile: str | None = None) -> None:
         self.timeout = timeout
         self.local = _Connections()
-        self.ssl = ssl.create_default_context()
+        self.cafile = cafile
+        self._ssl: ssl.SSLContext | None = None
         self.lock = threading.Lock()
         self.all: list[http.client.HTTPConnection] = []
+
+    @property
+    def ssl(self) -> ssl.SSLContext:
+        """The TLS context, made on first use (loading CA certificates costs ~20 ms)."""
+        with self.lock:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context(cafile=self.cafile)
+            return self._ssl
 
     def _connection(self, scheme: str, host: str, port: int) -> tuple[Any, bool]:
         key = (scheme, host, port)
@@ -304,7 +315,10 @@ class HttpRanges:
         *,
         chunk_size: int,
         etag: str | None = None,
+        sign: Callable[[str, str], dict[str, str]] | None = None,
     ) -> int:
+        """Ranged GET of ``url`` into ``sink``; ``sign(method, url)`` adds signing headers
+        (recomputed for every redirect hop)."""
         headers = {"Accept-Encoding": "identity", "User-Agent": "nodecache"}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
@@ -318,7 +332,8 @@ class HttpRanges:
             target = parts.path or "/"
             if parts.query:
                 target += "?" + parts.query
-            resp = self._request(scheme, host, port, target, headers)
+            hop = headers if sign is None else {**headers, **sign("GET", url)}
+            resp = self._request(scheme, host, port, target, hop)
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 resp.read()
@@ -336,13 +351,40 @@ class HttpRanges:
             return pos
         raise SourceHttpError(310, "", "too many redirects")
 
+    def call(
+        self, method: str, url: str, headers: dict[str, str]
+    ) -> tuple[int, http.client.HTTPResponse, bytes]:
+        """One small request (a listing, a HEAD): status, response (for headers), body."""
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        host = parts.hostname or ""
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        resp = self._request(scheme, host, port, target, headers, method)
+        try:
+            body = resp.read()  # listing pages and error bodies: small
+        except BaseException:
+            self._drop(scheme, host, port)
+            raise
+        if resp.will_close:
+            self._drop(scheme, host, port)
+        return resp.status, resp, body
+
     def _request(
-        self, scheme: str, host: str, port: int, target: str, headers: dict[str, str]
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        target: str,
+        headers: dict[str, str],
+        method: str = "GET",
     ) -> http.client.HTTPResponse:
         for attempt in range(2):
             conn, reused = self._connection(scheme, host, port)
             try:
-                conn.request("GET", target, headers=headers)
+                conn.request(method, target, headers=headers)
                 return conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self._drop(scheme, host, port)
@@ -500,8 +542,12 @@ class HttpSource(Source):
 # ---- s3:// ---------------------------------------------------------------------------------
 
 
-class S3Source(Source):
-    """``s3://``: listing through s3fs, bytes through presigned ranged GETs."""
+class S3fsSource(Source):
+    """``s3://`` through s3fs: listing through s3fs, bytes through presigned ranged GETs.
+
+    Used where :class:`S3Source` cannot resolve credentials itself (instance roles, web
+    identity, SSO and other botocore credential providers).
+    """
 
     def __init__(self, uri: str, **kwargs: Any) -> None:
         super().__init__(uri, **kwargs)
@@ -572,6 +618,209 @@ class S3Source(Source):
         else:
             url = self.fs.url(remote.url, expires=3600)
         return self.http.get(url, start, end, sink, chunk_size=self.chunk_size, etag=remote.etag)
+
+
+class S3Source(Source):
+    """``s3://`` with static credentials (or none): signed ``HEAD``, ``ListObjectsV2`` and
+    ranged ``GET`` requests over the same per-thread keep-alive connections.
+
+    No botocore import and no event-loop thread: the first byte comes ~1 s sooner than
+    through s3fs, and each file costs one signature (a few HMACs) instead of a presign hop.
+    """
+
+    def __init__(self, uri: str, *, config: _S3Config, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        from cache.sigv4 import SigV4
+
+        self.config = config
+        self.signer = (
+            None
+            if config.anon
+            else SigV4(config.key or "", config.secret or "", config.token, config.region)
+        )
+        self.http = HttpRanges(self.timeout, cafile=self.setting("AWS_CA_BUNDLE"))
+        self.root = uri[len("s3://") :]
+        self.bucket, _, self.key = self.root.partition("/")
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _url(self, key: str, query: str = "") -> str:
+        from cache.sigv4 import uri_encode
+
+        config = self.config
+        path = uri_encode(key)
+        if config.virtual_host:
+            region = self.signer.region if self.signer else config.region
+            base = f"https://{self.bucket}.s3.{region}.amazonaws.com/{path}"
+        else:
+            base = f"{config.endpoint.rstrip('/')}/{uri_encode(self.bucket)}/{path}"
+        return base + ("?" + query if query else "")
+
+    def _sign(self, method: str, url: str) -> dict[str, str]:
+        return {} if self.signer is None else self.signer.headers(method, url)
+
+    def _call(self, method: str, key: str, query: str = "") -> tuple[int, Any, bytes]:
+        """A signed request; follows a bucket's region once (no region was configured)."""
+        for _ in range(2):
+            url = self._url(key, query)
+            headers = {"User-Agent": "nodecache", **self._sign(method, url)}
+            status, resp, body = self.http.call(method, url, headers)
+            region = resp.getheader("x-amz-bucket-region")
+            if (
+                status in (301, 307, 400)
+                and region
+                and self.signer is not None
+                and region != self.signer.region
+                and not self.config.region_given
+            ):
+                self.signer.region = region
+                continue
+            return status, resp, body
+        return status, resp, body
+
+    def list_files(self) -> list[RemoteFile]:
+        key = self.key.rstrip("/")
+        if key and not self.key.endswith("/"):
+            status, resp, body = self._call("HEAD", key)
+            if status == 200:
+                length = resp.getheader("Content-Length")
+                if length is None:
+                    raise SourceHttpError(status, "", "HEAD answered without a Content-Length")
+                info = {"name": f"{self.bucket}/{key}", "size": int(length)}
+                info["ETag"] = resp.getheader("ETag")
+                return self._finish_listing([S3fsSource._remote(posixpath.basename(key), info)])
+            if status != 404:
+                raise _http_error(status, body) if body else _head_error(status, resp)
+        prefix = key + "/" if key else ""
+        files = [
+            S3fsSource._remote(name[len(prefix) :], {"name": f"{self.bucket}/{name}", **meta})
+            for name, meta in self._list(prefix)
+            if not name.endswith("/")
+        ]
+        if not files:
+            raise SourceHttpError(404, "NoSuchKey", f"nothing at {redact_uri(self.uri)}")
+        return self._finish_listing(files)
+
+    def _list(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        import xml.etree.ElementTree as ET
+
+        from cache.sigv4 import canonical_query
+
+        out: list[tuple[str, dict[str, Any]]] = []
+        token = None
+        while True:
+            params = {
+                "list-type": "2",
+                "encoding-type": "url",
+                "prefix": prefix,
+                "max-keys": str(_S3_PAGE),
+            }
+            if token:
+                params["continuation-token"] = token
+            status, _resp, body = self._call("GET", "", canonical_query(params))
+            if status != 200:
+                raise _http_error(status, body)
+            root = ET.fromstring(body)
+            ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            encoded = (root.findtext(f"{ns}EncodingType") or "").lower() == "url"
+            for item in root.iter(f"{ns}Contents"):
+                name = item.findtext(f"{ns}Key") or ""
+                if encoded:
+                    name = unquote_plus(name)
+                out.append(
+                    (
+                        name,
+                        {
+                            "size": int(item.findtext(f"{ns}Size") or 0),
+                            "ETag": item.findtext(f"{ns}ETag"),
+                        },
+                    )
+                )
+                if len(out) > _MAX_HTTP_ENTRIES * 10:
+                    raise FetchError(f"{redact_uri(self.uri)} lists too many objects")
+            truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if not truncated or not token:
+                return out
+
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        url = self._url(remote.url.partition("/")[2])
+        return self.http.get(
+            url,
+            start,
+            end,
+            sink,
+            chunk_size=self.chunk_size,
+            etag=remote.etag,
+            sign=None if self.signer is None else self.signer.headers,
+        )
+
+
+@dataclass(frozen=True)
+class _S3Config:
+    """Where and as whom an S3 source is read, resolved from credentials and environment."""
+
+    endpoint: str
+    region: str
+    region_given: bool
+    key: str | None
+    secret: str | None
+    token: str | None
+    anon: bool
+
+    @property
+    def virtual_host(self) -> bool:
+        return self.endpoint == ""
+
+
+def _s3_config(source: Source) -> _S3Config | None:
+    """The settings :class:`S3Source` can work with, or None where s3fs must resolve them."""
+    key = source.setting("AWS_ACCESS_KEY_ID")
+    secret = source.setting("AWS_SECRET_ACCESS_KEY")
+    token = source.setting("AWS_SESSION_TOKEN")
+    shared = source.credentials.get("AWS_SHARED_CREDENTIALS_FILE")
+    if shared and not source.credentials.get("AWS_ACCESS_KEY_ID"):
+        key, secret, token = _read_credentials_file(
+            shared, source.credentials.get("AWS_PROFILE") or "default"
+        )
+    anon = source.setting("AWS_NO_SIGN_REQUEST") in ("1", "true", "yes")
+    endpoint = source.setting("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT") or ""
+    if endpoint and "://" not in endpoint:
+        endpoint = "https://" + endpoint
+    region = source.setting("AWS_REGION", "AWS_DEFAULT_REGION")
+    if not anon and not (key and secret):
+        return None  # botocore's credential chain (roles, web identity, profiles, ...)
+    bucket = source.uri[len("s3://") :].partition("/")[0]
+    if not endpoint and not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket):
+        return None  # not addressable as <bucket>.s3.<region>.amazonaws.com
+    if anon and not endpoint and not region:
+        return None  # no signature to learn the bucket's region from
+    return _S3Config(
+        endpoint=endpoint,
+        region=region or "us-east-1",
+        region_given=bool(region),
+        key=None if anon else key,
+        secret=None if anon else secret,
+        token=None if anon else token,
+        anon=anon,
+    )
+
+
+def _head_error(status: int, resp: Any) -> SourceHttpError:
+    """A HEAD answer has no body: the error code from the status (and S3's headers)."""
+    code = resp.getheader("x-amz-error-code") or {403: "AccessDenied", 404: "NoSuchKey"}.get(
+        status, ""
+    )
+    return SourceHttpError(status, code, resp.getheader("x-amz-error-message") or "")
+
+
+def _open_s3(uri: str, **kwargs: Any) -> Source:
+    probe = Source(uri, **kwargs)
+    config = _s3_config(probe)
+    if config is None:
+        return S3fsSource(uri, **kwargs)
+    return S3Source(uri, config=config, **kwargs)
 
 
 # ---- gs:// ---------------------------------------------------------------------------------
@@ -664,11 +913,11 @@ def open_source(
     """
     uri = validate_source_uri(uri)
     scheme = uri.split("://", 1)[0]
-    kinds: dict[str, type[Source]] = {
+    kinds: dict[str, Callable[..., Source]] = {
         "file": LocalSource,
         "http": HttpSource,
         "https": HttpSource,
-        "s3": S3Source,
+        "s3": _open_s3,  # type: ignore[dict-item]
         "gs": GcsSource,
     }
     try:
