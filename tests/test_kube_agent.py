@@ -14,6 +14,7 @@ from kubefake.harness import ClusterAgent
 from kubefake.rbac import denied_calls
 from kubefake.server import FakeApiServer
 from kubernetes import client
+from prometheus_client import REGISTRY
 from support import wait_for
 
 from agent.kube.callers import pod_uid_of
@@ -118,7 +119,13 @@ def test_api_server_away_serving_continues_then_status_catches_up(
     crs.create_cluster_custom_object(G, V, "localmodelnodes", node)
     wait_for(lambda: model_state(crs, "mlp") == "Warm", what="mlp Warm")
 
+    def restarts() -> float:
+        labels = {"resource": "localmodelnodes", "reason": "unavailable"}
+        return REGISTRY.get_sample_value("nodecache_kube_watch_restarts_total", labels) or 0
+
+    before = restarts()
     fake_api.stop()
+    wait_for(lambda: restarts() > before, what="the agent to notice the API server is away")
     for _ in range(5):
         assert infer(node_a, "mlp") == 200  # warm models answer without the API server
     fake_api.compact()  # and when it is back, the agent's resourceVersion is too old
@@ -312,3 +319,21 @@ def test_rbac_check_refuses_what_the_roles_do_not_grant(fake_api: FakeApiServer)
         "reconciler: create leases default/",
         "reconciler: update leases nodecache-system/someone-else",
     ]
+
+
+def test_connect_finds_the_api_server_through_kubeconfig(
+    fake_api: FakeApiServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No in-cluster service account here: $KUBECONFIG is next, then ~/.kube/config."""
+    from agent.kube.api import connect
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(fake_api.write_kubeconfig(tmp_path / "env-config")))
+    assert connect().configuration.host == fake_api.url
+    monkeypatch.delenv("KUBECONFIG")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".kube").mkdir()
+    fake_api.write_kubeconfig(tmp_path / ".kube" / "config")
+    assert connect().configuration.host == fake_api.url

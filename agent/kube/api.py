@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable
@@ -69,9 +70,9 @@ def connect(kubeconfig: Path | None = None) -> client.ApiClient:
             return client.ApiClient(configuration)
         except config.ConfigException:
             pass
-    config.load_kube_config(
-        config_file=str(kubeconfig) if kubeconfig else None, client_configuration=configuration
-    )
+    # $KUBECONFIG read now: the client reads it once, when it is imported.
+    found = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG") or "~/.kube/config"
+    config.load_kube_config(config_file=found, client_configuration=configuration)
     return client.ApiClient(configuration)
 
 

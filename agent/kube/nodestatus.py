@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
 from agent.declarations import DeclarationError, ModelDeclaration, parse_object
 from agent.kube.api import LOCAL_MODEL_NODES, Backoff, Kube
 from agent.kube.errors import ApiError, ApiNotFound
@@ -37,6 +39,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
+STATUS_WRITES = Counter(
+    "nodecache_kube_status_writes_total",
+    "LocalModelNode status writes by this agent, by result (ok, failed).",
+    ["result"],
+)
 STATES = {"Pending", "Downloading", "Downloaded", "Loading", "Warm", "Error"}
 
 
@@ -242,10 +249,12 @@ class StatusWriter:
             if self.due(status, now):
                 try:
                     await self.write(status)
+                    STATUS_WRITES.labels("ok").inc()
                     self._backoff.reset()
                 except ApiNotFound:
                     self._last_write = now  # no LocalModelNode yet: the reconciler makes it
                 except ApiError as exc:
+                    STATUS_WRITES.labels("failed").inc()
                     delay = self._backoff.next()
                     log.warning(
                         "status not written; retrying",

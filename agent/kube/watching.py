@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import Counter
+
 from agent.kube.api import Backoff, Kube, Resource, run_in_daemon_thread
 from agent.kube.errors import ApiError, ApiGone
 
@@ -19,6 +21,12 @@ __all__ = ["Informer"]
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
+RESTARTS = Counter(
+    "nodecache_kube_watch_restarts_total",
+    "Watches of the Kubernetes API started again, by resource and why "
+    "(expired: 410 Gone, relisted; unavailable: API server away or failing).",
+    ["resource", "reason"],
+)
 
 
 class Informer:
@@ -59,9 +67,11 @@ class Informer:
                     await self._watch()
                     self.backoff.reset()
                 except ApiGone:
+                    RESTARTS.labels(self.resource.plural, "expired").inc()
                     log.info("watch expired; listing again", extra=self._extra())
                     self.resource_version = None
                 except ApiError as exc:
+                    RESTARTS.labels(self.resource.plural, "unavailable").inc()
                     delay = self.backoff.next()
                     log.warning(
                         "API server unavailable; retrying",
