@@ -125,7 +125,7 @@ class NodeFollower:
         self.origins: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.generation: int | None = None
-        self.rates = RequestRates(options.rate_window, **({"counts": counts} if counts else {}))
+        self.rates = RequestRates(options.rate_window, counts=counts)
         self.status = StatusWriter(
             kube,
             options.node_name,

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 from agent.declarations import DeclarationError, ModelDeclaration, parse_object
 from agent.kube.api import LOCAL_MODEL_NODES, Backoff, Kube
 from agent.kube.errors import ApiError, ApiNotFound
-from serve.metrics import REQUESTS
+from serve.metrics import request_counts
 
 __all__ = [
     "RequestRates",
@@ -93,17 +93,6 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
     return out
 
 
-def _request_counts() -> dict[str, float]:
-    """Requests answered so far, per model, from the serving tier's Prometheus counter."""
-    counts: dict[str, float] = {}
-    for metric in REQUESTS.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total"):
-                model = sample.labels.get("model", "")
-                counts[model] = counts.get(model, 0.0) + sample.value
-    return counts
-
-
 class RequestRates:
     """Requests per second per model over about the last ``window`` seconds.
 
@@ -114,10 +103,10 @@ class RequestRates:
         self,
         window: float = 10.0,
         *,
-        counts: Callable[[], dict[str, float]] = _request_counts,
+        counts: Callable[[], dict[str, float]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.window, self.counts, self.clock = window, counts, clock
+        self.window, self.counts, self.clock = window, counts or request_counts, clock
         self._samples: deque[tuple[float, dict[str, float]]] = deque()
 
     def rates(self) -> dict[str, float]:
