@@ -216,3 +216,9 @@ def test_a_silent_agent_counts_as_unknown_and_says_where_to_look() -> None:
     assert status["copies"]["available"] == 1
     ready = condition(status, "Ready")
     assert ready["reason"] == "AgentNotReporting" and "on n2" in ready["message"]
+
+
+def test_more_replicas_than_nodes_says_so() -> None:
+    p = plan([cache("a", replicas=3)], [group()], [node("n1"), node("n2")], [])
+    ready = condition(p.cache_status[("", "a")], "Ready")
+    assert ready["reason"] == "NotEnoughNodes" and "2 Ready node(s)" in ready["message"]

@@ -308,6 +308,10 @@ def _place(
     elif not ready:
         ready_c = (False, "NoReadyNodes", f"no Ready node matches node groups "
                    f"{', '.join(spec['nodeGroups'])}; check their nodeSelector")  # fmt: skip
+    elif len(copies) < wanted and len(ready) < wanted:
+        ready_c = (False, "NotEnoughNodes", f"{len(copies)} of {wanted} copies placed: the "
+                   f"groups have {len(ready)} Ready node(s); "
+                   "add nodes or lower spec.replicas")  # fmt: skip
     elif len(copies) < wanted:
         ready_c = (False, "InsufficientCapacity", f"{len(copies)} of {wanted} copies placed: "
                    f"no other Ready node of the groups has {format_quantity(size)} free; "
@@ -320,7 +324,9 @@ def _place(
         ready_c = (False, "CopiesPending", f"{available} of {len(copies)} copies on disk")
     else:
         ready_c = (True, "AllCopiesAvailable", f"{available} copies on disk, {warm_now} warm")
-    degraded = bool(failed) or ready_c[1] in ("InsufficientCapacity", "NodeGroupNotFound")
+    degraded = bool(failed) or ready_c[1] in (
+        "InsufficientCapacity", "NotEnoughNodes", "NodeGroupNotFound",
+    )  # fmt: skip
     if failed:
         first = failed[0]
         error = first.models.get(name, {}).get("error", "unknown error")

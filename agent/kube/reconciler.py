@@ -189,18 +189,17 @@ class Reconciler:
         for name, entries in p.node_specs.items():
             current = self.local_nodes.get(name)
             if current is None:
-                node = self.nodes.get(name) or {"metadata": {}}
+                uid = ((self.nodes.get(name) or {}).get("metadata") or {}).get("uid")
+                # Owned by the Node: the garbage collector removes it with the Node, too.
+                owner = [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}]
                 body = {
                     "metadata": {
                         "name": name,
                         "labels": {"app.kubernetes.io/managed-by": "nodecache"},
-                        "ownerReferences": [{
-                            "apiVersion": "v1", "kind": "Node", "name": name,
-                            "uid": node["metadata"].get("uid", ""),
-                        }],
+                        **({"ownerReferences": owner} if uid else {}),
                     },
                     "spec": {"localModels": entries},
-                }  # fmt: skip
+                }
                 with contextlib.suppress(ApiConflict):  # made meanwhile: the next pass patches
                     await self.kube.create(LOCAL_MODEL_NODES, body)
                     WRITES.labels("localmodelnode").inc()

@@ -524,6 +524,11 @@ class FakeApiServer:
 
     def _admit(self, rtype: ResourceType, obj: JSON, old: JSON | None) -> JSON:
         obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
+        for i, ref in enumerate(obj["metadata"].get("ownerReferences") or []):
+            for key in ("apiVersion", "kind", "name", "uid"):
+                if not ref.get(key):
+                    raise ApiError(422, "Invalid", f"metadata.ownerReferences[{i}].{key}: "
+                                   "Required value")  # fmt: skip
         if rtype.schema is None:
             return obj
         kept = prune(rtype.schema, obj)
