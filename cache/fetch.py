@@ -6,8 +6,10 @@ reused buffer and ``pwrite``s it at its offset in a preallocated file, so memory
 ``concurrency x chunk_size`` however large the model. A transient error (reset, timeout, 5xx,
 throttling) is retried with exponential backoff and jitter from the byte the part reached.
 
-The sha256 of each file is computed in order as a contiguous prefix of parts completes (read
-back from the page cache), overlapped with the download. Where the source publishes an MD5
+The sha256 of each file is computed in file order: the part at the hash frontier feeds its
+bytes to the hashes from the receive buffer as they arrive (a file of one part is never read
+back); parts that completed ahead of the frontier are read back from the page cache once it
+reaches them, overlapped with the download. Where the source publishes an MD5
 (S3 single-part ETag, GCS md5Hash) it is checked too.
 
 Parts that completed are recorded in a journal next to the partial files, after their bytes
@@ -209,7 +211,11 @@ class _FileJob:
     written: int = 0
     """Bytes of this file delivered so far (unknown-size files only)."""
     next_hash: int = 0
+    """Index of the first part not yet wholly fed to the hashes."""
+    hash_pos: int = 0
+    """Bytes fed to the hashes so far: always a contiguous prefix of the file."""
     hashing: bool = False
+    """Whether a thread is feeding the hashes (one at a time, in file order)."""
     sha256: Any = field(default_factory=hashlib.sha256)
     md5: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -321,6 +327,10 @@ class Transfer:
             raise Aborted
         remote = job.remote
         state = {"pos": part.start}
+        # Bytes of a bounded part arrive once each, in order: the part at the hash frontier
+        # feeds them to the hashes straight from the receive buffer (no read-back). A part
+        # without an end may start over on a retry, so it is hashed after the fact.
+        stream = part.end is not None
 
         def sink(offset: int, data: memoryview) -> None:
             if self.abort.is_set():
@@ -331,6 +341,8 @@ class Transfer:
                     f"more than the {remote.size} bytes it announced"
                 )
             _pwrite_all(job.fd, data, offset)
+            if stream and job.hash_pos == offset:
+                self._hash_arriving(job, offset, data)
             state["pos"] = offset + len(data)
             self.on_bytes(len(data))
 
@@ -367,6 +379,23 @@ class Transfer:
             job.unflushed.append(part.index)
         self.hash_ready(job)
 
+    def _hash_arriving(self, job: _FileJob, offset: int, data: memoryview) -> None:
+        """Feed bytes just written at ``offset`` to the hashes if they extend the prefix."""
+        with job.lock:
+            if job.hashing or job.hash_pos != offset:
+                return
+            job.hashing = True
+        try:
+            job.sha256.update(data)
+            if job.md5 is not None:
+                job.md5.update(data)
+            job.hash_pos = offset + len(data)
+        finally:
+            with job.lock:
+                job.hashing = False
+        # No catch-up here: this part is not complete yet, and its completion calls
+        # hash_ready, which reads back whatever later parts completed meanwhile.
+
     def hash_ready(self, job: _FileJob) -> None:
         """Feed every newly contiguous completed part to the file's hashes."""
         with job.lock:
@@ -384,7 +413,8 @@ class Transfer:
                         break
                     part = job.parts[job.next_hash]
                 end = part.end if part.end is not None else job.written
-                self._hash_range(job, part.start, end)
+                if job.hash_pos < end:  # the part's head may have been hashed as it arrived
+                    self._hash_range(job, job.hash_pos, end)
                 with job.lock:
                     job.next_hash += 1
         except BaseException:
@@ -426,6 +456,7 @@ class Transfer:
             if job.md5 is not None:
                 job.md5.update(buf[:n])
             pos += n
+            job.hash_pos = pos
 
     def _flush_loop(self) -> None:
         """Background: every ``journal_interval``, flush completed parts and record them."""

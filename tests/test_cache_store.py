@@ -435,3 +435,36 @@ async def test_errors_are_cache_errors(tmp_path: Path) -> None:
     for uri in ("ftp://x/y", f"file://{tmp_path}/missing"):
         with pytest.raises(CacheError):
             await store.fetch(uri)
+
+
+async def test_hashes_are_fed_as_bytes_arrive_and_read_back_only_when_parts_overtake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cache.fetch import Transfer
+
+    source = tmp_path / "src"
+    files = {f"small-{i}.bin": os.urandom(50_000 + i) for i in range(6)}
+    files["big.bin"] = os.urandom(3_000_017)  # 12 parts of 256 KiB, fetched 4 at a time
+    for rel, data in files.items():
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_bytes(data)
+    read_back: collections.Counter[str] = collections.Counter()
+    original = Transfer._hash_range
+
+    def counting(self: Transfer, job, start: int, end: int) -> None:  # type: ignore[no-untyped-def]
+        read_back[job.remote.path] += end - start
+        original(self, job, start, end)
+
+    monkeypatch.setattr(Transfer, "_hash_range", counting)
+    options = FetchOptions(
+        chunk_size=64 * 1024, part_size=256 * 1024, concurrency=4, fsync=False, retries=0
+    )
+    store = ModelStore(tmp_path / "cache", options=options)
+
+    model = await store.fetch(f"file://{source}")
+
+    assert read_model(model.path) == files
+    for f in model.files:
+        assert f.sha256 == hashlib.sha256(files[f.path]).hexdigest()
+    assert not any(read_back[p] for p in files if p.startswith("small"))  # one part: streamed
+    assert read_back["big.bin"] < len(files["big.bin"])  # at least part 0 was streamed
