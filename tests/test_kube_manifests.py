@@ -334,3 +334,28 @@ def test_container_args_are_ones_the_cli_accepts(objects: list[dict[str, Any]]) 
         if args[0] not in commands.choices:
             pytest.skip(f"`nodecache {args[0]}` is not in agent/cli.py yet")
         parser.parse_args(args)  # exits (SystemExit) on an unknown flag
+
+
+def test_admission_policy_keeps_an_agent_to_its_own_node(objects: list[dict[str, Any]]) -> None:
+    policy = find(objects, "ValidatingAdmissionPolicy", "nodecache-agent-own-node")["spec"]
+    env = celpy.Environment()
+
+    def admitted(user: str, node_name: str | None, target: str) -> bool:
+        extra = {"authentication.kubernetes.io/node-name": [node_name]} if node_name else {}
+        activation = {
+            "request": celpy.json_to_cel({"userInfo": {"username": user, "extra": extra}}),
+            "object": celpy.json_to_cel({"metadata": {"name": target}}),
+        }
+        for condition in policy["matchConditions"]:
+            if not env.program(env.compile(condition["expression"])).evaluate(activation):
+                return True  # the policy does not apply to this caller
+        return all(
+            bool(env.program(env.compile(v["expression"])).evaluate(activation))
+            for v in policy["validations"]
+        )
+
+    agent = "system:serviceaccount:nodecache-system:nodecache-agent"
+    assert admitted(agent, "n1", "n1")
+    assert not admitted(agent, "n1", "n2")
+    assert not admitted(agent, None, "n1")  # a token not bound to a node
+    assert admitted("system:serviceaccount:nodecache-system:nodecache-reconciler", None, "n2")
