@@ -248,3 +248,48 @@ def test_warm_copies_follow_load_from_s3(
     assert sorted(warm_flags()) == [True, True]
     wait_for(lambda: cache_status(crs)["warm"]["desired"] == 1, what="back to one when idle")
     wait_for(lambda: sorted(warm_flags()) == [False, True], what="one warm flag")
+
+
+def test_converges_and_then_writes_nothing(
+    fake_api: FakeApiServer,  # noqa: F811
+    crs: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    tmp_path: Path,
+) -> None:
+    """60 nodes, 3 groups, 30 caches: placed once, then passes find nothing to write."""
+    for i in range(60):
+        core.create_node({"metadata": {"name": f"n{i}", "labels": {"zone": f"z{i % 3}"}}})
+        core.patch_node_status(f"n{i}", {"status": {"conditions": [
+            {"type": "Ready", "status": "True"}]}})  # fmt: skip
+    for z in range(3):
+        crs.create_cluster_custom_object(G, V, "localmodelnodegroups", {
+            "metadata": {"name": f"z{z}"},
+            "spec": {"nodeSelector": {"zone": f"z{z}"}, "storageLimit": "10Gi"}})  # fmt: skip
+    for c in range(30):
+        crs.create_cluster_custom_object(G, V, "localmodelcaches", {
+            "metadata": {"name": f"c{c}"},
+            "spec": {"sourceModelUri": f"s3://bucket/c{c}/", "modelSize": "1Gi",
+                     "nodeGroups": [f"z{c % 3}"], "replicas": 4}})  # fmt: skip
+    reconciler = ClusterReconciler(fake_api, tmp_path, "r1").start()
+    try:
+
+        def placed() -> bool:
+            caches = crs.list_cluster_custom_object(G, V, "localmodelcaches")["items"]
+            return all((c.get("status") or {}).get("copies", {}).get("total") == 4 for c in caches)
+
+        wait_for(placed, what="every cache placed")
+        nodes = crs.list_cluster_custom_object(G, V, "localmodelnodes")["items"]
+        per_node = [len(n["spec"]["localModels"]) for n in nodes]
+        assert len(nodes) == 60 and sum(per_node) == 120 and max(per_node) == 2  # spread
+
+        wait_for(lambda: reconciler.reconciler.passes > 0, what="a pass")
+        passes = reconciler.reconciler.passes
+        wait_for(lambda: reconciler.reconciler.passes >= passes + 2, what="two more passes")
+        settled, passes = len(fake_api.calls), reconciler.reconciler.passes
+        wait_for(lambda: reconciler.reconciler.passes >= passes + 3, what="three more passes")
+        later = [f"{m} {p}" for who, m, p in fake_api.calls[settled:]
+                 if who == "reconciler" and m != "GET" and "/leases/" not in p]  # fmt: skip
+        assert later == [], "lease renewals should be the only writes left"
+    finally:
+        reconciler.stop()
+    assert denied_calls(fake_api) == []

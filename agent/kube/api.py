@@ -64,6 +64,7 @@ LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", namespaced=Tru
 def connect(kubeconfig: Path | None = None) -> client.ApiClient:
     """The standard search: in-cluster, else ``kubeconfig``/$KUBECONFIG, else ~/.kube/config."""
     configuration = client.Configuration()
+    configuration.connection_pool_maxsize = 32  # a watch per informer, plus writes in parallel
     if kubeconfig is None:
         try:
             config.load_incluster_config(client_configuration=configuration)
