@@ -9,7 +9,7 @@ throttling) is retried with exponential backoff and jitter from the byte the par
 The sha256 of each file is computed in file order: the part at the hash frontier feeds its
 bytes to the hashes from the receive buffer as they arrive (a file of one part is never read
 back); parts that completed ahead of the frontier are read back from the page cache once it
-reaches them, overlapped with the download. Where the source publishes an MD5
+reaches them (mapped, not copied), overlapped with the download. Where the source publishes an MD5
 (S3 single-part ETag, GCS md5Hash) it is checked too.
 
 Parts that completed are recorded in a journal next to the partial files, after their bytes
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import random
 import threading
@@ -47,6 +48,9 @@ __all__ = [
 
 MiB = 1 << 20
 log = logging.getLogger(__name__)
+_HASH_WINDOW = 16 * MiB
+"""Bytes mapped at a time when hashing parts back from the page cache."""
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 JOURNAL_NAME = RESERVED_PREFIX + "journal.json"
 
 
@@ -441,21 +445,32 @@ class Transfer:
         return FetchedFile(remote.path, size, job.sha256.hexdigest())
 
     def _hash_range(self, job: _FileJob, start: int, end: int) -> None:
-        from cache.sources import _buffer
-
-        size = self.options.chunk_size
-        buf = _buffer(size)
+        """Feed bytes ``[start, end)`` already on disk to the hashes, mapped (not copied)
+        from the page cache a window at a time."""
+        if end <= start:
+            return
+        if os.fstat(job.fd).st_size < end:  # a mapping past the end would fault (SIGBUS)
+            raise IntegrityError(f"{job.remote.path!r}: file shorter than written")
+        window = max(self.options.chunk_size, _HASH_WINDOW)
         pos = start
         while pos < end:
             if self.abort.is_set():
                 raise Aborted
-            n = os.preadv(job.fd, [buf[: min(size, end - pos)]], pos)
-            if n == 0:
-                raise IntegrityError(f"{job.remote.path!r}: file shorter than written")
-            job.sha256.update(buf[:n])
-            if job.md5 is not None:
-                job.md5.update(buf[:n])
-            pos += n
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            stop = min(end, base + window)
+            with mmap.mmap(
+                job.fd, stop - base, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=base
+            ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    chunk = view[pos - base : stop - base]
+                    job.sha256.update(chunk)
+                    if job.md5 is not None:
+                        job.md5.update(chunk)
+                    chunk.release()
+                finally:
+                    view.release()
+            pos = stop
             job.hash_pos = pos
 
     def _flush_loop(self) -> None:
