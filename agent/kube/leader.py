@@ -61,6 +61,9 @@ class LeaderElector:
             task = asyncio.create_task(work())
             try:
                 await self._keep(task)
+            except asyncio.CancelledError:
+                await self._release()  # shutting down: let a standby take over at once
+                raise
             finally:
                 self.leading = False
                 task.cancel()
@@ -118,6 +121,20 @@ class LeaderElector:
             log.warning("lease not renewed", extra={"error": str(exc)})
             return False
         return True
+
+    async def _release(self) -> None:
+        """Give the lease up (as client-go's ReleaseOnCancel): no holder, expired at once."""
+        try:
+            lease = await self.kube.get(LEASES, self.name, self.namespace)
+            spec = lease.get("spec") or {}
+            if spec.get("holderIdentity") != self.identity:
+                return
+            lease["spec"] = {**spec, "holderIdentity": None, "leaseDurationSeconds": 1,
+                             "renewTime": _micro_time()}  # fmt: skip
+            await self.kube.replace(LEASES, lease)
+            log.info("lease released", extra={"lease": self.name, "identity": self.identity})
+        except ApiError as exc:
+            log.info("lease not released", extra={"error": str(exc)})
 
     def _spec(self, acquired: str, renewed: str, transitions: int) -> dict[str, Any]:
         return {
