@@ -182,6 +182,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _logging_options(agent)
 
+    agent.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME", ""),
+        metavar="NAME",
+        help="cluster mode (no --declarations): this node's name (default: $NODE_NAME)",
+    )
+    agent.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="FILE",
+        help="cluster mode: kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)",
+    )
+
+    reconciler = commands.add_parser(
+        "reconciler",
+        help="run the cluster reconciler (placement, cache and group status)",
+        description="Place models on nodes from LocalModelCaches, LocalModelNodeGroups and the "
+        "agents' reports. Run two or more; one leads through a coordination.k8s.io Lease.",
+    )
+    reconciler.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="FILE",
+        help="default: in-cluster, else $KUBECONFIG, else ~/.kube/config",
+    )
+    reconciler.add_argument(
+        "--lease-name",
+        default="nodecache-reconciler",
+        metavar="NAME",
+        help="(default: %(default)s)",
+    )
+    reconciler.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "nodecache-system"),
+        metavar="NAMESPACE",
+        help="(default: $POD_NAMESPACE, else %(default)s)",
+    )
+    reconciler.add_argument(
+        "--identity",
+        default=os.environ.get("POD_NAME", ""),
+        metavar="ID",
+        help="this replica in the Lease (default: $POD_NAME, else hostname and a random suffix)",
+    )
+    reconciler.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=9465,
+        metavar="PORT",
+        help="/metrics and /healthz on this TCP port; 0 turns it off (default: %(default)s)",
+    )
+    reconciler.add_argument(
+        "--metrics-host", default="0.0.0.0", metavar="HOST", help="(default: %(default)s)"
+    )
+    _logging_options(reconciler)
+
     status = commands.add_parser(
         "status",
         help="show the models of a running agent",
@@ -220,15 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         return prefetch.run(args)
     if args.command == "agent":
         return _agent(args)
+    if args.command == "reconciler":
+        return _reconciler(args)
     return _status(args)
 
 
 def _agent(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
-    if args.declarations is None:
+    if args.declarations is None and not args.node_name:
         print(
-            "nodecache agent: cluster mode (no --declarations) is not available yet; "
-            "run standalone with --declarations DIR",
+            "nodecache agent: give --declarations DIR (standalone) or, in a cluster, "
+            "--node-name NAME or $NODE_NAME",
             file=sys.stderr,
         )
         return 2
@@ -249,7 +306,30 @@ def _agent(args: argparse.Namespace) -> int:
         model_queue=args.model_queue,
         log_format=args.log_format,
     )
+    if args.declarations is None:
+        from agent.cluster import ClusterOptions, run_cluster
+
+        asyncio.run(
+            run_cluster(ClusterOptions(args.node_name, options, kubeconfig=args.kubeconfig))
+        )
+        return 0
     asyncio.run(run_standalone(args.declarations, options))
+    return 0
+
+
+def _reconciler(args: argparse.Namespace) -> int:
+    from agent.kube.reconciler import ReconcilerOptions, run_reconciler
+
+    setup_logging(args.log_format, args.log_level)
+    options = ReconcilerOptions(
+        kubeconfig=args.kubeconfig,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace,
+        identity=args.identity,
+        metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
+    )
+    asyncio.run(run_reconciler(options))
     return 0
 
 
