@@ -75,6 +75,13 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
     # Namespaced models answer only to their namespace's pods (added before the app freezes).
     identity = CallerIdentity(follower.pods, options.proc_root)
     node.app.middlewares.append(namespace_guard(follower.access.get, identity))
+    # gRPC cannot name its caller's pod: namespaced models answer only over HTTP.
+    node.grpc_gate = lambda model: (
+        f"model {model} is restricted to some namespaces; call it on the HTTP node socket, "
+        "where the caller's pod can be identified"
+        if follower.access.get(model) is not None
+        else None
+    )
     await node.start(mode="cluster", node=options.node_name)
     task = asyncio.create_task(follower.run())
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,10 @@ class NodeServices:
         self.pool: WorkerPool | None = None
         self._background: list[asyncio.Task[None]] = []
         self._metrics: web.AppRunner | None = None
+        self._private: Path | None = None
+        # Who may call a model over gRPC, which cannot tell who the caller is: a model
+        # name -> a refusal reason (None: allowed). Set before start() to restrict.
+        self.grpc_gate: Callable[[str], str | None] | None = None
         # Set by create():
         self.agent: NodeAgent
         self.app: web.Application
@@ -85,9 +91,12 @@ class NodeServices:
         devices = discover_devices(cpu_budget=options.cpu_memory_budget)
         log.info("devices", extra={"devices": [d.to_json() for d in devices]})
         if options.workers or any(d.kind == "cuda" for d in devices):
+            # Worker sockets stay out of the socket folder pods mount: a pod reaching a
+            # worker directly would bypass the node socket's caller checks.
+            node._private = Path(tempfile.mkdtemp(prefix="nodecache-"))
             node.pool = WorkerPool(
                 worker_devices(devices, options.workers),
-                options.socket_dir,
+                node._private,
                 log_format=options.log_format,
                 model_concurrency=options.model_concurrency,
                 model_queue=options.model_queue,
@@ -147,6 +156,7 @@ class NodeServices:
             tcp_host=options.http_host,
             tcp_port=options.grpc_port,
             socket_group=options.socket_group,
+            gate=self.grpc_gate,
         )
         await self._http.start()
         await self._grpc.start()
@@ -202,4 +212,6 @@ class NodeServices:
         await self.agent.close()
         if self.pool is not None:
             await self.pool.stop()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
         log.info("agent stopped")

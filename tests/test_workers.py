@@ -36,6 +36,12 @@ def test_models_spread_over_workers_and_answer(agent: Agent, mlp_dir: Path) -> N
     assert infer(agent, "a", np.ones((2, 64), np.float32)) == 200
     assert infer(agent, "b", np.ones((2, 64), np.float32)) == 200
     assert len(workers(agent)) == 2
+    # Worker sockets are private to the agent: pods mount the socket folder, and a worker
+    # reached directly would skip the node socket's checks.
+    assert sorted(p.name for p in agent.socket_dir.iterdir()) == [
+        "nodecache-grpc.sock",
+        "nodecache.sock",
+    ]
     code, err = agent.request("GET", "/v2/models/nope")
     assert code == 404 and "not found" in err["error"]
     # The workers' counts reach the agent's /metrics, each family exactly once.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,21 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
+Gate = Callable[[str], "str | None"]
+
+
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, gate: Gate | None = None) -> None:
         self.dataplane = dataplane
+        self._gate = gate
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: ServeError) -> None:
         await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
+
+    async def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
+        refusal = self._gate(model) if self._gate is not None else None
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
 
     async def ServerLive(self, request, context):  # type: ignore[no-untyped-def]
         return pb.ServerLiveResponse(live=True)
@@ -107,6 +117,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelReady(self, request, context):  # type: ignore[no-untyped-def]
+        await self._admit(context, request.name)
         try:
             ready = self.dataplane.model_ready(request.name, request.version or None)
         except ServeError as exc:
@@ -114,6 +125,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(self, request, context):  # type: ignore[no-untyped-def]
+        await self._admit(context, request.name)
         try:
             meta = await self.dataplane.model_metadata(request.name, request.version or None)
         except ServeError as exc:
@@ -128,6 +140,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
+        await self._admit(context, request.model_name)
         try:
             infer_request = decode_infer_request(request)
             result = await self.dataplane.infer(
@@ -147,6 +160,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
+        await self._admit(context, request.model_name)
         try:
             await self.dataplane.load(request.model_name)
         except ServeError as exc:
@@ -154,6 +168,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
 
     async def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
+        await self._admit(context, request.model_name)
         try:
             await self.dataplane.unload(request.model_name)
         except ServeError as exc:
@@ -173,6 +188,7 @@ class GrpcServer:
         tcp_port: int | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         socket_group: int | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._group = socket_group
@@ -183,7 +199,8 @@ class GrpcServer:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self._server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(dataplane), self._server)
+        servicer = OipServicer(dataplane, gate)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
 
     async def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
