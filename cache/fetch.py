@@ -62,8 +62,10 @@ class FetchOptions:
     """Ranged parts (of one or many files) read at the same time."""
     part_size: int = 32 * MiB
     """Objects larger than this are split into ranged parts of this size."""
-    chunk_size: int = 4 * MiB
-    """Bytes per read and per write; memory is about concurrency x chunk_size."""
+    chunk_size: int = 256 * 1024
+    """Bytes per read and per write; memory is about concurrency x chunk_size. Small enough
+    that a chunk is still in the CPU cache when it is hashed and copied into the page cache:
+    4 MiB chunks cost ~1 CPU-second more per GiB here (the pwrite copy reads DRAM)."""
     timeout: float = 60.0
     """Seconds to connect, or without a byte from the source, before a read counts as
     stalled (and is retried)."""

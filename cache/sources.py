@@ -52,6 +52,8 @@ Sink = Callable[[int, memoryview], None]
 """``sink(offset, data)``: write ``data`` at ``offset`` of the destination file."""
 
 _MAX_HTTP_ENTRIES = 100_000
+_GCS_REQUEST = 4 << 20
+"""Bytes per ranged read through gcsfs (each is a request of its own)."""
 _S3_PAGE = 1000
 """Keys per ``ListObjectsV2`` page (S3's maximum)."""
 _MAX_REDIRECTS = 5
@@ -884,9 +886,10 @@ class GcsSource(Source):
 
     def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
         total = remote.size if end is None else end
+        step = max(self.chunk_size, _GCS_REQUEST)  # one HTTP request per step
         pos = start
         while total is None or pos < total:
-            stop = pos + self.chunk_size if total is None else min(pos + self.chunk_size, total)
+            stop = pos + step if total is None else min(pos + step, total)
             data = self.fs.cat_file(remote.url, start=pos, end=stop)
             if not data:
                 break
