@@ -501,3 +501,56 @@ async def test_folder_uri_with_trailing_slash_and_object_uri(tmp_path: Path, s3:
     single = await store.fetch(uri + "/inner/x.bin")
     assert read_model(folder.path) == {"inner/x.bin": data}
     assert read_model(single.path) == {"x.bin": data}
+
+
+async def test_bucket_region_is_learned_from_the_redirect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No region configured: a request signed for us-east-1 is answered 301 with the
+    bucket's region, and everything after is signed for that region."""
+    from aiohttp import web
+
+    data = os.urandom(70_000)
+    scopes: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        region = auth.split("Credential=", 1)[1].split("/")[2] if auth else ""
+        scopes.append(region)
+        if region != "eu-west-1":
+            return web.Response(status=301, headers={"x-amz-bucket-region": "eu-west-1"})
+        if request.path != "/models/regional/w.bin":
+            return web.Response(status=404)
+        headers = {"ETag": '"' + hashlib.md5(data).hexdigest() + '"'}
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(len(data))})
+        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+        body = data[int(first) : int(last) + 1]
+        headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+        return web.Response(status=206, body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        store = ModelStore(tmp_path / "cache", options=SMALL)
+        model = await store.fetch(
+            "s3://models/regional/w.bin",
+            credentials={
+                "AWS_ACCESS_KEY_ID": "AKID",
+                "AWS_SECRET_ACCESS_KEY": "SECRET",
+                "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            },
+        )
+    finally:
+        await runner.cleanup()
+
+    assert (model.path / "w.bin").read_bytes() == data
+    assert scopes[0] == "us-east-1"
+    assert set(scopes[1:]) == {"eu-west-1"}
