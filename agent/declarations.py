@@ -62,6 +62,9 @@ class ModelDeclaration:
     replicas: int | None = None
     # (max batch size, max queue delay in seconds) when dynamic batching is asked for.
     batching: tuple[int, float] | None = None
+    # Whether this node holds the model warm. In a cluster the reconciler decides per
+    # node; None (standalone) means: warm when it fits, else on the first request.
+    keep_warm: bool | None = None
     storage: dict[str, Any] | None = field(default=None, compare=False)
 
     def same_model(self, other: ModelDeclaration) -> bool:

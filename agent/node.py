@@ -97,12 +97,26 @@ class NodeAgent:
                     idle_timeout=decl.warm.idle_seconds,
                     batching=decl.batching,
                 )
+                if decl.keep_warm != old.keep_warm and self.host.describe(name) is not None:
+                    await self._rewarm(decl)
                 continue
             self._status[name] = ModelStatus(
                 name, decl.source_uri, origins.get(name), decl.model_size
             )
             self._tasks[name] = asyncio.create_task(self._keep(decl), name=f"model:{name}")
             log.info("model declared", extra={"model": name, "source": decl.source_uri})
+
+    async def _rewarm(self, decl: ModelDeclaration) -> None:
+        """The warm decision for this node changed: load, or give the memory back."""
+        if decl.keep_warm is False and not decl.warm.pinned:
+            await self.host.unload(decl.name)
+            log.info("model cooled on this node", extra={"model": decl.name})
+        else:
+            task = self._tasks.get(decl.name)
+            if task is None or task.done():
+                self._tasks[decl.name] = asyncio.create_task(
+                    self._keep(decl), name=f"model:{decl.name}"
+                )
 
     async def _retire(self, name: str, decl: ModelDeclaration) -> None:
         task = self._tasks.pop(name, None)
@@ -192,12 +206,18 @@ class NodeAgent:
             batching=decl.batching,
         )
         status.error = None
-        # Pinned models must be warm and may make room; others warm only where they fit
-        # as is, and otherwise load on their first request.
+        await self._warm(decl)
+
+    async def _warm(self, decl: ModelDeclaration) -> None:
+        """Load as the declaration asks: pinned or placed warm here -> load, making room;
+        told to stay cold -> only on a request; otherwise only where it fits as is."""
+        if decl.keep_warm is False and not decl.warm.pinned:
+            return
+        must = decl.warm.pinned or decl.keep_warm is True
         try:
-            await self.host.load(decl.name, evict=decl.warm.pinned)
+            await self.host.load(decl.name, evict=must)
         except NoRoom as exc:
-            if decl.warm.pinned:
+            if must:
                 raise
             log.info("model left on disk", extra={"model": decl.name, "reason": str(exc)})
 

@@ -34,6 +34,9 @@ class ModelHost(Protocol):
     async def unregister(self, name: str) -> None:
         """Stop serving the model once its in-flight requests finish."""
 
+    async def unload(self, name: str) -> None:
+        """Give back the model's memory (after in-flight requests); it stays answerable."""
+
     async def set_policy(
         self,
         name: str,
@@ -85,6 +88,9 @@ class LocalHost:
 
     async def unregister(self, name: str) -> None:
         await self.repository.unregister(name)
+
+    async def unload(self, name: str) -> None:
+        await self.repository.unload(name)
 
     async def set_policy(
         self,

@@ -278,6 +278,11 @@ class WorkerPool:
             await self._refresh(worker)
         worker.models.pop(name, None)
 
+    async def unload(self, name: str) -> None:
+        worker = self._home(name)
+        await self._call(worker, "POST", f"/v2/repository/models/{name}/unload")
+        await self._refresh(worker)
+
     async def set_policy(
         self,
         name: str,

@@ -96,9 +96,13 @@ def test_declare_scale_lose_a_node_delete(
     # Declared: a copy on each node, both on disk, Ready, finalizer held.
     wait_for(lambda: cache_status(crs).get("copies", {}).get("available") == 2, what="2 copies")
     wait_for(lambda: ready(cache_status(crs)) == "True", what="Ready")
+    # One warm copy (idle: minReplicas); the other node keeps its copy on disk only.
+    wait_for(
+        lambda: sorted(cache_status(crs)["nodeStatus"].values()) == ["Downloaded", "Warm"],
+        what="one warm copy, one on disk",
+    )
     status = cache_status(crs)
-    assert status["nodeStatus"] == {"n1": "Warm", "n2": "Warm"}
-    assert status["warm"]["desired"] == 1  # idle: minReplicas
+    assert status["warm"]["desired"] == 1
     assert FINALIZER in get_cache(crs)["metadata"]["finalizers"]
     for agent in cluster["agents"].values():
         assert agent.request("GET", "/v2/models/mlp/ready")[0] == 200
@@ -123,8 +127,19 @@ def test_declare_scale_lose_a_node_delete(
         G, V, "localmodelcaches", "mlp", {"spec": {"replicas": 5}}
     )
     wait_for(lambda: cache_status(crs)["warm"]["desired"] == 2, what="warm desired 2")
-    scale = crs.get_cluster_custom_object_scale(G, V, "localmodelcaches", "mlp")
-    assert scale["status"]["replicas"] == 2
+    wait_for(
+        lambda: cache_status(crs)["nodeStatus"] == {"n1": "Warm", "n2": "Warm"},
+        what="the second node warms its copy",
+    )
+    wait_for(
+        lambda: (
+            crs.get_cluster_custom_object_scale(G, V, "localmodelcaches", "mlp")["status"][
+                "replicas"
+            ]
+            == 2
+        ),
+        what="/scale reports 2 warm copies",
+    )
 
     # A node goes away: its LocalModelNode is collected, the cache counts one copy.
     cluster["agents"]["n2"].stop()

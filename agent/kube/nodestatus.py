@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,8 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
                 f"model name {decl.name!r} is already served for {out.origins[decl.name]}"
             )
             continue
-        out.declarations[decl.name] = decl
+        # The reconciler says which nodes hold a warm copy; the others keep it on disk.
+        out.declarations[decl.name] = replace(decl, keep_warm=entry.get("warm"))
         out.origins[decl.name] = f"{kind}/{model_name}"
         allowed = (obj.get("spec") or {}).get("allowedNamespaces")
         out.access[decl.name] = (
