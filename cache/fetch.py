@@ -214,6 +214,9 @@ class _FileJob:
     parts: list[_Part]
     done: list[bool]
     fd: int = -1
+    kept: bool = False
+    """Parts were kept from an earlier attempt: open without truncating."""
+    open_lock: threading.Lock = field(default_factory=threading.Lock)
     written: int = 0
     """Bytes of this file delivered so far (unknown-size files only)."""
     next_hash: int = 0
@@ -277,30 +280,54 @@ class Transfer:
     # -- preparing ------------------------------------------------------------------------
 
     def prepare(self) -> int:
-        """Open and preallocate every file; keep the parts the journal vouches for.
+        """Keep the parts the journal vouches for. Files are opened and preallocated by the
+        worker that first needs them (:meth:`_open`), in parallel and overlapped with the
+        network, instead of one after another before the first byte.
 
         Returns the number of bytes resumed.
         """
         resumed = 0
         for job in self.jobs:
             remote = job.remote
-            kept = set()
-            if remote.size is not None and remote.ranges and job.dest.exists():
+            kept: set[int] = set()
+            if remote.size is not None and remote.ranges:
                 kept = self.journal.resumable_parts(remote) & set(range(len(job.parts)))
+                if kept and not job.dest.exists():
+                    kept = set()
             self.journal.start(remote, kept)
-            try:
-                job.dest.parent.mkdir(parents=True, exist_ok=True)
-                flags = os.O_RDWR | os.O_CREAT | (0 if kept else os.O_TRUNC)
-                job.fd = os.open(job.dest, flags, 0o644)
-                if remote.size:
-                    _preallocate(job.fd, remote.size)
-            except OSError as exc:
-                raise translate_error(exc, self.source.uri, remote.path) from None
+            job.kept = bool(kept)
             for i in sorted(kept):
                 job.done[i] = True
                 part = job.parts[i]
                 resumed += (part.end or 0) - part.start
         return resumed
+
+    def _open(self, job: _FileJob) -> None:
+        """Open (truncating unless parts were kept) and preallocate ``job``'s file, once."""
+        if job.fd >= 0:
+            return
+        with job.open_lock:
+            if job.fd >= 0:
+                return
+            if self._closed:
+                raise Aborted
+            remote = job.remote
+            fd = -1
+            try:
+                job.dest.parent.mkdir(parents=True, exist_ok=True)
+                flags = os.O_RDWR | os.O_CREAT | (0 if job.kept else os.O_TRUNC)
+                fd = os.open(job.dest, flags, 0o644)
+                if remote.size:
+                    _preallocate(fd, remote.size)
+            except OSError as exc:
+                if fd >= 0:
+                    os.close(fd)
+                raise translate_error(exc, self.source.uri, remote.path) from None
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                raise
+            job.fd = fd
 
     def pending(self) -> list[tuple[_FileJob, _Part]]:
         return [(j, p) for j in self.jobs for p in j.parts if not j.done[p.index]]
@@ -321,9 +348,10 @@ class Transfer:
             return
         self._closed = True
         for job in self.jobs:
-            if job.fd >= 0:
-                os.close(job.fd)
-                job.fd = -1
+            with job.open_lock:  # a worker still opening it sees _closed, or is waited for
+                if job.fd >= 0:
+                    os.close(job.fd)
+                    job.fd = -1
 
     # -- one part -------------------------------------------------------------------------
 
@@ -331,6 +359,7 @@ class Transfer:
         """Fetch one part (retrying), then record it and extend the file's hash."""
         if self.abort.is_set():
             raise Aborted
+        self._open(job)
         remote = job.remote
         state = {"pos": part.start}
         # Bytes of a bounded part arrive once each, in order: the part at the hash frontier
@@ -501,6 +530,7 @@ class Transfer:
         """Check every file (size, hashes), flush it, and return what was written."""
         out = []
         for job in self.jobs:
+            self._open(job)  # empty files, and files resumed whole, were not opened yet
             self.hash_ready(job)  # files resumed whole have not been hashed yet
             if job.next_hash != len(job.parts):
                 raise IntegrityError(f"{job.remote.path!r}: not every part was written")
