@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import prefetch
+from agent.argtypes import port, positive_int, quantity
 from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
 from agent.standalone import run_standalone
 from serve.logs import setup_logging
@@ -19,34 +20,6 @@ from serve.logs import setup_logging
 __all__ = ["main"]
 
 STANDALONE_HOME = Path(".nodecache")
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
-    return value
-
-
-def _quantity(text: str) -> int:
-    from kubernetes.utils.quantity import parse_quantity
-
-    try:
-        value = int(parse_quantity(text))
-    except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a quantity such as 512Mi or 2Gi"
-        ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _group(text: str) -> int:
@@ -93,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--cache-size",
-        type=_quantity,
+        type=quantity,
         metavar="QUANTITY",
         help="most the cache may hold on disk, e.g. 500Gi; least-recently-used undeclared "
         "models are evicted to make room (default: what the disk has)",
@@ -108,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--http-port",
-        type=_port,
+        type=port,
         metavar="PORT",
         help="also serve the same API on this TCP port (off by default; 0 picks a free port)",
     )
     agent.add_argument(
         "--grpc-port",
-        type=_port,
+        type=port,
         metavar="PORT",
         help="also serve OIP gRPC on this TCP port (always on <socket-dir>/nodecache-grpc.sock)",
     )
@@ -126,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port,
         default=9464,
         metavar="PORT",
         help="Prometheus /metrics on this TCP port; 0 turns it off (default: %(default)s)",
@@ -146,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--cpu-memory-budget",
-        type=_quantity,
+        type=quantity,
         metavar="QUANTITY",
         help="memory warm models may take on the CPU, as a Kubernetes quantity such as 2Gi "
         "(default: half of the machine's or container's memory)",
@@ -167,14 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--model-concurrency",
-        type=_positive,
+        type=positive_int,
         default=4,
         metavar="N",
         help="runtime calls one model may run at once (default: %(default)s)",
     )
     agent.add_argument(
         "--model-queue",
-        type=_positive,
+        type=positive_int,
         default=256,
         metavar="N",
         help="requests one model may hold, running or waiting; more get 503 with "
@@ -227,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconciler.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port,
         default=9465,
         metavar="PORT",
         help="/metrics and /healthz on this TCP port; 0 turns it off (default: %(default)s)",

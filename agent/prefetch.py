@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.argtypes import positive_int, quantity
 from cache import (
     CacheError,
     FetchOptions,
@@ -47,31 +48,6 @@ DEFAULT_CACHE_DIR = Path(".nodecache") / "cache"
 PROG = "nodecache prefetch"
 EXIT_FETCH, EXIT_USAGE, EXIT_SPACE = 1, 2, 3
 _DEFAULTS = FetchOptions()
-
-
-def _quantity(text: str) -> int:
-    """A Kubernetes quantity (``512Mi``, ``2Gi``, ``1G``, plain bytes) as a positive int."""
-    from kubernetes.utils.quantity import parse_quantity
-
-    try:
-        value = int(parse_quantity(text))
-    except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a quantity such as 512Mi or 2Gi"
-        ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -112,21 +88,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-size",
-        type=_quantity,
+        type=quantity,
         metavar="QUANTITY",
         help="size limit of the whole cache folder, such as 100Gi; least recently used "
         "models are evicted to make room (default: no limit but the disk)",
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULTS.concurrency,
         metavar="N",
         help="ranged parts and files fetched at the same time (default: %(default)s)",
     )
     parser.add_argument(
         "--part-size",
-        type=_quantity,
+        type=quantity,
         default=_DEFAULTS.part_size,
         metavar="QUANTITY",
         help="objects larger than this are fetched as parallel ranged parts of this size "
