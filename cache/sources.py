@@ -811,10 +811,12 @@ def _s3_config(source: Source) -> _S3Config | None:
 
 def _head_error(status: int, resp: Any) -> SourceHttpError:
     """A HEAD answer has no body: the error code from the status (and S3's headers)."""
-    code = resp.getheader("x-amz-error-code") or {403: "AccessDenied", 404: "NoSuchKey"}.get(
-        status, ""
-    )
-    return SourceHttpError(status, code, resp.getheader("x-amz-error-message") or "")
+    codes = {301: "PermanentRedirect", 403: "AccessDenied", 404: "NoSuchKey"}
+    code = resp.getheader("x-amz-error-code") or codes.get(status, "")
+    message = resp.getheader("x-amz-error-message") or ""
+    if status == 301 and resp.getheader("x-amz-bucket-region"):
+        message = f"the bucket is in region {resp.getheader('x-amz-bucket-region')}"
+    return SourceHttpError(status, code, message)
 
 
 def _open_s3(uri: str, **kwargs: Any) -> Source:
@@ -989,6 +991,8 @@ _PERMANENT_CODES = {
     "ExpiredToken",
     "InvalidToken",
     "InvalidObjectState",
+    "PermanentRedirect",  # the bucket is in another region than the one configured
+    "AuthorizationHeaderMalformed",
 }
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
 _URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]*@|\?[^\s'\"]*")

@@ -554,3 +554,38 @@ async def test_bucket_region_is_learned_from_the_redirect(
     assert (model.path / "w.bin").read_bytes() == data
     assert scopes[0] == "us-east-1"
     assert set(scopes[1:]) == {"eu-west-1"}
+
+
+async def test_bucket_in_another_region_than_configured_is_a_permanent_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=301, headers={"x-amz-bucket-region": "eu-west-1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+    try:
+        with pytest.raises(FetchError) as info:
+            await store.fetch(
+                "s3://models/elsewhere/w.bin",
+                credentials={
+                    "AWS_ACCESS_KEY_ID": "AKID",
+                    "AWS_SECRET_ACCESS_KEY": "SECRET",
+                    "AWS_DEFAULT_REGION": "us-west-2",
+                    "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                },
+            )
+    finally:
+        await runner.cleanup()
+
+    assert info.value.permanent
+    assert "eu-west-1" in str(info.value)
+    assert store.stats.retries == 0
