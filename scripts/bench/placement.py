@@ -1,4 +1,4 @@
-"""Placement at scale: ``.venv/bin/python tests/kubefake/bench.py [NODES] [CACHES]``.
+"""Placement at scale: ``.venv/bin/python scripts/bench/placement.py [NODES] [CACHES]``.
 
 Times ``placement.plan`` for a cluster of NODES nodes in 50 groups and CACHES caches:
 a cold start (nothing placed), the steady state (every agent reports its copies warm),
