@@ -98,7 +98,7 @@ class Endpoint:
     label: str
     url: str  # http://host:port or http://localhost (with socket)
     socket: Path | None = None
-    pgid: int | None = None  # the server's process group, for CPU accounting
+    root_pid: int | None = None  # the server's first process, for CPU accounting
 
 
 @dataclass
@@ -286,19 +286,29 @@ class Sample:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """user+system CPU of every process in a process group (a server and its workers).
+def group_cpu_seconds(root: int) -> float:
+    """user+system CPU of a server's process tree (the server and its workers, which may
+    sit in sessions of their own).
 
     Far steadier than req/s on a shared machine: it counts the work a request costs the
     server, not how much of the CPU the server happened to get."""
-    total = 0
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # field 5: pgrp
-            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])  # field 4: ppid
+        ticks[pid] = int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    total = 0
+    for pid, own in ticks.items():
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor == root:
+            total += own
     return total / _TICK
 
 
@@ -307,7 +317,7 @@ def cannon(
     duration: float, warmup: float,
 ) -> Sample:  # fmt: skip
     path, headers = body
-    cpu_before = group_cpu_seconds(endpoint.pgid) if endpoint.pgid else None
+    cpu_before = group_cpu_seconds(endpoint.root_pid) if endpoint.root_pid else None
     opts = {
         "autocannon": str(cli.parent),
         "url": endpoint.url + INFER_PATH,
@@ -328,9 +338,9 @@ def cannon(
         raise RuntimeError(f"cannon failed on {endpoint.label}: {done.stderr[-2000:]}")
     doc = json.loads(done.stdout.strip().splitlines()[-1])
     cpu_us = float("nan")
-    if cpu_before is not None and endpoint.pgid:
+    if cpu_before is not None and endpoint.root_pid:
         answered = doc["requests"] + doc["non2xx"] + doc.get("warmup_requests", 0)
-        cpu = group_cpu_seconds(endpoint.pgid) - cpu_before
+        cpu = group_cpu_seconds(endpoint.root_pid) - cpu_before
         cpu_us = cpu / max(1, answered) * 1e6
     return Sample(
         doc["rps"], doc["p50_ms"] or float("nan"), doc["p99_ms"] or float("nan"),
@@ -433,7 +443,7 @@ def main() -> int:
         endpoints = [e for s in servers for e in s.endpoints]
         for server in servers:
             for endpoint in server.endpoints:
-                endpoint.pgid = server.procs[0].pid  # started with start_new_session
+                endpoint.root_pid = server.procs[0].pid
         usable: dict[tuple[str, str], bool] = {}
         for endpoint in endpoints:
             for kind in kinds:
@@ -519,6 +529,9 @@ def print_targets(
                 ratio = ours.med("rps") / best.med("rps")
                 checks.append((f"{ours_label} {kind} c={c}: >= 3x the faster peer's req/s",
                                f"{ratio:.2f}x", verdict(ratio >= 3)))  # fmt: skip
+                ratio = best.med("cpu_us") / ours.med("cpu_us")
+                what = "  (same, by server CPU per request: faster peer / ours)"
+                checks.append((what, f"{ratio:.2f}x", verdict(ratio >= 3)))
                 ratio = ours.med("p99_ms") / best.med("p99_ms")
                 checks.append((f"{ours_label} {kind} c={c}: p99 <= 1/2 the faster peer's p99",
                                f"{ratio:.2f}x", verdict(ratio <= 0.5)))  # fmt: skip
