@@ -16,6 +16,7 @@ from agent.argtypes import port, positive_int, quantity
 from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
 from agent.standalone import run_standalone
 from serve.logs import setup_logging
+from serve.loop import serve_forever
 
 __all__ = ["main"]
 
@@ -282,11 +283,11 @@ def _agent(args: argparse.Namespace) -> int:
     if args.declarations is None:
         from agent.cluster import ClusterOptions, run_cluster
 
-        asyncio.run(
+        serve_forever(
             run_cluster(ClusterOptions(args.node_name, options, kubeconfig=args.kubeconfig))
         )
         return 0
-    asyncio.run(run_standalone(args.declarations, options))
+    serve_forever(run_standalone(args.declarations, options))
     return 0
 
 

@@ -21,6 +21,7 @@ from serve.dataplane import DataPlane
 from serve.devices import Device
 from serve.http import DATAPLANE, NodeServer, build_app
 from serve.logs import setup_logging
+from serve.loop import serve_forever
 from serve.repository import ModelRepository
 
 __all__ = ["CONTROL", "build_worker_app", "main"]
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-queue", type=int, default=256)
     args = parser.parse_args(argv)
     setup_logging(args.log_format)
-    asyncio.run(_serve(args))
+    serve_forever(_serve(args))
 
 
 if __name__ == "__main__":
