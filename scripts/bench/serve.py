@@ -465,6 +465,13 @@ def main() -> int:
                         cli, e, bodies[k], 16, args.duration, 0))  # fmt: skip
             return 0
 
+        # One settling pass over every server first: a freshly started server does
+        # start-up work (imports, first calls, background scans) that must not land in the
+        # first measured cell.
+        for endpoint in endpoints:
+            for kind in kinds:
+                if usable[(endpoint.label, kind)] and args.warmup > 0:
+                    cannon(cli, endpoint, bodies[kind], max(levels), args.warmup, 0)
         cells: dict[tuple[str, str, int], Cell] = {}
         log(f"load average before: {loadavg()}; {args.repeats} x {args.duration:g} s "
             f"(+{args.warmup:g} s warm-up) per cell")  # fmt: skip
