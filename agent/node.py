@@ -17,9 +17,8 @@ from typing import Any
 
 from agent.declarations import ModelDeclaration
 from cache import CacheError, ModelStore
-from serve.errors import ServeError
+from serve.errors import NoRoom, ServeError
 from serve.host import ModelHost
-from serve.repository import NoRoom
 from serve.runtimes import UnsupportedFormat, detect_format
 
 __all__ = ["ModelStatus", "NodeAgent"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -66,12 +65,10 @@ class DataPlane:
         *,
         catalog: Catalog | None = None,
         executor: ThreadPoolExecutor | None = None,
-        on_infer: Callable[[str], None] | None = None,
     ) -> None:
         self.repository = repository
         self.catalog: Catalog = catalog or _NoCatalog()
         self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
-        self._on_infer = on_infer
         self._batchers: dict[str, Batcher] = {}
 
     # -- lookups -------------------------------------------------------------
@@ -150,8 +147,6 @@ class DataPlane:
                 async with model.slots:
                     child(QUEUE_SECONDS, name).observe(time.perf_counter() - started)
                     outputs = await self._predict(model, inputs, list(wanted) or None)
-        if self._on_infer is not None:
-            self._on_infer(name)
         return InferResponse(
             model_name=name,
             model_version=MODEL_VERSION,

@@ -11,6 +11,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "ModelNotReady",
+    "NoRoom",
     "PayloadTooLarge",
     "ServeError",
     "ServerOverloaded",
@@ -65,3 +66,10 @@ class ModelLoadError(ServeError):
     """The model's files are on disk but the runtime could not load them (500)."""
 
     status = 500
+
+
+class NoRoom(ServeError):
+    """No device can take the model, even after evicting what may be evicted (503)."""
+
+    status = 503
+    retry_after = 5.0

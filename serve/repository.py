@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.devices import Device
-from serve.errors import ModelLoadError, ModelNotFound, ServeError, ServerOverloaded
+from serve.errors import ModelLoadError, ModelNotFound, NoRoom, ServeError, ServerOverloaded
 from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES
 from serve.residency import Candidate, choose_victims, idle_models
 from serve.runtimes import Runtime, device_kinds, load_runtime
@@ -34,13 +34,6 @@ class State:
     LOADING = "Loading"
     WARM = "Warm"
     ERROR = "Error"
-
-
-class NoRoom(ServeError):
-    """No device can take the model, even after evicting what may be evicted (503)."""
-
-    status = 503
-    retry_after = 5.0
 
 
 @dataclass

@@ -26,7 +26,14 @@ from aiohttp import web
 
 from serve.dataplane import SERVER_NAME, SERVER_VERSION, Catalog
 from serve.devices import Device
-from serve.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, ServeError
+from serve.errors import (
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    NoRoom,
+    ServeError,
+)
 from serve.http import PROTOCOL_HEADER, error_response
 from serve.protocol import (
     HEADER_LENGTH,
@@ -35,7 +42,6 @@ from serve.protocol import (
     decode_response,
     encode_request,
 )
-from serve.repository import NoRoom
 from serve.runtimes import device_kinds
 from serve.worker import CONTROL
 
