@@ -122,7 +122,6 @@ class NodeAgent:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._status.pop(name, None)
         await self.host.unregister(name)  # waits for in-flight requests
         still_used = any(d.source_uri == decl.source_uri for d in self._desired.values())
         try:
@@ -130,6 +129,8 @@ class NodeAgent:
                 log.info("model deleted from disk", extra={"model": name})
         except CacheError as exc:  # e.g. an init container still reading it
             log.warning("model kept on disk", extra={"model": name, "reason": str(exc)})
+        # Last: a model gone from status is gone from memory and disk too.
+        self._status.pop(name, None)
         log.info("model retired", extra={"model": name})
 
     async def collect_garbage(self) -> None:

@@ -88,9 +88,16 @@ class _Worker:
     proc: asyncio.subprocess.Process | None = None
     session: aiohttp.ClientSession | None = None
     up: bool = False
+    # Between a restart and its models being registered again: routed requests get 503,
+    # not the new worker's 404 for a model it does not know yet.
+    restoring: bool = False
     restarts: int = 0
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # last status seen
     registrations: dict[str, _Registration] = field(default_factory=dict)
+
+    @property
+    def serving(self) -> bool:
+        return self.up and not self.restoring and self.session is not None
 
     @property
     def reserved(self) -> int:
@@ -176,7 +183,7 @@ class WorkerPool:
             code = await worker.proc.wait()
             if self._stopping:
                 return
-            worker.up = False
+            worker.up, worker.restoring = False, True
             warm = [n for n, m in worker.models.items() if m.get("state") == "Warm"]
             log.error("worker died", extra={"worker": worker.index, "code": code, "warm": warm})
             delay = min(30.0, 0.5 * 2**worker.restarts)
@@ -184,18 +191,27 @@ class WorkerPool:
             await asyncio.sleep(delay)
             try:
                 await self._spawn(worker)
-                for name, registration in list(worker.registrations.items()):
-                    await self._call(worker, "PUT", f"{CONTROL}/models/{name}",
-                                     registration.to_json())  # fmt: skip
-                for name in warm:
-                    if name in worker.registrations:
-                        await self._call(worker, "POST", f"{CONTROL}/models/{name}/load")
-                await self._refresh(worker)
-                worker.restarts = 0
-                log.info("worker restored", extra={"worker": worker.index, "reloaded": warm})
             except Exception as exc:
                 log.error("worker restart failed", extra={"worker": worker.index,
                                                           "error": str(exc)})  # fmt: skip
+                continue
+            await self._restore(worker, warm)
+
+    async def _restore(self, worker: _Worker, warm: list[str]) -> None:
+        """Register a restarted worker's models again and reload the warm ones; a model
+        that fails stays registered elsewhere in the agent's status, not the whole worker."""
+        for name, registration in list(worker.registrations.items()):
+            try:
+                await self._call(worker, "PUT", f"{CONTROL}/models/{name}",
+                                 registration.to_json())  # fmt: skip
+                if name in warm:
+                    await self._call(worker, "POST", f"{CONTROL}/models/{name}/load")
+            except ServeError as exc:
+                log.error("model not restored", extra={"model": name, "error": str(exc)})
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            await self._refresh(worker)
+        worker.restoring, worker.restarts = False, 0
+        log.info("worker restored", extra={"worker": worker.index, "reloaded": warm})
 
     async def stop(self) -> None:
         self._stopping = True
@@ -311,7 +327,7 @@ class WorkerPool:
         if worker is None:
             return None
         seen = dict(worker.models.get(name) or {"state": "Downloaded"})
-        if not worker.up:
+        if not worker.serving:
             seen.update(state="Downloaded", error=f"worker {worker.index} is restarting")
         seen["worker"] = worker.index
         return seen
@@ -347,7 +363,7 @@ class WorkerPool:
     async def forward(self, request: web.Request, name: str) -> web.Response:
         """Send the request to the model's worker as is; answer 503 if the worker dies."""
         worker = self._home(name)
-        if not worker.up or worker.session is None:
+        if not worker.serving or worker.session is None:
             raise WorkerUnavailable(
                 f"model '{name}' is on worker {worker.index}, which is restarting"
             )
@@ -472,7 +488,7 @@ class PoolDataPlane:
         protocol: str = "grpc",
     ) -> InferResponse:
         worker = self._worker(name)
-        if not worker.up or worker.session is None:
+        if not worker.serving or worker.session is None:
             raise WorkerUnavailable(f"model '{name}' is on worker {worker.index}, restarting")
         body, json_length = encode_request(request, binary=True)
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"

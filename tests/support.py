@@ -110,7 +110,7 @@ class Agent:
     def model(self, name: str) -> dict[str, Any] | None:
         return next((m for m in self.status()["models"] if m["name"] == name), None)
 
-    def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+    def wait_state(self, name: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             model = self.model(name)
             return model if model and model["state"] == state else None
