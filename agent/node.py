@@ -206,7 +206,8 @@ class NodeAgent:
             batching=decl.batching,
         )
         status.error = None
-        await self._warm(decl)
+        # The newest declaration: the warm decision may have changed during the download.
+        await self._warm(self._desired.get(decl.name, decl))
 
     async def _warm(self, decl: ModelDeclaration) -> None:
         """Load as the declaration asks: pinned or placed warm here -> load, making room;
