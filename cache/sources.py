@@ -544,7 +544,34 @@ class HttpSource(Source):
 # ---- s3:// ---------------------------------------------------------------------------------
 
 
-class S3fsSource(Source):
+class _FsspecBucketSource(Source):
+    """An object store listed through fsspec (``self.fs``, ``self.root`` = bucket/key):
+    a key that is a prefix is a folder, anything else one object."""
+
+    fs: Any
+    root: str
+
+    @staticmethod
+    def _remote(path: str, info: dict[str, Any]) -> RemoteFile:
+        raise NotImplementedError
+
+    def list_files(self) -> list[RemoteFile]:
+        info = self.fs.info(self.root)
+        if info.get("type") != "directory":
+            return self._finish_listing([self._remote(posixpath.basename(self.root), info)])
+        prefix = self.root.rstrip("/") + "/"
+        found = self.fs.find(self.root, detail=True)
+        files = [
+            self._remote(name[len(prefix) :], meta)
+            for name, meta in found.items()
+            if name.startswith(prefix)
+            and not name.endswith("/")
+            and meta.get("type", "file") == "file"
+        ]
+        return self._finish_listing(files)
+
+
+class S3fsSource(_FsspecBucketSource):
     """``s3://`` through s3fs: listing through s3fs, bytes through presigned ranged GETs.
 
     Used where :class:`S3Source` cannot resolve credentials itself (instance roles, web
@@ -592,21 +619,6 @@ class S3fsSource(Source):
 
     def close(self) -> None:
         self.http.close()
-
-    def list_files(self) -> list[RemoteFile]:
-        info = self.fs.info(self.root)
-        if info.get("type") != "directory":
-            return self._finish_listing([self._remote(posixpath.basename(self.root), info)])
-        prefix = self.root.rstrip("/") + "/"
-        found = self.fs.find(self.root, detail=True)
-        files = [
-            self._remote(name[len(prefix) :], meta)
-            for name, meta in found.items()
-            if name.startswith(prefix)
-            and not name.endswith("/")
-            and meta.get("type", "file") == "file"
-        ]
-        return self._finish_listing(files)
 
     @staticmethod
     def _remote(path: str, info: dict[str, Any]) -> RemoteFile:
@@ -830,7 +842,7 @@ def _open_s3(uri: str, **kwargs: Any) -> Source:
 # ---- gs:// ---------------------------------------------------------------------------------
 
 
-class GcsSource(Source):
+class GcsSource(_FsspecBucketSource):
     """``gs://``: listing and bytes through gcsfs (ranged reads of one chunk each)."""
 
     def __init__(self, uri: str, **kwargs: Any) -> None:
@@ -854,21 +866,6 @@ class GcsSource(Source):
             options["token"] = self.credentials["GOOGLE_APPLICATION_CREDENTIALS"]
         self.fs = gcsfs.GCSFileSystem(**options)
         self.root = uri[len("gs://") :]
-
-    def list_files(self) -> list[RemoteFile]:
-        info = self.fs.info(self.root)
-        if info.get("type") != "directory":
-            return self._finish_listing([self._remote(posixpath.basename(self.root), info)])
-        prefix = self.root.rstrip("/") + "/"
-        found = self.fs.find(self.root, detail=True)
-        files = [
-            self._remote(name[len(prefix) :], meta)
-            for name, meta in found.items()
-            if name.startswith(prefix)
-            and not name.endswith("/")
-            and meta.get("type", "file") == "file"
-        ]
-        return self._finish_listing(files)
 
     @staticmethod
     def _remote(path: str, info: dict[str, Any]) -> RemoteFile:
