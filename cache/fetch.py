@@ -19,6 +19,7 @@ recorded part of every file whose size and ETag are unchanged.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -52,6 +53,29 @@ _HASH_WINDOW = 16 * MiB
 """Bytes mapped at a time when hashing parts back from the page cache."""
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 JOURNAL_NAME = RESERVED_PREFIX + "journal.json"
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_STEP = 8 * MiB
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset+length)`` to disk now, without
+    waiting. Parts written back while later ones download leave little for the fsync
+    before publish to wait for (1 GiB of dirty pages is ~1 s of NVMe time at the end)."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -361,7 +385,8 @@ class Transfer:
             raise Aborted
         self._open(job)
         remote = job.remote
-        state = {"pos": part.start}
+        state = {"pos": part.start, "written_back": part.start}
+        writeback = self.options.fsync
         # Bytes of a bounded part arrive once each, in order: the part at the hash frontier
         # feeds them to the hashes straight from the receive buffer (no read-back). A part
         # without an end may start over on a retry, so it is hashed after the fact.
@@ -378,7 +403,10 @@ class Transfer:
             _pwrite_all(job.fd, data, offset)
             if stream and job.hash_pos == offset:
                 self._hash_arriving(job, offset, data)
-            state["pos"] = offset + len(data)
+            state["pos"] = pos = offset + len(data)
+            if writeback and pos - state["written_back"] >= _WRITEBACK_STEP:
+                start_writeback(job.fd, state["written_back"], pos - state["written_back"])
+                state["written_back"] = pos
             self.on_bytes(len(data))
 
         def attempt() -> int:
