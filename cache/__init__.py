@@ -12,7 +12,7 @@ from cache.errors import (
     ModelInUseError,
 )
 from cache.fetch import FetchOptions
-from cache.sources import MANIFEST_NAME
+from cache.sources import DERIVED_DIR, MANIFEST_NAME
 from cache.store import (
     ModelStore,
     Progress,
@@ -24,6 +24,7 @@ from cache.store import (
 from cache.uri import SUPPORTED_SCHEMES, redact_uri, validate_source_uri
 
 __all__ = [
+    "DERIVED_DIR",
     "MANIFEST_NAME",
     "SUPPORTED_SCHEMES",
     "CacheError",

@@ -30,6 +30,7 @@ from cache.errors import CacheError, FetchError, InsufficientSpaceError, Integri
 from cache.uri import redact_uri, validate_source_uri
 
 __all__ = [
+    "DERIVED_DIR",
     "MANIFEST_NAME",
     "RESERVED_PREFIX",
     "RemoteFile",
@@ -47,6 +48,9 @@ RESERVED_PREFIX = ".nodecache-"
 """Names starting with this at the top of a model folder belong to nodecache."""
 MANIFEST_NAME = RESERVED_PREFIX + "manifest.json"
 """Name of the manifest inside a model folder; never one of the model's files."""
+DERIVED_DIR = RESERVED_PREFIX + "derived"
+"""Folder inside a model folder for files built from the model's own (a runtime's
+faster-loading copy): removed with the model and counted against the store's limit."""
 
 Sink = Callable[[int, memoryview], None]
 """``sink(offset, data)``: write ``data`` at ``offset`` of the destination file."""

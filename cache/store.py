@@ -49,6 +49,7 @@ from cache.fetch import (
     retrying,
 )
 from cache.sources import (
+    DERIVED_DIR,
     MANIFEST_NAME,
     RemoteFile,
     Source,
@@ -93,7 +94,13 @@ class StoredModel:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes of the model's own files, as the source published them."""
         return sum(f.size for f in self.files)
+
+    def disk_bytes(self) -> int:
+        """Bytes the model holds on disk now: its files plus what runtimes derived from
+        them (read from the disk each time: a worker process may add some at any time)."""
+        return self.size_bytes + _tree_bytes(self.path / DERIVED_DIR)
 
 
 @dataclass
@@ -212,7 +219,7 @@ class ModelStore:
     def used_bytes(self) -> int:
         """Bytes held: published models (their files) plus partial downloads on disk."""
         self._ensure_index()
-        published = sum(m.size_bytes for m in self._index.values())
+        published = sum(m.disk_bytes() for m in self._index.values())
         return published + sum(self._partial_bytes().values())
 
     def models(self) -> list[StoredModel]:
@@ -581,7 +588,7 @@ class ModelStore:
             partials = self._partial_bytes()
             own = partials.pop(key, 0)
             # Partials of downloads in flight are preallocated: counted here and on the disk.
-            published = sum(m.size_bytes for m in self._index.values())
+            published = sum(m.disk_bytes() for m in self._index.values())
             disk_free = shutil.disk_usage(self.root).free + own
             if self.limit_bytes is None:
                 free = disk_free
@@ -591,7 +598,7 @@ class ModelStore:
                 free = min(self.limit_bytes - used, disk_free)
                 limit_text = format_bytes(self.limit_bytes)
             candidates = self._eviction_candidates()
-            evictable = sum(m.size_bytes for m in candidates)
+            evictable = sum(m.disk_bytes() for m in candidates)
             idle_partials = {k: n for k, n in partials.items() if k not in self._downloads}
             evictable += sum(idle_partials.values())
             if needed > free + evictable:
@@ -610,10 +617,11 @@ class ModelStore:
             for model in candidates:
                 if needed <= free:
                     break
-                log.info("evicting %s (%d bytes) to make room", model.key, model.size_bytes)
+                held = model.disk_bytes()
+                log.info("evicting %s (%d bytes) to make room", model.key, held)
                 if self._discard(model.path):
                     self.stats.evictions += 1
-                    free += model.size_bytes
+                    free += held
                 self._index.pop(model.key, None)
             if needed > free:
                 raise InsufficientSpaceError(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache import DERIVED_DIR
 from serve.devices import Device
 from serve.errors import ModelLoadError, ModelNotFound, NoRoom, ServeError, ServerOverloaded
 from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES
@@ -95,7 +96,11 @@ class ServedModel:
 
 
 def _files_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """The model's own files; a runtime's derived copy of them is not a second model."""
+    derived = path / DERIVED_DIR
+    return sum(
+        p.stat().st_size for p in path.rglob("*") if p.is_file() and derived not in p.parents
+    )
 
 
 def _resident_bytes() -> int:

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from cache import (
+    DERIVED_DIR,
     FetchOptions,
     InsufficientSpaceError,
     ModelInUseError,
@@ -122,3 +123,22 @@ async def counting_http() -> AsyncIterator[tuple[str, dict[str, int]]]:
     host, port = runner.addresses[0][:2]
     yield f"http://{host}:{port}", gets
     await runner.cleanup()
+
+
+async def test_files_a_runtime_derives_count_against_the_limit(tmp_path: Path) -> None:
+    """A runtime's faster-loading copy (serve/runtimes/onnx.py) lives in the model folder:
+    it is counted, makes its model cost more to keep, and goes when the model is evicted."""
+    store = ModelStore(tmp_path / "cache", options=OPTS, limit_bytes=1000)
+    a, b = source(tmp_path, "a", 300), source(tmp_path, "b", 300)
+    model_a = await store.fetch(a)
+    derived = model_a.path / DERIVED_DIR / "copy"
+    derived.mkdir(parents=True)
+    (derived / "weights.bin").write_bytes(os.urandom(250))
+    assert store.used_bytes() == 550
+
+    await store.fetch(b)  # 850 of 1000: no eviction yet
+    assert keys(store) == {"a", "b"}
+    await store.fetch(source(tmp_path, "c", 300))  # needs 150 more: a (550 held) goes
+    assert keys(store) == {"b", "c"}
+    assert not model_a.path.exists()
+    assert store.used_bytes() == 600

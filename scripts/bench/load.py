@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH_HOME, ROOT, ensure_venv, loadavg, log, median, table, verdict
+
+from cache import DERIVED_DIR
 
 TRIAL = Path(__file__).resolve().parent / "_load_trial.py"
 PROJECT_PY = ROOT / ".venv" / "bin" / "python"
@@ -115,6 +118,11 @@ onnx.save_model(model, {str(external_dir / "model.onnx")!r}, save_as_external_da
 
 def files_of(model_dir: Path) -> list[Path]:
     return sorted(p for p in model_dir.iterdir() if p.is_file())
+
+
+def derived_files(model_dir: Path) -> list[Path]:
+    """The mapped copy ours builds beside an inline ONNX model on its first load."""
+    return sorted(p for p in (model_dir / DERIVED_DIR).rglob("*") if p.is_file())
 
 
 def size_of(paths: list[Path]) -> int:
@@ -279,9 +287,19 @@ def main() -> int:
     ]
     if runai_py is not None:
         torch_cases.append(("runai-model-streamer", runai_py, "runai", st_dir, st_files))
+    # Ours converts a large inline model once, on its first load, into a mapped copy with
+    # external data; every later load (after an eviction, in another worker, after a
+    # restart) uses the copy. Time that first load once, then the usual trials.
+    for folder in (inline_dir, ext_dir):
+        shutil.rmtree(folder / DERIVED_DIR, ignore_errors=True)
+    first = run_trial(PROJECT_PY, "ours_onnx", inline_dir, files_of(inline_dir), False)
+    first_label = "ours, inline, first load (builds copy)"
+    rows_first = Row(first_label, "warm", size_of(files_of(inline_dir)), [first])
+    log(f"warm {first_label:40} ready {first.ready_s * 1e3:8.1f} ms")
+    inline_ours = files_of(inline_dir) + derived_files(inline_dir)
     onnx_cases: list[tuple[str, Path, str, Path, list[Path]]] = [
         ("dd inline .onnx", PROJECT_PY, "dd", inline_dir, files_of(inline_dir)),
-        ("ours, inline .onnx", PROJECT_PY, "ours_onnx", inline_dir, files_of(inline_dir)),
+        ("ours, inline .onnx", PROJECT_PY, "ours_onnx", inline_dir, inline_ours),
         ("ours, external data", PROJECT_PY, "ours_onnx", ext_dir, files_of(ext_dir)),
         ("ort default, inline", PROJECT_PY, "ort", inline_dir, files_of(inline_dir)),
         ("ort default, external data", PROJECT_PY, "ort", ext_dir, files_of(ext_dir)),
@@ -289,7 +307,7 @@ def main() -> int:
         ("ort no-prepack, external", PROJECT_PY, "ort_noprepack", ext_dir, files_of(ext_dir)),
     ]
 
-    rows: dict[tuple[str, str], Row] = {}
+    rows: dict[tuple[str, str], Row] = {(first_label, "warm"): rows_first}
     for mode in modes:
         cold = mode == "cold"
         for label, python, method, model_dir, files in torch_cases + onnx_cases:
@@ -313,7 +331,8 @@ def main() -> int:
     print(table(headers, [rows[(lbl, m)].cells() for m in modes for lbl in torch_labels]))
     onnx_bytes = size_of(files_of(inline_dir))
     print(f"\n## ONNX model ({onnx_bytes / 1e6:.0f} MB), medians of {args.runs}\n")
-    print(table(headers, [rows[(lbl, m)].cells() for m in modes for lbl in onnx_labels]))
+    onnx_rows = [rows[(lbl, m)].cells() for m in modes for lbl in onnx_labels]
+    print(table(headers, [rows_first.cells(), *onnx_rows]))
     print(f"\nmemcpy (numpy, 1 GiB): {memcpy_rate() / 1e9:.1f} GB/s; load average {loadavg()}")
     print("'load ms' = ready - one steady-state answer: the cost of loading on top of computing.")
 

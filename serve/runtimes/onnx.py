@@ -1,16 +1,40 @@
-"""ONNX models through onnxruntime (CPU provider here; CUDA when onnxruntime-gpu is installed)."""
+"""ONNX models through onnxruntime (CPU provider here; CUDA when onnxruntime-gpu is installed).
+
+Large models load mapped, not copied. onnxruntime copies inline initializers out of the
+protobuf and, by default, repacks MatMul weights into private buffers: ~400 ms for 200 MB,
+paid again on every load and by every worker. With the weights in an external data file
+and prepacking off, onnxruntime maps the file instead: the session is ready in a few
+milliseconds and every worker shares the same page-cache pages. So a model of at least
+``MAPPED_MIN_BYTES`` with inline weights is converted once into a derived copy with
+external data (beside the model, in the cache's ``DERIVED_DIR``), and sessions of such
+models are created with ``session.disable_prepacking``.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from cache import DERIVED_DIR
 from serve.errors import InvalidInput
-from serve.runtimes import TensorSpec, UnsupportedFormat
+from serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
 
-__all__ = ["OnnxRuntime"]
+__all__ = ["MAPPED_MIN_BYTES", "OnnxRuntime", "mapped_copy"]
+
+log = logging.getLogger(__name__)
+
+MAPPED_MIN_BYTES = 32 << 20
+"""Models with at least this many bytes of files load mapped (external data, no
+prepacking). Below it, loading is fast anyway and prepacked weights are kept."""
+_WEIGHTS_NAME = "weights.bin"
+_SOURCE_STAMP = "source.json"
 
 # onnxruntime type strings -> OIP datatypes.
 _ORT_TYPES = {
@@ -40,7 +64,10 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 def find_onnx_file(model_dir: Path) -> Path:
     """The one .onnx file of a model folder (``model.onnx`` if there are several)."""
-    candidates = sorted(p for p in model_dir.rglob("*.onnx") if p.is_file())
+    derived = model_dir / DERIVED_DIR
+    candidates = sorted(
+        p for p in model_dir.rglob("*.onnx") if p.is_file() and derived not in p.parents
+    )
     if len(candidates) == 1:
         return candidates[0]
     preferred = model_dir / "model.onnx"
@@ -70,6 +97,10 @@ class OnnxRuntime:
         # let concurrency come from parallel requests instead of spinning threads.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
+        if _files_bytes(path.parent) >= MAPPED_MIN_BYTES:
+            path = mapped_copy(path)
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            read_ahead(p for p in path.parent.iterdir() if p.is_file() and p != path)
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             index = device.partition(":")[2] or "0"
@@ -81,7 +112,7 @@ class OnnxRuntime:
         runtime = cls(session)
         # Initializers are copied out of the file into the session: the file's bytes
         # (with any external data beside it) are what the model holds.
-        runtime.resident_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+        runtime.resident_bytes = _files_bytes(path.parent)
         return runtime
 
     def predict(
@@ -108,3 +139,74 @@ def _as_str(name: str, array: np.ndarray) -> np.ndarray:
             f"input '{name}' holds bytes that are not UTF-8; this ONNX model takes text"
         ) from None
     return np.array(flat, dtype=object).reshape(array.shape)
+
+
+def _files_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def mapped_copy(path: Path) -> Path:
+    """The model at ``path`` with every initializer in one external data file: ``path``
+    itself when it has no large inline weights, else a derived copy, built on first use.
+
+    Workers may race to build it: each writes a private folder and renames it into
+    place; the first rename wins. Any failure (read-only or full disk, a model onnx
+    cannot parse) leaves the original to load the slow way, with a warning.
+    """
+    if path.stat().st_size < MAPPED_MIN_BYTES:
+        return path  # the weights are already external (or the model is small)
+    stamp = {"name": path.name, "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    home = path.parent / DERIVED_DIR
+    target = home / f"onnx-{path.stem}"
+    try:
+        if json.loads((target / _SOURCE_STAMP).read_text()) == stamp:
+            return target / path.name
+    except (OSError, ValueError):
+        pass
+    try:
+        home.mkdir(exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".building-", dir=home))
+        work.chmod(0o755)  # as readable as the model folder it is derived from
+    except OSError as exc:
+        log.warning("loading %s unmapped: cannot write beside it (%s)", path, exc)
+        return path
+    try:
+        if not _convert(path, work / path.name):
+            return path
+        (work / _SOURCE_STAMP).write_text(json.dumps(stamp))
+        for name in (path.name, _WEIGHTS_NAME):
+            with open(work / name, "rb") as f:
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+        shutil.rmtree(target, ignore_errors=True)  # a stale copy of an older file
+        try:
+            os.rename(work, target)
+        except OSError:
+            if not (target / _SOURCE_STAMP).exists():  # not a lost race: a real failure
+                raise
+        log.info("wrote a mapped copy of %s (external data) for fast loads", path)
+        return target / path.name
+    except Exception as exc:
+        log.warning("loading %s unmapped: could not write a mapped copy (%s)", path, exc)
+        return path
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _convert(src: Path, dest: Path) -> bool:
+    """Write ``src`` with its inline initializers moved into one external data file."""
+    import onnx  # only needed to build a copy, once per model
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(src), load_external_data=False)
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        return False  # partly external already: its data files stay where it points
+    onnx.save_model(
+        model,
+        str(dest),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=_WEIGHTS_NAME,
+        size_threshold=1024,
+    )
+    return True

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.runtimes import TensorSpec, UnsupportedFormat
+from serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
 
 __all__ = ["TorchRuntime"]
 
@@ -45,6 +45,7 @@ def _state_dict(model_dir: Path, device: str) -> dict[str, torch.Tensor]:
     if files:
         from safetensors.torch import load_file
 
+        read_ahead(files)
         state: dict[str, torch.Tensor] = {}
         for path in files:  # sharded checkpoints: model-00001-of-00002.safetensors, ...
             state.update(load_file(path, device=device))
