@@ -127,3 +127,46 @@ def test_agent_serves_a_torch_module_class(agent: Agent, tmp_path: Path, x: np.n
     expected = net(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(4, 3), expected,
                                rtol=1e-5)  # fmt: skip
+
+
+def test_staged_loading_streams_every_tensor_exactly(tmp_path: Path) -> None:
+    """The GPU loader's chunking (pinned buffers on a GPU), checked on the CPU: tensors
+    larger than a buffer, many in one buffer, every dtype, scalars and empty tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from serve.runtimes.staging import load_staged
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "big": torch.randn(3000, generator=g),  # 12,000 bytes: spans four 4 KiB chunks
+        "bf16": torch.randn(7, 5, generator=g).to(torch.bfloat16),
+        "half": torch.randn(33, generator=g).half(),
+        "i64": torch.arange(-5, 6, dtype=torch.int64),
+        "u8": torch.arange(0, 250, dtype=torch.uint8),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.empty(0, 4),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+
+    loaded = load_staged(path, "cpu", chunk_bytes=4096)
+
+    expected = load_file(path)
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_staged_loading_refuses_a_truncated_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from serve.runtimes.staging import load_staged
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(1000)}, path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(ValueError, match=r"wrong data offsets|file ended"):
+        load_staged(path, "cpu", chunk_bytes=1024)

@@ -45,10 +45,15 @@ def _state_dict(model_dir: Path, device: str) -> dict[str, torch.Tensor]:
     if files:
         from safetensors.torch import load_file
 
+        from serve.runtimes.staging import load_staged
+
         read_ahead(files)
         state: dict[str, torch.Tensor] = {}
         for path in files:  # sharded checkpoints: model-00001-of-00002.safetensors, ...
-            state.update(load_file(path, device=device))
+            if device == "cpu":  # mapped: zero copies, pages shared with other workers
+                state.update(load_file(path, device=device))
+            else:  # through pinned buffers, reads overlapped with the copies to the GPU
+                state.update(load_staged(path, device))
         return state
     checkpoint = _one(model_dir, "*.pt") or _one(model_dir, "*.pth") or _one(model_dir, "*.bin")
     if checkpoint is None:
