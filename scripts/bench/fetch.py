@@ -46,13 +46,32 @@ KSERVE_REQUIREMENTS = ["kserve-storage==0.21.0"]
 BUCKET = "bench"
 ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
 MiB, GiB = 1 << 20, 1 << 30
-TOOLS = ("ours", "s5cmd", "kserve", "ours-lite")
+TOOLS = ("ours", "s5cmd", "kserve", "ours-lite", "ours-nohash")
 DEFAULT_TOOLS = ("ours", "s5cmd", "kserve")
 # ours-lite: the same store without fsync and MD5 checks, to show what durability and
 # verification cost (sha256 of every file is always computed).
 OURS_LITE_SNIPPET = (
     "import asyncio, sys\n"
     "from cache import FetchOptions, ModelStore\n"
+    "store = ModelStore(sys.argv[2], options=FetchOptions(fsync=False, verify_md5=False))\n"
+    "print(asyncio.run(store.fetch(sys.argv[1])).path)\n"
+)
+# ours-nohash (a diagnostic, not a mode of the product): ours-lite with the sha256 fed nothing,
+# i.e. the transfer alone (list, ranged reads, pwrite, writeback), to set beside s5cmd, which
+# hashes nothing either. The manifest it writes holds dummy digests.
+OURS_NOHASH_SNIPPET = (
+    "import asyncio, sys\n"
+    "import cache.fetch as fetch\n"
+    "from cache import FetchOptions, ModelStore\n"
+    "class NoHash:\n"
+    "    def update(self, data): pass\n"
+    "    def hexdigest(self): return '0' * 64\n"
+    "plan = fetch.Transfer._plan\n"
+    "def _plan(self, remote):\n"
+    "    job = plan(self, remote)\n"
+    "    job.sha256 = NoHash()\n"
+    "    return job\n"
+    "fetch.Transfer._plan = _plan\n"
     "store = ModelStore(sys.argv[2], options=FetchOptions(fsync=False, verify_md5=False))\n"
     "print(asyncio.run(store.fetch(sys.argv[1])).path)\n"
 )
@@ -289,6 +308,8 @@ def command(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None)
         ]  # fmt: skip
     if tool == "ours-lite":
         return [str(VENV_BIN / "python"), "-c", OURS_LITE_SNIPPET, uri, str(dest)]
+    if tool == "ours-nohash":
+        return [str(VENV_BIN / "python"), "-c", OURS_NOHASH_SNIPPET, uri, str(dest)]
     if tool == "s5cmd":
         src = f"{uri}*" if ds.is_folder else uri
         return [*weed.s5cmd(), "cp", src, f"{dest}/"]
@@ -378,17 +399,18 @@ def summarize(runs: list[Run], datasets: list[Dataset], tools: list[str]) -> str
     out = [table(headers, rows)]
     ratio_rows = []
     for ds in datasets:
-        ours = stats.get(("ours", ds.name))
-        if ours is None:
-            continue
-        for peer in tools:
-            other = stats.get((peer, ds.name))
-            if peer.startswith("ours") or other is None:
+        for mine in ("ours", "ours-nohash"):
+            ours = stats.get((mine, ds.name))
+            if ours is None:
                 continue
-            ratio_rows.append(
-                (ds.name, f"ours / {peer}", ours["mib_s"] / other["mib_s"],
-                 ours["cpu_per_gib"] / other["cpu_per_gib"])
-            )  # fmt: skip
+            for peer in tools:
+                other = stats.get((peer, ds.name))
+                if peer.startswith("ours") or other is None:
+                    continue
+                ratio_rows.append(
+                    (ds.name, f"{mine} / {peer}", ours["mib_s"] / other["mib_s"],
+                     ours["cpu_per_gib"] / other["cpu_per_gib"])
+                )  # fmt: skip
     if ratio_rows:
         out.append(table(("data", "ratio", "throughput", "CPU per GiB"), ratio_rows))
     return "\n\n".join(out)
