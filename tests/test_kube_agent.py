@@ -282,11 +282,21 @@ def test_namespaced_models_answer_only_to_pods_of_their_namespace(
         assert code == 403 and "namespace(s) team" in body["error"]
         assert "a pod of namespace other" in body["error"]
         assert infer(agent, "listed") == 403 and infer(agent, "open") == 200
+        assert index_names(agent) == {"open"}
         run_as_pod_of(None)  # not a pod at all
         assert infer(agent, "secret") == 403 and infer(agent, "open") == 200
+        assert index_names(agent) == {"open"}
+        run_as_pod_of("team")  # the index lists what the caller may use, no more
+        assert index_names(agent) == {"secret", "open", "listed"}
     finally:
         agent.stop()
     assert fake_api.pruned == [] and denied_calls(fake_api) == []
+
+
+def index_names(agent: ClusterAgent) -> set[str]:
+    code, body = agent.request("POST", "/v2/repository/index", {})
+    assert code == 200, body
+    return {entry["name"] for entry in body}
 
 
 def test_pod_uid_from_both_cgroup_layouts(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ node's pods maps the UID to a namespace. Anything unknown is refused: fail close
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import struct
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from agent.kube.watching import Informer
 
-__all__ = ["CallerIdentity", "namespace_guard", "peer_pid", "pod_uid_of"]
+__all__ = ["REPOSITORY_INDEX", "CallerIdentity", "namespace_guard", "peer_pid", "pod_uid_of"]
 
 _POD_UID = re.compile(
     r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
@@ -67,13 +68,29 @@ class CallerIdentity:
         return None
 
 
+REPOSITORY_INDEX = "/v2/repository/index"
+
+
 def namespace_guard(access: Access, identity: CallerIdentity) -> Any:
-    """aiohttp middleware: 403 for a namespaced model when the caller's pod is elsewhere."""
+    """aiohttp middleware: 403 for a namespaced model when the caller's pod is elsewhere,
+    and a repository index that lists only the models the caller may use."""
+
+    def visible(namespace: str | None, entry: Any) -> bool:
+        allowed = access(str(entry.get("name", ""))) if isinstance(entry, dict) else None
+        return allowed is None or namespace in allowed
 
     @web.middleware
     async def guard(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        if request.path == REPOSITORY_INDEX:
+            response = await handler(request)
+            if response.status != 200 or not isinstance(response, web.Response):
+                return response
+            entries = json.loads(response.body or b"[]")  # type: ignore[arg-type]
+            namespace = identity.namespace_of(peer_pid(request.transport))
+            shown = [e for e in entries if visible(namespace, e)]
+            return web.json_response(shown)
         model = request.match_info.get("name")
         allowed = access(model) if model else None
         if allowed is not None:
