@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from serve.dataplane import SERVER_NAME, SERVER_VERSION, Catalog
 from serve.devices import Device
@@ -42,6 +43,7 @@ from serve.protocol import (
     decode_response,
     encode_request,
 )
+from serve.relay import WorkerLink
 from serve.runtimes import device_kinds
 from serve.worker import CONTROL
 
@@ -86,7 +88,8 @@ class _Worker:
     device: Device
     socket: Path
     proc: asyncio.subprocess.Process | None = None
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # control calls (register, load, status)
+    link: WorkerLink | None = None  # requests relayed from the node socket
     up: bool = False
     # Between a restart and its models being registered again: routed requests get 503,
     # not the new worker's 404 for a model it does not know yet.
@@ -161,8 +164,11 @@ class WorkerPool:
             *command, env=env, start_new_session=True
         )
         if worker.session is None:
-            connector = aiohttp.UnixConnector(path=str(worker.socket), limit=256)
+            connector = aiohttp.UnixConnector(path=str(worker.socket), limit=16)
             worker.session = aiohttp.ClientSession("http://worker", connector=connector)
+        if worker.link is not None:
+            await worker.link.close()  # connections to the dead process
+        worker.link = WorkerLink(str(worker.socket))
         deadline = time.monotonic() + 60
         while True:
             if worker.proc.returncode is not None:
@@ -228,6 +234,8 @@ class WorkerPool:
                     worker.proc.kill()
             if worker.session is not None:
                 await worker.session.close()
+            if worker.link is not None:
+                await worker.link.close()
 
     # -- talking to a worker -----------------------------------------------------------
 
@@ -363,23 +371,22 @@ class WorkerPool:
     async def forward(self, request: web.Request, name: str) -> web.Response:
         """Send the request to the model's worker as is; answer 503 if the worker dies."""
         worker = self._home(name)
-        if not worker.serving or worker.session is None:
+        if not worker.serving or worker.link is None:
             raise WorkerUnavailable(
                 f"model '{name}' is on worker {worker.index}, which is restarting"
             )
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         body = await request.read()
         try:
-            async with worker.session.request(
-                request.method, request.path_qs, data=body, headers=headers
-            ) as resp:
-                payload = await resp.read()
-                out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
-                return web.Response(body=payload, status=resp.status, headers=out)
-        except (aiohttp.ClientError, OSError):
+            status, answer, payload = await worker.link.request(
+                request.method, request.path_qs, body, headers
+            )
+        except OSError:  # RelayError included
             raise WorkerUnavailable(
                 f"worker {worker.index} stopped while answering for model '{name}'; retry"
             ) from None
+        out = CIMultiDict((k, v) for k, v in answer if k.lower() not in _HOP)
+        return web.Response(body=payload, status=status, headers=out)
 
 
 def build_router_app(pool: WorkerPool, catalog: Catalog) -> web.Application:
@@ -488,21 +495,16 @@ class PoolDataPlane:
         protocol: str = "grpc",
     ) -> InferResponse:
         worker = self._worker(name)
-        if not worker.serving or worker.session is None:
+        if not worker.serving or worker.link is None:
             raise WorkerUnavailable(f"model '{name}' is on worker {worker.index}, restarting")
         body, json_length = encode_request(request, binary=True)
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+        headers = [(PROTOCOL_HEADER, protocol), (HEADER_LENGTH, str(json_length))]
         try:
-            async with worker.session.post(
-                path,
-                data=body,
-                headers={PROTOCOL_HEADER: protocol, HEADER_LENGTH: str(json_length)},
-            ) as resp:
-                answer = await resp.read()
-                length = resp.headers.get(HEADER_LENGTH)
-                status = resp.status
-        except (aiohttp.ClientError, OSError):
+            status, answer_headers, answer = await worker.link.request("POST", path, body, headers)
+        except OSError:  # RelayError included
             raise WorkerUnavailable(f"worker {worker.index} stopped while answering") from None
+        length = next((v for k, v in answer_headers if k.lower() == HEADER_LENGTH.lower()), None)
         if status != 200:
             message = json.loads(answer).get("error", "")
             if status == 400:
