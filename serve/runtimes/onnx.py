@@ -110,8 +110,8 @@ class OnnxRuntime:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise UnsupportedFormat(f"onnxruntime cannot load {path.name}: {exc}") from exc
         runtime = cls(session)
-        # Initializers are copied out of the file into the session: the file's bytes
-        # (with any external data beside it) are what the model holds.
+        # Copied into the session or mapped from the page cache, the file's bytes (with
+        # any external data beside it) are what the model holds.
         runtime.resident_bytes = _files_bytes(path.parent)
         return runtime
 
@@ -159,9 +159,10 @@ def mapped_copy(path: Path) -> Path:
     home = path.parent / DERIVED_DIR
     target = home / f"onnx-{path.stem}"
     try:
-        if json.loads((target / _SOURCE_STAMP).read_text()) == stamp:
-            return target / path.name
-    except (OSError, ValueError):
+        built = json.loads((target / _SOURCE_STAMP).read_text())
+        if {k: built.get(k) for k in stamp} == stamp:
+            return target / path.name if built.get("copied") else path
+    except (OSError, ValueError, AttributeError):
         pass
     try:
         home.mkdir(exist_ok=True)
@@ -171,10 +172,9 @@ def mapped_copy(path: Path) -> Path:
         log.warning("loading %s unmapped: cannot write beside it (%s)", path, exc)
         return path
     try:
-        if not _convert(path, work / path.name):
-            return path
-        (work / _SOURCE_STAMP).write_text(json.dumps(stamp))
-        for name in (path.name, _WEIGHTS_NAME):
+        copied = _convert(path, work / path.name)  # False: remembered, not retried
+        (work / _SOURCE_STAMP).write_text(json.dumps({**stamp, "copied": copied}))
+        for name in (path.name, _WEIGHTS_NAME) if copied else ():
             with open(work / name, "rb") as f:
                 os.fchmod(f.fileno(), 0o644)
                 os.fsync(f.fileno())
@@ -184,6 +184,8 @@ def mapped_copy(path: Path) -> Path:
         except OSError:
             if not (target / _SOURCE_STAMP).exists():  # not a lost race: a real failure
                 raise
+        if not copied:
+            return path
         log.info("wrote a mapped copy of %s (external data) for fast loads", path)
         return target / path.name
     except Exception as exc:
