@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from agent.node import NodeAgent
 from cache import ModelStore
@@ -122,14 +121,7 @@ class NodeServices:
 
     def request_counts(self) -> dict[str, float]:
         """Inference requests answered so far per model, across worker processes."""
-        return request_counts(self._registry())
-
-    def _registry(self) -> CollectorRegistry:
-        if self.pool is None or self.pool.metrics_dir is None:
-            return REGISTRY
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.pool.metrics_dir))
-        return registry
+        return self.pool.request_counts() if self.pool is not None else request_counts()
 
     async def start(self, **log_fields: Any) -> None:
         options = self.options
@@ -190,7 +182,7 @@ class NodeServices:
         async def metrics(_: web.Request) -> web.Response:
             body = generate_latest(REGISTRY)
             if self.pool is not None:
-                body += generate_latest(self._registry())
+                body += generate_latest(await self.pool.metrics())
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()

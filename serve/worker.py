@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from serve.dataplane import DataPlane
 from serve.devices import Device
 from serve.http import DATAPLANE, NodeServer, build_app
 from serve.logs import setup_logging
 from serve.loop import serve_forever
+from serve.metrics import SERVING_METRICS, request_counts
 from serve.repository import ModelRepository
 
 __all__ = ["CONTROL", "build_worker_app", "main"]
@@ -78,7 +80,20 @@ async def _status(request: web.Request) -> web.Response:
             "pid": os.getpid(),
             "models": {m.name: m.to_json() for m in repository.models()},
             "devices": [d.to_json() for d in repository.devices],
+            "requests": request_counts(),
         }
+    )
+
+
+_SERVING = CollectorRegistry(auto_describe=True)
+for _metric in SERVING_METRICS:
+    _SERVING.register(_metric)
+
+
+async def _metrics(_: web.Request) -> web.Response:
+    """This worker's serving metrics; the agent sums them over its workers for /metrics."""
+    return web.Response(
+        body=generate_latest(_SERVING), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
@@ -91,6 +106,7 @@ def build_worker_app(repository: ModelRepository) -> web.Application:
     app.router.add_post(CONTROL + "/models/{name}/load", _load)
     app.router.add_delete(CONTROL + "/models/{name}", _unregister)
     app.router.add_get(CONTROL + "/status", _status)
+    app.router.add_get(CONTROL + "/metrics", _metrics)
     return app
 
 

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from serve.dataplane import SERVER_NAME, SERVER_VERSION, Catalog
 from serve.devices import Device
@@ -96,6 +100,8 @@ class _Worker:
     restoring: bool = False
     restarts: int = 0
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # last status seen
+    requests: dict[str, float] = field(default_factory=dict)  # answered, as last seen
+    requests_before: dict[str, float] = field(default_factory=dict)  # by earlier processes
     registrations: dict[str, _Registration] = field(default_factory=dict)
 
     @property
@@ -105,6 +111,16 @@ class _Worker:
     @property
     def reserved(self) -> int:
         return sum(r.size_hint or 0 for r in self.registrations.values())
+
+
+class _Snapshot(Collector):
+    """Metric families already collected (from the workers), for one exposition."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
 
 
 class WorkerPool:
@@ -125,9 +141,6 @@ class WorkerPool:
         ]
         self._log_format = log_format
         self._limits = (model_concurrency, model_queue)
-        # Workers record metrics here (prometheus_client multiprocess mode); the agent's
-        # /metrics reads them all.
-        self.metrics_dir: Path | None = socket_dir / "workers" / "metrics"
         self._homes: dict[str, _Worker] = {}
         self._stopping = False
         self._supervisors: list[asyncio.Task[None]] = []
@@ -135,9 +148,6 @@ class WorkerPool:
     # -- life of the workers -----------------------------------------------------------
 
     async def start(self) -> None:
-        if self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            self.metrics_dir.mkdir(parents=True)
         for worker in self._workers:
             worker.socket.parent.mkdir(parents=True, exist_ok=True)
             await self._spawn(worker)
@@ -155,9 +165,9 @@ class WorkerPool:
             "--model-queue", str(self._limits[1]),
         ]  # fmt: skip
         worker.socket.unlink(missing_ok=True)
-        env = dict(os.environ)
-        if self.metrics_dir is not None:
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        # Metrics stay in the worker's memory (not prometheus_client's multiprocess files,
+        # which cost a pid check and an mmap write per update): the agent pulls them.
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         # Its own session: a Ctrl-C meant for the agent must not kill workers mid-request;
         # the agent stops them in order.
         worker.proc = await asyncio.create_subprocess_exec(
@@ -190,6 +200,9 @@ class WorkerPool:
             if self._stopping:
                 return
             worker.up, worker.restoring = False, True
+            for model, n in worker.requests.items():  # counts stay monotonic over restarts
+                worker.requests_before[model] = worker.requests_before.get(model, 0.0) + n
+            worker.requests = {}
             warm = [n for n, m in worker.models.items() if m.get("state") == "Warm"]
             log.error("worker died", extra={"worker": worker.index, "code": code, "warm": warm})
             delay = min(30.0, 0.5 * 2**worker.restarts)
@@ -258,6 +271,7 @@ class WorkerPool:
             doc = await resp.json()
         worker.models = doc["models"]
         worker.device.used = doc["devices"][0]["used"]
+        worker.requests = doc.get("requests", {})
 
     # -- ModelHost ---------------------------------------------------------------------
 
@@ -356,6 +370,49 @@ class WorkerPool:
             if worker.up:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     await self._refresh(worker)
+
+    def request_counts(self) -> dict[str, float]:
+        """Requests answered per model by every worker, as of the last refresh (1 s)."""
+        counts: dict[str, float] = {}
+        for worker in self._workers:
+            for seen in (worker.requests_before, worker.requests):
+                for model, n in seen.items():
+                    counts[model] = counts.get(model, 0.0) + n
+        return counts
+
+    async def metrics(self) -> CollectorRegistry:
+        """The workers' serving metrics, scraped from each now and summed per series."""
+        texts = await asyncio.gather(
+            *(self._metrics_text(w) for w in self._workers if w.up), return_exceptions=True
+        )
+        families: dict[str, Metric] = {}
+        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], Sample] = {}
+        for text in texts:
+            if not isinstance(text, str):
+                continue  # a worker that died meanwhile: its series are gone with it
+            for family in text_string_to_metric_families(text):
+                if family.name not in families:
+                    families[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                    seen = values.get(key)
+                    if seen is None:
+                        values[key] = sample
+                    elif sample.name.endswith("_created"):
+                        values[key] = seen._replace(value=min(seen.value, sample.value))
+                    else:
+                        values[key] = seen._replace(value=seen.value + sample.value)
+        for (name, _, _), sample in values.items():
+            families[name].samples.append(sample)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(list(families.values())))
+        return registry
+
+    async def _metrics_text(self, worker: _Worker) -> str:
+        assert worker.session is not None
+        async with worker.session.get(f"{CONTROL}/metrics") as resp:
+            resp.raise_for_status()
+            return await resp.text()
 
     # -- routing -----------------------------------------------------------------------
 
