@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 __all__ = ["EMPTY_SHA256", "SigV4", "canonical_query", "uri_encode"]
@@ -34,31 +35,48 @@ def canonical_query(params: dict[str, str]) -> str:
     )
 
 
+Credentials = tuple[str, str, "str | None"]
+"""(access key, secret key, session token)."""
+
+
 class SigV4:
-    """Signs requests for one set of credentials and one region (changeable)."""
+    """Signs requests for one set of credentials and one region (changeable).
+
+    ``refresh``, when given, is asked for the current credentials before each signature:
+    temporary ones (web identity, instance roles, ``credential_process``) renew themselves
+    through it, e.g. botocore's ``RefreshableCredentials.get_frozen_credentials``.
+    """
 
     def __init__(
-        self, access_key: str, secret_key: str, token: str | None, region: str, service: str = "s3"
+        self,
+        access_key: str,
+        secret_key: str,
+        token: str | None,
+        region: str,
+        service: str = "s3",
+        *,
+        refresh: Callable[[], Credentials] | None = None,
     ) -> None:
         self.access_key = access_key
         self._secret = secret_key
         self.token = token
         self.region = region
         self.service = service
-        self._keys: dict[tuple[str, str], bytes] = {}
+        self._refresh = refresh
+        self._keys: dict[tuple[str, str, str], bytes] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never show the secret
         return f"SigV4(access_key={self.access_key[:4]}..., region={self.region!r})"
 
-    def _signing_key(self, day: str, region: str) -> bytes:
+    def _signing_key(self, secret: str, day: str, region: str) -> bytes:
         with self._lock:
-            key = self._keys.get((day, region))
+            key = self._keys.get((secret, day, region))
             if key is None:
-                k = hmac.digest(("AWS4" + self._secret).encode(), day.encode(), "sha256")
+                k = hmac.digest(("AWS4" + secret).encode(), day.encode(), "sha256")
                 for part in (region, self.service, "aws4_request"):
                     k = hmac.digest(k, part.encode(), "sha256")
-                self._keys = {(day, region): k}
+                self._keys = {(secret, day, region): k}
                 key = k
             return key
 
@@ -71,9 +89,13 @@ class SigV4:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         day = stamp[:8]
         region = self.region
+        if self._refresh is not None:
+            access_key, secret, token = self._refresh()
+        else:
+            access_key, secret, token = self.access_key, self._secret, self.token
         signed = {"host": host, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": stamp}
-        if self.token:
-            signed["x-amz-security-token"] = self.token
+        if token:
+            signed["x-amz-security-token"] = token
         names = sorted(signed)
         canonical = "\n".join(
             [
@@ -90,19 +112,19 @@ class SigV4:
             ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
         )
         signature = hmac.new(
-            self._signing_key(day, region), to_sign.encode(), hashlib.sha256
+            self._signing_key(secret, day, region), to_sign.encode(), hashlib.sha256
         ).hexdigest()
         out = {
             "Host": host,
             "x-amz-content-sha256": EMPTY_SHA256,
             "x-amz-date": stamp,
             "Authorization": (
-                f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
                 f"SignedHeaders={';'.join(names)}, Signature={signature}"
             ),
         }
-        if self.token:
-            out["x-amz-security-token"] = self.token
+        if token:
+            out["x-amz-security-token"] = token
         return out
 
 

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import errno
 import http.client
+import logging
 import os
 import posixpath
 import re
@@ -51,6 +52,8 @@ MANIFEST_NAME = RESERVED_PREFIX + "manifest.json"
 DERIVED_DIR = RESERVED_PREFIX + "derived"
 """Folder inside a model folder for files built from the model's own (a runtime's
 faster-loading copy): removed with the model and counted against the store's limit."""
+
+log = logging.getLogger(__name__)
 
 Sink = Callable[[int, memoryview], None]
 """``sink(offset, data)``: write ``data`` at ``offset`` of the destination file."""
@@ -654,7 +657,13 @@ class S3Source(Source):
         self.signer = (
             None
             if config.anon
-            else SigV4(config.key or "", config.secret or "", config.token, config.region)
+            else SigV4(
+                config.key or "",
+                config.secret or "",
+                config.token,
+                config.region,
+                refresh=config.refresh,
+            )
         )
         self.http = HttpRanges(self.timeout, cafile=self.setting("AWS_CA_BUNDLE"))
         self.root = uri[len("s3://") :]
@@ -786,6 +795,8 @@ class _S3Config:
     secret: str | None
     token: str | None
     anon: bool
+    refresh: Callable[[], tuple[str, str, str | None]] | None = None
+    """Current credentials from botocore's chain, when none were given as values."""
 
     @property
     def virtual_host(self) -> bool:
@@ -807,8 +818,13 @@ def _s3_config(source: Source) -> _S3Config | None:
     if endpoint and "://" not in endpoint:
         endpoint = "https://" + endpoint
     region = source.setting("AWS_REGION", "AWS_DEFAULT_REGION")
+    refresh = None
     if not anon and not (key and secret):
-        return None  # botocore's credential chain (roles, web identity, profiles, ...)
+        chain = _credential_chain(source.setting("AWS_PROFILE"))
+        if chain is None:
+            return None  # let s3fs try, and report what it finds
+        refresh, chain_region = chain
+        region = region or chain_region
     bucket = source.uri[len("s3://") :].partition("/")[0]
     if not endpoint and not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket):
         return None  # not addressable as <bucket>.s3.<region>.amazonaws.com
@@ -822,7 +838,34 @@ def _s3_config(source: Source) -> _S3Config | None:
         secret=None if anon else secret,
         token=None if anon else token,
         anon=anon,
+        refresh=refresh,
     )
+
+
+def _credential_chain(
+    profile: str | None,
+) -> tuple[Callable[[], tuple[str, str, str | None]], str | None] | None:
+    """Credentials from botocore's chain (web identity as on EKS with IRSA, EKS Pod Identity
+    and ECS container credentials, instance roles, SSO, ``credential_process``, profiles),
+    as a callable that returns the current ones (renewed by botocore before they expire),
+    and the profile's region. None when the chain finds nothing or fails."""
+    try:
+        import botocore.session
+
+        session = botocore.session.Session(profile=profile or None)
+        credentials = session.get_credentials()
+        region = session.get_config_variable("region")
+    except Exception as exc:  # botocore's errors, a profile that is not there, ...
+        log.debug("botocore's credential chain failed: %s", exc)
+        return None
+    if credentials is None:
+        return None
+
+    def current() -> tuple[str, str, str | None]:
+        frozen = credentials.get_frozen_credentials()
+        return frozen.access_key, frozen.secret_key, frozen.token
+
+    return current, region
 
 
 def _head_error(status: int, resp: Any) -> SourceHttpError:

@@ -467,26 +467,43 @@ async def test_odd_key_names_and_paged_listing(
     assert read_model(model.path) == files
 
 
-async def test_s3_without_static_credentials_goes_through_botocore(
+async def test_credentials_from_botocores_chain_take_the_fast_path(
     tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cache.sources import S3fsSource, open_source
+    """Temporary credentials (here from ``credential_process``, as from web identity on EKS)
+    are resolved by botocore, renewed before they expire, and used to sign our own requests:
+    no s3fs, so IRSA users get the same speed as static keys."""
+    from cache.sources import S3Source, open_source
 
     upload(s3, "chain-model", {"w.bin": b"c" * 5000})
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
-    creds = tmp_path / "credentials"
-    creds.write_text(
-        f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    calls = tmp_path / "calls"
+    process = tmp_path / "creds.py"
+    # Expiring in 5 minutes: inside botocore's mandatory refresh window, so every signature
+    # asks the process again; the count shows renewal happens.
+    process.write_text(
+        "import datetime, json, pathlib\n"
+        f"p = pathlib.Path({str(calls)!r}); p.write_text(p.read_text() + 'x' if p.exists() "
+        "else 'x')\n"
+        "expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)\n"
+        f"print(json.dumps({{'Version': 1, 'AccessKeyId': {ACCESS_KEY!r}, "
+        f"'SecretAccessKey': {SECRET_KEY!r}, 'SessionToken': '', "
+        "'Expiration': expires.isoformat()}))\n"
     )
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    config = tmp_path / "config"
+    config.write_text(f"[profile ci]\ncredential_process = {sys.executable} {process}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_PROFILE", "ci")
     uri = f"s3://{s3.bucket}/chain-model"
-    assert isinstance(open_source(uri, chunk_size=65536, timeout=5), S3fsSource)
+    assert isinstance(open_source(uri, chunk_size=65536, timeout=5), S3Source)
     store = ModelStore(tmp_path / "cache", options=SMALL)
 
     model = await store.fetch(uri)
 
     assert (model.path / "w.bin").read_bytes() == b"c" * 5000
+    assert len(calls.read_text()) >= 2, "credentials were renewed, not read once"
 
 
 async def test_folder_uri_with_trailing_slash_and_object_uri(tmp_path: Path, s3: S3Server) -> None:
