@@ -581,8 +581,9 @@ class _FsspecBucketSource(Source):
 class S3fsSource(_FsspecBucketSource):
     """``s3://`` through s3fs: listing through s3fs, bytes through presigned ranged GETs.
 
-    Used where :class:`S3Source` cannot resolve credentials itself (instance roles, web
-    identity, SSO and other botocore credential providers).
+    Used only where :class:`S3Source` cannot go: a bucket name that cannot be
+    virtual-hosted on AWS, anonymous access with no region to sign for, or no credentials
+    found by botocore's chain (s3fs then reports what it finds).
     """
 
     def __init__(self, uri: str, **kwargs: Any) -> None:
