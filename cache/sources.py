@@ -643,11 +643,12 @@ class S3fsSource(_FsspecBucketSource):
 
 
 class S3Source(Source):
-    """``s3://`` with static credentials (or none): signed ``HEAD``, ``ListObjectsV2`` and
-    ranged ``GET`` requests over the same per-thread keep-alive connections.
+    """``s3://`` signed by us: ``HEAD``, ``ListObjectsV2`` and ranged ``GET`` requests over
+    the same per-thread keep-alive connections.
 
-    No botocore import and no event-loop thread: the first byte comes ~1 s sooner than
-    through s3fs, and each file costs one signature (a few HMACs) instead of a presign hop.
+    No event-loop thread (and no botocore import when credentials are given as values):
+    the first byte comes ~1 s sooner than through s3fs, and each file costs one signature
+    (a few HMACs) instead of a presign hop.
     """
 
     def __init__(self, uri: str, *, config: _S3Config, **kwargs: Any) -> None:
