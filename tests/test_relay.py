@@ -54,9 +54,7 @@ async def test_requests_reuse_one_connection_and_pass_everything_through(
     link = WorkerLink(path)
     big = bytes(range(256)) * 4096  # 1 MiB
     for body in (b"x", b"", big, b"y"):
-        status, headers, payload = await link.request(
-            "POST", "/echo", body, [("X-Model", "mlp")]
-        )
+        status, headers, payload = await link.request("POST", "/echo", body, [("X-Model", "mlp")])
         assert (status, payload) == (201, body)
         assert ("X-Seen", "mlp") in headers
     assert len({id(c) for c in connections}) == 1
