@@ -7,9 +7,9 @@ request against the model's declared inputs happens here, once.
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from time import perf_counter
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -18,11 +18,9 @@ from serve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServeError
 from serve.metrics import (
     BATCH_SIZE,
     INFERENCE_SECONDS,
-    INFLIGHT,
     QUEUE_SECONDS,
-    REQUEST_SECONDS,
-    REQUESTS,
     child,
+    request_stats,
 )
 from serve.protocol import InferRequest, InferResponse
 from serve.repository import ModelRepository, ServedModel, State
@@ -70,6 +68,7 @@ class DataPlane:
         self.catalog: Catalog = catalog or _NoCatalog()
         self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
         self._batchers: dict[str, Batcher] = {}
+        self._specs: dict[str, _ModelSpec] = {}
 
     # -- lookups -------------------------------------------------------------
 
@@ -116,9 +115,10 @@ class DataPlane:
         protocol: str = "rest",
     ) -> InferResponse:
         """Run one request; records its metrics under ``protocol`` whatever the outcome."""
-        started = time.perf_counter()
+        started = perf_counter()
+        stats = request_stats(name, protocol)
+        stats.inflight.inc()
         code = "500"
-        child(INFLIGHT, name).inc()
         try:
             response = await self._infer(name, request, version, started)
             code = "200"
@@ -127,9 +127,7 @@ class DataPlane:
             code = str(exc.status)
             raise
         finally:
-            child(INFLIGHT, name).dec()
-            child(REQUESTS, name, protocol, code).inc()
-            child(REQUEST_SECONDS, name, protocol).observe(time.perf_counter() - started)
+            stats.done(code, perf_counter() - started)
 
     async def _infer(
         self, name: str, request: InferRequest, version: str | None, started: float
@@ -137,15 +135,16 @@ class DataPlane:
         self._check(name, version)
         async with self.repository.use(name) as model:
             runtime = _runtime(model)
-            inputs = _validate_inputs(runtime.inputs, request.inputs)
-            wanted = _validate_outputs(runtime.outputs, request)
+            spec = self._spec(name, runtime)
+            inputs = spec.check_inputs(request.inputs)
+            wanted = spec.check_outputs(request) if request.outputs is not None else {}
             if model.batching is not None:
                 outputs = await self._batcher(model).submit(inputs)
                 if wanted:
                     outputs = {n: outputs[n] for n in wanted if n in outputs}
             else:
                 async with model.slots:
-                    child(QUEUE_SECONDS, name).observe(time.perf_counter() - started)
+                    spec.queue_seconds.observe(perf_counter() - started)
                     outputs = await self._predict(model, inputs, list(wanted) or None)
         return InferResponse(
             model_name=name,
@@ -155,22 +154,29 @@ class DataPlane:
             binary=wanted or dict.fromkeys(outputs, request.binary_outputs),
         )
 
+    def _spec(self, name: str, runtime: Runtime) -> _ModelSpec:
+        """The model's prepared tensor spec, rebuilt only when a new load changed it."""
+        spec = self._specs.get(name)
+        if spec is None or spec.inputs is not runtime.inputs or spec.outputs is not runtime.outputs:
+            spec = self._specs[name] = _ModelSpec(name, runtime.inputs, runtime.outputs)
+        return spec
+
     async def _predict(
         self, model: ServedModel, inputs: dict[str, np.ndarray], names: list[str] | None
     ) -> dict[str, np.ndarray]:
         runtime = _runtime(model)
-        began = time.perf_counter()
-        if model.typical_predict is not None and model.typical_predict < INLINE_PREDICT_SECONDS:
+        began = perf_counter()
+        typical = model.typical_predict
+        if typical is not None and typical < INLINE_PREDICT_SECONDS:
             # Handing a call this short to a thread costs more than the call itself
             # (two thread wake-ups, ~0.3 ms here); blocking the loop this long is harmless.
             outputs = runtime.predict(inputs, names)
         else:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(self._executor, runtime.predict, inputs, names)
-        took = time.perf_counter() - began
-        previous = model.typical_predict
-        model.typical_predict = took if previous is None else 0.9 * previous + 0.1 * took
-        child(INFERENCE_SECONDS, model.name).observe(took)
+        took = perf_counter() - began
+        model.typical_predict = took if typical is None else 0.9 * typical + 0.1 * took
+        self._specs[model.name].inference_seconds.observe(took)
         return outputs
 
     def _batcher(self, model: ServedModel) -> Batcher:
@@ -221,49 +227,76 @@ def _oip_state(model: ServedModel) -> str:
     return {State.WARM: "READY", State.LOADING: "LOADING"}.get(model.state, "UNAVAILABLE")
 
 
-def _validate_inputs(
-    specs: list[TensorSpec], given: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    if not specs:  # a custom model that describes no inputs takes what it is given
+class _ModelSpec:
+    """A model's declared tensors, prepared once per load so each request is checked with
+    dict lookups; also the model's queue and inference metrics."""
+
+    def __init__(self, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+        self.inputs, self.outputs = inputs, outputs
+        # name -> (datatype, numpy dtype, rank, (index, size) of each fixed dimension)
+        self.expected = {
+            s.name: (
+                s.datatype,
+                DATATYPES[s.datatype],
+                len(s.shape),
+                tuple((i, d) for i, d in enumerate(s.shape) if d != -1),
+            )
+            for s in inputs
+        }
+        self.output_names = {s.name for s in outputs}
+        self.queue_seconds = child(QUEUE_SECONDS, name)
+        self.inference_seconds = child(INFERENCE_SECONDS, name)
+
+    def check_inputs(self, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = self.expected
+        if not expected:  # a custom model that describes no inputs takes what it is given
+            return given
+        if len(given) != len(expected) or not all(n in expected for n in given):
+            _refuse_names(self.inputs, given)
+        for name, array in given.items():
+            datatype, dtype, rank, fixed = expected[name]
+            # Arrays decoded from the wire carry the table's dtypes; anything else (another
+            # byte order, say) is compared by OIP datatype.
+            if array.dtype != dtype:
+                _check_datatype(name, array, datatype)
+            shape = array.shape
+            if len(shape) != rank or any(shape[i] != d for i, d in fixed):
+                spec = next(s for s in self.inputs if s.name == name)
+                raise InvalidInput(
+                    f"input '{name}' has shape {list(shape)}, "
+                    f"the model expects {list(spec.shape)} (-1 is any size)"
+                )
         return given
-    expected = {s.name: s for s in specs}
+
+    def check_outputs(self, request: InferRequest) -> dict[str, bool]:
+        """Requested outputs -> binary flag."""
+        assert request.outputs is not None
+        if not self.outputs:
+            return {out.name: out.binary for out in request.outputs}
+        wanted: dict[str, bool] = {}
+        for out in request.outputs:
+            if out.name not in self.output_names:
+                raise InvalidInput(
+                    f"unknown output '{out.name}'; the model has "
+                    f"{', '.join(sorted(self.output_names))}"
+                )
+            wanted[out.name] = out.binary
+        return wanted
+
+
+def _refuse_names(specs: list[TensorSpec], given: dict[str, np.ndarray]) -> NoReturn:
+    """Raise for the first unknown input, else the first missing one."""
+    expected = [s.name for s in specs]
     unknown = sorted(set(given) - set(expected))
     if unknown:
         raise InvalidInput(
             f"unknown input '{unknown[0]}'; the model takes {', '.join(expected) or 'no inputs'}"
         )
     missing = [n for n in expected if n not in given]
-    if missing:
-        raise InvalidInput(f"input '{missing[0]}' is missing")
-    for name, array in given.items():
-        spec = expected[name]
-        datatype = datatype_of(array) if array.dtype != DATATYPES["BYTES"] else "BYTES"
-        if datatype != spec.datatype:
-            raise InvalidInput(
-                f"input '{name}' has datatype {datatype}, the model expects {spec.datatype}"
-            )
-        if len(array.shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
-        ):
-            raise InvalidInput(
-                f"input '{name}' has shape {list(array.shape)}, "
-                f"the model expects {list(spec.shape)} (-1 is any size)"
-            )
-    return given
+    raise InvalidInput(f"input '{missing[0]}' is missing")
 
 
-def _validate_outputs(specs: list[TensorSpec], request: InferRequest) -> dict[str, bool]:
-    """Requested outputs -> binary flag; empty when the client asked for all of them."""
-    if request.outputs is None:
-        return {}
-    if not specs:
-        return {out.name: out.binary for out in request.outputs}
-    known = {s.name for s in specs}
-    wanted: dict[str, bool] = {}
-    for out in request.outputs:
-        if out.name not in known:
-            raise InvalidInput(
-                f"unknown output '{out.name}'; the model has {', '.join(sorted(known))}"
-            )
-        wanted[out.name] = out.binary
-    return wanted
+def _check_datatype(name: str, array: np.ndarray, wanted: str) -> None:
+    datatype = "BYTES" if array.dtype == DATATYPES["BYTES"] else datatype_of(array)
+    if datatype != wanted:
+        raise InvalidInput(f"input '{name}' has datatype {datatype}, the model expects {wanted}")

@@ -2,14 +2,31 @@
 
 Process-wide, like prometheus_client's default registry; with worker processes the
 agent reads every worker's values through the library's multiprocess mode.
+
+The metrics recorded for every request cost a locked update each in prometheus_client
+(a histogram observation two): a dozen lock round trips per request. In one process they
+are plain numbers instead, updated only from the event loop's thread and turned into
+samples when scraped; a worker (multiprocess mode) keeps prometheus_client's, which write
+where the agent reads them.
 """
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "BATCH_SIZE",
@@ -22,47 +39,179 @@ __all__ = [
     "REQUEST_SECONDS",
     "RESIDENT_BYTES",
     "SERVING_METRICS",
+    "RequestStats",
     "child",
     "request_counts",
+    "request_stats",
 ]
+
+# prometheus_client keeps values in memory (not in files for another process to read).
+_IN_PROCESS = values.ValueClass is values.MutexValue
+
+
+class _CounterChild:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class _GaugeChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds  # ends with +Inf
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bound >= amount
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """(le, cumulative count) pairs, as the exposition format wants them."""
+        cumulative, pairs = 0, []
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            cumulative += count
+            pairs.append((floatToGoString(bound), float(cumulative)))
+        return pairs
+
+
+class _InProcessMetric:
+    """A labelled counter, gauge or histogram of plain numbers, exported when collected."""
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float] = (),
+    ) -> None:
+        self._kind, self._name, self._doc = kind, name, documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = (*map(float, buckets), float("inf"))
+        self._children: dict[tuple[str, ...], Any] = {}
+        REGISTRY.register(self)
+
+    def labels(self, *labelvalues: str) -> Any:
+        found = self._children.get(labelvalues)
+        if found is None:
+            if len(labelvalues) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}")
+            if self._kind == "histogram":
+                found = _HistogramChild(self._bounds)
+            else:
+                found = _CounterChild() if self._kind == "counter" else _GaugeChild()
+            self._children[labelvalues] = found
+        return found
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(dict(self._children))
+
+    def _families(self, children: dict[tuple[str, ...], Any]) -> Iterator[Metric]:
+        name, doc, labelnames = self._name, self._doc, self._labelnames
+        if self._kind == "counter":
+            counters = CounterMetricFamily(name, doc, labels=labelnames)
+            for labelvalues, found in children.items():
+                counters.add_metric(labelvalues, found.value, created=found.created)
+            yield counters
+        elif self._kind == "gauge":
+            gauges = GaugeMetricFamily(name, doc, labels=labelnames)
+            for labelvalues, found in children.items():
+                gauges.add_metric(labelvalues, found.value)
+            yield gauges
+        else:
+            histograms = HistogramMetricFamily(name, doc, labels=labelnames)
+            for labelvalues, found in children.items():
+                histograms.add_metric(labelvalues, found.buckets(), found.sum)
+                labels = dict(zip(labelnames, labelvalues, strict=True))
+                histograms.samples.append(Sample(f"{name}_created", labels, found.created))
+            yield histograms
+
+
+def _counter(name: str, documentation: str, labelnames: list[str]) -> Any:
+    if _IN_PROCESS:
+        return _InProcessMetric("counter", name, documentation, labelnames)
+    return Counter(name, documentation, labelnames)
+
+
+def _histogram(
+    name: str, documentation: str, labelnames: list[str], buckets: Sequence[float]
+) -> Any:
+    if _IN_PROCESS:
+        return _InProcessMetric("histogram", name, documentation, labelnames, buckets)
+    return Histogram(name, documentation, labelnames, buckets=buckets)
+
+
+def _gauge(name: str, documentation: str, labelnames: list[str]) -> Any:
+    if _IN_PROCESS:
+        return _InProcessMetric("gauge", name, documentation, labelnames)
+    return Gauge(name, documentation, labelnames, multiprocess_mode="livesum")
+
 
 _LATENCY = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-REQUESTS = Counter(
+# Recorded per request (or per batch).
+REQUESTS = _counter(
     "nodecache_requests_total",
     "Inference requests answered, by model, protocol (rest, grpc, v1) and HTTP status code.",
     ["model", "protocol", "code"],
 )
-REQUEST_SECONDS = Histogram(
+REQUEST_SECONDS = _histogram(
     "nodecache_request_duration_seconds",
     "Inference request time inside the server (queue + inference + encoding), by model.",
     ["model", "protocol"],
-    buckets=_LATENCY,
+    _LATENCY,
 )
-QUEUE_SECONDS = Histogram(
+QUEUE_SECONDS = _histogram(
     "nodecache_queue_duration_seconds",
     "Time a request waited for the model (a load, a free slot, a batch), by model.",
     ["model"],
-    buckets=_LATENCY,
+    _LATENCY,
 )
-INFERENCE_SECONDS = Histogram(
+INFERENCE_SECONDS = _histogram(
     "nodecache_inference_duration_seconds",
     "Time the runtime spent computing one request's (or one batch's) answer, by model.",
     ["model"],
-    buckets=_LATENCY,
+    _LATENCY,
 )
-BATCH_SIZE = Histogram(
+BATCH_SIZE = _histogram(
     "nodecache_batch_size",
     "Rows per runtime call when dynamic batching is on, by model.",
     ["model"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    (1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-INFLIGHT = Gauge(
+INFLIGHT = _gauge(
     "nodecache_requests_in_flight",
     "Inference requests being answered or waiting, by model.",
     ["model"],
-    multiprocess_mode="livesum",
 )
+# Recorded per load or eviction.
 MODEL_LOADS = Counter("nodecache_model_loads_total", "Model loads, by model.", ["model"])
 MODEL_EVICTIONS = Counter(
     "nodecache_model_evictions_total",
@@ -78,9 +227,34 @@ RESIDENT_BYTES = Gauge(
 
 
 @lru_cache(maxsize=4096)
-def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+def child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, remembered: the lookup costs more than the update."""
     return metric.labels(*labels)
+
+
+class RequestStats:
+    """One model's request metrics under one protocol, its children looked up once."""
+
+    def __init__(self, model: str, protocol: str) -> None:
+        self._labels = (model, protocol)
+        self.inflight = INFLIGHT.labels(model)
+        self._seconds = REQUEST_SECONDS.labels(model, protocol)
+        # Children by status code, made on first use: only codes that happened are exported.
+        self._requests: dict[str, Any] = {}
+
+    def done(self, code: str, seconds: float) -> None:
+        """A request that ``inflight.inc()`` counted has been answered with ``code``."""
+        self.inflight.dec()
+        requests = self._requests.get(code)
+        if requests is None:
+            requests = self._requests[code] = REQUESTS.labels(*self._labels, code)
+        requests.inc()
+        self._seconds.observe(seconds)
+
+
+@lru_cache(maxsize=4096)
+def request_stats(model: str, protocol: str) -> RequestStats:
+    return RequestStats(model, protocol)
 
 
 # What the serving tier records per request: in worker mode the workers hold the values.

@@ -8,7 +8,7 @@ followed by raw tensor bytes (the binary tensor data extension, framed by the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import orjson
@@ -59,11 +59,22 @@ class InferResponse:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
-    params = obj.get("parameters", {})
-    if not isinstance(params, dict):
-        raise InvalidInput(f"{where}: 'parameters' must be an object")
+_NO_PARAMETERS: dict[str, Any] = {}
+
+
+def _parameters(obj: dict[str, Any], what: str) -> dict[str, Any]:
+    """``obj``'s parameters; ``what`` names it ("input", "output") when they are not an object."""
+    params = obj.get("parameters")
+    if params is None:
+        return _NO_PARAMETERS if "parameters" not in obj else _refuse_parameters(obj, what)
+    if type(params) is not dict:
+        _refuse_parameters(obj, what)
     return params
+
+
+def _refuse_parameters(obj: dict[str, Any], what: str) -> NoReturn:
+    where = "request" if what == "request" else f"{what} '{obj.get('name')}'"
+    raise InvalidInput(f"{where}: 'parameters' must be an object")
 
 
 def decode_request(
@@ -92,8 +103,8 @@ def decode_request(
     offset = 0
     for spec in raw_inputs:
         raw = None
-        if isinstance(spec, dict):
-            size = _parameters(spec, f"input '{spec.get('name')}'").get("binary_data_size")
+        if type(spec) is dict:
+            size = _parameters(spec, "input").get("binary_data_size")
             if size is not None:
                 if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                     raise InvalidInput(
@@ -111,6 +122,8 @@ def decode_request(
 
     params = _parameters(doc, "request")
     binary_outputs = bool(params.get("binary_data_output", False))
+    if params is _NO_PARAMETERS:
+        params = {}  # the request's own: callers may add to it
     outputs = None
     if "outputs" in doc:
         if not isinstance(doc["outputs"], list):
@@ -119,7 +132,7 @@ def decode_request(
         for out in doc["outputs"]:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise InvalidInput("each requested output must be an object with a string 'name'")
-            wants = _parameters(out, f"output '{out['name']}'").get("binary_data", binary_outputs)
+            wants = _parameters(out, "output").get("binary_data", binary_outputs)
             outputs.append(RequestedOutput(out["name"], bool(wants)))
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):

@@ -40,8 +40,15 @@ DATATYPES: dict[str, np.dtype] = {
 _BY_KIND_SIZE = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name != "BYTES"}
 
 
+# Exact numpy dtype -> OIP datatype: the common case of ``datatype_of`` in one lookup.
+_BY_DTYPE = {dt: name for name, dt in DATATYPES.items() if name != "BYTES"}
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype name for a numpy array (strings and bytes are BYTES)."""
+    found = _BY_DTYPE.get(array.dtype)
+    if found is not None:
+        return found
     if array.dtype.kind in "OSU":
         return "BYTES"
     try:
@@ -54,21 +61,25 @@ def datatype_of(array: np.ndarray) -> str:
 
 def _shape_of(name: str, spec: dict[str, Any]) -> tuple[int, ...]:
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise InvalidInput(f"tensor '{name}': 'shape' must be a list of non-negative integers")
-    return tuple(shape)
+    if type(shape) is list:
+        for d in shape:
+            # bool is an int subclass: true/false are no dimensions.
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return tuple(shape)
+    raise InvalidInput(f"tensor '{name}': 'shape' must be a list of non-negative integers")
 
 
 def _dtype_of(name: str, spec: dict[str, Any]) -> tuple[str, np.dtype]:
     datatype = spec.get("datatype")
-    if datatype not in DATATYPES:
+    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
         known = ", ".join(DATATYPES)
         raise InvalidInput(
             f"tensor '{name}': unknown datatype {datatype!r}; expected one of {known}"
         )
-    return datatype, DATATYPES[datatype]
+    return datatype, dtype
 
 
 def decode_tensor(
@@ -79,9 +90,8 @@ def decode_tensor(
     ``raw`` holds the tensor's bytes when it came through the binary tensor data
     extension; otherwise the values are read from ``spec["data"]``.
     """
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+    if type(spec) is not dict or type(name := spec.get("name")) is not str:
         raise InvalidInput("each tensor must be an object with a string 'name'")
-    name = spec["name"]
     datatype, dtype = _dtype_of(name, spec)
     shape = _shape_of(name, spec)
     count = prod(shape)
@@ -193,6 +203,8 @@ def encode_tensor(
             raw = b"".join(
                 struct.pack("<I", len(b)) + b for b in (_as_bytes(x) for x in array.ravel())
             )
+        elif array.dtype is DATATYPES[datatype]:
+            raw = array.tobytes()  # C order, whatever the array's layout
         else:
             raw = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
         spec["parameters"] = {"binary_data_size": len(raw)}

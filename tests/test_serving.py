@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import os
 import threading
@@ -18,6 +19,7 @@ from serve.batching import Batcher
 from serve.client import ClientError, NodeClient, SyncNodeClient
 from serve.dataplane import DataPlane
 from serve.devices import Device
+from serve.errors import ServeError
 from serve.protocol import InferRequest
 from serve.repository import ModelRepository
 from serve.runtimes import TensorSpec, register_runtime
@@ -185,3 +187,30 @@ async def test_batcher_fails_every_request_of_a_bad_batch() -> None:
         return_exceptions=True,
     )
     assert all(isinstance(r, ValueError) and "dynamic batching" in str(r) for r in results)
+
+
+async def test_request_metrics_count_every_outcome(tmp_path: Path, mlp_dir: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    repo = ModelRepository()
+    repo.register("metered", mlp_dir, "onnx")
+    dp = DataPlane(repo)
+    good = InferRequest(inputs={"input": np.zeros((1, 64), np.float32)})
+    bad = InferRequest(inputs={"input": np.zeros((1, 3), np.float32)})
+    for request in (good, good, bad):
+        with contextlib.suppress(ServeError):
+            await dp.infer("metered", request, protocol="grpc")
+    ok = {"model": "metered", "protocol": "grpc"}
+    assert value("nodecache_requests_total", code="200", **ok) == 2
+    assert value("nodecache_requests_total", code="400", **ok) == 1
+    assert value("nodecache_request_duration_seconds_count", **ok) == 3
+    assert value("nodecache_request_duration_seconds_bucket", le="+Inf", **ok) == 3
+    assert 0 < value("nodecache_request_duration_seconds_sum", **ok) < 10
+    assert value("nodecache_request_duration_seconds_bucket", le="10.0", **ok) == 3
+    # Queue and inference time only for the requests that reached the model.
+    assert value("nodecache_queue_duration_seconds_count", model="metered") == 2
+    assert value("nodecache_inference_duration_seconds_count", model="metered") == 2
+    assert value("nodecache_requests_in_flight", model="metered") == 0
