@@ -120,7 +120,28 @@ class DataPlane:
         stats.inflight.inc()
         code = "500"
         try:
-            response = await self._infer(name, request, version, started)
+            self._check(name, version)
+            async with self.repository.use(name) as model:
+                runtime = _runtime(model)
+                spec = self._spec(name, runtime)
+                inputs = spec.check_inputs(request.inputs)
+                wanted = spec.check_outputs(request) if request.outputs is not None else None
+                names = list(wanted) if wanted else None
+                if model.batching is not None:
+                    outputs = await self._batcher(model).submit(inputs)
+                    if wanted:
+                        outputs = {n: outputs[n] for n in wanted if n in outputs}
+                else:
+                    async with model.slots:
+                        spec.queue_seconds.observe(perf_counter() - started)
+                        outputs = await self._predict(model, inputs, names)
+            response = InferResponse(
+                name,
+                MODEL_VERSION,
+                outputs,
+                request.id,
+                wanted or dict.fromkeys(outputs, request.binary_outputs),
+            )
             code = "200"
             return response
         except ServeError as exc:
@@ -128,31 +149,6 @@ class DataPlane:
             raise
         finally:
             stats.done(code, perf_counter() - started)
-
-    async def _infer(
-        self, name: str, request: InferRequest, version: str | None, started: float
-    ) -> InferResponse:
-        self._check(name, version)
-        async with self.repository.use(name) as model:
-            runtime = _runtime(model)
-            spec = self._spec(name, runtime)
-            inputs = spec.check_inputs(request.inputs)
-            wanted = spec.check_outputs(request) if request.outputs is not None else {}
-            if model.batching is not None:
-                outputs = await self._batcher(model).submit(inputs)
-                if wanted:
-                    outputs = {n: outputs[n] for n in wanted if n in outputs}
-            else:
-                async with model.slots:
-                    spec.queue_seconds.observe(perf_counter() - started)
-                    outputs = await self._predict(model, inputs, list(wanted) or None)
-        return InferResponse(
-            model_name=name,
-            model_version=MODEL_VERSION,
-            outputs=outputs,
-            id=request.id,
-            binary=wanted or dict.fromkeys(outputs, request.binary_outputs),
-        )
 
     def _spec(self, name: str, runtime: Runtime) -> _ModelSpec:
         """The model's prepared tensor spec, rebuilt only when a new load changed it."""
@@ -165,8 +161,8 @@ class DataPlane:
         self, model: ServedModel, inputs: dict[str, np.ndarray], names: list[str] | None
     ) -> dict[str, np.ndarray]:
         runtime = _runtime(model)
-        began = perf_counter()
         typical = model.typical_predict
+        began = perf_counter()
         if typical is not None and typical < INLINE_PREDICT_SECONDS:
             # Handing a call this short to a thread costs more than the call itself
             # (two thread wake-ups, ~0.3 ms here); blocking the loop this long is harmless.
@@ -251,7 +247,7 @@ class _ModelSpec:
         expected = self.expected
         if not expected:  # a custom model that describes no inputs takes what it is given
             return given
-        if len(given) != len(expected) or not all(n in expected for n in given):
+        if len(given) != len(expected) or not expected.keys() >= given.keys():
             _refuse_names(self.inputs, given)
         for name, array in given.items():
             datatype, dtype, rank, fixed = expected[name]
@@ -260,12 +256,11 @@ class _ModelSpec:
             if array.dtype != dtype:
                 _check_datatype(name, array, datatype)
             shape = array.shape
-            if len(shape) != rank or any(shape[i] != d for i, d in fixed):
-                spec = next(s for s in self.inputs if s.name == name)
-                raise InvalidInput(
-                    f"input '{name}' has shape {list(shape)}, "
-                    f"the model expects {list(spec.shape)} (-1 is any size)"
-                )
+            if len(shape) != rank:
+                _refuse_shape(name, shape, self.inputs)
+            for i, size in fixed:
+                if shape[i] != size:
+                    _refuse_shape(name, shape, self.inputs)
         return given
 
     def check_outputs(self, request: InferRequest) -> dict[str, bool]:
@@ -294,6 +289,14 @@ def _refuse_names(specs: list[TensorSpec], given: dict[str, np.ndarray]) -> NoRe
         )
     missing = [n for n in expected if n not in given]
     raise InvalidInput(f"input '{missing[0]}' is missing")
+
+
+def _refuse_shape(name: str, shape: tuple[int, ...], specs: list[TensorSpec]) -> NoReturn:
+    spec = next(s for s in specs if s.name == name)
+    raise InvalidInput(
+        f"input '{name}' has shape {list(shape)}, "
+        f"the model expects {list(spec.shape)} (-1 is any size)"
+    )
 
 
 def _check_datatype(name: str, array: np.ndarray, wanted: str) -> None:

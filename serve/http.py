@@ -40,6 +40,7 @@ MAX_ELEMENTS = web.AppKey("max_elements", int)
 PROTOCOL_HEADER = "X-Nodecache-Protocol"
 _PROTOCOLS = frozenset({"rest", "grpc", "v1"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_JSON = {"Content-Type": "application/json"}
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
@@ -94,8 +95,8 @@ async def _model_ready(request: web.Request) -> web.Response:
 
 
 async def _infer(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    length_header = request.headers.get(HEADER_LENGTH)
+    headers = request.headers
+    length_header = headers.get(HEADER_LENGTH)
     header_length = None
     if length_header is not None:
         try:
@@ -104,26 +105,27 @@ async def _infer(request: web.Request) -> web.Response:
             raise InvalidInput(
                 f"{HEADER_LENGTH} must be an integer, got {length_header!r}"
             ) from None
+    app = request.app
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[MAX_BODY]
+        limit = app[MAX_BODY]
         raise PayloadTooLarge(f"request body is larger than the {limit} byte limit") from None
-    infer_request = decode_request(body, header_length, max_elements=request.app[MAX_ELEMENTS])
-    protocol = request.headers.get(PROTOCOL_HEADER, "rest")
-    result = await request.app[DATAPLANE].infer(
-        name,
+    infer_request = decode_request(body, header_length, max_elements=app[MAX_ELEMENTS])
+    protocol = headers.get(PROTOCOL_HEADER, "rest")
+    match_info = request.match_info
+    result = await app[DATAPLANE].infer(
+        match_info["name"],
         infer_request,
-        _version(request),
+        match_info.get("version"),
         protocol=protocol if protocol in _PROTOCOLS else "rest",
     )
     payload, json_length = encode_response(result)
     if json_length is None:
-        return web.Response(body=payload, content_type="application/json")
+        return web.Response(body=payload, headers=_JSON)
     return web.Response(
         body=payload,
-        content_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(json_length)},
+        headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_length)},
     )
 
 
@@ -187,13 +189,15 @@ def build_app(
     app[MAX_ELEMENTS] = max_elements
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
+    # Routes under one prefix are tried in the order they were added: infer first.
+    app.router.add_post(model + "/infer", _infer)
+    app.router.add_post(versioned + "/infer", _infer)
     app.router.add_get("/v2/health/live", _live)
     app.router.add_get("/v2/health/ready", _ready)
     app.router.add_get("/v2", _server_metadata)
     for base in (model, versioned):
         app.router.add_get(base, _model_metadata)
         app.router.add_get(base + "/ready", _model_ready)
-        app.router.add_post(base + "/infer", _infer)
     app.router.add_get("/v1/models/{name}", _v1_model)
     app.router.add_post(r"/v1/models/{name:[^/:]+}:predict", _v1_predict)
     app.router.add_post("/v2/repository/index", _repository_index)

@@ -103,7 +103,7 @@ def decode_request(
     offset = 0
     for spec in raw_inputs:
         raw = None
-        if type(spec) is dict:
+        if type(spec) is dict and "parameters" in spec:
             size = _parameters(spec, "input").get("binary_data_size")
             if size is not None:
                 if not isinstance(size, int) or size < 0 or offset + size > len(binary):

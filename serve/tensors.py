@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from math import prod
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -71,15 +71,9 @@ def _shape_of(name: str, spec: dict[str, Any]) -> tuple[int, ...]:
     raise InvalidInput(f"tensor '{name}': 'shape' must be a list of non-negative integers")
 
 
-def _dtype_of(name: str, spec: dict[str, Any]) -> tuple[str, np.dtype]:
-    datatype = spec.get("datatype")
-    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        known = ", ".join(DATATYPES)
-        raise InvalidInput(
-            f"tensor '{name}': unknown datatype {datatype!r}; expected one of {known}"
-        )
-    return datatype, dtype
+def _refuse_datatype(name: str, datatype: Any) -> NoReturn:
+    known = ", ".join(DATATYPES)
+    raise InvalidInput(f"tensor '{name}': unknown datatype {datatype!r}; expected one of {known}")
 
 
 def decode_tensor(
@@ -92,7 +86,10 @@ def decode_tensor(
     """
     if type(spec) is not dict or type(name := spec.get("name")) is not str:
         raise InvalidInput("each tensor must be an object with a string 'name'")
-    datatype, dtype = _dtype_of(name, spec)
+    datatype = spec.get("datatype")
+    dtype = DATATYPES.get(datatype) if type(datatype) is str else None
+    if dtype is None:
+        _refuse_datatype(name, datatype)
     shape = _shape_of(name, spec)
     count = prod(shape)
     if max_elements is not None and count > max_elements:
@@ -101,7 +98,15 @@ def decode_tensor(
             f"over the limit of {max_elements}"
         )
     if raw is not None:
-        array = _from_binary(name, datatype, dtype, raw, count)
+        if datatype == "BYTES":
+            array = _bytes_from_binary(name, raw)
+        elif len(raw) != count * dtype.itemsize:
+            raise InvalidInput(
+                f"tensor '{name}': binary data has {len(raw)} bytes, "
+                f"shape needs {count * dtype.itemsize}"
+            )
+        else:
+            array = np.frombuffer(raw, dtype=dtype)
     else:
         if "data" not in spec:
             raise InvalidInput(f"tensor '{name}': no 'data' and no binary data")
@@ -160,16 +165,8 @@ def _check_int_range(name: str, datatype: str, dtype: np.dtype, probe: np.ndarra
         raise InvalidInput(f"tensor '{name}': value out of range for {datatype}")
 
 
-def _from_binary(
-    name: str, datatype: str, dtype: np.dtype, raw: bytes | memoryview, count: int
-) -> np.ndarray:
-    if datatype != "BYTES":
-        if len(raw) != count * dtype.itemsize:
-            raise InvalidInput(
-                f"tensor '{name}': binary data has {len(raw)} bytes, "
-                f"shape needs {count * dtype.itemsize}"
-            )
-        return np.frombuffer(raw, dtype=dtype)
+def _bytes_from_binary(name: str, raw: bytes | memoryview) -> np.ndarray:
+    """BYTES elements, each behind its 4-byte little-endian length."""
     items: list[bytes] = []
     view = memoryview(raw)
     offset = 0
