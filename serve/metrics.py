@@ -1,13 +1,12 @@
 """Prometheus metrics of the serving tier.
 
-Process-wide, like prometheus_client's default registry; with worker processes the
-agent reads every worker's values through the library's multiprocess mode.
+Process-wide, like prometheus_client's default registry; with worker processes each worker
+keeps its own and the agent sums them at scrape time.
 
-The metrics recorded for every request cost a locked update each in prometheus_client
-(a histogram observation two): a dozen lock round trips per request. In one process they
-are plain numbers instead, updated only from the event loop's thread and turned into
-samples when scraped; a worker (multiprocess mode) keeps prometheus_client's, which write
-where the agent reads them.
+The metrics recorded for every request would cost a locked update each in
+prometheus_client (a histogram observation two): a dozen lock round trips per request.
+They are plain numbers instead, updated only from the event loop's thread and turned into
+samples when scraped, with the same exposition.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -44,9 +43,6 @@ __all__ = [
     "request_counts",
     "request_stats",
 ]
-
-# prometheus_client keeps values in memory (not in files for another process to read).
-_IN_PROCESS = values.ValueClass is values.MutexValue
 
 
 class _CounterChild:
@@ -98,7 +94,7 @@ class _HistogramChild:
         return pairs
 
 
-class _InProcessMetric:
+class _PlainMetric:
     """A labelled counter, gauge or histogram of plain numbers, exported when collected."""
 
     def __init__(
@@ -154,59 +150,45 @@ class _InProcessMetric:
             yield histograms
 
 
-def _counter(name: str, documentation: str, labelnames: list[str]) -> Any:
-    if _IN_PROCESS:
-        return _InProcessMetric("counter", name, documentation, labelnames)
-    return Counter(name, documentation, labelnames)
-
-
-def _histogram(
-    name: str, documentation: str, labelnames: list[str], buckets: Sequence[float]
-) -> Any:
-    if _IN_PROCESS:
-        return _InProcessMetric("histogram", name, documentation, labelnames, buckets)
-    return Histogram(name, documentation, labelnames, buckets=buckets)
-
-
-def _gauge(name: str, documentation: str, labelnames: list[str]) -> Any:
-    if _IN_PROCESS:
-        return _InProcessMetric("gauge", name, documentation, labelnames)
-    return Gauge(name, documentation, labelnames, multiprocess_mode="livesum")
-
-
 _LATENCY = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 # Recorded per request (or per batch).
-REQUESTS = _counter(
+REQUESTS = _PlainMetric(
+    "counter",
     "nodecache_requests_total",
     "Inference requests answered, by model, protocol (rest, grpc, v1) and HTTP status code.",
     ["model", "protocol", "code"],
 )
-REQUEST_SECONDS = _histogram(
+REQUEST_SECONDS = _PlainMetric(
+    "histogram",
     "nodecache_request_duration_seconds",
     "Inference request time inside the server (queue + inference + encoding), by model.",
     ["model", "protocol"],
     _LATENCY,
 )
-QUEUE_SECONDS = _histogram(
+QUEUE_SECONDS = _PlainMetric(
+    "histogram",
     "nodecache_queue_duration_seconds",
     "Time a request waited for the model (a load, a free slot, a batch), by model.",
     ["model"],
     _LATENCY,
 )
-INFERENCE_SECONDS = _histogram(
+INFERENCE_SECONDS = _PlainMetric(
+    "histogram",
     "nodecache_inference_duration_seconds",
     "Time the runtime spent computing one request's (or one batch's) answer, by model.",
     ["model"],
     _LATENCY,
 )
-BATCH_SIZE = _histogram(
+BATCH_SIZE = _PlainMetric(
+    "histogram",
     "nodecache_batch_size",
     "Rows per runtime call when dynamic batching is on, by model.",
     ["model"],
     (1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-INFLIGHT = _gauge(
+INFLIGHT = _PlainMetric(
+    "gauge",
     "nodecache_requests_in_flight",
     "Inference requests being answered or waiting, by model.",
     ["model"],
