@@ -79,10 +79,25 @@ class DeclarationFolder:
             log.info("declaration file valid again", extra={"file": name})
         self._reported = dict(errors)
 
-    async def watch(self) -> AsyncIterator[FolderSnapshot]:
-        """The current snapshot, then a new one after every change to the folder."""
-        yield self.read()
-        async for _changes in watchfiles.awatch(
-            self.path, debounce=200, step=50, recursive=False, rust_timeout=1000
+    async def watch(self, rescan: float = 1.0) -> AsyncIterator[FolderSnapshot]:
+        """The current snapshot, then a new one after every change to the folder.
+
+        The folder is also read again every ``rescan`` seconds without events, and a
+        snapshot yielded if it differs: a file written between the first read and the
+        watcher's start (no event for it, ever) or a change inotify does not report (some
+        network filesystems) is picked up within that time.
+        """
+        last = self.read()
+        yield last
+        async for changes in watchfiles.awatch(
+            self.path,
+            debounce=200,
+            step=50,
+            recursive=False,
+            rust_timeout=int(rescan * 1000),
+            yield_on_timeout=True,
         ):
-            yield self.read()
+            snapshot = self.read()
+            if changes or snapshot != last:
+                last = snapshot
+                yield snapshot

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from agent.declarations import DeclarationError, parse_declarations
+from agent.files import DeclarationFolder
 
 KSERVE_STYLE = """\
 apiVersion: nodecache.io/v1alpha1
@@ -83,3 +87,19 @@ def test_bad_yaml_and_empty_files() -> None:
         parse_declarations("# nothing here\n")
     with pytest.raises(DeclarationError, match="expected a mapping"):
         parse_declarations("- a\n- b\n")
+
+
+async def test_a_file_written_while_the_watcher_starts_is_not_lost(tmp_path: Path) -> None:
+    """No event is ever raised for a file written between the first read of the folder and
+    the start of the watcher; the periodic rescan must pick it up (it once went unseen)."""
+    folder = DeclarationFolder(tmp_path)
+    snapshots = folder.watch(rescan=0.2)
+    first = await anext(snapshots)
+    assert first.declarations == {}
+    # The watcher starts on the next step of the generator: write before taking it.
+    (tmp_path / "m.yaml").write_text(KSERVE_STYLE)
+    try:
+        snapshot = await asyncio.wait_for(anext(snapshots), 10)
+    finally:
+        await snapshots.aclose()
+    assert list(snapshot.declarations) == ["llama-mini"], snapshot.errors
