@@ -87,6 +87,7 @@ class OnnxRuntime:
         self.inputs = [_spec(a) for a in session.get_inputs()]
         self.outputs = [_spec(a) for a in session.get_outputs()]
         self._string_inputs = {s.name for s in self.inputs if s.datatype == "BYTES"}
+        self._output_names = [s.name for s in self.outputs]
         self.resident_bytes: int | None = None
 
     @classmethod
@@ -118,11 +119,15 @@ class OnnxRuntime:
     def predict(
         self, inputs: dict[str, np.ndarray], output_names: list[str] | None
     ) -> dict[str, np.ndarray]:
-        feed = {
-            name: (_as_str(name, array) if name in self._string_inputs else array)
-            for name, array in inputs.items()
-        }
-        names = output_names or [s.name for s in self.outputs]
+        feed = (
+            {
+                name: (_as_str(name, array) if name in self._string_inputs else array)
+                for name, array in inputs.items()
+            }
+            if self._string_inputs
+            else inputs
+        )
+        names = output_names or self._output_names
         results = self._session.run(names, feed)
         return dict(zip(names, results, strict=True))
 
