@@ -204,7 +204,6 @@ RESIDENT_BYTES = Gauge(
     "nodecache_model_resident_bytes",
     "Bytes a warm model holds on its device, by model and device.",
     ["model", "device"],
-    multiprocess_mode="livesum",
 )
 
 
