@@ -126,6 +126,8 @@ def _parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]], int, bool]:
         value = value.strip()
         key = name.lower()
         if key == "content-length":
+            if not value.isdigit():
+                raise RelayError(f"the worker answered Content-Length {value[:20]!r}")
             length = int(value)
         elif key == "transfer-encoding":
             raise RelayError("the worker answered without a Content-Length")
