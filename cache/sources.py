@@ -332,13 +332,7 @@ class HttpRanges:
         if etag:
             headers["If-Match"] = f'"{etag}"'
         for _ in range(_MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            scheme = parts.scheme
-            port = parts.port or (443 if scheme == "https" else 80)
-            host = parts.hostname or ""
-            target = parts.path or "/"
-            if parts.query:
-                target += "?" + parts.query
+            scheme, host, port, target = _endpoint(url)
             hop = headers if sign is None else {**headers, **sign("GET", url)}
             resp = self._request(scheme, host, port, target, hop)
             if resp.status in (301, 302, 303, 307, 308):
@@ -346,7 +340,11 @@ class HttpRanges:
                 resp.read()
                 if not location:
                     raise SourceHttpError(resp.status, "", "redirect without Location")
-                url = location if "://" in location else f"{scheme}://{parts.netloc}{location}"
+                url = (
+                    location
+                    if "://" in location
+                    else f"{scheme}://{urlsplit(url).netloc}{location}"
+                )
                 continue
             try:
                 pos, reusable = self._body(resp, start, end, sink, chunk_size)
@@ -362,13 +360,7 @@ class HttpRanges:
         self, method: str, url: str, headers: dict[str, str]
     ) -> tuple[int, http.client.HTTPResponse, bytes]:
         """One small request (a listing, a HEAD): status, response (for headers), body."""
-        parts = urlsplit(url)
-        scheme = parts.scheme
-        port = parts.port or (443 if scheme == "https" else 80)
-        host = parts.hostname or ""
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
+        scheme, host, port, target = _endpoint(url)
         resp = self._request(scheme, host, port, target, headers, method)
         try:
             body = resp.read()  # listing pages and error bodies: small
@@ -989,6 +981,14 @@ def open_source(
         raise
     except Exception as exc:
         raise translate_error(exc, uri) from None
+
+
+def _endpoint(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, request target) of an absolute URL."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return parts.scheme, parts.hostname or "", port, target
 
 
 def _read_credentials_file(path: str, profile: str) -> tuple[str, str, str | None]:
