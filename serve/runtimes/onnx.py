@@ -158,9 +158,10 @@ def mapped_copy(path: Path) -> Path:
     place; the first rename wins. Any failure (read-only or full disk, a model onnx
     cannot parse) leaves the original to load the slow way, with a warning.
     """
-    if path.stat().st_size < MAPPED_MIN_BYTES:
+    info = path.stat()
+    if info.st_size < MAPPED_MIN_BYTES:
         return path  # the weights are already external (or the model is small)
-    stamp = {"name": path.name, "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    stamp = {"name": path.name, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
     home = path.parent / DERIVED_DIR
     target = home / f"onnx-{path.stem}"
     try:
