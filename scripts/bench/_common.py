@@ -25,6 +25,8 @@ BENCH_HOME = ROOT / ".bench"
 VENVS: dict[str, list[str]] = {
     "mlserver": ["mlserver==1.7.1", "uvloop==0.21.0", "onnxruntime==1.31.1", "numpy"],
     "kserve": ["kserve==0.21.0", "onnxruntime==1.31.1", "numpy"],
+    # KServe's storage initializer (fetch.py); its own venv: it downgrades gcsfs.
+    "kserve-storage": ["kserve-storage==0.21.0"],
     "runai": ["runai-model-streamer==0.17.0", "torch==2.13.0", "numpy", "safetensors"],
     "tools": ["py-spy==0.4.3"],  # profiling ours (serve.py --profile)
 }

@@ -15,14 +15,13 @@ run from ``/proc``, and the ratios the issue asks for.
     .venv/bin/python scripts/bench/fetch.py --quick    # 256 MiB + 50 files/128 MiB, 1 run
 
 KServe's storage initializer (``kserve-storage==0.21.0``) lives in its own venv under
-``.bench/fetch/`` (created on first use): it drags in cloud SDKs and downgrades gcsfs.
+``.bench/venv-kserve-storage`` (created on first use): it drags in cloud SDKs and downgrades gcsfs.
 Results also go to ``.bench/fetch/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -37,12 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import loadavg, log, median, table
+from _common import ensure_venv, loadavg, log, median, table
 
 ROOT = Path(__file__).resolve().parents[2]
 HOME = ROOT / ".bench" / "fetch"
 VENV_BIN = ROOT / ".venv" / "bin"
-KSERVE_REQUIREMENTS = ["kserve-storage==0.21.0"]
 BUCKET = "bench"
 ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
 MiB, GiB = 1 << 20, 1 << 30
@@ -108,31 +106,6 @@ class Dataset:
 
 
 # ---- peers and server -------------------------------------------------------------------
-
-
-def ensure_kserve() -> Path:
-    """Python of ``.bench/fetch/venv-kserve-storage``, created on first use."""
-    venv = HOME / "venv-kserve-storage"
-    python = venv / "bin" / "python"
-    stamp = venv / ".bench-installed"
-    want = hashlib.sha256("\n".join(KSERVE_REQUIREMENTS).encode()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text() == want:
-        return python
-    log(f"installing {' '.join(KSERVE_REQUIREMENTS)} into {venv} (first use only)")
-    if not python.exists():
-        venv.parent.mkdir(parents=True, exist_ok=True)
-        base = shutil.which("python3") or sys.executable
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    with (venv / "pip.log").open("w") as out:
-        done = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", *KSERVE_REQUIREMENTS],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"could not install kserve-storage; see {venv / 'pip.log'}")
-    stamp.write_text(want)
-    return python
 
 
 def free_ports(n: int) -> list[int]:
@@ -439,7 +412,7 @@ def main() -> int:
     if unknown := {t for t in tools if not t.startswith("ours:")} - set(TOOLS):
         parser.error(f"unknown tools: {', '.join(sorted(unknown))}")
 
-    kserve = ensure_kserve() if "kserve" in tools else None
+    kserve = ensure_venv("kserve-storage") if "kserve" in tools else None
     datasets = make_datasets(big, files, folder)
     work: Path = args.work
     weed = Weed(work / "weed")
