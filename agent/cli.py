@@ -154,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests one model may hold, running or waiting; more get 503 with "
         "Retry-After (default: %(default)s)",
     )
+    agent.add_argument(
+        "--spread-at",
+        type=lambda text: positive_int(text, minimum=0),
+        metavar="N",
+        help="with several workers, give a hot model an extra warm copy on another worker "
+        "with room once each copy has N requests in flight; copies on one GPU share its "
+        "weights (default: the model concurrency; 0: never)",
+    )
     _logging_options(agent)
 
     agent.add_argument(
@@ -278,6 +286,7 @@ def _agent(args: argparse.Namespace) -> int:
         socket_group=args.socket_group,
         model_concurrency=args.model_concurrency,
         model_queue=args.model_queue,
+        spread_at=args.spread_at,
         log_format=args.log_format,
     )
     if args.declarations is None:

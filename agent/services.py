@@ -58,6 +58,7 @@ class NodeOptions:
     socket_group: int | None = None
     model_concurrency: int = 4
     model_queue: int = 256
+    spread_at: int | None = None  # None: the model concurrency
     log_format: str = "text"
     idle_check_seconds: float = 5.0
 
@@ -99,6 +100,7 @@ class NodeServices:
                 log_format=options.log_format,
                 model_concurrency=options.model_concurrency,
                 model_queue=options.model_queue,
+                spread_at=options.spread_at,
             )
             node.agent = NodeAgent(node.store, node.pool)
             node.app = build_router_app(node.pool, node.agent)

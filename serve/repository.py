@@ -21,7 +21,7 @@ from serve.devices import Device
 from serve.errors import ModelLoadError, ModelNotFound, NoRoom, ServeError, ServerOverloaded
 from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES
 from serve.residency import Candidate, choose_victims, idle_models
-from serve.runtimes import Runtime, device_kinds, load_runtime
+from serve.runtimes import Runtime, attach_runtime, device_kinds, load_runtime
 
 __all__ = ["ModelRepository", "ServedModel", "State"]
 
@@ -170,10 +170,14 @@ class ModelRepository:
 
     # -- loading -----------------------------------------------------------------
 
-    async def load(self, name: str, *, evict: bool = True) -> ServedModel:
+    async def load(
+        self, name: str, *, evict: bool = True, weights: dict[str, Any] | None = None
+    ) -> ServedModel:
         """Load the model if it is not warm; concurrent callers share one load.
 
-        With ``evict=False`` (pre-warming) the model loads only where it fits as is.
+        With ``evict=False`` (pre-warming) the model loads only where it fits as is. With
+        ``weights`` (exported by another worker on the same device) it attaches to them
+        instead of reading its files.
         """
         model = self._models.get(name)
         if model is None:
@@ -181,7 +185,7 @@ class ModelRepository:
         if model.runtime is not None:
             return model
         if model._load is None:
-            model._load = asyncio.create_task(self._load(model, evict))
+            model._load = asyncio.create_task(self._load(model, evict, weights))
         try:
             await asyncio.shield(model._load)
         except ServeError:
@@ -190,12 +194,14 @@ class ModelRepository:
             raise ModelLoadError(f"model '{name}' failed to load: {exc}") from exc
         return model
 
-    async def _load(self, model: ServedModel, evict: bool) -> Runtime:
+    async def _load(
+        self, model: ServedModel, evict: bool, weights: dict[str, Any] | None
+    ) -> Runtime:
         try:
             async with self._load_slots:
                 device = await self._place(model, evict)
                 model.state, model.error = State.LOADING, None
-                return await self._load_onto(model, device)
+                return await self._load_onto(model, device, weights)
         except Exception as exc:
             model._load = None
             if not isinstance(exc, NoRoom):
@@ -233,14 +239,23 @@ class ModelRepository:
     def _warm_on(self, device: Device) -> list[Candidate]:
         return [m.candidate() for m in self._models.values() if m.device is device]
 
-    async def _load_onto(self, model: ServedModel, device: Device) -> Runtime:
+    async def _load_onto(
+        self, model: ServedModel, device: Device, weights: dict[str, Any] | None
+    ) -> Runtime:
         started, rss_before = time.perf_counter(), _resident_bytes()
-        log.info("loading model", extra={"model": model.name, "device": device.name})
+        log.info("loading model", extra={"model": model.name, "device": device.name,
+                                         "attach": weights is not None})  # fmt: skip
         try:
-            runtime = await asyncio.to_thread(
-                load_runtime, model.format, model.path,
-                device=device.name, entrypoint=model.entrypoint,
-            )  # fmt: skip
+            if weights is None:
+                runtime = await asyncio.to_thread(
+                    load_runtime, model.format, model.path,
+                    device=device.name, entrypoint=model.entrypoint,
+                )  # fmt: skip
+            else:
+                runtime = await asyncio.to_thread(
+                    attach_runtime, model.format, model.path,
+                    device=device.name, entrypoint=model.entrypoint, weights=weights,
+                )  # fmt: skip
         except BaseException:
             device.used -= model.charged_bytes
             raise

@@ -20,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from serve.dataplane import DataPlane
 from serve.devices import Device
-from serve.http import DATAPLANE, NodeServer, build_app
+from serve.errors import ModelNotFound
+from serve.http import DATAPLANE, NodeServer, build_app, error_response
 from serve.logs import setup_logging
 from serve.loop import serve_forever
 from serve.metrics import SERVING_METRICS, request_counts
@@ -64,8 +65,27 @@ async def _policy(request: web.Request) -> web.Response:
 
 async def _load(request: web.Request) -> web.Response:
     evict = request.query.get("evict", "1") != "0"
-    await request.app[REPOSITORY].load(request.match_info["name"], evict=evict)
+    body = await request.json() if request.can_read_body else {}
+    await request.app[REPOSITORY].load(
+        request.match_info["name"], evict=evict, weights=body.get("weights")
+    )
     return web.json_response({})
+
+
+async def _weights(request: web.Request) -> web.Response:
+    """The warm model's weights as handles another worker on this device can attach to."""
+    name = request.match_info["name"]
+    model = request.app[REPOSITORY].get(name)
+    if model is None:
+        raise ModelNotFound(name)
+    export = getattr(model.runtime, "export_weights", None)
+    if export is None:
+        return error_response(409, f"model '{name}' is not warm, or its runtime cannot share")
+    try:
+        weights = await asyncio.to_thread(export)
+    except ValueError as exc:  # NotShareable: CPU weights are shared by the page cache
+        return error_response(409, str(exc))
+    return web.json_response({"weights": weights})
 
 
 async def _unregister(request: web.Request) -> web.Response:
@@ -104,6 +124,7 @@ def build_worker_app(repository: ModelRepository) -> web.Application:
     app.router.add_put(CONTROL + "/models/{name}", _register)
     app.router.add_put(CONTROL + "/models/{name}/policy", _policy)
     app.router.add_post(CONTROL + "/models/{name}/load", _load)
+    app.router.add_get(CONTROL + "/models/{name}/weights", _weights)
     app.router.add_delete(CONTROL + "/models/{name}", _unregister)
     app.router.add_get(CONTROL + "/status", _status)
     app.router.add_get(CONTROL + "/metrics", _metrics)

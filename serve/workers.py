@@ -5,6 +5,13 @@ worker (its home, the one with the most room for it); the node socket forwards
 that model's requests there untouched. A worker that dies is restarted and its
 models are registered again, and those that were warm are loaded again; requests
 caught on the dead worker get a clean 503.
+
+A hot model spreads: when every worker holding it already has ``spread_at`` of its
+requests in flight, another worker with room gets an extra copy (never by evicting)
+and inference requests go to the least busy one. A copy on the same GPU as the home
+attaches to the home's weights through CUDA IPC instead of loading them again; on the
+CPU, copies share the weights' pages through the page cache. Copies unload when idle
+and are never restored after a crash: they exist for bursts.
 """
 
 from __future__ import annotations
@@ -59,9 +66,25 @@ log = logging.getLogger(__name__)
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host", "content-length"}
 
 
+_COPY_IDLE = 60.0
+"""An extra copy unloads after this long without requests (sooner if the model's own
+idle timeout is shorter)."""
+_NO_ROOM_RETRY = 5.0
+"""After finding no worker with room for a copy, the next look for that model."""
+_FAILED_RETRY = 30.0
+"""After a copy failed to load, the next try for that model."""
+
+
 class WorkerUnavailable(ServeError):
     status = 503
     retry_after = 1.0
+
+
+@dataclass
+class _Copy:
+    """A model warm on a worker besides its home."""
+
+    attached_to: int | None  # the worker whose GPU weights it uses (CUDA IPC), if any
 
 
 @dataclass
@@ -103,6 +126,8 @@ class _Worker:
     requests: dict[str, float] = field(default_factory=dict)  # answered, as last seen
     requests_before: dict[str, float] = field(default_factory=dict)  # by earlier processes
     registrations: dict[str, _Registration] = field(default_factory=dict)
+    copies: dict[str, _Copy] = field(default_factory=dict)  # loading or warm here
+    inflight: dict[str, int] = field(default_factory=dict)  # relayed requests, per model
 
     @property
     def serving(self) -> bool:
@@ -134,6 +159,7 @@ class WorkerPool:
         log_format: str = "text",
         model_concurrency: int = 4,
         model_queue: int = 256,
+        spread_at: int | None = None,
     ) -> None:
         self._workers = [
             _Worker(i, d, socket_dir / "workers" / f"worker-{i}.sock")
@@ -142,6 +168,12 @@ class WorkerPool:
         self._log_format = log_format
         self._limits = (model_concurrency, model_queue)
         self._homes: dict[str, _Worker] = {}
+        # Extra warm copies of hot models, in the order they were made (see module doc).
+        self._copies: dict[str, list[_Worker]] = {}
+        self._spread_at = model_concurrency if spread_at is None else spread_at
+        self._spreading: set[str] = set()
+        self._spread_after: dict[str, float] = {}  # model -> no new copy before (monotonic)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._supervisors: list[asyncio.Task[None]] = []
 
@@ -203,7 +235,9 @@ class WorkerPool:
             for model, n in worker.requests.items():  # counts stay monotonic over restarts
                 worker.requests_before[model] = worker.requests_before.get(model, 0.0) + n
             worker.requests = {}
-            warm = [n for n, m in worker.models.items() if m.get("state") == "Warm"]
+            await self._forget_copies_of(worker)
+            warm = [n for n, m in worker.models.items()
+                    if m.get("state") == "Warm" and n in worker.registrations]  # fmt: skip
             log.error("worker died", extra={"worker": worker.index, "code": code, "warm": warm})
             delay = min(30.0, 0.5 * 2**worker.restarts)
             worker.restarts += 1
@@ -234,7 +268,7 @@ class WorkerPool:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._supervisors:
+        for task in [*self._supervisors, *self._tasks]:
             task.cancel()
         for worker in self._workers:
             if worker.proc is not None and worker.proc.returncode is None:
@@ -313,6 +347,7 @@ class WorkerPool:
         await self._refresh(worker)
 
     async def unregister(self, name: str) -> None:
+        await self._drop_copies(name, "the model was removed")
         worker = self._homes.pop(name, None)
         if worker is None:
             return
@@ -324,6 +359,7 @@ class WorkerPool:
 
     async def unload(self, name: str) -> None:
         worker = self._home(name)
+        await self._drop_copies(name, "the model was unloaded")
         await self._call(worker, "POST", f"/v2/repository/models/{name}/unload")
         await self._refresh(worker)
 
@@ -352,6 +388,14 @@ class WorkerPool:
         if not worker.serving:
             seen.update(state="Downloaded", error=f"worker {worker.index} is restarting")
         seen["worker"] = worker.index
+        copies = [
+            {"worker": w.index, "device": w.device.name,
+             "attached": w.copies[name].attached_to is not None,
+             "requests": w.requests.get(name, 0.0)}
+            for w in self._copies.get(name, ())
+        ]  # fmt: skip
+        if copies:
+            seen["copies"] = copies
         return seen
 
     def names(self) -> list[str]:
@@ -370,6 +414,140 @@ class WorkerPool:
             if worker.up:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     await self._refresh(worker)
+        await self._prune_copies()
+
+    # -- extra copies of hot models ----------------------------------------------------
+
+    @staticmethod
+    def _warm(worker: _Worker, name: str) -> bool:
+        return worker.serving and worker.models.get(name, {}).get("state") == "Warm"
+
+    def _route(self, name: str) -> _Worker:
+        """The model's least busy warm worker (its home on ties); may start a new copy."""
+        worker = self._home(name)
+        copies = self._copies.get(name)
+        if copies:
+            best, key = worker, (not self._warm(worker, name), worker.inflight.get(name, 0))
+            for copy in copies:
+                if copy.serving and (k := (False, copy.inflight.get(name, 0))) < key:
+                    best, key = copy, k
+            worker = best
+        if (
+            self._spread_at
+            and worker.inflight.get(name, 0) >= self._spread_at
+            and name not in self._spreading
+            and time.monotonic() >= self._spread_after.get(name, 0.0)
+        ):
+            self._start_copy(name)
+        return worker
+
+    def _start_copy(self, name: str) -> None:
+        home = self._homes[name]
+        target = self._copy_target(name, home)
+        if target is None:
+            self._spread_after[name] = time.monotonic() + _NO_ROOM_RETRY
+            return
+        self._spreading.add(name)
+        task = asyncio.create_task(self._make_copy(name, home, target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _copy_target(self, name: str, home: _Worker) -> _Worker | None:
+        """A serving worker that does not hold the model and has room for it: on the
+        home's GPU first (it can attach to the weights there), then the most free."""
+        if not self._warm(home, name):
+            return None
+        registration = home.registrations[name]
+        needed = home.models[name].get("residentBytes") or registration.size_hint or 0
+        kinds = device_kinds(registration.fmt)
+
+        def same_gpu(w: _Worker) -> bool:
+            return w.device.kind == "cuda" and w.device.name == home.device.name
+
+        usable = [
+            w for w in self._workers
+            if w is not home and w.serving and name not in w.copies and w.device.kind in kinds
+            and (same_gpu(w) or needed <= w.device.free)
+        ]  # fmt: skip
+        return max(usable, key=lambda w: (same_gpu(w), w.device.free), default=None)
+
+    async def _make_copy(self, name: str, home: _Worker, target: _Worker) -> None:
+        registration = home.registrations[name]
+        weights = None
+        if target.device.kind == "cuda" and target.device.name == home.device.name:
+            with contextlib.suppress(ServeError):  # not shareable: the copy loads its own
+                answer = await self._call(home, "GET", f"{CONTROL}/models/{name}/weights")
+                weights = answer["weights"]
+        copy = _Registration(
+            registration.path, registration.fmt, registration.entrypoint,
+            pinned=False,
+            idle_timeout=min(registration.idle_timeout or _COPY_IDLE, _COPY_IDLE),
+            size_hint=0 if weights else registration.size_hint,
+            batching=registration.batching,
+        )  # fmt: skip
+        target.copies[name] = _Copy(home.index if weights else None)
+        started = time.perf_counter()
+        try:
+            await self._call(target, "PUT", f"{CONTROL}/models/{name}", copy.to_json())
+            body = {"weights": weights} if weights else None
+            await self._call(target, "POST", f"{CONTROL}/models/{name}/load?evict=0", body)
+            await self._refresh(target)
+        except (ServeError, aiohttp.ClientError, OSError) as exc:
+            log.info("no extra copy", extra={"model": name, "worker": target.index,
+                                             "reason": str(exc)})  # fmt: skip
+            self._spread_after[name] = time.monotonic() + _FAILED_RETRY
+            await self._drop_copy(name, target, "it failed to load")
+            return
+        finally:
+            self._spreading.discard(name)
+        if self._homes.get(name) is not home or name not in target.copies:
+            # Removed, or a worker restarted, while it loaded.
+            await self._drop_copy(name, target, "the model moved while the copy loaded")
+            return
+        self._copies.setdefault(name, []).append(target)
+        log.info("extra copy warm", extra={
+            "model": name, "worker": target.index, "device": target.device.name,
+            "attached": weights is not None,
+            "seconds": round(time.perf_counter() - started, 3),
+        })  # fmt: skip
+
+    async def _drop_copy(self, name: str, worker: _Worker, reason: str) -> None:
+        """Stop routing to the copy, then unload it there (after its requests finish)."""
+        copies = self._copies.get(name, [])
+        if worker in copies:
+            copies.remove(worker)
+            log.info("extra copy dropped", extra={"model": name, "worker": worker.index,
+                                                  "reason": reason})  # fmt: skip
+        if not copies:
+            self._copies.pop(name, None)
+        if worker.copies.pop(name, None) is not None:
+            with contextlib.suppress(ServeError, aiohttp.ClientError, OSError):
+                await self._call(worker, "DELETE", f"{CONTROL}/models/{name}")
+
+    async def _drop_copies(self, name: str, reason: str) -> None:
+        for worker in list(self._copies.get(name, ())):
+            await self._drop_copy(name, worker, reason)
+
+    async def _prune_copies(self) -> None:
+        """Drop copies their worker unloaded (idle, evicted), and those attached to a
+        home's GPU memory once the home no longer holds it warm."""
+        for name, copies in list(self._copies.items()):
+            home = self._homes.get(name)
+            for worker in list(copies):
+                attached = worker.copies[name].attached_to is not None
+                if not self._warm(worker, name):
+                    await self._drop_copy(name, worker, "it was unloaded")
+                elif attached and (home is None or not self._warm(home, name)):
+                    await self._drop_copy(name, worker, "the weights it attached to are gone")
+
+    async def _forget_copies_of(self, dead: _Worker) -> None:
+        """A worker died: its copies went with it, and so must copies using its memory."""
+        for name in list(dead.copies):
+            await self._drop_copy(name, dead, "its worker died")
+        for name, copies in list(self._copies.items()):
+            for worker in list(copies):
+                if worker.copies[name].attached_to == dead.index:
+                    await self._drop_copy(name, worker, "the worker it attached to died")
 
     def request_counts(self) -> dict[str, float]:
         """Requests answered per model by every worker, as of the last refresh (1 s)."""
@@ -426,24 +604,48 @@ class WorkerPool:
         return name in self._homes
 
     async def forward(self, request: web.Request, name: str) -> web.Response:
-        """Send the request to the model's worker as is; answer 503 if the worker dies."""
-        worker = self._home(name)
+        """Send the request to the model's worker as is; answer 503 if the worker dies.
+
+        Inference goes to the least busy copy; everything else (metadata, repository
+        load and unload) to the model's home."""
+        path = request.path
+        if path.endswith("/infer"):
+            worker = self._route(name)
+        else:
+            worker = self._home(name)
+            if path.endswith("/unload"):
+                await self._drop_copies(name, "the model was unloaded")
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+        status, answer, payload = await self.relay(
+            worker, name, request.method, request.path_qs, await request.read(), headers
+        )
+        out = CIMultiDict((k, v) for k, v in answer if k.lower() not in _HOP)
+        return web.Response(body=payload, status=status, headers=out)
+
+    async def relay(
+        self,
+        worker: _Worker,
+        name: str,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One request to ``worker`` about model ``name``, counted while in flight."""
         if not worker.serving or worker.link is None:
             raise WorkerUnavailable(
                 f"model '{name}' is on worker {worker.index}, which is restarting"
             )
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        body = await request.read()
+        inflight = worker.inflight
+        inflight[name] = inflight.get(name, 0) + 1
         try:
-            status, answer, payload = await worker.link.request(
-                request.method, request.path_qs, body, headers
-            )
+            return await worker.link.request(method, path, body, headers)
         except OSError:  # RelayError included
             raise WorkerUnavailable(
                 f"worker {worker.index} stopped while answering for model '{name}'; retry"
             ) from None
-        out = CIMultiDict((k, v) for k, v in answer if k.lower() not in _HOP)
-        return web.Response(body=payload, status=status, headers=out)
+        finally:
+            inflight[name] -= 1
 
 
 def build_router_app(pool: WorkerPool, catalog: Catalog) -> web.Application:
@@ -551,16 +753,14 @@ class PoolDataPlane:
         *,
         protocol: str = "grpc",
     ) -> InferResponse:
-        worker = self._worker(name)
-        if not worker.serving or worker.link is None:
-            raise WorkerUnavailable(f"model '{name}' is on worker {worker.index}, restarting")
+        self._worker(name)
+        worker = self.pool._route(name)
         body, json_length = encode_request(request, binary=True)
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
         headers = [(PROTOCOL_HEADER, protocol), (HEADER_LENGTH, str(json_length))]
-        try:
-            status, answer_headers, answer = await worker.link.request("POST", path, body, headers)
-        except OSError:  # RelayError included
-            raise WorkerUnavailable(f"worker {worker.index} stopped while answering") from None
+        status, answer_headers, answer = await self.pool.relay(
+            worker, name, "POST", path, body, headers
+        )
         length = next((v for k, v in answer_headers if k.lower() == HEADER_LENGTH.lower()), None)
         if status != 200:
             message = json.loads(answer).get("error", "")
@@ -577,4 +777,5 @@ class PoolDataPlane:
         await self.pool.load(name, evict=True)
 
     async def unload(self, name: str) -> None:
-        await self.pool._call(self._worker(name), "POST", f"/v2/repository/models/{name}/unload")
+        self._worker(name)
+        await self.pool.unload(name)

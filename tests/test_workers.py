@@ -82,6 +82,21 @@ def test_grpc_reaches_models_in_workers(agent: Agent, mlp_dir: Path) -> None:
         client.infer("nope", [inp])
 
 
+def hammer(agent: Agent, name: str, codes: list[int], stop: threading.Event) -> list:
+    def run() -> None:
+        x = np.ones((1, 64), np.float32)
+        while not stop.is_set():
+            try:
+                codes.append(infer(agent, name, x))
+            except OSError:
+                codes.append(-1)  # the node socket itself must never fail
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir: Path) -> None:
     agent.start("--workers", "1")
     agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
@@ -89,18 +104,7 @@ def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir
     (worker,) = workers(agent)
     codes: list[int] = []
     stop = threading.Event()
-
-    def load() -> None:
-        x = np.ones((1, 64), np.float32)
-        while not stop.is_set():
-            try:
-                codes.append(infer(agent, "m", x))
-            except OSError:
-                codes.append(-1)  # the node socket itself must never fail
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
+    threads = hammer(agent, "m", codes, stop)
     wait_for(lambda: len(codes) > 20, what="traffic")
     os.kill(worker["pid"], signal.SIGKILL)
     wait_for(lambda: workers(agent)[0]["pid"] != worker["pid"] and workers(agent)[0]["up"],
@@ -115,6 +119,58 @@ def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir
     assert set(codes) <= {200, 503}, set(codes)
     assert 503 in codes and codes[-1] == 200
     assert infer(agent, "m", np.ones((1, 64), np.float32)) == 200
+
+
+def test_a_hot_model_gets_a_copy_on_another_worker(agent: Agent, mlp_dir: Path) -> None:
+    agent.start("--workers", "2", "--spread-at", "1")
+    agent.declare("m.yaml", declaration("m", mlp_dir.as_uri(), warm={"idleTimeout": "2s"}))
+    home = agent.wait_state("m", "Warm")["worker"]
+    codes: list[int] = []
+    stop = threading.Event()
+    threads = hammer(agent, "m", codes, stop)
+    try:
+        (copy,) = wait_for(lambda: agent.model("m").get("copies"), what="an extra copy")
+        assert copy["worker"] != home and copy["device"] == "cpu"
+        assert copy["attached"] is False  # CPU copies share weights through the page cache
+        # Both copies answer: the copy takes part of the traffic.
+        wait_for(lambda: agent.model("m")["copies"][0]["requests"] >= 20, what="the copy to answer")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert set(codes) == {200}, set(codes)
+    assert agent.model("m")["worker"] == home
+    # A burst's copy goes once idle (here the model's own 2 s idle timeout applies).
+    wait_for(lambda: "copies" not in agent.model("m"), timeout=30, what="the idle copy to go")
+    assert infer(agent, "m", np.ones((1, 64), np.float32)) == 200
+
+
+def test_a_copy_whose_worker_dies_is_dropped_not_restored(agent: Agent, mlp_dir: Path) -> None:
+    agent.start("--workers", "2", "--spread-at", "1")
+    agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
+    home = agent.wait_state("m", "Warm")["worker"]
+    codes: list[int] = []
+    stop = threading.Event()
+    threads = hammer(agent, "m", codes, stop)
+    try:
+        (copy,) = wait_for(lambda: agent.model("m").get("copies"), what="an extra copy")
+        pid = next(w["pid"] for w in workers(agent) if w["worker"] == copy["worker"])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "copies" not in agent.model("m"), what="the dead copy to be dropped")
+        seen = len(codes)
+        wait_for(lambda: len(codes) > seen + 50, what="traffic after the kill")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive(), "a client hung"
+    assert set(codes) <= {200, 503}, set(codes)
+    assert codes[-1] == 200
+    model = agent.model("m")
+    assert model["worker"] == home and model["state"] == "Warm"
+    wait_for(lambda: all(w["up"] for w in workers(agent)), timeout=60, what="the restart")
+    # The restarted worker does not reload the copy: copies exist for bursts.
+    assert "copies" not in agent.model("m")
 
 
 BIG_PY = """
@@ -149,7 +205,7 @@ def test_two_workers_share_one_models_weights(agent: Agent, tmp_path: Path) -> N
     save_file({"w": torch.ones(75_000_000)}, folder / "model.safetensors")
     size = (folder / "model.safetensors").stat().st_size  # 300 MB
 
-    agent.start("--workers", "2")
+    agent.start("--workers", "2", "--spread-at", "1")
     spec = {"format": "torch", "runtime": "python", "entrypoint": "big:Big"}
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
     agent.declare("one.yaml", declaration("one", folder.as_uri(), size="300Mi", **spec))
@@ -166,11 +222,23 @@ def test_two_workers_share_one_models_weights(agent: Agent, tmp_path: Path) -> N
     pids = [w["pid"] for w in workers(agent)]
     before = sum(pss(p) for p in pids)
 
-    # The same source under a second name: one copy on disk, warm on the other worker.
-    agent.declare("two.yaml", declaration("two", folder.as_uri(), size="300Mi", **spec))
-    second = agent.wait_state("two", "Warm", timeout=120)
-    assert second["worker"] != first["worker"] and second["path"] == first["path"]
-    assert agent.request("POST", "/v2/models/two/infer", body)[0] == 200
+    # Concurrent requests make the model hot: the other worker gets a copy of it.
+    results: list[int] = []
+    clients = [
+        threading.Thread(
+            target=lambda: results.extend(
+                agent.request("POST", "/v2/models/one/infer", body)[0] for _ in range(20)
+            )
+        )
+        for _ in range(3)
+    ]
+    for t in clients:
+        t.start()
+    (copy,) = wait_for(lambda: agent.model("one").get("copies"), timeout=60, what="a copy")
+    for t in clients:
+        t.join(60)
+    assert copy["worker"] != first["worker"] and set(results) == {200}
+    wait_for(lambda: agent.model("one")["copies"][0]["requests"] > 0, what="the copy to answer")
     after = sum(pss(p) for p in pids)
     growth = after - before
     print(f"second copy added {growth / size:.1%} of the model ({growth} bytes)")

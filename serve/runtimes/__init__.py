@@ -21,6 +21,7 @@ __all__ = [
     "Runtime",
     "TensorSpec",
     "UnsupportedFormat",
+    "attach_runtime",
     "detect_format",
     "device_kinds",
     "load_runtime",
@@ -164,6 +165,19 @@ def load_runtime(
 ) -> Runtime:
     """Load the model in ``model_dir`` onto ``device`` (blocking; call from a thread)."""
     return _kind(fmt).load(model_dir, device=device, entrypoint=entrypoint)
+
+
+def attach_runtime(
+    fmt: str, model_dir: Path, *, device: str, entrypoint: str | None, weights: dict[str, object]
+) -> Runtime:
+    """The model built over weights another worker on ``device`` exported (blocking).
+
+    Only torch module classes export weights (CUDA IPC handles); see ``runtimes.ipc``."""
+    if fmt != "torch":
+        raise UnsupportedFormat(f"a {fmt} model cannot attach to another worker's weights")
+    from serve.runtimes.torch import TorchRuntime
+
+    return TorchRuntime.attach(model_dir, device=device, entrypoint=entrypoint, weights=weights)
 
 
 def read_ahead(paths: Iterable[Path]) -> None:

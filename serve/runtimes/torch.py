@@ -81,6 +81,7 @@ class TorchRuntime:
         *,
         inputs: list[TensorSpec] | None = None,
         resident_bytes: int | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._call = call
         self._input_names = input_names
@@ -90,6 +91,8 @@ class TorchRuntime:
         self.inputs = inputs or []
         self.outputs: list[TensorSpec] = []
         self.resident_bytes = resident_bytes
+        # A module class's weights by name: what another worker on the device may attach to.
+        self._weights = weights
 
     @classmethod
     def from_dir(cls, model_dir: Path, *, device: str, entrypoint: str | None) -> TorchRuntime:
@@ -107,7 +110,35 @@ class TorchRuntime:
         )
 
     @classmethod
-    def _from_module_class(cls, model_dir: Path, device: str, entrypoint: str) -> TorchRuntime:
+    def attach(
+        cls, model_dir: Path, *, device: str, entrypoint: str | None, weights: dict[str, Any]
+    ) -> TorchRuntime:
+        """The model over weights another worker on ``device`` exported (CUDA IPC): no
+        read, no copy, and no device memory of its own for them."""
+        from serve.runtimes.ipc import decode_weights
+
+        if not entrypoint:
+            raise UnsupportedFormat("only a module class with safetensors weights can attach")
+        return cls._from_module_class(
+            model_dir, device, entrypoint, state=decode_weights(weights, device)
+        )
+
+    def export_weights(self) -> dict[str, Any]:
+        """CUDA IPC handles of this model's weights, for another worker on the device."""
+        from serve.runtimes.ipc import NotShareable, encode_weights
+
+        if self._weights is None:
+            raise NotShareable("only a module class with safetensors weights can be shared")
+        return encode_weights(self._weights)
+
+    @classmethod
+    def _from_module_class(
+        cls,
+        model_dir: Path,
+        device: str,
+        entrypoint: str,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> TorchRuntime:
         from serve.runtimes.python import import_entrypoint
 
         module_cls = import_entrypoint(model_dir, entrypoint)
@@ -115,15 +146,18 @@ class TorchRuntime:
             raise UnsupportedFormat(f"entrypoint {entrypoint} is not a torch.nn.Module subclass")
         with torch.device("meta"):
             module = module_cls()  # no memory until the real weights are assigned
-        state = _state_dict(model_dir, device)
+        attached = state is not None
+        if state is None:
+            state = _state_dict(model_dir, device)
         try:
             module.load_state_dict(state, assign=True, strict=True)
         except RuntimeError as exc:
             raise UnsupportedFormat(f"weights do not match {entrypoint}: {exc}") from None
         module.eval()
         names = [p for p in inspect.signature(module.forward).parameters if p != "self"]
-        size = sum(t.numel() * t.element_size() for t in state.values())
-        return cls(module, names, device, resident_bytes=size)
+        # Attached weights belong to the exporting worker: they take nothing more here.
+        size = 0 if attached else sum(t.numel() * t.element_size() for t in state.values())
+        return cls(module, names, device, resident_bytes=size, weights=state)
 
     @classmethod
     def _from_torchscript(cls, path: Path, device: str) -> TorchRuntime:
@@ -169,7 +203,7 @@ class TorchRuntime:
         return outputs
 
     def unload(self) -> None:
-        self._call = None
+        self._call = self._weights = None
 
 
 def _module_bytes(module: Any) -> int:
