@@ -351,7 +351,7 @@ def format_status(status: dict[str, Any]) -> str:
                 m["state"],
                 _human(total or m["modelSize"]),
                 progress,
-                m.get("device") or "-",
+                _placement(m),
                 error,
             )
         )
@@ -368,6 +368,15 @@ def format_status(status: dict[str, Any]) -> str:
     for problem in status.get("declarationErrors", []):
         lines.append(f"invalid declaration file {problem['file']}: {problem['error']}")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _placement(model: dict[str, Any]) -> str:
+    """The model's device, and its extra warm copies on other workers if it has any."""
+    device = model.get("device") or "-"
+    copies = model.get("copies") or []
+    if copies:
+        device += " +" + ",".join(c["device"] for c in copies)
+    return device
 
 
 def _human(size: int) -> str:

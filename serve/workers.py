@@ -491,7 +491,6 @@ class WorkerPool:
             await self._call(target, "PUT", f"{CONTROL}/models/{name}", copy.to_json())
             body = {"weights": weights} if weights else None
             await self._call(target, "POST", f"{CONTROL}/models/{name}/load?evict=0", body)
-            await self._refresh(target)
         except (ServeError, aiohttp.ClientError, OSError) as exc:
             log.info("no extra copy", extra={"model": name, "worker": target.index,
                                              "reason": str(exc)})  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -134,6 +136,11 @@ def test_a_hot_model_gets_a_copy_on_another_worker(agent: Agent, mlp_dir: Path) 
         assert copy["attached"] is False  # CPU copies share weights through the page cache
         # Both copies answer: the copy takes part of the traffic.
         wait_for(lambda: agent.model("m")["copies"][0]["requests"] >= 20, what="the copy to answer")
+        shown = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "--socket-dir", str(agent.socket_dir)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "cpu +cpu" in shown.splitlines()[1], shown
     finally:
         stop.set()
         for t in threads:

@@ -130,6 +130,76 @@ def _ours(model_dir: Path, fmt: str, entrypoint: str | None, feed: Any) -> tuple
     return asyncio.run(go())
 
 
+def _attach(model_dir: Path, fmt: str, entrypoint: str | None, feed: Any) -> tuple[float, ...]:
+    """A second worker process takes an extra copy of a model warm in the first one,
+    through the pool's own path (control calls, load, first answer relayed to it)."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = str(ROOT)  # the workers run ours from the same tree
+    os.chdir(ROOT)
+    from serve.devices import Device
+    from serve.protocol import InferRequest, encode_request
+    from serve.worker import CONTROL
+    from serve.workers import WorkerPool
+
+    body, json_length = encode_request(InferRequest(inputs=feed), binary=True)
+    headers = [("Inference-Header-Content-Length", str(json_length))]
+
+    async def go() -> tuple[float, ...]:
+        sockets = Path(tempfile.mkdtemp(prefix="attach-"))
+        pool = WorkerPool([Device("cpu", 1 << 40, 1 << 38)] * 2, sockets, spread_at=0)
+        await pool.start()
+        try:
+
+            async def answer(worker: Any, name: str) -> None:
+                status, _, text = await pool.relay(
+                    worker, name, "POST", f"/v2/models/{name}/infer", body, headers
+                )
+                if status != 200:
+                    raise RuntimeError(f"infer answered {status}: {text[:200]!r}")
+
+            await pool.register("bench", model_dir, fmt, entrypoint=entrypoint, pinned=False,
+                                idle_timeout=None, size_hint=None)  # fmt: skip
+            home = pool._homes["bench"]
+            target = next(w for w in pool._workers if w is not home)
+            # The second worker has served this kind of model before (its runtime is
+            # imported and has computed, as on any busy worker; torch's first import and
+            # first forward pass cost ~1 s once per process).
+            warmup = {"path": str(model_dir), "format": fmt, "entrypoint": entrypoint}
+            await pool._call(target, "PUT", f"{CONTROL}/models/warmup", warmup)
+            await answer(target, "warmup")
+            await pool._call(target, "DELETE", f"{CONTROL}/models/warmup")
+            await pool.load("bench", evict=False)
+            await answer(home, "bench")
+            await pool.refresh_all()
+            t0 = time.perf_counter()
+            await pool._make_copy("bench", home, target)
+            api = time.perf_counter()
+            await answer(target, "bench")
+            ready = time.perf_counter()
+            await answer(target, "bench")
+            return t0, api, ready, time.perf_counter() - ready
+        finally:
+            await pool.stop()
+            shutil.rmtree(sockets, ignore_errors=True)
+
+    return asyncio.run(go())
+
+
+def trial_attach_torch(model_dir: Path) -> tuple[float, ...]:
+    import numpy as np
+
+    width = json.loads((model_dir / "bench.json").read_text())["width"]
+    return _attach(model_dir, "torch", "model:Net", {"x": np.ones((1, width), dtype=np.float32)})
+
+
+def trial_attach_onnx(model_dir: Path) -> tuple[float, ...]:
+    return _attach(model_dir, "onnx", None, _onnx_feed(model_dir))
+
+
 def trial_ours_torch(model_dir: Path) -> tuple[float, ...]:
     import numpy as np
 
@@ -184,6 +254,8 @@ TRIALS = {
     "runai": trial_runai,
     "ours_torch": trial_ours_torch,
     "ours_onnx": trial_ours_onnx,
+    "attach_torch": trial_attach_torch,
+    "attach_onnx": trial_attach_onnx,
     "ort": trial_ort,
     "ort_noprepack": trial_ort_noprepack,
 }
