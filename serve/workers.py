@@ -472,7 +472,15 @@ class WorkerPool:
         return max(usable, key=lambda w: (same_gpu(w), w.device.free), default=None)
 
     async def _make_copy(self, name: str, home: _Worker, target: _Worker) -> None:
-        registration = home.registrations[name]
+        try:
+            await self._copy_onto(name, home, target)
+        finally:
+            self._spreading.discard(name)
+
+    async def _copy_onto(self, name: str, home: _Worker, target: _Worker) -> None:
+        registration = home.registrations.get(name)
+        if registration is None or self._homes.get(name) is not home:
+            return  # removed or moved since the copy was decided
         weights = None
         if target.device.kind == "cuda" and target.device.name == home.device.name:
             with contextlib.suppress(ServeError):  # not shareable: the copy loads its own
@@ -497,8 +505,6 @@ class WorkerPool:
             self._spread_after[name] = time.monotonic() + _FAILED_RETRY
             await self._drop_copy(name, target, "it failed to load")
             return
-        finally:
-            self._spreading.discard(name)
         if self._homes.get(name) is not home or name not in target.copies:
             # Removed, or a worker restarted, while it loaded.
             await self._drop_copy(name, target, "the model moved while the copy loaded")

@@ -143,7 +143,19 @@ def drop_caches() -> None:
 
 
 def warm_up(paths: list[Path]) -> None:
+    """Read the files into the page cache, from disk, every time.
+
+    Evicted first so every warm trial finds the same page cache: how the kernel maps pages
+    depends on how they got there. Pages a read brought in sit in large folios, mapped
+    ~16 pages per fault or more (~6 ms per GiB here); pages left by small writes (the
+    writer of the file, our own fetcher's 256 KiB writes) map one 4 KiB page per fault
+    (19-36 ms per GiB). See docs/BENCHMARKS.md, "Attach"."""
     for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
         with path.open("rb") as f:
             while f.read(16 << 20):
                 pass
