@@ -18,7 +18,14 @@ from typing import Any
 
 from cache import DERIVED_DIR
 from serve.devices import Device
-from serve.errors import ModelLoadError, ModelNotFound, NoRoom, ServeError, ServerOverloaded
+from serve.errors import (
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    NoRoom,
+    ServeError,
+    ServerOverloaded,
+)
 from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES
 from serve.residency import Candidate, choose_victims, idle_models
 from serve.runtimes import Runtime, attach_runtime, device_kinds, load_runtime
@@ -57,6 +64,9 @@ class ServedModel:
     typical_predict: float | None = None
     # (max batch size, max queue delay in seconds) when dynamic batching is on.
     batching: tuple[int, float] | None = None
+    # False for an extra copy: once unloaded it answers 503 instead of loading itself again
+    # (the pool decides where copies live, and never by evicting).
+    on_demand: bool = True
     # Bounds the model's concurrent runtime calls; the rest of its requests wait here.
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4), repr=False)
     _load: asyncio.Task[Runtime] | None = field(default=None, repr=False)
@@ -85,6 +95,7 @@ class ServedModel:
             "loadSeconds": self.load_seconds,
             "lastUsed": self.last_used or None,
             "inflight": self.inflight,
+            "loads": self.loads,
             "pinned": self.pinned,
             "error": self.error,
         }
@@ -145,8 +156,10 @@ class ModelRepository:
         idle_timeout: float | None = None,
         size_hint: int | None = None,
         batching: tuple[int, float] | None = None,
+        on_demand: bool = True,
     ) -> ServedModel:
-        """Make a model on disk answerable; it loads on first use or on ``load``."""
+        """Make a model on disk answerable; it loads on first use (unless ``on_demand`` is
+        False) or on ``load``."""
         current = self._models.get(name)
         if current is not None:
             if (current.path, current.format, current.entrypoint) != (path, fmt, entrypoint):
@@ -163,6 +176,7 @@ class ModelRepository:
             idle_timeout=idle_timeout,
             estimated_bytes=size_hint if size_hint is not None else _files_size(path),
             batching=batching,
+            on_demand=on_demand,
             slots=asyncio.Semaphore(self._max_concurrency),
         )
         self._models[name] = model
@@ -357,6 +371,8 @@ class _Use:
         self._model = model
         try:
             if model.runtime is None:
+                if not model.on_demand:
+                    raise ModelNotReady(f"model '{name}' is not warm on this worker")
                 await repository.load(name)
         except BaseException:
             self._release(model)

@@ -50,6 +50,7 @@ async def _register(request: web.Request) -> web.Response:
         idle_timeout=body.get("idleTimeout"),
         size_hint=body.get("sizeHint"),
         batching=_batching(body),
+        on_demand=bool(body.get("onDemand", True)),
     )
     return web.json_response({})
 
@@ -85,7 +86,8 @@ async def _weights(request: web.Request) -> web.Response:
         weights = await asyncio.to_thread(export)
     except ValueError as exc:  # NotShareable: CPU weights are shared by the page cache
         return error_response(409, str(exc))
-    return web.json_response({"weights": weights})
+    # The load count tells the pool later whether these are still the weights it holds.
+    return web.json_response({"weights": weights, "loads": model.loads})
 
 
 async def _unregister(request: web.Request) -> web.Response:

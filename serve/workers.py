@@ -82,9 +82,12 @@ class WorkerUnavailable(ServeError):
 
 @dataclass
 class _Copy:
-    """A model warm on a worker besides its home."""
+    """A model warm (or loading) on a worker besides its home."""
 
-    attached_to: int | None  # the worker whose GPU weights it uses (CUDA IPC), if any
+    attached_to: int | None = None  # the worker whose GPU weights it uses (CUDA IPC)
+    home_pid: int | None = None  # that worker's process when it exported them
+    home_loads: int | None = None  # and how many times it had loaded the model by then
+    since: float = 0.0  # when it became routable (monotonic); 0 while it loads
 
 
 @dataclass
@@ -96,6 +99,7 @@ class _Registration:
     idle_timeout: float | None
     size_hint: int | None
     batching: tuple[int, float] | None = None
+    on_demand: bool = True  # False for copies: unloaded, they answer 503, never reload
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +110,7 @@ class _Registration:
             "idleTimeout": self.idle_timeout,
             "sizeHint": self.size_hint,
             "batching": list(self.batching) if self.batching else None,
+            "onDemand": self.on_demand,
         }
 
 
@@ -128,6 +133,7 @@ class _Worker:
     registrations: dict[str, _Registration] = field(default_factory=dict)
     copies: dict[str, _Copy] = field(default_factory=dict)  # loading or warm here
     inflight: dict[str, int] = field(default_factory=dict)  # relayed requests, per model
+    refreshed_at: float = 0.0  # when the status in ``models`` was asked for (monotonic)
 
     @property
     def serving(self) -> bool:
@@ -235,7 +241,10 @@ class WorkerPool:
             for model, n in worker.requests.items():  # counts stay monotonic over restarts
                 worker.requests_before[model] = worker.requests_before.get(model, 0.0) + n
             worker.requests = {}
-            await self._forget_copies_of(worker)
+            try:
+                await self._forget_copies_of(worker)
+            except Exception:  # never let bookkeeping stop the restart below
+                log.exception("dropping copies failed", extra={"worker": worker.index})
             warm = [n for n, m in worker.models.items()
                     if m.get("state") == "Warm" and n in worker.registrations]  # fmt: skip
             log.error("worker died", extra={"worker": worker.index, "code": code, "warm": warm})
@@ -301,9 +310,10 @@ class WorkerPool:
 
     async def _refresh(self, worker: _Worker) -> None:
         assert worker.session is not None
+        asked = time.monotonic()
         async with worker.session.get(f"{CONTROL}/status") as resp:
             doc = await resp.json()
-        worker.models = doc["models"]
+        worker.models, worker.refreshed_at = doc["models"], asked
         worker.device.used = doc["devices"][0]["used"]
         worker.requests = doc.get("requests", {})
 
@@ -324,7 +334,7 @@ class WorkerPool:
         registration = _Registration(
             path, fmt, entrypoint, pinned, idle_timeout, size_hint, batching
         )
-        worker = self._homes.get(name) or self._choose(fmt)
+        worker = self._homes.get(name) or self._choose(fmt, name)
         # Reserve before the first await, so concurrent registrations spread out.
         worker.registrations[name] = registration
         self._homes[name] = worker
@@ -336,9 +346,11 @@ class WorkerPool:
             raise
         await self._refresh(worker)
 
-    def _choose(self, fmt: str) -> _Worker:
+    def _choose(self, fmt: str, name: str) -> _Worker:
         kinds = device_kinds(fmt)
-        usable = [w for w in self._workers if w.device.kind in kinds] or self._workers
+        # Not where a copy of the same name may still be going away.
+        usable = [w for w in self._workers if w.device.kind in kinds and name not in w.copies]
+        usable = usable or self._workers
         return max(usable, key=lambda w: w.device.budget - w.reserved)
 
     async def load(self, name: str, *, evict: bool) -> None:
@@ -422,6 +434,13 @@ class WorkerPool:
     def _warm(worker: _Worker, name: str) -> bool:
         return worker.serving and worker.models.get(name, {}).get("state") == "Warm"
 
+    def _routable(self, worker: _Worker, name: str) -> bool:
+        """A copy takes requests until a status asked for after it loaded says it is gone."""
+        copy = worker.copies.get(name)
+        if copy is None or not copy.since or not worker.serving:
+            return False
+        return worker.refreshed_at < copy.since or self._warm(worker, name)
+
     def _route(self, name: str) -> _Worker:
         """The model's least busy warm worker (its home on ties); may start a new copy."""
         worker = self._home(name)
@@ -429,7 +448,7 @@ class WorkerPool:
         if copies:
             best, key = worker, (not self._warm(worker, name), worker.inflight.get(name, 0))
             for copy in copies:
-                if copy.serving and (k := (False, copy.inflight.get(name, 0))) < key:
+                if (k := (False, copy.inflight.get(name, 0))) < key and self._routable(copy, name):
                     best, key = copy, k
             worker = best
         if (
@@ -460,9 +479,10 @@ class WorkerPool:
         registration = home.registrations[name]
         needed = home.models[name].get("residentBytes") or registration.size_hint or 0
         kinds = device_kinds(registration.fmt)
+        attachable = _attachable(registration)
 
         def same_gpu(w: _Worker) -> bool:
-            return w.device.kind == "cuda" and w.device.name == home.device.name
+            return attachable and w.device.kind == "cuda" and w.device.name == home.device.name
 
         usable = [
             w for w in self._workers
@@ -479,24 +499,26 @@ class WorkerPool:
 
     async def _copy_onto(self, name: str, home: _Worker, target: _Worker) -> None:
         registration = home.registrations.get(name)
-        if registration is None or self._homes.get(name) is not home:
+        if registration is None or self._homes.get(name) is not home or home.proc is None:
             return  # removed or moved since the copy was decided
+        copy = _Copy()
         weights = None
-        if target.device.kind == "cuda" and target.device.name == home.device.name:
+        if _attachable(registration) and target.device.name == home.device.name:
             with contextlib.suppress(ServeError):  # not shareable: the copy loads its own
                 answer = await self._call(home, "GET", f"{CONTROL}/models/{name}/weights")
                 weights = answer["weights"]
-        copy = _Registration(
-            registration.path, registration.fmt, registration.entrypoint,
-            pinned=False,
-            idle_timeout=min(registration.idle_timeout or _COPY_IDLE, _COPY_IDLE),
-            size_hint=0 if weights else registration.size_hint,
-            batching=registration.batching,
-        )  # fmt: skip
-        target.copies[name] = _Copy(home.index if weights else None)
+                copy = _Copy(home.index, home.proc.pid, answer["loads"])
+        target.copies[name] = copy
         started = time.perf_counter()
         try:
-            await self._call(target, "PUT", f"{CONTROL}/models/{name}", copy.to_json())
+            await self._call(target, "PUT", f"{CONTROL}/models/{name}", _Registration(
+                registration.path, registration.fmt, registration.entrypoint,
+                pinned=False,
+                idle_timeout=min(registration.idle_timeout or _COPY_IDLE, _COPY_IDLE),
+                size_hint=0 if weights else registration.size_hint,
+                batching=registration.batching,
+                on_demand=False,
+            ).to_json())  # fmt: skip
             body = {"weights": weights} if weights else None
             await self._call(target, "POST", f"{CONTROL}/models/{name}/load?evict=0", body)
         except (ServeError, aiohttp.ClientError, OSError) as exc:
@@ -505,10 +527,12 @@ class WorkerPool:
             self._spread_after[name] = time.monotonic() + _FAILED_RETRY
             await self._drop_copy(name, target, "it failed to load")
             return
-        if self._homes.get(name) is not home or name not in target.copies:
+        moved = self._homes.get(name) is not home or target.copies.get(name) is not copy
+        if moved or (weights and home.proc.pid != copy.home_pid):
             # Removed, or a worker restarted, while it loaded.
             await self._drop_copy(name, target, "the model moved while the copy loaded")
             return
+        copy.since = time.monotonic()
         self._copies.setdefault(name, []).append(target)
         log.info("extra copy warm", extra={
             "model": name, "worker": target.index, "device": target.device.name,
@@ -525,7 +549,8 @@ class WorkerPool:
                                                   "reason": reason})  # fmt: skip
         if not copies:
             self._copies.pop(name, None)
-        if worker.copies.pop(name, None) is not None:
+        # Never on the model's home: a re-declared model may have landed there meanwhile.
+        if worker.copies.pop(name, None) is not None and self._homes.get(name) is not worker:
             with contextlib.suppress(ServeError, aiohttp.ClientError, OSError):
                 await self._call(worker, "DELETE", f"{CONTROL}/models/{name}")
 
@@ -535,23 +560,36 @@ class WorkerPool:
 
     async def _prune_copies(self) -> None:
         """Drop copies their worker unloaded (idle, evicted), and those attached to a
-        home's GPU memory once the home no longer holds it warm."""
+        home's GPU memory once the home no longer holds those very weights."""
         for name, copies in list(self._copies.items()):
-            home = self._homes.get(name)
             for worker in list(copies):
-                attached = worker.copies[name].attached_to is not None
-                if not self._warm(worker, name):
+                copy = worker.copies.get(name)
+                if copy is None:
+                    await self._drop_copy(name, worker, "it is no longer tracked")
+                elif worker.refreshed_at >= copy.since and not self._warm(worker, name):
                     await self._drop_copy(name, worker, "it was unloaded")
-                elif attached and (home is None or not self._warm(home, name)):
+                elif copy.attached_to is not None and not self._same_weights(name, copy):
                     await self._drop_copy(name, worker, "the weights it attached to are gone")
 
+    def _same_weights(self, name: str, copy: _Copy) -> bool:
+        home = self._homes.get(name)
+        return (
+            home is not None
+            and home.index == copy.attached_to
+            and home.proc is not None
+            and home.proc.pid == copy.home_pid
+            and self._warm(home, name)
+            and home.models[name].get("loads") == copy.home_loads
+        )
+
     async def _forget_copies_of(self, dead: _Worker) -> None:
-        """A worker died: its copies went with it, and so must copies using its memory."""
+        """A worker died: its copies went with it, and so must copies (warm or still
+        loading) attached to its memory."""
         for name in list(dead.copies):
             await self._drop_copy(name, dead, "its worker died")
-        for name, copies in list(self._copies.items()):
-            for worker in list(copies):
-                if worker.copies[name].attached_to == dead.index:
+        for worker in self._workers:
+            for name, copy in list(worker.copies.items()):
+                if copy.attached_to == dead.index:
                     await self._drop_copy(name, worker, "the worker it attached to died")
 
     def request_counts(self) -> dict[str, float]:
@@ -613,19 +651,33 @@ class WorkerPool:
 
         Inference goes to the least busy copy; everything else (metadata, repository
         load and unload) to the model's home."""
+        self._home(name)  # 404 before reading a body for an unknown model
+        body = await request.read()
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         path = request.path
         if path.endswith("/infer"):
-            worker = self._route(name)
+            status, answer, payload = await self.infer(
+                name, request.method, request.path_qs, body, headers
+            )
         else:
-            worker = self._home(name)
             if path.endswith("/unload"):
                 await self._drop_copies(name, "the model was unloaded")
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        status, answer, payload = await self.relay(
-            worker, name, request.method, request.path_qs, await request.read(), headers
-        )
+            status, answer, payload = await self.relay(
+                self._home(name), name, request.method, request.path_qs, body, headers
+            )
         out = CIMultiDict((k, v) for k, v in answer if k.lower() not in _HOP)
         return web.Response(body=payload, status=status, headers=out)
+
+    async def infer(
+        self, name: str, method: str, path: str, body: bytes, headers: list[tuple[str, str]]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """An inference request to the model's least busy copy; if that copy turns out to
+        be gone (404) or not warm (503), the model's home answers instead."""
+        worker = self._route(name)
+        answer = await self.relay(worker, name, method, path, body, headers)
+        if answer[0] in (404, 503) and (home := self._home(name)) is not worker:
+            answer = await self.relay(home, name, method, path, body, headers)
+        return answer
 
     async def relay(
         self,
@@ -651,6 +703,11 @@ class WorkerPool:
             ) from None
         finally:
             inflight[name] -= 1
+
+
+def _attachable(registration: _Registration) -> bool:
+    """Whether copies on the home's GPU can attach to its weights (runtimes.ipc)."""
+    return registration.fmt == "torch" and bool(registration.entrypoint)
 
 
 def build_router_app(pool: WorkerPool, catalog: Catalog) -> web.Application:
@@ -759,13 +816,10 @@ class PoolDataPlane:
         protocol: str = "grpc",
     ) -> InferResponse:
         self._worker(name)
-        worker = self.pool._route(name)
         body, json_length = encode_request(request, binary=True)
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
         headers = [(PROTOCOL_HEADER, protocol), (HEADER_LENGTH, str(json_length))]
-        status, answer_headers, answer = await self.pool.relay(
-            worker, name, "POST", path, body, headers
-        )
+        status, answer_headers, answer = await self.pool.infer(name, "POST", path, body, headers)
         length = next((v for k, v in answer_headers if k.lower() == HEADER_LENGTH.lower()), None)
         if status != 200:
             message = json.loads(answer).get("error", "")

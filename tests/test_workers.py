@@ -152,6 +152,39 @@ def test_a_hot_model_gets_a_copy_on_another_worker(agent: Agent, mlp_dir: Path) 
     assert infer(agent, "m", np.ones((1, 64), np.float32)) == 200
 
 
+def resident(port: int, model: str) -> float:
+    """The model's resident bytes summed over the workers, from the agent's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = resp.read().decode()
+    prefix = f'nodecache_model_resident_bytes{{device="cpu",model="{model}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_removing_a_model_unloads_its_copies_too(agent: Agent, mlp_dir: Path) -> None:
+    port = free_port()
+    agent.start("--workers", "2", "--spread-at", "1", "--metrics-port", str(port),
+                "--metrics-host", "127.0.0.1")  # fmt: skip
+    agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
+    agent.wait_state("m", "Warm")
+    one = wait_for(lambda: resident(port, "m"), what="the model's bytes in /metrics")
+    codes: list[int] = []
+    stop = threading.Event()
+    threads = hammer(agent, "m", codes, stop)
+    try:
+        wait_for(lambda: agent.model("m").get("copies"), what="an extra copy")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert set(codes) == {200}
+    assert resident(port, "m") == 2 * one  # held by both workers
+    (agent.declarations / "m.yaml").unlink()
+    wait_for(lambda: agent.model("m") is None, what="the model to go")
+    # Both workers let go of it, the copy's included.
+    wait_for(lambda: resident(port, "m") == 0, what="every copy to unload")
+    assert agent.request("GET", "/v2/models/m")[0] == 404
+
+
 def test_a_copy_whose_worker_dies_is_dropped_not_restored(agent: Agent, mlp_dir: Path) -> None:
     agent.start("--workers", "2", "--spread-at", "1")
     agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
