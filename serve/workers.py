@@ -503,7 +503,11 @@ class WorkerPool:
             return  # removed or moved since the copy was decided
         copy = _Copy()
         weights = None
-        if _attachable(registration) and target.device.name == home.device.name:
+        if (
+            _attachable(registration)
+            and target.device.kind == "cuda"
+            and target.device.name == home.device.name
+        ):
             with contextlib.suppress(ServeError):  # not shareable: the copy loads its own
                 answer = await self._call(home, "GET", f"{CONTROL}/models/{name}/weights")
                 weights = answer["weights"]
