@@ -501,17 +501,12 @@ class WorkerPool:
         registration = home.registrations.get(name)
         if registration is None or self._homes.get(name) is not home or home.proc is None:
             return  # removed or moved since the copy was decided
-        copy = _Copy()
-        weights = None
-        if (
+        attach = (
             _attachable(registration)
             and target.device.kind == "cuda"
             and target.device.name == home.device.name
-        ):
-            with contextlib.suppress(ServeError):  # not shareable: the copy loads its own
-                answer = await self._call(home, "GET", f"{CONTROL}/models/{name}/weights")
-                weights = answer["weights"]
-                copy = _Copy(home.index, home.proc.pid, answer["loads"])
+        )
+        copy = _Copy(home.index, home.proc.pid) if attach else _Copy()
         target.copies[name] = copy
         started = time.perf_counter()
         try:
@@ -519,11 +514,16 @@ class WorkerPool:
                 registration.path, registration.fmt, registration.entrypoint,
                 pinned=False,
                 idle_timeout=min(registration.idle_timeout or _COPY_IDLE, _COPY_IDLE),
-                size_hint=0 if weights else registration.size_hint,
+                size_hint=0 if attach else registration.size_hint,
                 batching=registration.batching,
                 on_demand=False,
             ).to_json())  # fmt: skip
-            body = {"weights": weights} if weights else None
+            body = None
+            if attach:
+                # Exported only now, right before the load that imports them: handles
+                # nobody imports keep the home's memory reserved (see runtimes.ipc).
+                answer = await self._call(home, "GET", f"{CONTROL}/models/{name}/weights")
+                body, copy.home_loads = {"weights": answer["weights"]}, answer["loads"]
             await self._call(target, "POST", f"{CONTROL}/models/{name}/load?evict=0", body)
         except (ServeError, aiohttp.ClientError, OSError) as exc:
             log.info("no extra copy", extra={"model": name, "worker": target.index,
@@ -532,7 +532,7 @@ class WorkerPool:
             await self._drop_copy(name, target, "it failed to load")
             return
         moved = self._homes.get(name) is not home or target.copies.get(name) is not copy
-        if moved or (weights and home.proc.pid != copy.home_pid):
+        if moved or (attach and home.proc.pid != copy.home_pid):
             # Removed, or a worker restarted, while it loaded.
             await self._drop_copy(name, target, "the model moved while the copy loaded")
             return
@@ -540,8 +540,7 @@ class WorkerPool:
         self._copies.setdefault(name, []).append(target)
         log.info("extra copy warm", extra={
             "model": name, "worker": target.index, "device": target.device.name,
-            "attached": weights is not None,
-            "seconds": round(time.perf_counter() - started, 3),
+            "attached": attach, "seconds": round(time.perf_counter() - started, 3),
         })  # fmt: skip
 
     async def _drop_copy(self, name: str, worker: _Worker, reason: str) -> None:

@@ -10,6 +10,11 @@ puts in a CUDA tensor's reduction. PyTorch's IPC reference counting keeps the ex
 blocks allocated until every importer has let go; the exporter process must stay alive
 while they are in use, which is why the pool drops importing copies when the exporter
 unloads the model or dies.
+
+Known limit: every export counts one importer per tensor. Handles that are exported and
+never imported (the importing worker dies between the two) keep those blocks reserved in
+the exporter until it exits, whatever its budget says. The pool exports right before the
+load that imports, so only a worker dying in that window leaks.
 """
 
 from __future__ import annotations
