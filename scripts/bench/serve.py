@@ -11,7 +11,8 @@ Repeats go round-robin over every server so slow drift in machine load hits all 
     .venv/bin/python scripts/bench/serve.py --only ours,bare
 
 Servers: ours (agent, in-process model: UDS and TCP), ours --workers 1 (node socket ->
-router -> worker process: the routing cost), MLServer 1.7.1 (custom runtime,
+router -> worker process: the routing cost), ours --workers 2 (the hot model gets a copy
+on the second worker; not in the default set), MLServer 1.7.1 (custom runtime,
 parallel_workers 0, own venv), KServe 0.21.0 ModelServer (kserve.Model, logging off, own
 venv), and a bare aiohttp handler calling onnxruntime on the event loop (the ceiling).
 """
@@ -174,7 +175,7 @@ def probe_infer(endpoint: Endpoint, body: tuple[Path, dict[str, str]]) -> tuple[
 
 
 def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -> Server:
-    name = "ours --workers 1" if workers else "ours"
+    name = f"ours --workers {workers}" if workers else "ours"
     home.mkdir(parents=True, exist_ok=True)
     declarations = home / "declarations"
     declarations.mkdir(exist_ok=True)
@@ -365,6 +366,8 @@ def servers_up(which: set[str], home: Path, model_dir: Path) -> Iterator[list[Se
             started.append(start_ours(home / "ours", model_dir, workers=None, tcp=True))
         if "workers" in which:
             started.append(start_ours(home / "ours-w1", model_dir, workers=1, tcp=False))
+        if "workers2" in which:
+            started.append(start_ours(home / "ours-w2", model_dir, workers=2, tcp=False))
         if "bare" in which:
             started.append(start_bare(home, model))
         if "mlserver" in which:
@@ -400,7 +403,8 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="ours,workers,bare,mlserver,kserve",
-        help="servers to run (comma-separated from: ours, workers, bare, mlserver, kserve)",
+        help="servers to run (comma-separated from: ours, workers, workers2, bare, mlserver, "
+        "kserve)",
     )
     parser.add_argument(
         "--profile",
@@ -489,6 +493,12 @@ def main() -> int:
                             f"{sample.p99_ms:6.2f} ms  cpu {sample.cpu_us:5.0f} us/req  "
                             f"non-2xx {sample.non2xx} errors {sample.errors}")  # fmt: skip
         log(f"load average after: {loadavg()}; took {time.monotonic() - started:.0f} s")
+        for endpoint in endpoints:
+            if endpoint.label.startswith("ours --workers 2"):
+                code, data = request(endpoint, "GET", "/nodecache/v1/status")
+                model = next(m for m in json.loads(data)["models"] if m["name"] == MODEL)
+                log(f"{endpoint.label}: the model on worker {model.get('worker')}, copies "
+                    f"{model.get('copies', [])}")  # fmt: skip
 
     print(f"\n## Serving a [1,64]->[1,10] ONNX MLP: medians of {args.repeats} x "
           f"{args.duration:g} s after {args.warmup:g} s warm-up\n")  # fmt: skip
@@ -563,6 +573,15 @@ def print_targets(
                 cpu = routed.med("cpu_us") - direct.med("cpu_us")
                 what = f"routing cost {kind} c={level}: router->worker vs in-process"
                 found = f"{ratio:.0%} of the req/s, p50 +{added:.2f} ms, CPU +{cpu:.0f} µs/req"
+                checks.append((what, found, "info"))
+            one, two = routed, get("ours --workers 2 UDS", kind, level)
+            if one and two:
+                ratio = two.med("rps") / one.med("rps")
+                what = f"copies {kind} c={level}: one hot model, --workers 2 vs --workers 1"
+                found = (
+                    f"{ratio:.2f}x the req/s, p99 {two.med('p99_ms'):.2f} vs "
+                    f"{one.med('p99_ms'):.2f} ms"
+                )
                 checks.append((what, found, "info"))
     if checks:
         print("\n## Targets (issue 6)\n")
