@@ -61,6 +61,8 @@ async def test_module_class_with_safetensors(tmp_path: Path, x: np.ndarray) -> N
     assert model.measured_bytes == sum(p.numel() * 4 for p in net.parameters())
 
 
+# TorchScript is deprecated upstream but still what many checkpoints are; it stays served.
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 async def test_torchscript(tmp_path: Path, x: np.ndarray) -> None:
     net = reference_net(tmp_path / "src")
     folder = tmp_path / "ts"
