@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +86,13 @@ def test_grpc_reaches_models_in_workers(agent: Agent, mlp_dir: Path) -> None:
         client.infer("nope", [inp])
 
 
-def hammer(agent: Agent, name: str, codes: list[int], stop: threading.Event) -> list:
+@contextlib.contextmanager
+def traffic(agent: Agent, name: str) -> Iterator[list[int]]:
+    """Four clients sending requests to the model until the block ends; yields the status
+    codes as they come. On leaving, every client must stop within 30 s: none may hang."""
+    codes: list[int] = []
+    stop = threading.Event()
+
     def run() -> None:
         x = np.ones((1, 64), np.float32)
         while not stop.is_set():
@@ -96,7 +104,13 @@ def hammer(agent: Agent, name: str, codes: list[int], stop: threading.Event) -> 
     threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:
         t.start()
-    return threads
+    try:
+        yield codes
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive(), "a client hung"
 
 
 def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir: Path) -> None:
@@ -104,20 +118,14 @@ def test_killed_worker_gives_503s_not_hangs_and_comes_back(agent: Agent, mlp_dir
     agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
     agent.wait_state("m", "Warm")
     (worker,) = workers(agent)
-    codes: list[int] = []
-    stop = threading.Event()
-    threads = hammer(agent, "m", codes, stop)
-    wait_for(lambda: len(codes) > 20, what="traffic")
-    os.kill(worker["pid"], signal.SIGKILL)
-    wait_for(lambda: workers(agent)[0]["pid"] != worker["pid"] and workers(agent)[0]["up"],
-             timeout=60, what="the worker restarted")  # fmt: skip
-    agent.wait_state("m", "Warm", timeout=60)
-    seen = len(codes)
-    wait_for(lambda: len(codes) > seen + 20, what="traffic after the restart")
-    stop.set()
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a client hung"
+    with traffic(agent, "m") as codes:
+        wait_for(lambda: len(codes) > 20, what="traffic")
+        os.kill(worker["pid"], signal.SIGKILL)
+        wait_for(lambda: workers(agent)[0]["pid"] != worker["pid"] and workers(agent)[0]["up"],
+                 timeout=60, what="the worker restarted")  # fmt: skip
+        agent.wait_state("m", "Warm", timeout=60)
+        seen = len(codes)
+        wait_for(lambda: len(codes) > seen + 20, what="traffic after the restart")
     assert set(codes) <= {200, 503}, set(codes)
     assert 503 in codes and codes[-1] == 200
     assert infer(agent, "m", np.ones((1, 64), np.float32)) == 200
@@ -127,10 +135,7 @@ def test_a_hot_model_gets_a_copy_on_another_worker(agent: Agent, mlp_dir: Path) 
     agent.start("--workers", "2", "--spread-at", "1")
     agent.declare("m.yaml", declaration("m", mlp_dir.as_uri(), warm={"idleTimeout": "2s"}))
     home = agent.wait_state("m", "Warm")["worker"]
-    codes: list[int] = []
-    stop = threading.Event()
-    threads = hammer(agent, "m", codes, stop)
-    try:
+    with traffic(agent, "m") as codes:
         (copy,) = wait_for(lambda: agent.model("m").get("copies"), what="an extra copy")
         assert copy["worker"] != home and copy["device"] == "cpu"
         assert copy["attached"] is False  # CPU copies share weights through the page cache
@@ -141,10 +146,6 @@ def test_a_hot_model_gets_a_copy_on_another_worker(agent: Agent, mlp_dir: Path) 
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         assert "cpu +cpu" in shown.splitlines()[1], shown
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
     assert set(codes) == {200}, set(codes)
     assert agent.model("m")["worker"] == home
     # A burst's copy goes once idle (here the model's own 2 s idle timeout applies).
@@ -167,15 +168,8 @@ def test_removing_a_model_unloads_its_copies_too(agent: Agent, mlp_dir: Path) ->
     agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
     agent.wait_state("m", "Warm")
     one = wait_for(lambda: resident(port, "m"), what="the model's bytes in /metrics")
-    codes: list[int] = []
-    stop = threading.Event()
-    threads = hammer(agent, "m", codes, stop)
-    try:
+    with traffic(agent, "m") as codes:
         wait_for(lambda: agent.model("m").get("copies"), what="an extra copy")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
     assert set(codes) == {200}
     assert resident(port, "m") == 2 * one  # held by both workers
     (agent.declarations / "m.yaml").unlink()
@@ -189,10 +183,7 @@ def test_a_copy_whose_worker_dies_is_dropped_not_restored(agent: Agent, mlp_dir:
     agent.start("--workers", "2", "--spread-at", "1")
     agent.declare("m.yaml", declaration("m", mlp_dir.as_uri()))
     home = agent.wait_state("m", "Warm")["worker"]
-    codes: list[int] = []
-    stop = threading.Event()
-    threads = hammer(agent, "m", codes, stop)
-    try:
+    with traffic(agent, "m") as codes:
         (copy,) = wait_for(lambda: agent.model("m").get("copies"), what="an extra copy")
         pid = next(w["pid"] for w in workers(agent) if w["worker"] == copy["worker"])
         os.kill(pid, signal.SIGKILL)
@@ -201,11 +192,6 @@ def test_a_copy_whose_worker_dies_is_dropped_not_restored(agent: Agent, mlp_dir:
         # A little traffic, then quiet before the worker is back (0.5 s at least): a new
         # burst could rightly make a new copy there.
         wait_for(lambda: len(codes) > seen + 10, what="traffic after the kill")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-            assert not t.is_alive(), "a client hung"
     assert set(codes) <= {200, 503}, set(codes)
     assert codes[-1] == 200
     model = agent.model("m")
