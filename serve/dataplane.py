@@ -7,6 +7,7 @@ request against the model's declared inputs happens here, once.
 from __future__ import annotations
 
 import asyncio
+import re
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 from typing import Any, NoReturn, Protocol
@@ -14,18 +15,32 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 
 from serve.batching import Batcher
-from serve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServeError
+from serve.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    OutputTooLarge,
+    ServeError,
+    excerpt,
+)
 from serve.metrics import (
     BATCH_SIZE,
     INFERENCE_SECONDS,
     QUEUE_SECONDS,
+    UNKNOWN_MODEL,
     child,
     request_stats,
 )
-from serve.protocol import InferRequest, InferResponse
+from serve.protocol import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    InferRequest,
+    InferResponse,
+    output_bytes,
+    sized_work,
+)
 from serve.repository import ModelRepository, ServedModel, State
 from serve.runtimes import Runtime, TensorSpec
-from serve.tensors import DATATYPES, datatype_of
+from serve.tensors import DATATYPES, datatype_of, encoded_size
 
 __all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane"]
 
@@ -33,6 +48,8 @@ SERVER_NAME = "nodecache"
 SERVER_VERSION = "0.1.0"
 # Each declared model has one version on a node; clients may name it or not.
 MODEL_VERSION = "1"
+# What a version may look like anywhere (REST path, gRPC field): refused with 400 otherwise.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 EXTENSIONS = ["model_repository", "binary_tensor_data"]
 # Runtime calls that typically take less than this run on the event loop itself.
 INLINE_PREDICT_SECONDS = 0.0005
@@ -63,8 +80,10 @@ class DataPlane:
         *,
         catalog: Catalog | None = None,
         executor: ThreadPoolExecutor | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         self.repository = repository
+        self.max_output_bytes = max_output_bytes
         self.catalog: Catalog = catalog or _NoCatalog()
         self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
         self._batchers: dict[str, Batcher] = {}
@@ -73,6 +92,12 @@ class DataPlane:
     # -- lookups -------------------------------------------------------------
 
     def _check(self, name: str, version: str | None) -> None:
+        """The one check of a model name and version, whatever the protocol: a version
+        must look like one (400) and be one the model has (404)."""
+        if version is not None and not VERSION_PATTERN.fullmatch(version):
+            raise InvalidInput(
+                f"model version {excerpt(version)} is not 1 to 64 of A-Z a-z 0-9 . _ -"
+            )
         if name not in self.repository:
             reason = self.catalog.not_ready_reason(name)
             if reason is None:
@@ -80,6 +105,25 @@ class DataPlane:
             raise ModelNotReady(f"model '{name}' is not ready: {reason}")
         if version is not None and version != MODEL_VERSION:
             raise ModelNotFound(name, version)
+
+    def _metric_label(self, name: str) -> str:
+        """The model label of a request's metrics: its name only for a model this node
+        holds or is bringing up, so callers cannot mint series with made-up names."""
+        if name in self.repository or self.catalog.not_ready_reason(name) is not None:
+            return name
+        return UNKNOWN_MODEL
+
+    async def _check_output_size(self, outputs: dict[str, np.ndarray]) -> None:
+        """Refuse an answer above ``max_output_bytes`` (a 90-byte request can ask a
+        ConstantOfShape model for gigabytes) before anything is encoded."""
+        size = output_bytes(outputs)
+        if any(a.dtype.kind in "OSU" for a in outputs.values()):
+            size = await sized_work(size, _encoded_total, outputs)
+        if size > self.max_output_bytes:
+            raise OutputTooLarge(
+                f"the answer would carry {size} bytes of output tensors, over the limit of "
+                f"{self.max_output_bytes}; ask for fewer outputs or send a smaller batch"
+            )
 
     # -- health and metadata -------------------------------------------------
 
@@ -116,7 +160,7 @@ class DataPlane:
     ) -> InferResponse:
         """Run one request; records its metrics under ``protocol`` whatever the outcome."""
         started = perf_counter()
-        stats = request_stats(name, protocol)
+        stats = request_stats(self._metric_label(name), protocol)
         stats.inflight.inc()
         code = "500"
         try:
@@ -142,6 +186,7 @@ class DataPlane:
                     async with model.slots:
                         spec.queue_seconds.observe(perf_counter() - started)
                         outputs = await self._predict(model, inputs, names)
+            await self._check_output_size(outputs)
             response = InferResponse(
                 name,
                 MODEL_VERSION,
@@ -221,6 +266,10 @@ class DataPlane:
         await self.repository.unload(name)
 
 
+def _encoded_total(outputs: dict[str, np.ndarray]) -> int:
+    return sum(encoded_size(array) for array in outputs.values())
+
+
 def _short(model: ServedModel) -> bool:
     """Whether the model's runtime calls run on the event loop itself: handing a call this
     short to a thread costs more than the call (two thread wake-ups, ~0.3 ms here), and
@@ -287,7 +336,7 @@ class _ModelSpec:
         for out in request.outputs:
             if out.name not in self.output_names:
                 raise InvalidInput(
-                    f"unknown output '{out.name}'; the model has "
+                    f"unknown output {excerpt(out.name)}; the model has "
                     f"{', '.join(sorted(self.output_names))}"
                 )
             wanted[out.name] = out.binary
@@ -300,7 +349,8 @@ def _refuse_names(specs: list[TensorSpec], given: dict[str, np.ndarray]) -> NoRe
     unknown = sorted(set(given) - set(expected))
     if unknown:
         raise InvalidInput(
-            f"unknown input '{unknown[0]}'; the model takes {', '.join(expected) or 'no inputs'}"
+            f"unknown input {excerpt(unknown[0])}; "
+            f"the model takes {', '.join(expected) or 'no inputs'}"
         )
     missing = [n for n in expected if n not in given]
     raise InvalidInput(f"input '{missing[0]}' is missing")

@@ -1,10 +1,15 @@
-"""Errors the serving tier raises; each one knows the HTTP status it answers with.
+"""Errors the serving tier raises; each one knows the HTTP status and the gRPC code it
+answers with, side by side: the only mapping of errors to protocol codes.
 
-The HTTP adapter is the only place that turns them into responses, always as an
-Open Inference Protocol error body: ``{"error": "..."}``.
+The HTTP adapter turns them into Open Inference Protocol error bodies
+(``{"error": "..."}``), the gRPC servicer into a status with the same message. The
+message goes to the client as it is, so anything a client sent is quoted through
+``excerpt`` and anything a library said through ``clean_message``.
 """
 
 from __future__ import annotations
+
+import re
 
 __all__ = [
     "InvalidInput",
@@ -12,32 +17,39 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "NoRoom",
+    "OutputTooLarge",
     "PayloadTooLarge",
     "ServeError",
     "ServerOverloaded",
+    "clean_message",
+    "excerpt",
 ]
 
 
 class ServeError(Exception):
     """Base of every error that reaches a client."""
 
+    # HTTP status, and the ``grpc.StatusCode`` member name for the same answer.
     status: int = 500
+    grpc_code: str = "INTERNAL"
     retry_after: float | None = None
 
 
 class InvalidInput(ServeError):
     """The request is malformed or does not match the model's inputs (400)."""
 
-    status = 400
+    status, grpc_code = 400, "INVALID_ARGUMENT"
 
 
 class ModelNotFound(ServeError):
     """No model (or version) of that name is declared on this node (404)."""
 
-    status = 404
+    status, grpc_code = 404, "NOT_FOUND"
 
     def __init__(self, name: str, version: str | None = None) -> None:
-        what = f"model '{name}'" if version is None else f"model '{name}' version '{version}'"
+        what = f"model {excerpt(name)}"
+        if version is not None:
+            what += f" version {excerpt(version)}"
         super().__init__(f"{what} not found")
         self.name = name
 
@@ -45,31 +57,76 @@ class ModelNotFound(ServeError):
 class PayloadTooLarge(ServeError):
     """The request body is above the configured limit (413)."""
 
-    status = 413
+    status, grpc_code = 413, "RESOURCE_EXHAUSTED"
+
+
+class OutputTooLarge(ServeError):
+    """The answer would be above the configured output limit.
+
+    400, not 413: the request itself was within bounds (413 speaks of the request's
+    content, and makes clients shrink or drop their body); what it asked for is not.
+    gRPC says RESOURCE_EXHAUSTED, as it does for a message over its own size limit.
+    """
+
+    status, grpc_code = 400, "RESOURCE_EXHAUSTED"
 
 
 class ModelNotReady(ServeError):
     """The model is declared but cannot answer yet: still downloading or failed (503)."""
 
-    status = 503
+    status, grpc_code = 503, "UNAVAILABLE"
     retry_after = 1.0
 
 
 class ServerOverloaded(ServeError):
     """Too many requests are already waiting; come back later (503)."""
 
-    status = 503
+    status, grpc_code = 503, "UNAVAILABLE"
     retry_after = 1.0
 
 
 class ModelLoadError(ServeError):
     """The model's files are on disk but the runtime could not load them (500)."""
 
-    status = 500
+    status, grpc_code = 500, "INTERNAL"
 
 
 class NoRoom(ServeError):
     """No device can take the model, even after evicting what may be evicted (503)."""
 
-    status = 503
+    status, grpc_code = 503, "UNAVAILABLE"
     retry_after = 5.0
+
+
+_EXCERPT_CHARS = 64
+
+
+def excerpt(text: str, limit: int = _EXCERPT_CHARS) -> str:
+    """``text`` quoted for an error message: repr-escaped (no control characters reach
+    a log line or a header) and cut to ``limit`` characters, so a client that sends a
+    megabyte-long name does not get it echoed back."""
+    if len(text) > limit:
+        return repr(text[:limit])[:-1] + "...'"
+    return repr(text)
+
+
+# An absolute path (a build tree's /onnxruntime_src/..., a site-packages file): it and
+# what follows it (the C++ signature, a traceback) say nothing a client can act on.
+_PATH = re.compile(r"(?:^|(?<=[\s'\"(=]))/[\w.+-]+/")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_MESSAGE_CHARS = 300
+
+
+def clean_message(text: str) -> str:
+    """A library's error message fit for a client: no leading onnxruntime status, no
+    source paths or anything after the first one, one line, at most a few hundred
+    characters."""
+    text = _ORT_PREFIX.sub("", text)
+    if (path := _PATH.search(text)) is not None:
+        text = text[: path.start()]
+    text = " ".join(text.split()).rstrip(" :")
+    if text.endswith("Status Message"):  # onnxruntime's label for what was cut
+        text = text[: -len("Status Message")].rstrip(" :")
+    if len(text) > _MESSAGE_CHARS:
+        text = text[:_MESSAGE_CHARS] + "..."
+    return text or "no details"

@@ -6,26 +6,29 @@ answer carries an OIP error body, ``{"error": "..."}``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 from aiohttp import web
 
 from serve.dataplane import DataPlane
-from serve.errors import InvalidInput, PayloadTooLarge, ServeError
+from serve.errors import InvalidInput, PayloadTooLarge, ServeError, excerpt
 from serve.protocol import (
     DEFAULT_MAX_ELEMENTS,
     HEADER_LENGTH,
     InferRequest,
     decode_request,
     encode_response,
+    output_bytes,
+    sized_work,
 )
-from serve.tensors import DATATYPES
+from serve.tensors import decode_tensor, encode_tensor
 
 __all__ = ["DEFAULT_MAX_BODY", "PROTOCOL_HEADER", "NodeServer", "build_app", "error_response"]
 
@@ -61,9 +64,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return error_response(exc.status, exc.reason)
-    except Exception as exc:
-        log.exception("unhandled error", extra={"path": request.path})
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    except Exception:
+        # Our fault: the details (and any paths in them) go to the log, not to the client.
+        log.exception("unhandled error", extra={"path": request.path[:200]})
+        return error_response(500, "internal error")
 
 
 def _version(request: web.Request) -> str | None:
@@ -103,7 +107,7 @@ async def _infer(request: web.Request) -> web.Response:
             header_length = int(length_header)
         except ValueError:
             raise InvalidInput(
-                f"{HEADER_LENGTH} must be an integer, got {length_header!r}"
+                f"{HEADER_LENGTH} must be an integer, got {excerpt(length_header)}"
             ) from None
     app = request.app
     try:
@@ -111,7 +115,9 @@ async def _infer(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         limit = app[MAX_BODY]
         raise PayloadTooLarge(f"request body is larger than the {limit} byte limit") from None
-    infer_request = decode_request(body, header_length, max_elements=app[MAX_ELEMENTS])
+    infer_request = await sized_work(
+        len(body), decode_request, body, header_length, max_elements=app[MAX_ELEMENTS]
+    )
     protocol = headers.get(PROTOCOL_HEADER, "rest")
     match_info = request.match_info
     result = await app[DATAPLANE].infer(
@@ -120,7 +126,7 @@ async def _infer(request: web.Request) -> web.Response:
         match_info.get("version"),
         protocol=protocol if protocol in _PROTOCOLS else "rest",
     )
-    payload, json_length = encode_response(result)
+    payload, json_length = await sized_work(output_bytes(result.outputs), encode_response, result)
     if json_length is None:
         return web.Response(body=payload, headers=_JSON)
     return web.Response(
@@ -135,31 +141,58 @@ async def _v1_model(request: web.Request) -> web.Response:
 
 
 async def _v1_predict(request: web.Request) -> web.Response:
-    """KServe V1 ``{"instances": [...]}`` for old clients: single-input models only."""
+    """KServe V1 ``{"instances": [...]}`` for old clients: single-input models only.
+
+    Instances are checked as strictly as V2 JSON data (same decoder); predictions are
+    written as JSON with non-finite floats as null, like every JSON answer here."""
     name = request.match_info["name"]
     dataplane = request.app[DATAPLANE]
-    try:
-        doc = json.loads(await request.read())
-    except ValueError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    body = await request.read()
+    doc = await sized_work(len(body), _json_document, body)
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise InvalidInput('a V1 request is {"instances": [...]}')
     meta = await dataplane.model_metadata(name)
     if len(meta["inputs"]) != 1:
         raise InvalidInput(f"model '{name}' takes {len(meta['inputs'])} inputs; use the V2 API")
     spec = meta["inputs"][0]
-    dtype = DATATYPES[spec["datatype"]]
-    try:
-        array = np.asarray(doc["instances"], dtype=dtype)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"instances do not fit {spec['datatype']}: {exc}") from None
+    _, array = await sized_work(
+        len(body), _v1_tensor, spec, doc["instances"], request.app[MAX_ELEMENTS]
+    )
     result = await dataplane.infer(name, InferRequest(inputs={spec["name"]: array}), protocol="v1")
     first = next(iter(result.outputs.values()))
-    return web.json_response({"predictions": first.tolist()}, dumps=_dumps)
+    payload = await sized_work(first.nbytes, _v1_predictions, first)
+    return web.Response(body=payload, headers=_JSON)
 
 
-def _dumps(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+def _json_document(body: bytes) -> Any:
+    """orjson, not json: it refuses nesting past 1024 levels (json recurses until
+    RecursionError) and never builds a thousand-digit integer."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+
+
+def _v1_tensor(spec: dict[str, Any], instances: list[Any], max_elements: int) -> Any:
+    try:
+        rows = np.array(instances, dtype=object)
+    except ValueError:
+        raise InvalidInput("instances must be rectangular rows") from None
+    if rows.size > max_elements:
+        raise InvalidInput(f"{rows.size} instance values, over the limit of {max_elements}")
+    tensor = {**spec, "shape": list(rows.shape), "data": rows.ravel().tolist()}
+    return decode_tensor(tensor, max_elements=max_elements)
+
+
+def _v1_predictions(output: np.ndarray) -> bytes:
+    if output.dtype.kind in "OSU":  # text, as V2 JSON writes BYTES
+        spec, _ = encode_tensor("output", output, binary=False)
+        values: Any = np.array(spec["data"], dtype=object).reshape(output.shape).tolist()
+    elif output.ndim == 0:
+        values = output.item()
+    else:
+        values = np.ascontiguousarray(output)
+    return orjson.dumps({"predictions": values}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 async def _repository_index(request: web.Request) -> web.Response:

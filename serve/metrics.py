@@ -7,6 +7,10 @@ The metrics recorded for every request would cost a locked update each in
 prometheus_client (a histogram observation two): a dozen lock round trips per request.
 They are plain numbers instead, updated only from the event loop's thread and turned into
 samples when scraped, with the same exposition.
+
+Model names come from callers, so series are bounded: requests for names this node does
+not hold are counted under one label value, ``UNKNOWN_MODEL``, and ``forget_model`` drops
+every series of a model that was removed.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -38,11 +41,16 @@ __all__ = [
     "REQUEST_SECONDS",
     "RESIDENT_BYTES",
     "SERVING_METRICS",
+    "UNKNOWN_MODEL",
     "RequestStats",
     "child",
+    "forget_model",
     "request_counts",
     "request_stats",
 ]
+
+# The model label of requests for names that are not declared on this node.
+UNKNOWN_MODEL = "__unknown__"
 
 
 class _CounterChild:
@@ -123,6 +131,12 @@ class _PlainMetric:
             self._children[labelvalues] = found
         return found
 
+    def remove_model(self, name: str) -> None:
+        """Drop every series whose ``model`` label is ``name``."""
+        at = self._labelnames.index("model")
+        for labelvalues in [k for k in self._children if k[at] == name]:
+            del self._children[labelvalues]
+
     def describe(self) -> list[Metric]:
         return list(self._families({}))
 
@@ -193,24 +207,37 @@ INFLIGHT = _PlainMetric(
     "Inference requests being answered or waiting, by model.",
     ["model"],
 )
-# Recorded per load or eviction.
-MODEL_LOADS = Counter("nodecache_model_loads_total", "Model loads, by model.", ["model"])
-MODEL_EVICTIONS = Counter(
+# Recorded per load or eviction (on the event loop too).
+MODEL_LOADS = _PlainMetric(
+    "counter", "nodecache_model_loads_total", "Model loads, by model.", ["model"]
+)
+MODEL_EVICTIONS = _PlainMetric(
+    "counter",
     "nodecache_model_evictions_total",
     "Models unloaded to make room, or after their idle timeout, by model and reason.",
     ["model", "reason"],
 )
-RESIDENT_BYTES = Gauge(
+RESIDENT_BYTES = _PlainMetric(
+    "gauge",
     "nodecache_model_resident_bytes",
     "Bytes a warm model holds on its device, by model and device.",
     ["model", "device"],
 )
 
+# Children and request stats looked up once; entries only for models a data plane
+# holds (or UNKNOWN_MODEL), dropped with them by ``forget_model``.
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
+_STATS: dict[tuple[str, str], RequestStats] = {}
 
-@lru_cache(maxsize=4096)
+
 def child(metric: Any, *labels: str) -> Any:
-    """``metric.labels(*labels)``, remembered: the lookup costs more than the update."""
-    return metric.labels(*labels)
+    """``metric.labels(*labels)``, remembered: the lookup costs more than the update.
+    The first label is the model."""
+    key = (metric, labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
 
 
 class RequestStats:
@@ -233,9 +260,12 @@ class RequestStats:
         self._seconds.observe(seconds)
 
 
-@lru_cache(maxsize=4096)
 def request_stats(model: str, protocol: str) -> RequestStats:
-    return RequestStats(model, protocol)
+    """The stats of ``model`` (a model this node holds, or UNKNOWN_MODEL) under ``protocol``."""
+    found = _STATS.get((model, protocol))
+    if found is None:
+        found = _STATS[model, protocol] = RequestStats(model, protocol)
+    return found
 
 
 # What the serving tier records per request: in worker mode the workers hold the values.
@@ -250,6 +280,17 @@ SERVING_METRICS = (
     MODEL_EVICTIONS,
     RESIDENT_BYTES,
 )
+
+
+def forget_model(name: str) -> None:
+    """Drop every series of a model that is no longer served: a name that comes and goes
+    leaves nothing behind in /metrics."""
+    for metric in SERVING_METRICS:
+        metric.remove_model(name)
+    for key in [k for k in _CHILDREN if k[1][0] == name]:
+        del _CHILDREN[key]
+    for key in [k for k in _STATS if k[0] == name]:
+        del _STATS[key]
 
 
 def request_counts(registry: CollectorRegistry | None = None) -> dict[str, float]:

@@ -7,18 +7,22 @@ followed by raw tensor bytes (the binary tensor data extension, framed by the
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import orjson
 
-from serve.errors import InvalidInput
+from serve.errors import InvalidInput, excerpt
 from serve.tensors import decode_tensor, encode_tensor
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
+    "DEFAULT_MAX_OUTPUT_BYTES",
     "HEADER_LENGTH",
+    "OFFLOAD_BYTES",
     "InferRequest",
     "InferResponse",
     "RequestedOutput",
@@ -26,11 +30,33 @@ __all__ = [
     "decode_response",
     "encode_request",
     "encode_response",
+    "output_bytes",
+    "sized_work",
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Elements one tensor may claim: refuses a [10**12] shape before any allocation.
 DEFAULT_MAX_ELEMENTS = 64 * 1024 * 1024
+# Output tensor bytes one answer may carry (binary size), as much as a request body may.
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+# Bodies and answers above this many bytes are parsed or encoded in a thread: below it the
+# work takes well under a millisecond, above it it would stall every other client.
+OFFLOAD_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+async def sized_work(size: int, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``work(*args, **kwargs)``: on the event loop for ``size`` up to ``OFFLOAD_BYTES``,
+    in a thread above it (decoding or encoding a large body holds the loop for seconds)."""
+    if size <= OFFLOAD_BYTES:
+        return work(*args, **kwargs)
+    return await asyncio.to_thread(work, *args, **kwargs)
+
+
+def output_bytes(outputs: dict[str, np.ndarray]) -> int:
+    """What ``outputs`` hold in memory: cheap, a measure of the work to encode them."""
+    return sum(array.nbytes for array in outputs.values())
 
 
 @dataclass(frozen=True)
@@ -73,7 +99,7 @@ def _parameters(obj: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def _refuse_parameters(obj: dict[str, Any], what: str) -> NoReturn:
-    where = "request" if what == "request" else f"{what} '{obj.get('name')}'"
+    where = "request" if what == "request" else f"{what} {excerpt(str(obj.get('name')))}"
     raise InvalidInput(f"{where}: 'parameters' must be an object")
 
 
@@ -108,14 +134,15 @@ def decode_request(
             if size is not None:
                 if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                     raise InvalidInput(
-                        f"input '{spec.get('name')}': binary_data_size {size!r} "
+                        f"input {excerpt(str(spec.get('name')))}: "
+                        f"binary_data_size {repr(size)[:64]} "
                         f"does not fit the {len(binary)} binary bytes sent"
                     )
                 raw = binary[offset : offset + size]
                 offset += size
         name, array = decode_tensor(spec, raw, max_elements=max_elements)
         if name in inputs:
-            raise InvalidInput(f"input '{name}' is given twice")
+            raise InvalidInput(f"input {excerpt(name)} is given twice")
         inputs[name] = array
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} binary bytes are not claimed by any input")
@@ -212,7 +239,7 @@ def decode_response(body: bytes, json_length: int | None = None) -> InferRespons
         chunk = None
         if size is not None:
             chunk, offset = raw[offset : offset + size], offset + size
-        name, array = decode_tensor(spec, chunk)
+        name, array = decode_tensor(spec, chunk, null_as_nan=True)
         outputs[name] = array
     return InferResponse(
         model_name=doc.get("model_name", ""),

@@ -26,7 +26,7 @@ from serve.errors import (
     ServeError,
     ServerOverloaded,
 )
-from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES
+from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES, forget_model
 from serve.residency import Candidate, choose_victims, idle_models
 from serve.runtimes import Runtime, attach_runtime, device_kinds, load_runtime
 
@@ -320,6 +320,7 @@ class ModelRepository:
         model = self._models.pop(name, None)
         if model is not None:
             await self._release(model)
+        forget_model(name)  # also a declared name that never got this far
 
     async def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload models past their ``idle_timeout``; returns their names."""

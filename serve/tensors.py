@@ -12,13 +12,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from serve.errors import InvalidInput
+from serve.errors import InvalidInput, excerpt
 
 __all__ = [
     "DATATYPES",
     "datatype_of",
     "decode_tensor",
     "encode_tensor",
+    "encoded_size",
 ]
 
 # OIP datatype -> numpy dtype (little-endian, as the binary extension requires).
@@ -68,21 +69,29 @@ def _shape_of(name: str, spec: dict[str, Any]) -> tuple[int, ...]:
                 break
         else:
             return tuple(shape)
-    raise InvalidInput(f"tensor '{name}': 'shape' must be a list of non-negative integers")
+    raise InvalidInput(f"tensor {excerpt(name)}: 'shape' must be a list of non-negative integers")
 
 
 def _refuse_datatype(name: str, datatype: Any) -> NoReturn:
     known = ", ".join(DATATYPES)
-    raise InvalidInput(f"tensor '{name}': unknown datatype {datatype!r}; expected one of {known}")
+    shown = excerpt(datatype) if isinstance(datatype, str) else type(datatype).__name__
+    raise InvalidInput(f"tensor {excerpt(name)}: unknown datatype {shown}; expected one of {known}")
 
 
 def decode_tensor(
-    spec: Any, raw: bytes | memoryview | None = None, *, max_elements: int | None = None
+    spec: Any,
+    raw: bytes | memoryview | None = None,
+    *,
+    max_elements: int | None = None,
+    null_as_nan: bool = False,
 ) -> tuple[str, np.ndarray]:
     """Turn one request tensor into (name, array shaped as declared).
 
     ``raw`` holds the tensor's bytes when it came through the binary tensor data
-    extension; otherwise the values are read from ``spec["data"]``.
+    extension; otherwise the values are read from ``spec["data"]``. The declared shape is
+    checked against ``max_elements`` before anything is allocated, and data never turns
+    into more elements than the shape declares. ``null_as_nan`` reads answers, whose JSON
+    writes non-finite floats as null.
     """
     if type(spec) is not dict or type(name := spec.get("name")) is not str:
         raise InvalidInput("each tensor must be an object with a string 'name'")
@@ -94,92 +103,146 @@ def decode_tensor(
     count = prod(shape)
     if max_elements is not None and count > max_elements:
         raise InvalidInput(
-            f"tensor '{name}': shape {list(shape)} has {count} elements, "
+            f"tensor {excerpt(name)}: shape {list(shape)} has {count} elements, "
             f"over the limit of {max_elements}"
         )
     if raw is not None:
         if datatype == "BYTES":
-            array = _bytes_from_binary(name, raw)
+            array = _bytes_from_binary(name, raw, count)
         elif len(raw) != count * dtype.itemsize:
             raise InvalidInput(
-                f"tensor '{name}': binary data has {len(raw)} bytes, "
+                f"tensor {excerpt(name)}: binary data has {len(raw)} bytes, "
                 f"shape needs {count * dtype.itemsize}"
             )
         else:
             array = np.frombuffer(raw, dtype=dtype)
     else:
         if "data" not in spec:
-            raise InvalidInput(f"tensor '{name}': no 'data' and no binary data")
-        array = _from_json(name, datatype, dtype, spec["data"])
-    if array.size != count:
-        raise InvalidInput(
-            f"tensor '{name}': shape {list(shape)} needs {count} elements, got {array.size}"
-        )
+            raise InvalidInput(f"tensor {excerpt(name)}: no 'data' and no binary data")
+        array = _from_json(name, datatype, dtype, spec["data"], count, shape, null_as_nan)
     return name, array.reshape(shape)
 
 
-def _from_json(name: str, datatype: str, dtype: np.dtype, data: Any) -> np.ndarray:
-    if not isinstance(data, list):
-        data = [data]
+# Python types JSON (or gRPC typed contents) may hold for each kind of datatype. bool is
+# its own type here, not an int: ``true`` is no 1, ``"1.5"`` no number.
+_VALUE_TYPES = {
+    "b": frozenset({bool}),
+    "i": frozenset({int}),
+    "u": frozenset({int}),
+    "f": frozenset({int, float}),
+    "O": frozenset({str, bytes}),
+}
+_WANTED = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers", "O": "strings"}
+
+
+def _from_json(
+    name: str,
+    datatype: str,
+    dtype: np.dtype,
+    data: Any,
+    count: int,
+    shape: tuple[int, ...],
+    null_as_nan: bool = False,
+) -> np.ndarray:
+    """The flat array of ``data`` (a flat or nested list), refusing anything that would
+    silently change value: booleans or fractions as integers, strings as numbers, values
+    out of the datatype's range (300 as UINT8, 1e39 as FP32)."""
+    flat = data if isinstance(data, list) else [data]
+    types = set(map(type, flat))
+    if list in types:  # nested rows: numpy checks that they are rectangular
+        try:
+            flat = np.array(flat, dtype=object).ravel()
+        except ValueError:
+            _refuse_ragged(name)
+        types = set(map(type, flat))
+        if list in types:  # rows of different lengths, or nested past numpy's 64 dimensions
+            _refuse_ragged(name)
+    if len(flat) != count:
+        raise InvalidInput(
+            f"tensor {excerpt(name)}: shape {list(shape)} needs {count} elements, got {len(flat)}"
+        )
+    if null_as_nan and dtype.kind == "f":
+        types.discard(type(None))
+    if not types <= _VALUE_TYPES[dtype.kind]:
+        raise InvalidInput(f"tensor {excerpt(name)}: {datatype} data must be {_WANTED[dtype.kind]}")
     try:
-        if datatype == "BYTES":
-            flat = np.array(data, dtype=object).ravel()
-            for i, item in enumerate(flat):
-                if isinstance(item, str):
-                    flat[i] = item.encode()
-                elif not isinstance(item, bytes):
-                    raise InvalidInput(f"tensor '{name}': BYTES elements must be strings")
-            return flat
-        if dtype.kind in "biu":
-            # Refuse silent truncation of 1.5 -> 1 or true -> 1.
-            if datatype == "UINT64":
-                return _uint64(name, data)
-            probe = np.asarray(data)
-            allowed = "b" if dtype.kind == "b" else "iu"
-            if probe.size and probe.dtype.kind not in allowed:
-                raise InvalidInput(
-                    f"tensor '{name}': {datatype} data must be "
-                    f"{'true/false' if dtype.kind == 'b' else 'integers'}"
-                )
-            if dtype.kind in "iu":
-                _check_int_range(name, datatype, dtype, probe)
-            return probe.astype(dtype).ravel()
-        return np.array(data, dtype=dtype).ravel()
-    except InvalidInput:
-        raise
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"tensor '{name}': data does not fit {datatype}: {exc}") from None
+        if dtype.kind == "O":
+            array = np.empty(count, dtype=object)
+            array[:] = [x.encode() if type(x) is str else x for x in flat]
+            return array
+        if dtype.kind in "iu":
+            return _integers(name, datatype, dtype, flat)
+        if dtype.kind == "b":
+            return np.array(flat, dtype=dtype)
+        with np.errstate(over="ignore"):
+            array = np.array(flat, dtype=dtype)
+        if not np.isfinite(array).all():
+            _check_overflow(name, datatype, array, flat)
+        return array
+    except OverflowError:
+        _refuse_range(name, datatype)
 
 
-def _uint64(name: str, data: list[Any]) -> np.ndarray:
-    # numpy infers float64 for ints above int64's range: check the Python values instead.
-    flat = np.array(data, dtype=object).ravel()
-    if not all(type(v) is int for v in flat):
-        raise InvalidInput(f"tensor '{name}': UINT64 data must be integers")
-    return np.array(flat.tolist(), dtype=DATATYPES["UINT64"])
+def _refuse_ragged(name: str) -> NoReturn:
+    raise InvalidInput(f"tensor {excerpt(name)}: nested 'data' must be rectangular rows")
 
 
-def _check_int_range(name: str, datatype: str, dtype: np.dtype, probe: np.ndarray) -> None:
+def _integers(name: str, datatype: str, dtype: np.dtype, flat: Any) -> np.ndarray:
     info = np.iinfo(dtype)
-    if probe.size and (probe.min() < info.min or probe.max() > info.max):
-        raise InvalidInput(f"tensor '{name}': value out of range for {datatype}")
+    try:
+        values = np.array(flat, dtype=np.int64)
+    except OverflowError:  # above INT64: fine for UINT64, if none is negative
+        values = np.array(flat, dtype=np.uint64)
+    if values.size and (values.min() < info.min or values.max() > info.max):
+        _refuse_range(name, datatype)
+    return values.astype(dtype, copy=False)
 
 
-def _bytes_from_binary(name: str, raw: bytes | memoryview) -> np.ndarray:
-    """BYTES elements, each behind its 4-byte little-endian length."""
-    items: list[bytes] = []
-    view = memoryview(raw)
+def _check_overflow(name: str, datatype: str, array: np.ndarray, flat: Any) -> None:
+    """Refuse finite values the datatype turned into infinity (1e39 as FP32); NaN and
+    infinity sent as such (gRPC's typed floats can hold them) stay."""
+    if (np.isinf(array) & np.isfinite(np.array(flat, dtype=np.float64))).any():
+        _refuse_range(name, datatype)
+
+
+def _refuse_range(name: str, datatype: str) -> NoReturn:
+    raise InvalidInput(f"tensor {excerpt(name)}: value out of range for {datatype}")
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def _bytes_from_binary(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
+    """The ``count`` BYTES elements of ``raw``, each behind its 4-byte little-endian length.
+
+    Bounded by what the shape declares: a body of millions of empty elements is refused
+    before any allocation unless its shape says so, and then costs one object pointer each
+    (empty and one-byte strings are shared)."""
+    if len(raw) < 4 * count:
+        raise InvalidInput(
+            f"tensor {excerpt(name)}: binary data has {len(raw)} bytes, "
+            f"too few for {count} BYTES elements"
+        )
+    data = bytes(raw)
+    end = len(data)
+    unpack = _LENGTH.unpack_from
+    items: list[bytes] = [b""] * count
     offset = 0
-    while offset < len(view):
-        if offset + 4 > len(view):
-            raise InvalidInput(f"tensor '{name}': truncated BYTES length prefix")
-        (length,) = struct.unpack_from("<I", view, offset)
-        offset += 4
-        if offset + length > len(view):
-            raise InvalidInput(f"tensor '{name}': BYTES element overruns the binary data")
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
-    array = np.empty(len(items), dtype=object)
+    for i in range(count):
+        if offset + 4 > end:
+            raise InvalidInput(f"tensor {excerpt(name)}: truncated BYTES length prefix")
+        (length,) = unpack(data, offset)
+        start = offset + 4
+        offset = start + length
+        if offset > end:
+            raise InvalidInput(f"tensor {excerpt(name)}: BYTES element overruns the binary data")
+        items[i] = data[start:offset]
+    if offset != end:
+        raise InvalidInput(
+            f"tensor {excerpt(name)}: binary data holds more than the {count} BYTES elements "
+            "its shape declares"
+        )
+    array = np.empty(count, dtype=object)
     array[:] = items
     return array
 
@@ -219,6 +282,14 @@ def encode_tensor(
     else:
         spec["data"] = array.ravel().tolist()
     return spec, None
+
+
+def encoded_size(array: np.ndarray) -> int:
+    """Bytes the array takes in an answer's binary form (BYTES: each element behind its
+    4-byte length); a JSON answer of the same tensor is a few times this at most."""
+    if array.dtype.kind not in "OSU":
+        return array.nbytes
+    return sum(4 + len(_as_bytes(x)) for x in array.ravel())
 
 
 def _as_bytes(item: Any) -> bytes:

@@ -6,32 +6,34 @@ always raw (``raw_output_contents``), as Triton does and every OIP client reads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from serve.dataplane import DataPlane
-from serve.errors import InvalidInput, ServeError
+from serve.errors import InvalidInput, ServeError, excerpt
 from serve.grpc import oip_pb2 as pb
 from serve.grpc import oip_pb2_grpc as pb_grpc
-from serve.protocol import DEFAULT_MAX_ELEMENTS, InferRequest, RequestedOutput
+from serve.protocol import (
+    DEFAULT_MAX_ELEMENTS,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    output_bytes,
+    sized_work,
+)
 from serve.tensors import decode_tensor, encode_tensor
 
 __all__ = ["GrpcServer", "OipServicer"]
 
 log = logging.getLogger(__name__)
 
-_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
 # Typed contents field for each datatype (FP16 has none: raw only).
 _CONTENTS = {
     "BOOL": "bool_contents",
@@ -72,11 +74,13 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         else:
             field = _CONTENTS.get(tensor.datatype)
             if field is None:
-                raise InvalidInput(f"input '{tensor.name}': {tensor.datatype} must be sent raw")
+                raise InvalidInput(
+                    f"input {excerpt(tensor.name)}: {excerpt(tensor.datatype)} must be sent raw"
+                )
             spec["data"] = list(getattr(tensor.contents, field))
             name, array = decode_tensor(spec, max_elements=DEFAULT_MAX_ELEMENTS)
         if name in inputs:
-            raise InvalidInput(f"input '{name}' is given twice")
+            raise InvalidInput(f"input {excerpt(name)} is given twice")
         inputs[name] = array
     outputs = [RequestedOutput(o.name, True) for o in request.outputs] or None
     return InferRequest(
@@ -88,16 +92,47 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
+def encode_infer_response(result: InferResponse) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=result.model_name,
+        model_version=result.model_version or "",
+        id=result.id or "",
+    )
+    for name, array in result.outputs.items():
+        spec, raw = encode_tensor(name, array, binary=True)
+        response.outputs.add(name=name, datatype=spec["datatype"], shape=spec["shape"])
+        response.raw_output_contents.append(raw or b"")
+    return response
+
+
 Gate = Callable[[str], "str | None"]
+Call = TypeVar("Call", bound=Callable[..., Awaitable[Any]])
+
+
+def _answers(handler: Call) -> Call:
+    """Every call ends in an answer or a status the client can act on: a ServeError in its
+    own code (the table beside each error's HTTP status), anything else INTERNAL with a
+    generic message, its details logged. Never UNKNOWN, never a path or traceback."""
+
+    @functools.wraps(handler)
+    async def run(self: OipServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except ServeError as exc:
+            await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"rpc": handler.__name__})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return run  # type: ignore[return-value]
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, gate: Gate | None = None) -> None:
         self.dataplane = dataplane
         self._gate = gate
-
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: ServeError) -> None:
-        await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
 
     async def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
         refusal = self._gate(model) if self._gate is not None else None
@@ -116,20 +151,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=meta["name"], version=meta["version"], extensions=meta["extensions"]
         )
 
+    @_answers
     async def ModelReady(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.name)
-        try:
-            ready = self.dataplane.model_ready(request.name, request.version or None)
-        except ServeError as exc:
-            await self._fail(context, exc)
+        ready = self.dataplane.model_ready(request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
+    @_answers
     async def ModelMetadata(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.name)
-        try:
-            meta = await self.dataplane.model_metadata(request.name, request.version or None)
-        except ServeError as exc:
-            await self._fail(context, exc)
+        meta = await self.dataplane.model_metadata(request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta["name"],
@@ -139,40 +170,25 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(**t) for t in meta["outputs"]],
         )
 
+    @_answers
     async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.model_name)
-        try:
-            infer_request = decode_infer_request(request)
-            result = await self.dataplane.infer(
-                request.model_name, infer_request, request.model_version or None, protocol="grpc"
-            )
-        except ServeError as exc:
-            await self._fail(context, exc)
-        response = pb.ModelInferResponse(
-            model_name=result.model_name,
-            model_version=result.model_version or "",
-            id=result.id or "",
+        infer_request = await sized_work(request.ByteSize(), decode_infer_request, request)
+        result = await self.dataplane.infer(
+            request.model_name, infer_request, request.model_version or None, protocol="grpc"
         )
-        for name, array in result.outputs.items():
-            spec, raw = encode_tensor(name, array, binary=True)
-            response.outputs.add(name=name, datatype=spec["datatype"], shape=spec["shape"])
-            response.raw_output_contents.append(raw or b"")
-        return response
+        return await sized_work(output_bytes(result.outputs), encode_infer_response, result)
 
+    @_answers
     async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.model_name)
-        try:
-            await self.dataplane.load(request.model_name)
-        except ServeError as exc:
-            await self._fail(context, exc)
+        await self.dataplane.load(request.model_name)
         return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
 
+    @_answers
     async def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.model_name)
-        try:
-            await self.dataplane.unload(request.model_name)
-        except ServeError as exc:
-            await self._fail(context, exc)
+        await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from cache import DERIVED_DIR
-from serve.errors import InvalidInput
+from serve.errors import InvalidInput, clean_message
 from serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
 
 __all__ = ["MAPPED_MIN_BYTES", "OnnxRuntime", "mapped_copy"]
@@ -52,6 +53,15 @@ _ORT_TYPES = {
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
+
+
+# What session.run raises when the model (loaded fine) fails on the values it was given;
+# anything else (a provider or CUDA failure, EPFail) is ours and answers 500.
+_INPUT_FAULTS = (
+    ort_errors.InvalidArgument,
+    ort_errors.Fail,
+    ort_errors.RuntimeException,
+)
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -128,7 +138,14 @@ class OnnxRuntime:
             else inputs
         )
         names = output_names or self._output_names
-        results = self._session.run(names, feed)
+        try:
+            results = self._session.run(names, feed)
+        except _INPUT_FAULTS as exc:
+            # Inputs of the declared types and ranks that the graph still cannot take: an
+            # index out of range, shapes that do not broadcast, a negative or huge shape.
+            raise InvalidInput(
+                f"the model cannot run on this input: {clean_message(str(exc))}"
+            ) from None
         return dict(zip(names, results, strict=True))
 
     def unload(self) -> None:

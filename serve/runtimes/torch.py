@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from serve.errors import InvalidInput, clean_message
 from serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
 
 __all__ = ["TorchRuntime"]
@@ -189,14 +190,19 @@ class TorchRuntime:
         args = []
         for name in self._input_names:
             if name not in inputs:
-                from serve.errors import InvalidInput
-
                 raise InvalidInput(
                     f"input '{name}' is missing; the model takes {self._input_names}"
                 )
             args.append(torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self._device))
-        with torch.inference_mode():
-            result = self._call(*args)
+        try:
+            with torch.inference_mode():
+                result = self._call(*args)
+        except torch.OutOfMemoryError:
+            raise  # ours: the device is full, whatever was asked
+        except (RuntimeError, IndexError, ValueError, AssertionError) as exc:
+            # Inputs of the declared types the module cannot take: shapes that do not
+            # multiply, an index past an embedding, a failed export guard.
+            raise InvalidInput(f"the model cannot run on this input: {_message(exc)}") from None
         outputs = _name_outputs(result)
         if output_names:
             outputs = {n: outputs[n] for n in output_names if n in outputs}
@@ -204,6 +210,15 @@ class TorchRuntime:
 
     def unload(self) -> None:
         self._call = self._weights = None
+
+
+def _message(exc: BaseException) -> str:
+    """The error without TorchScript's traceback (source lines and their paths): its
+    last line is the error itself."""
+    text = str(exc).strip()
+    if "Traceback of TorchScript" in text:
+        text = text.splitlines()[-1]
+    return clean_message(text)
 
 
 def _module_bytes(module: Any) -> int:
