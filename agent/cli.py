@@ -17,6 +17,7 @@ from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
 from agent.standalone import run_standalone
 from serve.logs import setup_logging
 from serve.loop import serve_forever
+from serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
 
 __all__ = ["main"]
 
@@ -162,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with room once each copy has N requests in flight; copies on one GPU share its "
         "weights (default: the model concurrency; 0: never)",
     )
+    agent.add_argument(
+        "--max-output-bytes",
+        type=quantity,
+        default=DEFAULT_MAX_OUTPUT_BYTES,
+        metavar="QUANTITY",
+        help="most bytes of output tensors one inference answer may carry, e.g. 256Mi; "
+        "larger answers are refused with 400 (default: 64Mi)",
+    )
     _logging_options(agent)
 
     agent.add_argument(
@@ -287,6 +296,7 @@ def _agent(args: argparse.Namespace) -> int:
         model_concurrency=args.model_concurrency,
         model_queue=args.model_queue,
         spread_at=args.spread_at,
+        max_output_bytes=args.max_output_bytes,
         log_format=args.log_format,
     )
     if args.declarations is None:

@@ -29,6 +29,7 @@ from serve.grpc.server import GrpcServer
 from serve.host import LocalHost
 from serve.http import NodeServer, build_app
 from serve.metrics import SERVING_METRICS, request_counts
+from serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
 from serve.repository import ModelRepository
 from serve.workers import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 
@@ -59,6 +60,7 @@ class NodeOptions:
     model_concurrency: int = 4
     model_queue: int = 256
     spread_at: int | None = None  # None: the model concurrency
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # per inference answer
     log_format: str = "text"
     idle_check_seconds: float = 5.0
 
@@ -113,7 +115,11 @@ class NodeServices:
                 max_concurrency_per_model=options.model_concurrency,
             )
             node.agent = NodeAgent(node.store, LocalHost(node._repository))
-            node._dataplane = DataPlane(node._repository, catalog=node.agent)
+            node._dataplane = DataPlane(
+                node._repository,
+                catalog=node.agent,
+                max_output_bytes=options.max_output_bytes,
+            )
             node.app = build_app(node._dataplane)
         node.app.router.add_get(STATUS_PATH, node._status)
         return node
