@@ -165,44 +165,55 @@ def _from_json(
         types.discard(type(None))
     if not types <= _VALUE_TYPES[dtype.kind]:
         raise InvalidInput(f"tensor {excerpt(name)}: {datatype} data must be {_WANTED[dtype.kind]}")
-    try:
-        if dtype.kind == "O":
-            array = np.empty(count, dtype=object)
-            array[:] = [x.encode() if type(x) is str else x for x in flat]
-            return array
-        if dtype.kind in "iu":
-            return _integers(name, datatype, dtype, flat)
-        if dtype.kind == "b":
-            return np.array(flat, dtype=dtype)
-        with np.errstate(over="ignore"):
-            array = np.array(flat, dtype=dtype)
-        if not np.isfinite(array).all():
-            _check_overflow(name, datatype, array, flat)
+    if dtype.kind == "O":
+        array = np.empty(count, dtype=object)
+        array[:] = [x.encode() if type(x) is str else x for x in flat]
         return array
-    except OverflowError:
-        _refuse_range(name, datatype)
+    if dtype.kind in "iu":
+        return _integers(name, datatype, dtype, flat)
+    # FP16/FP32: Python's min and max of a request's floats cost less than numpy's (written
+    # so that a NaN, which compares false, also takes the careful path).
+    edge = _FLOAT_EDGE.get(dtype)
+    in_range = edge is None or not count or null_as_nan or -edge <= min(flat) <= max(flat) <= edge
+    if not in_range:
+        return _floats_past_the_edge(name, datatype, dtype, flat)
+    return np.array(flat, dtype=dtype)
 
 
 def _refuse_ragged(name: str) -> NoReturn:
     raise InvalidInput(f"tensor {excerpt(name)}: nested 'data' must be rectangular rows")
 
 
+_INT_RANGES = {dt: np.iinfo(dt) for dt in DATATYPES.values() if dt.kind in "iu"}
+# The largest finite FP16 and FP32 (FP64: nothing to check, JSON has no number beyond it).
+_FLOAT_EDGE = {dt: float(np.finfo(dt).max) for dt in (DATATYPES["FP16"], DATATYPES["FP32"])}
+
+
 def _integers(name: str, datatype: str, dtype: np.dtype, flat: Any) -> np.ndarray:
-    info = np.iinfo(dtype)
+    info = _INT_RANGES[dtype]
     try:
         values = np.array(flat, dtype=np.int64)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            _refuse_range(name, datatype)
     except OverflowError:  # above INT64: fine for UINT64, if none is negative
-        values = np.array(flat, dtype=np.uint64)
-    if values.size and (values.min() < info.min or values.max() > info.max):
-        _refuse_range(name, datatype)
+        try:
+            values = np.array(flat, dtype=np.uint64)
+        except OverflowError:
+            _refuse_range(name, datatype)
+        if dtype != DATATYPES["UINT64"]:
+            _refuse_range(name, datatype)
     return values.astype(dtype, copy=False)
 
 
-def _check_overflow(name: str, datatype: str, array: np.ndarray, flat: Any) -> None:
-    """Refuse finite values the datatype turned into infinity (1e39 as FP32); NaN and
-    infinity sent as such (gRPC's typed floats can hold them) stay."""
+def _floats_past_the_edge(name: str, datatype: str, dtype: np.dtype, flat: Any) -> np.ndarray:
+    """Values past the datatype's largest: refuse those that would become infinity (1e39
+    as FP32); keep those that round to the largest, and infinity sent as such (gRPC's
+    typed floats can hold it)."""
+    with np.errstate(over="ignore"):
+        array = np.array(flat, dtype=dtype)
     if (np.isinf(array) & np.isfinite(np.array(flat, dtype=np.float64))).any():
         _refuse_range(name, datatype)
+    return array
 
 
 def _refuse_range(name: str, datatype: str) -> NoReturn:
