@@ -15,6 +15,7 @@ from agent import prefetch
 from agent.argtypes import port, positive_int, quantity
 from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
 from agent.standalone import run_standalone
+from cache import CacheDirInUseError, CacheDirLock
 from serve.logs import setup_logging
 from serve.loop import serve_forever
 from serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="most the cache may hold on disk, e.g. 500Gi; least-recently-used undeclared "
         "models are evicted to make room (default: what the disk has)",
     )
+    prefetch.add_cache_mode(agent)
     agent.add_argument(
         "--socket-dir",
         type=Path,
@@ -280,8 +282,24 @@ def _agent(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:  # one agent per cache dir: a second one would delete the first one's models
+        claim = CacheDirLock(args.cache_dir, file_mode=args.cache_mode)
+    except CacheDirInUseError as exc:
+        print(f"nodecache: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"nodecache: cache dir {args.cache_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run_agent(args)
+    finally:
+        claim.release()
+
+
+def _run_agent(args: argparse.Namespace) -> int:
     options = NodeOptions(
         cache_dir=args.cache_dir,
+        cache_mode=args.cache_mode,
         socket_dir=args.socket_dir,
         cache_size=args.cache_size,
         http_port=args.http_port,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.declarations import ModelDeclaration
-from cache import CacheError, ModelStore
+from cache import CacheError, ModelStore, redact_uri
 from serve.errors import NoRoom, ServeError
 from serve.host import ModelHost
 from serve.runtimes import UnsupportedFormat, detect_format
@@ -103,7 +103,7 @@ class NodeAgent:
                 name, decl.source_uri, origins.get(name), decl.model_size
             )
             self._tasks[name] = asyncio.create_task(self._keep(decl), name=f"model:{name}")
-            log.info("model declared", extra={"model": name, "source": decl.source_uri})
+            log.info("model declared", extra={"model": name, "source": redact_uri(decl.source_uri)})
 
     async def _rewarm(self, decl: ModelDeclaration) -> None:
         """The warm decision for this node changed: load, or give the memory back."""
@@ -139,7 +139,10 @@ class NodeAgent:
         for stored in await asyncio.to_thread(self.store.models):
             if stored.source_uri not in wanted:
                 await asyncio.to_thread(self.store.remove, stored.source_uri)
-                log.info("undeclared model deleted from disk", extra={"source": stored.source_uri})
+                log.info(
+                    "undeclared model deleted from disk",
+                    extra={"source": redact_uri(stored.source_uri)},
+                )
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
@@ -184,7 +187,9 @@ class NodeAgent:
             def progress(done: int, total: int | None) -> None:
                 status.bytes_done, status.bytes_total = done, total
 
-            stored = await self.store.fetch(decl.source_uri, progress=progress)
+            stored = await self.store.fetch(
+                decl.source_uri, progress=progress, max_bytes=decl.model_size
+            )
             log.info(
                 "download finished",
                 extra={
@@ -259,7 +264,7 @@ class NodeAgent:
             entry: dict[str, Any] = {
                 "name": name,
                 "state": status.state,
-                "source": status.source_uri,
+                "source": redact_uri(status.source_uri),  # a presigned query is a credential
                 "declaredIn": status.declared_in,
                 "modelSize": status.declared_size,
                 "bytes": status.bytes_done,

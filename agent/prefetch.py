@@ -31,6 +31,8 @@ from typing import Any, TextIO
 
 from agent.argtypes import positive_int, quantity
 from cache import (
+    DEFAULT_FILE_MODE,
+    MODEL_SIZE_TOLERANCE,
     CacheError,
     FetchOptions,
     InsufficientSpaceError,
@@ -38,11 +40,12 @@ from cache import (
     ModelStore,
     StoredModel,
     format_bytes,
+    parse_file_mode,
     redact_uri,
     validate_source_uri,
 )
 
-__all__ = ["ProgressReporter", "add_parser", "main", "run"]
+__all__ = ["ProgressReporter", "add_cache_mode", "add_parser", "main", "run"]
 
 DEFAULT_CACHE_DIR = Path(".nodecache") / "cache"
 PROG = "nodecache prefetch"
@@ -58,6 +61,28 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def _file_mode(text: str) -> int:
+    try:
+        return parse_file_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_cache_mode(parser: argparse.ArgumentParser) -> None:
+    """``--cache-mode``, the same for ``nodecache agent`` and ``nodecache prefetch``."""
+    parser.add_argument(
+        "--cache-mode",
+        type=_file_mode,
+        default=DEFAULT_FILE_MODE,
+        metavar="MODE",
+        help="octal mode of the cached files, whatever the umask or the source's modes; "
+        "folders get x wherever r is set (0640 -> 0750). Whoever reads the models (pods "
+        "mounting them through the CSI volume included) needs the owner or the group; "
+        "0644 lets every user read them. Give the agent and its prefetches the same mode "
+        "(default: 0640)",
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -93,6 +118,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="size limit of the whole cache folder, such as 100Gi; least recently used "
         "models are evicted to make room (default: no limit but the disk)",
     )
+    parser.add_argument(
+        "--model-size",
+        type=quantity,
+        metavar="QUANTITY",
+        help="the model's declared size (a LocalModelCache's modelSize), such as 500Mi: a "
+        f"source that lists or sends more than {MODEL_SIZE_TOLERANCE:.0%} over it is "
+        "refused and nothing is kept (default: no bound but the cache size and the disk)",
+    )
+    add_cache_mode(parser)
     parser.add_argument(
         "--concurrency",
         type=positive_int,
@@ -197,11 +231,18 @@ async def _prefetch(
 ) -> tuple[StoredModel, bool]:
     loop = asyncio.get_running_loop()
     store = await loop.run_in_executor(
-        None, lambda: ModelStore(args.cache_dir, options=options, limit_bytes=args.cache_size)
+        None,
+        lambda: ModelStore(
+            args.cache_dir,
+            options=options,
+            limit_bytes=args.cache_size,
+            file_mode=args.cache_mode,
+        ),
     )
     # Removes damaged models and stale partials (never those another process holds), so a
-    # crashed earlier run cannot block the publish of this one.
-    await loop.run_in_executor(None, store.scan)
+    # crashed earlier run cannot block the publish of this one. The folder's modes are the
+    # agent's to tighten: a prefetch only creates its own files with --cache-mode.
+    await loop.run_in_executor(None, lambda: store.scan(tighten=False))
     task = asyncio.current_task()
     assert task is not None
     received: list[int] = []
@@ -215,7 +256,7 @@ async def _prefetch(
     ticker = asyncio.create_task(reporter.tick_forever())
     try:
         hits = store.stats.hits
-        model = await store.fetch(uri, progress=reporter.update)
+        model = await store.fetch(uri, progress=reporter.update, max_bytes=args.model_size)
         return model, store.stats.hits > hits
     except asyncio.CancelledError:
         if received:

@@ -48,6 +48,7 @@ class NodeOptions:
     cache_dir: Path
     socket_dir: Path
     cache_size: int | None = None
+    cache_mode: int = 0o640  # files; folders get the matching x bits (cache.perms)
     http_port: int | None = None
     grpc_port: int | None = None
     http_host: str = "127.0.0.1"
@@ -70,7 +71,9 @@ class NodeServices:
 
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
-        self.store = ModelStore(options.cache_dir, limit_bytes=options.cache_size)
+        self.store = ModelStore(
+            options.cache_dir, limit_bytes=options.cache_size, file_mode=options.cache_mode
+        )
         register_store_metrics(self.store)
         self.pool: WorkerPool | None = None
         self._background: list[asyncio.Task[None]] = []

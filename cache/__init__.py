@@ -4,16 +4,21 @@ Imports nothing from ``serve`` or ``agent``.
 """
 
 from cache.errors import (
+    CacheDirInUseError,
     CacheError,
     FetchError,
     InsufficientSpaceError,
     IntegrityError,
     InvalidSourceError,
     ModelInUseError,
+    SizeLimitError,
 )
 from cache.fetch import FetchOptions
+from cache.perms import DEFAULT_FILE_MODE, folder_mode, parse_file_mode
 from cache.sources import DERIVED_DIR, MANIFEST_NAME
 from cache.store import (
+    MODEL_SIZE_TOLERANCE,
+    CacheDirLock,
     ModelStore,
     Progress,
     StoredFile,
@@ -24,9 +29,13 @@ from cache.store import (
 from cache.uri import SUPPORTED_SCHEMES, redact_uri, validate_source_uri
 
 __all__ = [
+    "DEFAULT_FILE_MODE",
     "DERIVED_DIR",
     "MANIFEST_NAME",
+    "MODEL_SIZE_TOLERANCE",
     "SUPPORTED_SCHEMES",
+    "CacheDirInUseError",
+    "CacheDirLock",
     "CacheError",
     "FetchError",
     "FetchOptions",
@@ -36,10 +45,13 @@ __all__ = [
     "ModelInUseError",
     "ModelStore",
     "Progress",
+    "SizeLimitError",
     "StoreStats",
     "StoredFile",
     "StoredModel",
+    "folder_mode",
     "format_bytes",
+    "parse_file_mode",
     "redact_uri",
     "validate_source_uri",
 ]

@@ -9,12 +9,14 @@ They never contain credentials (see :func:`cache.uri.redact_uri`).
 from __future__ import annotations
 
 __all__ = [
+    "CacheDirInUseError",
     "CacheError",
     "FetchError",
     "InsufficientSpaceError",
     "IntegrityError",
     "InvalidSourceError",
     "ModelInUseError",
+    "SizeLimitError",
 ]
 
 
@@ -45,6 +47,18 @@ class FetchError(CacheError):
         self.permanent = permanent
 
 
+class SizeLimitError(FetchError):
+    """The source lists or sends more bytes than the model's declared size allows.
+
+    Permanent: the declaration (``modelSize``) or the source must change. Raised before
+    downloading when the listing says so, or as soon as the bytes written go past the
+    allowance (a source without a Content-Length); the partial copy is removed.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, permanent=True)
+
+
 class IntegrityError(CacheError):
     """Bytes on disk do not match what the source publishes (size, ETag/MD5, crc32c).
 
@@ -57,7 +71,8 @@ class InsufficientSpaceError(CacheError):
     """The model cannot fit: the quota (even after eviction) or the disk itself is too small.
 
     Raised before downloading when the size is known up front ("needs X, limit Y, free Z"),
-    or when the disk fills up mid-download (the partial copy is removed).
+    or when the disk fills up, or a source of unknown size streams past the room the store
+    had for it, mid-download (the partial copy is removed).
     """
 
     def __init__(self, message: str, *, needed: int | None = None) -> None:
@@ -67,3 +82,8 @@ class InsufficientSpaceError(CacheError):
 
 class ModelInUseError(CacheError):
     """The model is held by a reader (``ModelStore.use``) and cannot be removed now."""
+
+
+class CacheDirInUseError(CacheError):
+    """Another agent holds the cache directory (its start-up cleanup and garbage collection
+    would delete what this one keeps). ``nodecache prefetch`` never takes this lock."""

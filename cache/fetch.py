@@ -15,6 +15,11 @@ reaches them (mapped, not copied), overlapped with the download. Where the sourc
 Parts that completed are recorded in a journal next to the partial files, after their bytes
 were flushed to disk; after a kill the next fetch re-lists the source and reuses every
 recorded part of every file whose size and ETag are unchanged.
+
+Disk use is bounded by what is written, not by what the source claims: a file of known size
+is preallocated and no part may write past its end; files of unknown size (HTTP without a
+Content-Length) draw on a :class:`WriteBudget` before each write, so an endless source stops
+at the allowance instead of filling the disk.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
+from cache.perms import DEFAULT_FILE_MODE, create_file, folder_mode, make_folder
 from cache.sources import RESERVED_PREFIX, RemoteFile, Source, is_transient, translate_error
 from cache.uri import redact_uri
 
@@ -43,6 +49,7 @@ __all__ = [
     "FetchedFile",
     "Journal",
     "Transfer",
+    "WriteBudget",
     "backoff_delay",
     "retrying",
 ]
@@ -164,6 +171,27 @@ def retrying(
                 raise Aborted from None
 
 
+class WriteBudget:
+    """Bytes the files of unknown size of one download may still take on disk, together.
+
+    Taken before each write that grows such a file, so a source that streams without a
+    Content-Length (or forever) stops at the allowance instead of filling the disk.
+    ``error()`` builds the error raised when a write would go past ``limit``.
+    """
+
+    def __init__(self, limit: int, error: Callable[[], CacheError]) -> None:
+        self.limit = max(0, limit)
+        self.used = 0
+        self._error = error
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            if self.used + n > self.limit:
+                raise self._error()
+            self.used += n
+
+
 class Journal:
     """Which parts of which files of a partial download are complete and on disk.
 
@@ -171,10 +199,13 @@ class Journal:
     leaves it half written.
     """
 
-    def __init__(self, folder: Path, source_uri: str, part_size: int) -> None:
+    def __init__(
+        self, folder: Path, source_uri: str, part_size: int, *, file_mode: int = DEFAULT_FILE_MODE
+    ) -> None:
         self.path = folder / JOURNAL_NAME
         self.source_uri = source_uri
         self.part_size = part_size
+        self.file_mode = file_mode
         self.files: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.save_lock = threading.Lock()
@@ -220,7 +251,9 @@ class Journal:
             )
         with self.save_lock:
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(data, encoding="utf-8")
+            fd = create_file(tmp, os.O_WRONLY | os.O_TRUNC, self.file_mode)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(data)
             os.replace(tmp, self.path)
 
 
@@ -243,6 +276,8 @@ class _FileJob:
     open_lock: threading.Lock = field(default_factory=threading.Lock)
     written: int = 0
     """Bytes of this file delivered so far (unknown-size files only)."""
+    extent: int = 0
+    """Highest offset written so far (unknown-size files only: what they hold on disk)."""
     next_hash: int = 0
     """Index of the first part not yet wholly fed to the hashes."""
     hash_pos: int = 0
@@ -261,7 +296,9 @@ class Transfer:
     """Downloads one listing into one partial folder. All methods are blocking.
 
     ``on_bytes(n)`` is called from worker threads as bytes land (negative when bytes
-    already counted must be fetched again).
+    already counted must be fetched again). Files and folders are created with
+    ``file_mode`` (folders: :func:`cache.perms.folder_mode`); files of unknown size draw on
+    ``budget`` before each write that grows them (None: no bound but the disk).
     """
 
     def __init__(
@@ -275,6 +312,8 @@ class Transfer:
         on_bytes: Callable[[int], None],
         on_retry: Callable[[BaseException, int, float], None] | None = None,
         abort: threading.Event,
+        file_mode: int = DEFAULT_FILE_MODE,
+        budget: WriteBudget | None = None,
     ) -> None:
         self.source = source
         self.folder = folder
@@ -283,6 +322,8 @@ class Transfer:
         self.on_bytes = on_bytes
         self.on_retry = on_retry
         self.abort = abort
+        self.file_mode = file_mode
+        self.budget = budget
         self.jobs = [self._plan(remote) for remote in files]
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -338,9 +379,9 @@ class Transfer:
             remote = job.remote
             fd = -1
             try:
-                job.dest.parent.mkdir(parents=True, exist_ok=True)
-                flags = os.O_RDWR | os.O_CREAT | (0 if job.kept else os.O_TRUNC)
-                fd = os.open(job.dest, flags, 0o644)
+                make_folder(job.dest.parent, folder_mode(self.file_mode))
+                flags = os.O_RDWR | (0 if job.kept else os.O_TRUNC)
+                fd = create_file(job.dest, flags, self.file_mode)
                 if remote.size:
                     _preallocate(fd, remote.size)
             except OSError as exc:
@@ -391,15 +432,20 @@ class Transfer:
         # feeds them to the hashes straight from the receive buffer (no read-back). A part
         # without an end may start over on a retry, so it is hashed after the fact.
         stream = part.end is not None
+        budget = self.budget if part.end is None else None
 
         def sink(offset: int, data: memoryview) -> None:
             if self.abort.is_set():
                 raise Aborted
-            if part.end is not None and offset + len(data) > part.end:
+            reach = offset + len(data)
+            if part.end is not None and reach > part.end:
                 raise IntegrityError(
                     f"{remote.path!r} of {redact_uri(self.source.uri)}: the source sent "
                     f"more than the {remote.size} bytes it announced"
                 )
+            if budget is not None and reach > job.extent:
+                budget.take(reach - job.extent)  # raises before a byte past the allowance
+                job.extent = reach
             _pwrite_all(job.fd, data, offset)
             if stream and job.hash_pos == offset:
                 self._hash_arriving(job, offset, data)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, unquote, unquote_plus, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urljoin, urlsplit
 
 from cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
 from cache.uri import redact_uri, validate_source_uri
@@ -323,31 +323,39 @@ class HttpRanges:
         chunk_size: int,
         etag: str | None = None,
         sign: Callable[[str, str], dict[str, str]] | None = None,
+        size: int | None = None,
     ) -> int:
-        """Ranged GET of ``url`` into ``sink``; ``sign(method, url)`` adds signing headers
-        (recomputed for every redirect hop)."""
+        """Ranged GET of ``url`` into ``sink``; ``sign(method, url)`` adds signing headers.
+
+        Signing headers (and so every credential) go only to the origin (scheme, host,
+        port) of ``url``: a redirect to another origin, such as a CDN or whatever a hostile
+        endpoint names, is followed unsigned, and so is every hop after it. Same-origin hops
+        are signed again for their own path. ``size`` is the object's size as listed: bytes
+        past it are an error.
+        """
         headers = {"Accept-Encoding": "identity", "User-Agent": "nodecache"}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
         if etag:
             headers["If-Match"] = f'"{etag}"'
+        origin = _endpoint(url)[:3]
+        trusted = sign is not None
         for _ in range(_MAX_REDIRECTS + 1):
             scheme, host, port, target = _endpoint(url)
-            hop = headers if sign is None else {**headers, **sign("GET", url)}
+            trusted = trusted and (scheme, host, port) == origin
+            hop = {**headers, **sign("GET", url)} if trusted and sign is not None else headers
             resp = self._request(scheme, host, port, target, hop)
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 resp.read()
                 if not location:
                     raise SourceHttpError(resp.status, "", "redirect without Location")
-                url = (
-                    location
-                    if "://" in location
-                    else f"{scheme}://{urlsplit(url).netloc}{location}"
-                )
+                url = urljoin(url, location)
+                if urlsplit(url).scheme not in ("http", "https"):
+                    raise SourceHttpError(resp.status, "", "redirect to a non-HTTP location")
                 continue
             try:
-                pos, reusable = self._body(resp, start, end, sink, chunk_size)
+                pos, reusable = self._body(resp, start, end, sink, chunk_size, size)
             except BaseException:
                 self._drop(scheme, host, port)
                 raise
@@ -401,6 +409,7 @@ class HttpRanges:
         end: int | None,
         sink: Sink,
         chunk_size: int,
+        size: int | None = None,
     ) -> tuple[int, bool]:
         if resp.status >= 400:
             body = resp.read(64 * 1024)
@@ -436,8 +445,14 @@ class HttpRanges:
                     f"source served {pos - start} bytes where {end - start} were announced"
                 )
             raise http.client.IncompleteRead(b"", end - pos)
-        if resp.length:
-            return pos, False  # unread rest of a full-body answer: do not reuse
+        if end is not None:
+            # Never read an unknown rest to the end (it may not have one): one byte says
+            # whether there is more.
+            more = resp.length if resp.length is not None else len(resp.read(1))
+            if more:
+                if size is not None and end >= size:
+                    raise IntegrityError(f"source sent more than the {size} bytes it announced")
+                return pos, False  # unread rest of a full-body answer: do not reuse
         resp.read()  # nothing left: lets the connection be reused
         return pos, True
 
@@ -505,7 +520,7 @@ class HttpSource(Source):
                         seen.add(url)
                         links.append(url)
             if len(seen) > _MAX_HTTP_ENTRIES:
-                raise FetchError(f"{self.uri} lists too many entries", permanent=True)
+                raise FetchError(f"{redact_uri(self.uri)} lists too many entries", permanent=True)
             folders = [u for u in links if u.endswith("/")]
             candidates = [u for u in links if not u.endswith("/")]
             infos = _map_threads(self._info, candidates)
@@ -535,7 +550,9 @@ class HttpSource(Source):
     def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
         # If-Match only where the server gave a strong ETag for a rangeable object.
         etag = remote.etag if remote.ranges else None
-        return self.http.get(remote.url, start, end, sink, chunk_size=self.chunk_size, etag=etag)
+        return self.http.get(
+            remote.url, start, end, sink, chunk_size=self.chunk_size, etag=etag, size=remote.size
+        )
 
 
 # ---- s3:// ---------------------------------------------------------------------------------
@@ -607,6 +624,7 @@ class S3fsSource(_FsspecBucketSource):
                 "connect_timeout": self.timeout,
                 "read_timeout": self.timeout,
                 "signature_version": "s3v4",
+                "http_session_cls": _unredirected_session_class(),
             },
             **options,
         )
@@ -629,7 +647,38 @@ class S3fsSource(_FsspecBucketSource):
             url = f"{self.endpoint.rstrip('/')}/{quote(remote.url, safe='/~')}"
         else:
             url = self.fs.url(remote.url, expires=3600)
-        return self.http.get(url, start, end, sink, chunk_size=self.chunk_size, etag=remote.etag)
+        return self.http.get(
+            url, start, end, sink, chunk_size=self.chunk_size, etag=remote.etag, size=remote.size
+        )
+
+
+def _unredirected_session_class() -> type:
+    """aiobotocore's HTTP session, except that it never follows a redirect.
+
+    aiobotocore lets aiohttp follow 301/302/307 answers, and aiohttp drops only the
+    ``Authorization`` header when the redirect leaves the host: the session token and the
+    other signing headers went on to whatever host the endpoint named (checked against a
+    real redirecting server, aiobotocore 3.10). An S3 endpoint has no business redirecting a
+    signed request elsewhere, so the answer goes back to botocore as it is (an error; an S3
+    region redirect is still handled by botocore, which signs for the right region itself).
+    """
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    class UnredirectedSession(AIOHTTPSession):  # type: ignore[misc]
+        async def _get_session(self, proxy_url: Any) -> Any:
+            return _NoRedirects(await super()._get_session(proxy_url))
+
+    return UnredirectedSession
+
+
+class _NoRedirects:
+    """An aiohttp session whose requests never follow redirects."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        return self._session.request(*args, **{**kwargs, "allow_redirects": False})
 
 
 class S3Source(Source):
@@ -773,6 +822,7 @@ class S3Source(Source):
             chunk_size=self.chunk_size,
             etag=remote.etag,
             sign=None if self.signer is None else self.signer.headers,
+            size=remote.size,
         )
 
 
@@ -947,7 +997,9 @@ class GcsSource(_FsspecBucketSource):
         )
         if remote.etag:  # the generation listed: a newer upload mid-download is an error
             url += f"&generation={remote.etag}"
-        return self.http.get(url, start, end, sink, chunk_size=self.chunk_size, sign=self._auth)
+        return self.http.get(
+            url, start, end, sink, chunk_size=self.chunk_size, sign=self._auth, size=remote.size
+        )
 
 
 def open_source(

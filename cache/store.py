@@ -8,11 +8,18 @@ Layout under ``root`` (the agent's ``--cache-dir``)::
     tmp/<key>.partial/.nodecache-journal.json
     tmp/<anything else>                  folders being deleted; disposable
     locks/<key>.lock                     flock held while a process downloads <key>
+    locks/agent.lock                     flock held by the one agent that owns the folder
 
 A model folder only ever appears in ``models/`` through one atomic rename of a fully written,
 verified and flushed folder, so a reader that finds ``models/<key>/`` with a manifest finds a
 complete model. The manifest's modification time records the model's last use (LRU order
 survives restarts).
+
+Every file the store creates has the store's ``file_mode`` (0640 by default) and every folder
+the matching search bits (0750), set explicitly whatever the umask (:mod:`cache.perms`).
+A download never writes more than the model's declared size allows (``max_bytes`` plus
+:data:`MODEL_SIZE_TOLERANCE`) nor more than the store has room for, whatever the source
+claims.
 """
 
 from __future__ import annotations
@@ -38,15 +45,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cache.errors import CacheError, InsufficientSpaceError, ModelInUseError
+from cache.errors import (
+    CacheDirInUseError,
+    CacheError,
+    InsufficientSpaceError,
+    ModelInUseError,
+    SizeLimitError,
+)
 from cache.fetch import (
     JOURNAL_NAME,
     FetchedFile,
     FetchOptions,
     Journal,
     Transfer,
+    WriteBudget,
     ensure_fetch_error,
     retrying,
+)
+from cache.perms import (
+    DEFAULT_FILE_MODE,
+    check_file_mode,
+    create_file,
+    folder_mode,
+    make_folder,
+    restrict,
 )
 from cache.sources import (
     DERIVED_DIR,
@@ -60,7 +82,16 @@ from cache.sources import (
 )
 from cache.uri import redact_uri, validate_source_uri
 
-__all__ = ["ModelStore", "Progress", "StoreStats", "StoredFile", "StoredModel", "format_bytes"]
+__all__ = [
+    "MODEL_SIZE_TOLERANCE",
+    "CacheDirLock",
+    "ModelStore",
+    "Progress",
+    "StoreStats",
+    "StoredFile",
+    "StoredModel",
+    "format_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +101,11 @@ Progress = Callable[[int, int | None], None]
 MANIFEST_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_MAX_AGE = 3 * 24 * 3600.0
+MODEL_SIZE_TOLERANCE = 0.25
+"""How far past its declared size (``modelSize``) a model may go: declarations are often
+rounded ("500Mi" for a 510 MiB model), so a quarter more is allowed; past that the download
+stops and the partial copy is removed."""
+AGENT_LOCK_NAME = "agent.lock"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -160,9 +196,11 @@ class ModelStore:
     """Models on node-local disk, keyed by source URI.
 
     ``limit_bytes`` bounds what the store may hold (published models plus partial
-    downloads); None means "whatever the disk has". Processes sharing one ``root`` (the
-    agent and a ``nodecache prefetch`` init container) coordinate through lock files: one
-    downloads, the other waits and then finds the published model.
+    downloads); None means "whatever the disk has". ``file_mode`` is the mode of every file
+    the store creates (folders get the matching search bits; see :mod:`cache.perms`).
+    Processes sharing one ``root`` (the agent and a ``nodecache prefetch`` init container)
+    coordinate through lock files: one downloads, the other waits and then finds the
+    published model.
     """
 
     def __init__(
@@ -171,15 +209,18 @@ class ModelStore:
         *,
         options: FetchOptions | None = None,
         limit_bytes: int | None = None,
+        file_mode: int = DEFAULT_FILE_MODE,
     ) -> None:
         self.root = Path(root)
         self.options = options or FetchOptions()
         self.limit_bytes = limit_bytes
+        self.file_mode = check_file_mode(file_mode)
+        self.folder_mode = folder_mode(file_mode)
         self.models_dir = self.root / "models"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
         for folder in (self.models_dir, self.tmp_dir, self.locks_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folder(folder, self.folder_mode)
         self.stats = StoreStats()
         self._index: dict[str, StoredModel] = {}
         self._index_loaded = False
@@ -270,24 +311,37 @@ class ModelStore:
 
     # ---- startup scan -----------------------------------------------------------------
 
-    def scan(self) -> list[StoredModel]:
+    def scan(self, *, tighten: bool = True) -> list[StoredModel]:
         """Clean up after a crash and return the intact models.
 
         Deletes every model folder whose manifest is missing or unreadable, or whose files
         are missing or differ in size from the manifest, and everything under ``tmp/``
         except resumable partial downloads (a journal, younger than three days) and those
-        another process is downloading right now.
+        another process is downloading right now (a partial is deleted only while this
+        process holds its download lock, so no download can start on it meanwhile).
+
+        With ``tighten`` (the agent, which owns the folder's policy), every permission bit
+        ``file_mode`` does not give is taken away from the store's folders and published
+        models, so copies written before the policy existed follow it too. A prefetch
+        shares the folder with an agent and leaves that to it.
         """
         now = time.time()
         for entry in _listdir(self.tmp_dir):
             key = entry.name[: -len(PARTIAL_SUFFIX)] if entry.name.endswith(PARTIAL_SUFFIX) else ""
-            if key and (key in self._downloads or self._locked_elsewhere(key)):
+            if not key:
+                _rmtree(entry)  # a folder being deleted
                 continue
-            journal = entry / JOURNAL_NAME
+            if key in self._downloads:
+                continue
             with contextlib.suppress(OSError):
-                if key and now - journal.stat().st_mtime < PARTIAL_MAX_AGE:
+                if now - (entry / JOURNAL_NAME).stat().st_mtime < PARTIAL_MAX_AGE:
                     continue
-            _rmtree(entry)
+            with self._download_lock_if_free(key) as free:
+                if free:
+                    _rmtree(entry)
+        if tighten:
+            for folder in (self.models_dir, self.tmp_dir, self.locks_dir):
+                restrict(folder, self.file_mode)
         index: dict[str, StoredModel] = {}
         for entry in _listdir(self.models_dir):
             model = self._load(entry) if entry.is_dir() and not entry.is_symlink() else None
@@ -308,6 +362,7 @@ class ModelStore:
         *,
         progress: Progress | None = None,
         credentials: Mapping[str, str] | None = None,
+        max_bytes: int | None = None,
     ) -> StoredModel:
         """Return the model for ``source_uri``, downloading and publishing it if needed.
 
@@ -320,6 +375,11 @@ class ModelStore:
         ``credentials`` (resolved by the caller from a Secret or credentials file; see
         :func:`cache.sources.open_source` for the names) override the environment. Their
         values never appear in errors or logs.
+
+        ``max_bytes`` is the model's declared size (``modelSize``): a source that lists, or
+        sends, more than it plus :data:`MODEL_SIZE_TOLERANCE` fails with
+        :class:`SizeLimitError` and leaves nothing on disk. Callers that join a download
+        already running share its bound.
         """
         uri = validate_source_uri(source_uri)
         key = self.key_for(uri)
@@ -336,7 +396,7 @@ class ModelStore:
             download = _Download()
             self._downloads[key] = download
             download.task = asyncio.create_task(
-                self._download(uri, key, download, dict(credentials or {}))
+                self._download(uri, key, download, dict(credentials or {}), max_bytes)
             )
             download.task.add_done_callback(lambda _t: self._forget(key, download))
         if progress is not None:
@@ -368,7 +428,12 @@ class ModelStore:
             task.exception()  # mark retrieved: every waiter has seen or abandoned it
 
     async def _download(
-        self, uri: str, key: str, download: _Download, credentials: dict[str, str]
+        self,
+        uri: str,
+        key: str,
+        download: _Download,
+        credentials: dict[str, str],
+        max_bytes: int | None,
     ) -> StoredModel:
         lock_fd = await self._acquire_lock(key)
         try:
@@ -377,7 +442,7 @@ class ModelStore:
                 return hit
             started = time.monotonic()
             try:
-                model = await self._transfer(uri, key, download, credentials)
+                model = await self._transfer(uri, key, download, credentials, max_bytes)
             except CacheError as exc:
                 self.stats.fetches_failed += 1
                 raise mask_secrets(exc, credentials) from None
@@ -394,7 +459,7 @@ class ModelStore:
             os.close(lock_fd)
 
     async def _acquire_lock(self, key: str) -> int:
-        fd = os.open(self.locks_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = create_file(self.locks_dir / f"{key}.lock", os.O_RDWR, self.file_mode)
         try:
             while True:
                 try:
@@ -406,22 +471,29 @@ class ModelStore:
             os.close(fd)
             raise
 
-    def _locked_elsewhere(self, key: str) -> bool:
-        path = self.locks_dir / f"{key}.lock"
+    @contextlib.contextmanager
+    def _download_lock_if_free(self, key: str) -> Iterator[bool]:
+        """Take ``key``'s download lock without waiting. Yields True while it is held here
+        (no process can start or resume that download meanwhile, so its partial may go),
+        False when a download holds it (in another process, or in this one)."""
+        fd = create_file(self.locks_dir / f"{key}.lock", os.O_RDWR, self.file_mode)
         try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
         finally:
             os.close(fd)  # closing drops our lock, if we got it
-        return False
 
     async def _transfer(
-        self, uri: str, key: str, download: _Download, credentials: dict[str, str]
+        self,
+        uri: str,
+        key: str,
+        download: _Download,
+        credentials: dict[str, str],
+        max_bytes: int | None,
     ) -> StoredModel:
         loop = asyncio.get_running_loop()
         opts = self.options
@@ -463,11 +535,22 @@ class ModelStore:
                 functools.partial(retrying, source.list_files, opts, abort, on_retry=on_retry)
             )
             sizes = [f.size for f in files]
-            total = None if None in sizes else sum(s for s in sizes if s is not None)
+            known = sum(s for s in sizes if s is not None)
+            total = None if None in sizes else known
+            allowance = _allowance(max_bytes)
+            if allowance is not None and known > allowance:
+                raise SizeLimitError(
+                    f"{redact_uri(uri)} lists {format_bytes(known)}, more than modelSize "
+                    f"{_size_rule(max_bytes)} allows"
+                )
             with download.lock:
                 download.total = total
-            await run(self._make_room, uri, key, total or 0, download)
-            journal = Journal(folder, uri, opts.part_size)
+            # Files of unknown size get the declared size reserved, and may grow into what
+            # the store has room for, up to the allowance.
+            needed = known if total is not None else max(known, max_bytes or 0)
+            room = await run(self._make_room, uri, key, needed, download)
+            budget = None if total is not None else self._budget(uri, known, room, max_bytes)
+            journal = Journal(folder, uri, opts.part_size, file_mode=self.file_mode)
             await run(self._prepare_partial, folder, journal, files)
             transfer = Transfer(
                 source,
@@ -478,6 +561,8 @@ class ModelStore:
                 on_bytes=on_bytes,
                 on_retry=on_retry,
                 abort=abort,
+                file_mode=self.file_mode,
+                budget=budget,
             )
             resumed = await run(transfer.prepare)
             transfer.start_journal()
@@ -531,8 +616,31 @@ class ModelStore:
         if folder is not None:
             _rmtree(folder)
 
+    def _budget(self, uri: str, known: int, room: int, max_bytes: int | None) -> WriteBudget:
+        """What the files of unknown size may write together: the declared size's
+        allowance or the store's room, whichever is smaller, less the files of known size."""
+        allowance = _allowance(max_bytes)
+        shown = redact_uri(uri)
+        if allowance is not None and allowance <= room:
+            return WriteBudget(
+                allowance - known,
+                lambda: SizeLimitError(
+                    f"{shown}: the source sent more than modelSize {_size_rule(max_bytes)} "
+                    "allows; download stopped and its partial copy removed"
+                ),
+            )
+        if self.limit_bytes is None:
+            where = f"disk full while fetching {shown}: the source sent more than the disk had"
+        else:
+            where = (
+                f"{shown}: the source sent more than the cache had room for (limit "
+                f"{format_bytes(self.limit_bytes)})"
+            )
+        message = f"{where}, {format_bytes(room)}; download stopped and its partial copy removed"
+        return WriteBudget(room - known, lambda: InsufficientSpaceError(message))
+
     def _prepare_partial(self, folder: Path, journal: Journal, files: list[RemoteFile]) -> None:
-        folder.mkdir(exist_ok=True)
+        make_folder(folder, self.folder_mode)
         journal.load()
         wanted = {f.path for f in files}
         journal.files = {p: e for p, e in journal.files.items() if p in wanted}
@@ -552,7 +660,8 @@ class ModelStore:
         }
         try:
             (tmp / JOURNAL_NAME).unlink(missing_ok=True)
-            with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as out:
+            fd = create_file(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_TRUNC, self.file_mode)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(manifest, out, indent=1)
                 out.write("\n")
                 out.flush()
@@ -581,13 +690,21 @@ class ModelStore:
 
     # ---- quota ----------------------------------------------------------------------------
 
-    def _make_room(self, uri: str, key: str, needed: int, download: _Download) -> None:
-        """Reserve ``needed`` bytes for ``key``, evicting LRU models; refuse if impossible."""
+    def _make_room(self, uri: str, key: str, needed: int, download: _Download) -> int:
+        """Reserve ``needed`` bytes for ``key``, evicting LRU models; refuse if impossible.
+
+        Returns the room this download has (at least ``needed``): what a source of unknown
+        size may write at most.
+        """
         with self._space_lock:
             self._ensure_index()
             partials = self._partial_bytes()
             own = partials.pop(key, 0)
             # Partials of downloads in flight are preallocated: counted here and on the disk.
+            # One of unknown size holds its reservation even before its bytes arrive.
+            for other, running in list(self._downloads.items()):
+                if other != key and running.reserved:
+                    partials[other] = max(partials.get(other, 0), running.reserved)
             published = sum(m.disk_bytes() for m in self._index.values())
             disk_free = shutil.disk_usage(self.root).free + own
             if self.limit_bytes is None:
@@ -611,9 +728,10 @@ class ModelStore:
             for pkey in sorted(idle_partials):
                 if needed <= free:
                     break
-                if not self._locked_elsewhere(pkey):
-                    _rmtree(self.tmp_dir / f"{pkey}{PARTIAL_SUFFIX}")
-                    free += idle_partials[pkey]
+                with self._download_lock_if_free(pkey) as idle:
+                    if idle:
+                        _rmtree(self.tmp_dir / f"{pkey}{PARTIAL_SUFFIX}")
+                        free += idle_partials[pkey]
             for model in candidates:
                 if needed <= free:
                     break
@@ -630,6 +748,7 @@ class ModelStore:
                     needed=needed,
                 )
             download.reserved = needed
+            return free
 
     def _eviction_candidates(self) -> list[StoredModel]:
         """Published models that are not protected and not in use, least recently used first."""
@@ -662,8 +781,10 @@ class ModelStore:
         if self._leases.get(key):
             raise ModelInUseError(f"{redact_uri(source_uri)} is in use; release it first")
         self._index.pop(key, None)
-        if key not in self._downloads and not self._locked_elsewhere(key):
-            _rmtree(self.tmp_dir / f"{key}{PARTIAL_SUFFIX}")
+        if key not in self._downloads:
+            with self._download_lock_if_free(key) as idle:
+                if idle:
+                    _rmtree(self.tmp_dir / f"{key}{PARTIAL_SUFFIX}")
         folder = self.models_dir / key
         if not folder.exists():
             return False
@@ -710,6 +831,57 @@ class ModelStore:
         if not files:
             return None
         return StoredModel(key=folder.name, source_uri=uri, path=folder, files=tuple(files))
+
+
+class CacheDirLock:
+    """The agent's claim on its cache folder: an exclusive ``flock`` on ``locks/agent.lock``,
+    held until :meth:`release` or the process ends (a kill releases it too).
+
+    A second agent on the same folder would delete the first one's models at start (its
+    clean-up and garbage collection take them for its own leftovers), so it is refused.
+    ``nodecache prefetch`` does not take this lock: it shares the folder with a running
+    agent by design and coordinates with it per download (``locks/<key>.lock``).
+    """
+
+    def __init__(self, root: Path, *, file_mode: int = DEFAULT_FILE_MODE) -> None:
+        self.root = Path(root)
+        locks = self.root / "locks"
+        make_folder(locks, folder_mode(check_file_mode(file_mode)))
+        fd = create_file(locks / AGENT_LOCK_NAME, os.O_RDWR, file_mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            raise CacheDirInUseError(
+                f"cache dir {self.root} is in use by another agent ({who})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _allowance(max_bytes: int | None) -> int | None:
+    """The most a model declared as ``max_bytes`` may take on disk."""
+    return None if max_bytes is None else int(max_bytes * (1 + MODEL_SIZE_TOLERANCE))
+
+
+def _size_rule(max_bytes: int | None) -> str:
+    """``'64.0 MiB (80.0 MiB with the 25% tolerance)'``, for error messages."""
+    allowance = _allowance(max_bytes) or 0
+    return (
+        f"{format_bytes(max_bytes or 0)} ({format_bytes(allowance)} with the "
+        f"{MODEL_SIZE_TOLERANCE:.0%} tolerance)"
+    )
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
