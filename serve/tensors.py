@@ -7,6 +7,7 @@ Errors name the tensor so a client can tell which input was wrong.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from math import prod
 from typing import Any, NoReturn
 
@@ -237,24 +238,31 @@ def _bytes_from_binary(name: str, raw: bytes | memoryview, count: int) -> np.nda
     data = bytes(raw)
     end = len(data)
     unpack = _LENGTH.unpack_from
-    items: list[bytes] = [b""] * count
-    offset = 0
-    for i in range(count):
-        if offset + 4 > end:
-            raise InvalidInput(f"tensor {excerpt(name)}: truncated BYTES length prefix")
-        (length,) = unpack(data, offset)
-        start = offset + 4
-        offset = start + length
-        if offset > end:
-            raise InvalidInput(f"tensor {excerpt(name)}: BYTES element overruns the binary data")
-        items[i] = data[start:offset]
-    if offset != end:
+    read = 0  # bytes the elements taken so far occupy
+
+    def elements() -> Iterator[bytes]:
+        nonlocal read
+        offset = 0
+        for _ in range(count):
+            if offset + 4 > end:
+                raise InvalidInput(f"tensor {excerpt(name)}: truncated BYTES length prefix")
+            (length,) = unpack(data, offset)
+            start = offset + 4
+            offset = start + length
+            if offset > end:
+                raise InvalidInput(
+                    f"tensor {excerpt(name)}: BYTES element overruns the binary data"
+                )
+            read = offset  # fromiter stops taking at count: never past the last yield
+            yield data[start:offset]
+
+    # Straight into the array: no list of them on the side.
+    array = np.fromiter(elements(), dtype=object, count=count)
+    if read != end:
         raise InvalidInput(
             f"tensor {excerpt(name)}: binary data holds more than the {count} BYTES elements "
             "its shape declares"
         )
-    array = np.empty(count, dtype=object)
-    array[:] = items
     return array
 
 

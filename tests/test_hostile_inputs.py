@@ -21,12 +21,14 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from serve.dataplane import DataPlane
+from serve.errors import InvalidInput
 from serve.grpc import oip_pb2 as pb
 from serve.grpc import oip_pb2_grpc as pb_grpc
 from serve.grpc.server import GrpcServer
 from serve.http import NodeServer, build_app
 from serve.metrics import UNKNOWN_MODEL
 from serve.repository import ModelRepository
+from serve.tensors import decode_tensor
 
 # -- small real models -----------------------------------------------------------------
 
@@ -275,6 +277,27 @@ async def test_liveness_answers_while_millions_of_bytes_elements_decode(node: No
     assert live.startswith(b"HTTP/1.1 200") and not answered.is_set()
     answer = await big_task
     assert answer.startswith(b"HTTP/1.1 400") and b"overruns" in answer
+
+
+@pytest.mark.parametrize(
+    ("shape", "raw", "needle"),
+    [
+        ([1000], b"\0" * 400, "too few for 1000 BYTES elements"),  # refused before allocating
+        ([1], b"\0\0\0\0" * 2, "more than the 1 BYTES elements"),
+        ([2], b"\0\0\0\0" + b"\xff\xff\xff\xff", "overruns"),
+        ([2], b"\1\0\0\0a\0\0\0", "truncated"),
+    ],
+)
+def test_binary_bytes_decode_only_what_the_shape_declares(
+    shape: list[int], raw: bytes, needle: str
+) -> None:
+    with pytest.raises(InvalidInput, match=needle):
+        decode_tensor({"name": "x", "datatype": "BYTES", "shape": shape}, raw)
+    two = struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)
+    assert decode_tensor({"name": "x", "datatype": "BYTES", "shape": [2]}, two)[1].tolist() == [
+        b"ab",
+        b"",
+    ]
 
 
 # -- 3. runtime errors the client caused -----------------------------------------------
