@@ -1,7 +1,11 @@
-"""One multi-model server process: its own repository on one device, on a private socket.
+"""One multi-model server process: its own repository on one device, on private sockets.
 
-The agent starts these (``python -m serve.worker``), registers models with them
-over a small control API beside the OIP routes, and routes requests to them.
+The agent starts these (``python -I -m serve.worker``), registers models with them over a
+control API, and relays requests to them. The two never share a channel: the OIP routes
+listen on the data socket, which carries whatever a caller sent, and the control routes on
+a second socket, where every request must also carry the agent's secret token (given in
+the environment, never on the command line that every process on the node can read). So
+no byte a caller sends can register, load or export a model.
 A worker exits when the agent that started it is gone.
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
 import os
 import signal
@@ -16,21 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from serve.dataplane import DataPlane
 from serve.devices import Device
 from serve.errors import ModelNotFound
-from serve.http import DATAPLANE, NodeServer, build_app, error_response
+from serve.http import DATAPLANE, NodeServer, _errors, build_app, error_response
 from serve.logs import setup_logging
 from serve.loop import serve_forever
 from serve.metrics import SERVING_METRICS, request_counts
 from serve.repository import ModelRepository
 
-__all__ = ["CONTROL", "build_worker_app", "main"]
+__all__ = ["CONTROL", "TOKEN_ENV", "build_control_app", "build_worker_app", "main"]
 
 log = logging.getLogger(__name__)
 CONTROL = "/nodecache/v1/worker"
+TOKEN_ENV = "NODECACHE_WORKER_TOKEN"
+"""The environment variable that hands a worker the agent's control token."""
 REPOSITORY = web.AppKey("repository", ModelRepository)
 
 
@@ -90,6 +98,11 @@ async def _weights(request: web.Request) -> web.Response:
     return web.json_response({"weights": weights, "loads": model.loads})
 
 
+async def _unload(request: web.Request) -> web.Response:
+    await request.app[REPOSITORY].unload(request.match_info["name"])
+    return web.json_response({})
+
+
 async def _unregister(request: web.Request) -> web.Response:
     await request.app[REPOSITORY].unregister(request.match_info["name"])
     return web.json_response({})
@@ -120,12 +133,35 @@ async def _metrics(_: web.Request) -> web.Response:
 
 
 def build_worker_app(repository: ModelRepository) -> web.Application:
+    """The data socket's app: the OIP routes and nothing else."""
     app = build_app(DataPlane(repository))
-    app[REPOSITORY] = repository
     assert app[DATAPLANE].repository is repository
+    return app
+
+
+def _authenticated(token: str) -> web.Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
+            return error_response(403, "control calls need the agent's token")
+        return await handler(request)
+
+    return check
+
+
+def build_control_app(repository: ModelRepository, token: str) -> web.Application:
+    """The control socket's app: what only the agent may ask, each call authenticated."""
+    if not token:
+        raise ValueError("a worker needs a control token")
+    app = web.Application(middlewares=[_authenticated(token), _errors])
+    app[REPOSITORY] = repository
     app.router.add_put(CONTROL + "/models/{name}", _register)
     app.router.add_put(CONTROL + "/models/{name}/policy", _policy)
     app.router.add_post(CONTROL + "/models/{name}/load", _load)
+    app.router.add_post(CONTROL + "/models/{name}/unload", _unload)
     app.router.add_get(CONTROL + "/models/{name}/weights", _weights)
     app.router.add_delete(CONTROL + "/models/{name}", _unregister)
     app.router.add_get(CONTROL + "/status", _status)
@@ -139,12 +175,15 @@ async def _serve(args: argparse.Namespace) -> None:
         max_inflight_per_model=args.model_queue,
         max_concurrency_per_model=args.model_concurrency,
     )
+    token = os.environ.pop(TOKEN_ENV, "")
     server = NodeServer(build_worker_app(repository), Path(args.socket))
+    control = NodeServer(build_control_app(repository, token), Path(args.control_socket))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    await control.start()  # last: once the agent's first call answers, both are up
     parent = os.getppid()
 
     async def watch_parent() -> None:
@@ -164,13 +203,15 @@ async def _serve(args: argparse.Namespace) -> None:
     for task in tasks:
         task.cancel()
     await server.stop()
+    await control.stop()
     for model in repository.models():
         await repository.unregister(model.name)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve.worker")
-    parser.add_argument("--socket", required=True)
+    parser = argparse.ArgumentParser(prog="python -I -m serve.worker")
+    parser.add_argument("--socket", required=True, help="the data socket (OIP)")
+    parser.add_argument("--control-socket", required=True, help="the agent's control socket")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--total", type=int, default=0)
     parser.add_argument("--budget", type=int, required=True)

@@ -21,11 +21,14 @@ import contextlib
 import json
 import logging
 import os
+import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -36,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from serve.dataplane import SERVER_NAME, SERVER_VERSION, Catalog
+from serve.dataplane import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Catalog
 from serve.devices import Device
 from serve.errors import (
     InvalidInput,
@@ -46,7 +49,7 @@ from serve.errors import (
     NoRoom,
     ServeError,
 )
-from serve.http import PROTOCOL_HEADER, error_response
+from serve.http import PROTOCOL_HEADER, _errors
 from serve.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -54,16 +57,22 @@ from serve.protocol import (
     decode_response,
     encode_request,
 )
-from serve.relay import WorkerLink
+from serve.relay import RelayBusy, UnsafeRequest, WorkerLink
 from serve.runtimes import device_kinds
-from serve.worker import CONTROL
+from serve.worker import CONTROL, TOKEN_ENV
 
 __all__ = ["PoolDataPlane", "WorkerPool", "build_router_app", "worker_devices"]
 
 log = logging.getLogger(__name__)
 
-# Hop-by-hop headers are not forwarded (RFC 9110 7.6.1); the rest passes untouched.
-_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host", "content-length"}
+# What crosses the relay: only the headers the worker's OIP routes read, never hop-by-hop
+# ones (Expect, Connection, Transfer-Encoding, ...) nor our own X-Nodecache-* from a caller.
+_REQUEST_HEADERS = frozenset(
+    {"content-type", "accept", HEADER_LENGTH.lower(), "traceparent", "tracestate", "x-request-id"}
+)
+_ANSWER_HEADERS = frozenset({"content-type", HEADER_LENGTH.lower(), "retry-after", "x-request-id"})
+_VERSION = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""A model version as the API allows it; anything else never reaches a worker."""
 
 
 _COPY_IDLE = 60.0
@@ -78,6 +87,10 @@ _FAILED_RETRY = 30.0
 class WorkerUnavailable(ServeError):
     status = 503
     retry_after = 1.0
+
+
+class MethodNotAllowed(ServeError):
+    status = 405
 
 
 @dataclass
@@ -118,7 +131,8 @@ class _Registration:
 class _Worker:
     index: int
     device: Device
-    socket: Path
+    socket: Path  # the data socket: OIP requests relayed from the node socket
+    control: Path  # the control socket: register, load, status (the agent's token only)
     proc: asyncio.subprocess.Process | None = None
     session: aiohttp.ClientSession | None = None  # control calls (register, load, status)
     link: WorkerLink | None = None  # requests relayed from the node socket
@@ -167,10 +181,12 @@ class WorkerPool:
         model_queue: int = 256,
         spread_at: int | None = None,
     ) -> None:
+        sockets = socket_dir / "workers"
         self._workers = [
-            _Worker(i, d, socket_dir / "workers" / f"worker-{i}.sock")
+            _Worker(i, d, sockets / f"worker-{i}.sock", sockets / f"worker-{i}.control.sock")
             for i, d in enumerate(devices)
         ]
+        self._token = secrets.token_urlsafe(32)
         self._log_format = log_format
         self._limits = (model_concurrency, model_queue)
         self._homes: dict[str, _Worker] = {}
@@ -187,14 +203,17 @@ class WorkerPool:
 
     async def start(self) -> None:
         for worker in self._workers:
-            worker.socket.parent.mkdir(parents=True, exist_ok=True)
+            worker.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             await self._spawn(worker)
         self._supervisors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
 
     async def _spawn(self, worker: _Worker) -> None:
+        # -I: neither the working directory nor PYTHON* variables decide what runs as the
+        # worker (a folder named like one of our packages, or a planted file, would).
         command = [
-            sys.executable, "-m", "serve.worker",
+            sys.executable, "-I", "-m", "serve.worker",
             "--socket", str(worker.socket),
+            "--control-socket", str(worker.control),
             "--device", worker.device.name,
             "--total", str(worker.device.total),
             "--budget", str(worker.device.budget),
@@ -203,17 +222,23 @@ class WorkerPool:
             "--model-queue", str(self._limits[1]),
         ]  # fmt: skip
         worker.socket.unlink(missing_ok=True)
+        worker.control.unlink(missing_ok=True)
         # Metrics stay in the worker's memory (not prometheus_client's multiprocess files,
         # which cost a pid check and an mmap write per update): the agent pulls them.
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        env[TOKEN_ENV] = self._token
         # Its own session: a Ctrl-C meant for the agent must not kill workers mid-request;
         # the agent stops them in order.
         worker.proc = await asyncio.create_subprocess_exec(
-            *command, env=env, start_new_session=True
+            *command, env=env, start_new_session=True, cwd=worker.socket.parent
         )
         if worker.session is None:
-            connector = aiohttp.UnixConnector(path=str(worker.socket), limit=16)
-            worker.session = aiohttp.ClientSession("http://worker", connector=connector)
+            connector = aiohttp.UnixConnector(path=str(worker.control), limit=16)
+            worker.session = aiohttp.ClientSession(
+                "http://worker",
+                connector=connector,
+                headers={"Authorization": f"Bearer {self._token}"},
+            )
         if worker.link is not None:
             await worker.link.close()  # connections to the dead process
         worker.link = WorkerLink(str(worker.socket))
@@ -372,7 +397,7 @@ class WorkerPool:
     async def unload(self, name: str) -> None:
         worker = self._home(name)
         await self._drop_copies(name, "the model was unloaded")
-        await self._call(worker, "POST", f"/v2/repository/models/{name}/unload")
+        await self._call(worker, "POST", f"{CONTROL}/models/{name}/unload")
         await self._refresh(worker)
 
     async def set_policy(
@@ -650,25 +675,28 @@ class WorkerPool:
         return name in self._homes
 
     async def forward(self, request: web.Request, name: str) -> web.Response:
-        """Send the request to the model's worker as is; answer 503 if the worker dies.
+        """Send the request to the model's worker; answer 503 if the worker dies.
 
-        Inference goes to the least busy copy; everything else (metadata, repository
-        load and unload) to the model's home."""
+        The target goes as the caller sent it (``raw_path``: the worker's router decodes
+        it exactly as ours did), with only the headers the OIP routes read. HEAD goes as
+        GET, whose body aiohttp then leaves out. Inference goes to the least busy copy;
+        everything else (metadata, repository load and unload) to the model's home."""
         self._home(name)  # 404 before reading a body for an unknown model
+        method = "GET" if request.method == "HEAD" else request.method
+        if method not in ("GET", "POST"):
+            raise MethodNotAllowed(f"method {request.method[:16]} is not allowed here")
         body = await request.read()
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        path = request.path
-        if path.endswith("/infer"):
-            status, answer, payload = await self.infer(
-                name, request.method, request.path_qs, body, headers
-            )
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() in _REQUEST_HEADERS]
+        path, target = request.path, request.raw_path
+        if path.endswith(("/infer", ":predict")):
+            status, answer, payload = await self.infer(name, method, target, body, headers)
         else:
             if path.endswith("/unload"):
                 await self._drop_copies(name, "the model was unloaded")
             status, answer, payload = await self.relay(
-                self._home(name), name, request.method, request.path_qs, body, headers
+                self._home(name), name, method, target, body, headers
             )
-        out = CIMultiDict((k, v) for k, v in answer if k.lower() not in _HOP)
+        out = CIMultiDict((k, v) for k, v in answer if k.lower() in _ANSWER_HEADERS)
         return web.Response(body=payload, status=status, headers=out)
 
     async def infer(
@@ -700,12 +728,47 @@ class WorkerPool:
         inflight[name] = inflight.get(name, 0) + 1
         try:
             return await worker.link.request(method, path, body, headers)
+        except UnsafeRequest as exc:
+            raise InvalidInput(str(exc)) from None
+        except RelayBusy:
+            raise WorkerUnavailable(
+                f"worker {worker.index} is answering as many requests as it can; retry"
+            ) from None
         except OSError:  # RelayError included
             raise WorkerUnavailable(
                 f"worker {worker.index} stopped while answering for model '{name}'; retry"
             ) from None
         finally:
             inflight[name] -= 1
+
+
+def _model_path(name: str, version: str | None) -> str:
+    """``/v2/models/NAME[/versions/V]`` for a declared name and a version that can only be
+    a version: nothing a gRPC caller puts in ``model_version`` can leave the path."""
+    if version is None or version == "":
+        return f"/v2/models/{quote(name, safe='')}"
+    if not _VERSION.fullmatch(version):
+        raise InvalidInput(
+            f"model version {version[:70]!r} is not a version ([A-Za-z0-9._-], at most 64)"
+        )
+    return f"/v2/models/{quote(name, safe='')}/versions/{version}"
+
+
+def _raise_for(status: int, answer: bytes, name: str) -> None:
+    """The worker's error answer as the error the gRPC servicer maps to a status code."""
+    try:
+        doc = json.loads(answer)
+        message = str(doc.get("error", "")) if isinstance(doc, dict) else ""
+    except ValueError:
+        message = ""
+    message = message or f"the worker answered {status}"
+    if status == 404:
+        raise ModelNotFound(message if "version" in message else name)
+    if status in (400, 413):
+        raise InvalidInput(message)
+    if status == 503:
+        raise WorkerUnavailable(message)
+    raise ModelLoadError(message)
 
 
 def _attachable(registration: _Registration) -> bool:
@@ -715,13 +778,6 @@ def _attachable(registration: _Registration) -> bool:
 
 def build_router_app(pool: WorkerPool, catalog: Catalog) -> web.Application:
     """The node socket's app when models live in workers: answers locally what it can."""
-
-    @web.middleware
-    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ServeError as exc:
-            return error_response(exc.status, str(exc), exc.retry_after)
 
     async def live(_: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -756,11 +812,12 @@ def build_router_app(pool: WorkerPool, catalog: Catalog) -> web.Application:
         entries.extend(catalog.index())
         return web.json_response(sorted(entries, key=lambda e: e["name"]))
 
-    app = web.Application(middlewares=[errors], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", metadata)
     app.router.add_route("*", "/v2/models/{name}{tail:(/.*)?}", model)
+    app.router.add_route("*", r"/v1/models/{name:[^/:]+}{tail:(:predict)?}", model)
     app.router.add_post("/v2/repository/index", index)
     app.router.add_post("/v2/repository/models/{name}/{verb:load|unload}", model)
     return app
@@ -789,12 +846,17 @@ class PoolDataPlane:
         self.pool = pool
         self.catalog = catalog
 
-    def _worker(self, name: str) -> _Worker:
+    def _worker(self, name: str, version: str | None = None) -> _Worker:
+        """The model's home; the same 404s and 400s for names and versions as in-process."""
         if not self.pool.has(name):
             reason = self.catalog.not_ready_reason(name)
             if reason is None:
                 raise ModelNotFound(name)
             raise ModelNotReady(f"model '{name}' is not ready: {reason}")
+        if version:
+            _model_path(name, version)  # refuses what cannot be a version
+            if version != MODEL_VERSION:
+                raise ModelNotFound(name, version)
         return self.pool._home(name)
 
     def server_metadata(self) -> dict[str, Any]:
@@ -802,13 +864,19 @@ class PoolDataPlane:
                 "extensions": ["model_repository", "binary_tensor_data"]}  # fmt: skip
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        self._worker(name)
+        self._worker(name, version)
         seen = self.pool.describe(name) or {}
         return seen.get("state") != "Error"
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
-        return await self.pool._call(self._worker(name), "GET", path)
+        worker = self._worker(name, version)
+        status, _, answer = await self.pool.relay(
+            worker, name, "GET", _model_path(name, version), b"", []
+        )
+        if status != 200:
+            _raise_for(status, answer, name)
+        doc: dict[str, Any] = json.loads(answer)
+        return doc
 
     async def infer(
         self,
@@ -818,19 +886,14 @@ class PoolDataPlane:
         *,
         protocol: str = "grpc",
     ) -> InferResponse:
-        self._worker(name)
+        self._worker(name, version)
+        path = _model_path(name, version) + "/infer"
         body, json_length = encode_request(request, binary=True)
-        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
         headers = [(PROTOCOL_HEADER, protocol), (HEADER_LENGTH, str(json_length))]
         status, answer_headers, answer = await self.pool.infer(name, "POST", path, body, headers)
         length = next((v for k, v in answer_headers if k.lower() == HEADER_LENGTH.lower()), None)
         if status != 200:
-            message = json.loads(answer).get("error", "")
-            if status == 400:
-                raise InvalidInput(message)
-            if status == 404:
-                raise ModelNotFound(name)
-            raise WorkerUnavailable(message) if status == 503 else ModelLoadError(message)
+            _raise_for(status, answer, name)
         result = decode_response(answer, int(length) if length else None)
         result.model_name = name
         return result

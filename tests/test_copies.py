@@ -133,7 +133,9 @@ async def test_onnx_copies_do_not_expect_to_attach_on_the_same_gpu(
 ) -> None:
     monkeypatch.setattr("serve.workers.device_kinds", lambda fmt: frozenset({"cpu", "cuda"}))
     pool = FakePool([Device("cuda:0", 80 * GIB, 2 * GIB), Device("cuda:1", 80 * GIB, 8 * GIB)])
-    pool._workers.append(_Worker(2, Device("cuda:0", 80 * GIB, GIB // 2), Path("/x")))
+    pool._workers.append(
+        _Worker(2, Device("cuda:0", 80 * GIB, GIB // 2), Path("/x"), Path("/x.control"))
+    )
     pool._workers[2].up, pool._workers[2].session = True, object()  # type: ignore[assignment]
     home = home_of(pool, "m", fmt="onnx")
     # cuda:0's other worker has no room for a second 1 GiB: the copy goes to cuda:1.
