@@ -219,6 +219,7 @@ class ModelStore:
         self.models_dir = self.root / "models"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
+        _make_root(self.root, self.folder_mode)
         for folder in (self.models_dir, self.tmp_dir, self.locks_dir):
             make_folder(folder, self.folder_mode)
         self.stats = StoreStats()
@@ -846,7 +847,8 @@ class CacheDirLock:
     def __init__(self, root: Path, *, file_mode: int = DEFAULT_FILE_MODE) -> None:
         self.root = Path(root)
         locks = self.root / "locks"
-        make_folder(locks, folder_mode(check_file_mode(file_mode)))
+        _make_root(self.root, folder_mode(check_file_mode(file_mode)))
+        make_folder(locks, folder_mode(file_mode))
         fd = create_file(locks / AGENT_LOCK_NAME, os.O_RDWR, file_mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -868,6 +870,13 @@ class CacheDirLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _make_root(root: Path, mode: int) -> None:
+    """The cache dir with ``mode`` if it is missing; folders above it as the umask makes
+    them (the standalone socket folder may live in the same parent: not ours to close)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(root, mode)
 
 
 def _allowance(max_bytes: int | None) -> int | None:
