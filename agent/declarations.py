@@ -7,6 +7,7 @@ also applies to a cluster, and a KServe manifest works after changing apiVersion
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from serve.runtimes import FORMATS
 
 __all__ = [
     "API_VERSION",
+    "MAX_VALUES",
     "DeclarationError",
     "ModelDeclaration",
     "WarmPolicy",
@@ -31,6 +33,22 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# libyaml's safe loader where PyYAML was built with it: a 1 MiB file parses in well under a
+# second instead of several.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Values one file may hold once its YAML aliases are expanded: a few hundred bytes of
+# nested anchors expand to millions, and every consumer (error messages, status, logs)
+# would expand them. A declaration has a few dozen values; a file of hundreds fits.
+MAX_VALUES = 100_000
+_MAX_DEPTH = 64
+_MAX_SIZE = 2**63 - 1  # a Kubernetes quantity's int64 range
+_MAX_QUEUE_DELAY = 10.0  # seconds a batch may wait for more requests
+# Values quoted in error messages are shortened: a message must stay one readable line.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = 60
+_QUOTE.maxlist = _QUOTE.maxdict = _QUOTE.maxtuple = 4
+_QUOTE.maxlevel = 2
+_quote = _QUOTE.repr
 
 
 class DeclarationError(ValueError):
@@ -79,12 +97,39 @@ class ModelDeclaration:
 def parse_declarations(text: str) -> list[ModelDeclaration]:
     """All declarations of one YAML file (one or several documents)."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as exc:
         raise DeclarationError(f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise DeclarationError("not valid YAML: nested too deeply") from None
+    if _expanded_size(docs, {}, 0) > MAX_VALUES:
+        raise DeclarationError(
+            f"the file expands to more than {MAX_VALUES} values (YAML aliases multiply them); "
+            "a declaration needs a few dozen"
+        )
     if not docs:
         raise DeclarationError("the file holds no declaration")
     return [_parse_one(doc, i) for i, doc in enumerate(docs)]
+
+
+def _expanded_size(value: Any, sizes: dict[int, int], depth: int) -> int:
+    """How many values ``value`` holds with every alias expanded, computed without expanding:
+    an aliased mapping or list is the same object each time, so its size is counted once."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    known = sizes.get(id(value))
+    if known is not None:
+        return known
+    if depth >= _MAX_DEPTH:  # also what a self-referencing alias (&a [*a]) comes to
+        raise DeclarationError(f"not valid YAML: nested more than {_MAX_DEPTH} levels deep")
+    children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, depth + 1)
+        if size > MAX_VALUES:
+            break
+    sizes[id(value)] = size
+    return size
 
 
 def parse_object(doc: Any) -> ModelDeclaration:
@@ -98,17 +143,18 @@ def _parse_one(doc: Any, index: int, kinds: tuple[str, ...] = KINDS) -> ModelDec
         raise DeclarationError(f"{where}: expected a mapping, got {type(doc).__name__}")
     if doc.get("apiVersion") != API_VERSION:
         raise DeclarationError(
-            f"{where}: apiVersion must be {API_VERSION}, got {doc.get('apiVersion')!r}"
+            f"{where}: apiVersion must be {API_VERSION}, got {_quote(doc.get('apiVersion'))}"
         )
     if doc.get("kind") not in kinds:
         raise DeclarationError(
-            f"{where}: kind must be {' or '.join(kinds)}, got {doc.get('kind')!r}"
+            f"{where}: kind must be {' or '.join(kinds)}, got {_quote(doc.get('kind'))}"
         )
-    name = (doc.get("metadata") or {}).get("name")
+    metadata = doc.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
     if not isinstance(name, str) or not _NAME.match(name):
         raise DeclarationError(
             f"{where}: metadata.name must be a lowercase DNS name "
-            f"(a-z, 0-9, '-', '.'), got {name!r}"
+            f"(a-z, 0-9, '-', '.'), got {_quote(name)}"
         )
     where = f"{doc['kind']} '{name}'"
     spec = doc.get("spec")
@@ -143,13 +189,17 @@ def _model_size(where: str, spec: dict[str, Any]) -> int:
     if raw is None:
         raise DeclarationError(f"{where}: spec.modelSize is required (e.g. 500Mi)")
     try:
-        size = parse_quantity(raw)
-    except (ValueError, TypeError):
+        size = parse_quantity(raw)  # a Decimal
+        if not size.is_finite():
+            raise ValueError(raw)
+    except (ValueError, TypeError, ArithmeticError):  # decimal's Overflow and NaN included
         raise DeclarationError(
-            f"{where}: spec.modelSize {raw!r} is not a Kubernetes quantity (e.g. 500Mi, 2Gi)"
+            f"{where}: spec.modelSize {_quote(raw)} is not a Kubernetes quantity (e.g. 500Mi, 2Gi)"
         ) from None
-    if size <= 0:
-        raise DeclarationError(f"{where}: spec.modelSize must be positive, got {raw!r}")
+    if not 1 <= size <= _MAX_SIZE:
+        raise DeclarationError(
+            f"{where}: spec.modelSize must be positive and at most 8Ei, got {_quote(raw)}"
+        )
     return int(size)
 
 
@@ -169,7 +219,7 @@ def _format(where: str, spec: dict[str, Any]) -> str | None:
     for key, value in (("format", fmt), ("runtime", runtime)):
         if value is not None and value not in FORMATS:
             raise DeclarationError(
-                f"{where}: spec.{key} must be one of {', '.join(FORMATS)}, got {value!r}"
+                f"{where}: spec.{key} must be one of {', '.join(FORMATS)}, got {_quote(value)}"
             )
     # The one mix allowed: torch weights whose module class is code from the source.
     if (
@@ -212,8 +262,11 @@ def _optional_int(where: str, spec: dict[str, Any], key: str, *, minimum: int) -
     value = spec.get(key)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise DeclarationError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    # At most int32, as the CRD's integer fields: no count that no loop could ever reach.
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**31:
+        raise DeclarationError(
+            f"{where}: {key} must be an integer >= {minimum} (int32), got {_quote(value)}"
+        )
     return value
 
 
@@ -227,8 +280,15 @@ def _batching(where: str, raw: Any) -> tuple[int, float] | None:
     if size is None:
         raise DeclarationError(f"{where}.maxBatchSize is required (e.g. 16)")
     delay = raw.get("maxQueueDelay", "1ms")
-    if not isinstance(delay, str) or not _DURATION.match(delay):
-        raise DeclarationError(f"{where}.maxQueueDelay must be a duration like 500us, 2ms or 1s")
+    if (
+        not isinstance(delay, str)
+        or not _DURATION.match(delay)
+        or _seconds(delay) > _MAX_QUEUE_DELAY
+    ):
+        raise DeclarationError(
+            f"{where}.maxQueueDelay must be a duration like 500us, 2ms or 1s, "
+            f"at most {_MAX_QUEUE_DELAY:.0f}s"
+        )
     return size, _seconds(delay)
 
 
