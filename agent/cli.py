@@ -19,6 +19,7 @@ from cache import CacheDirInUseError, CacheDirLock
 from serve.logs import setup_logging
 from serve.loop import serve_forever
 from serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
+from serve.transport import TransportLimits
 
 __all__ = ["main"]
 
@@ -34,6 +35,16 @@ def _group(text: str) -> int:
         return grp.getgrnam(text).gr_gid
     except KeyError:
         raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and less than a day, got {text}")
+    return value
 
 
 def _default_socket_dir() -> Path:
@@ -120,6 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight requests may take to finish (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=TransportLimits.header_timeout,
+        metavar="SECONDS",
+        help="a request head must arrive in full within this, else 408 and the connection "
+        "closes (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--body-timeout",
+        type=_seconds,
+        default=TransportLimits.body_timeout,
+        metavar="SECONDS",
+        help="a request body must arrive in full within this after its head, else 408 "
+        "(default: %(default)s)",
+    )
+    agent.add_argument(
+        "--keepalive-timeout",
+        type=_seconds,
+        default=TransportLimits.keepalive_timeout,
+        metavar="SECONDS",
+        help="idle keep-alive connections are closed after this (default: %(default)s)",
     )
     agent.add_argument(
         "--cpu-memory-budget",
@@ -316,6 +350,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         spread_at=args.spread_at,
         max_output_bytes=args.max_output_bytes,
         log_format=args.log_format,
+        limits=TransportLimits(args.header_timeout, args.body_timeout, args.keepalive_timeout),
     )
     if args.declarations is None:
         from agent.cluster import ClusterOptions, run_cluster

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -31,6 +32,7 @@ from serve.http import NodeServer, build_app
 from serve.metrics import SERVING_METRICS, request_counts
 from serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
 from serve.repository import ModelRepository
+from serve.transport import SocketTaken, TransportLimits
 from serve.workers import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 
 __all__ = ["GRPC_SOCKET_NAME", "SOCKET_NAME", "STATUS_PATH", "NodeOptions", "NodeServices"]
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "nodecache.sock"
 GRPC_SOCKET_NAME = "nodecache-grpc.sock"
 STATUS_PATH = "/nodecache/v1/status"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class NodeOptions:
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # per inference answer
     log_format: str = "text"
     idle_check_seconds: float = 5.0
+    limits: TransportLimits = field(default_factory=TransportLimits)
 
 
 class NodeServices:
@@ -135,7 +139,14 @@ class NodeServices:
         return self.pool.request_counts() if self.pool is not None else request_counts()
 
     async def start(self, **log_fields: Any) -> None:
+        """Listen and start serving. A port in use ends the start with one line saying which
+        flag to change (SystemExit), and nothing is left running."""
         options = self.options
+        if options.metrics_port:
+            # First: a port in use must fail the start before workers or sockets exist.
+            self._metrics = await _bind(
+                f"metrics port {options.metrics_port}", "--metrics-port", self._serve_metrics()
+            )
         if self.pool is not None:
             await self.pool.start()
             # Serving metrics come from the workers; this process's copies stay empty.
@@ -152,6 +163,7 @@ class NodeServices:
             tcp_port=options.http_port,
             shutdown_timeout=options.shutdown_timeout,
             socket_group=options.socket_group,
+            limits=options.limits,
         )
         self._grpc = GrpcServer(
             self._dataplane,  # type: ignore[arg-type]  # both answer what the servicer asks
@@ -161,10 +173,12 @@ class NodeServices:
             socket_group=options.socket_group,
             gate=self.grpc_gate,
         )
-        await self._http.start()
-        await self._grpc.start()
-        if options.metrics_port:
-            self._metrics = await self._serve_metrics()
+        try:
+            await _bind(f"HTTP port {options.http_port}", "--http-port", self._http.start())
+            await _bind(f"gRPC port {options.grpc_port}", "--grpc-port", self._grpc.start())
+        except SystemExit:
+            await self.stop()
+            raise
         log.info(
             "agent started",
             extra={
@@ -218,3 +232,16 @@ class NodeServices:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
         log.info("agent stopped")
+
+
+async def _bind(what: str, flag: str, starting: Awaitable[T]) -> T:
+    """``starting``'s result; a port in use, or a node socket another process serves,
+    becomes one line for the operator instead of a traceback."""
+    try:
+        return await starting
+    except SocketTaken as exc:
+        raise SystemExit(f"nodecache: {exc}; stop it or pass another --socket-dir") from None
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise SystemExit(f"nodecache: {what} is in use ({exc.strerror}); pass {flag}") from None

@@ -6,9 +6,8 @@ answer carries an OIP error body, ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from serve.protocol import (
     sized_work,
 )
 from serve.tensors import decode_tensor, encode_tensor
+from serve.transport import LimitedProtocol, TransportLimits, UnixListener, limits_middleware
 
 __all__ = ["DEFAULT_MAX_BODY", "PROTOCOL_HEADER", "NodeServer", "build_app", "error_response"]
 
@@ -240,7 +240,9 @@ def build_app(
 
 
 class NodeServer:
-    """Runs one app on the node socket (mode 0660) and, if asked, on a TCP port."""
+    """Runs one app on the node socket (mode 0660) and, if asked, on a TCP port, within
+    the transport limits (head and body deadlines, idle bound, early 413), and binds
+    the socket again if its file is deleted."""
 
     def __init__(
         self,
@@ -251,55 +253,61 @@ class NodeServer:
         tcp_port: int | None = None,
         shutdown_timeout: float = 30.0,
         socket_group: int | None = None,
+        limits: TransportLimits | None = None,
+        socket_check: float = 1.0,
     ) -> None:
         self.socket_path = socket_path
-        self._group = socket_group
         self._tcp = (tcp_host, tcp_port)
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=shutdown_timeout,
-            # After a 413 the unread body is drained this long (default 10 s) so the client
-            # sees the answer rather than a reset; keep it short so shutdown stays quick.
-            lingering_time=1.0,
-        )
+        self._limits = limits = limits or TransportLimits()
+        self._socket_check = socket_check
+        # Outermost, so that every route (and the router's app) gets the same limits.
+        app.middlewares.insert(0, limits_middleware(limits, self.socket_present))
+        self._runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
+        self._unix = UnixListener(socket_path, self._protocol, group=socket_group)
+        self._tcp_server: asyncio.AbstractServer | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self.tcp_port: int | None = None
 
+    def _protocol(self) -> LimitedProtocol:
+        server = self._runner.server
+        assert server is not None, "started"
+        return LimitedProtocol(
+            server,
+            loop=asyncio.get_running_loop(),
+            access_log=None,
+            header_timeout=self._limits.header_timeout,
+            keepalive_timeout=self._limits.keepalive_timeout,
+            # After a 413 or 408 the unread body is drained this long (default 10 s) so the
+            # client sees the answer rather than a reset; short, so shutdown stays quick.
+            lingering_time=1.0,
+        )
+
+    def socket_present(self) -> bool:
+        """Whether the node socket's file still is the one this server listens on."""
+        return self._unix.present()
+
     async def start(self) -> None:
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        _clear_stale_socket(self.socket_path)
+        """Listen; on failure (a port in use) nothing is left listening."""
         await self._runner.setup()
-        # Create the socket 0660 from the first instant: no window where it is open to all.
-        old_umask = os.umask(0o117)
         try:
-            # A deep backlog: a burst of clients gets answers (503 at worst), not resets.
-            await web.UnixSite(self._runner, str(self.socket_path), backlog=4096).start()
-        finally:
-            os.umask(old_umask)
-        if self._group is not None:
-            os.chown(self.socket_path, -1, self._group)
-        host, port = self._tcp
-        if port is not None:
-            site = web.TCPSite(self._runner, host, port, backlog=4096)
-            await site.start()
-            self.tcp_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            await self._unix.bind()
+            host, port = self._tcp
+            if port is not None:
+                self._tcp_server = await asyncio.get_running_loop().create_server(
+                    self._protocol, host, port, backlog=4096
+                )
+                self.tcp_port = self._tcp_server.sockets[0].getsockname()[1]
+        except BaseException:
+            await self.stop()
+            raise
+        self._keeper = asyncio.create_task(self._unix.keep(self._socket_check))
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, remove the socket file."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        self._unix.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
         await self._runner.cleanup()
-        self.socket_path.unlink(missing_ok=True)
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket left by a killed agent, but never steal a live one."""
-    if not path.exists():
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise RuntimeError(f"another process is already serving on {path}")
