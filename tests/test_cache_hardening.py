@@ -95,9 +95,12 @@ async def endless(request: web.Request, server: Server) -> web.StreamResponse:
     await resp.prepare(request)
     if request.method == "GET":
         chunk = b"\x07" * 65536
-        while True:
-            await resp.write(chunk)
-            server.sent[0] += len(chunk)
+        try:
+            while True:
+                await resp.write(chunk)
+                server.sent[0] += len(chunk)
+        except ConnectionError:  # the client stopped reading, as it should
+            pass
     return resp
 
 
