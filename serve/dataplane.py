@@ -33,10 +33,11 @@ from serve.metrics import (
 )
 from serve.protocol import (
     DEFAULT_MAX_OUTPUT_BYTES,
+    OFFLOAD_BYTES,
     InferRequest,
     InferResponse,
-    output_bytes,
     sized_work,
+    tensor_bytes,
 )
 from serve.repository import ModelRepository, ServedModel, State
 from serve.runtimes import Runtime, TensorSpec
@@ -116,7 +117,7 @@ class DataPlane:
     async def _check_output_size(self, outputs: dict[str, np.ndarray]) -> None:
         """Refuse an answer above ``max_output_bytes`` (a 90-byte request can ask a
         ConstantOfShape model for gigabytes) before anything is encoded."""
-        size = output_bytes(outputs)
+        size = tensor_bytes(outputs)
         if any(a.dtype.kind in "OSU" for a in outputs.values()):
             size = await sized_work(size, _encoded_total, outputs)
         if size > self.max_output_bytes:
@@ -175,7 +176,7 @@ class DataPlane:
                     outputs = await self._batcher(model).submit(inputs)
                     if wanted:
                         outputs = {n: outputs[n] for n in wanted if n in outputs}
-                elif _short(model) and not model.slots.locked():
+                elif _inline(model, inputs) and not model.slots.locked():
                     # Runs to the end without yielding to the loop: taking a free slot and
                     # giving it back around it would change nothing.
                     spec.queue_seconds.observe(perf_counter() - started)
@@ -214,7 +215,7 @@ class DataPlane:
     ) -> dict[str, np.ndarray]:
         runtime = _runtime(model)
         began = perf_counter()
-        if _short(model):
+        if _inline(model, inputs):
             outputs = runtime.predict(inputs, names)
         else:
             loop = asyncio.get_running_loop()
@@ -270,11 +271,17 @@ def _encoded_total(outputs: dict[str, np.ndarray]) -> int:
     return sum(encoded_size(array) for array in outputs.values())
 
 
-def _short(model: ServedModel) -> bool:
-    """Whether the model's runtime calls run on the event loop itself: handing a call this
-    short to a thread costs more than the call (two thread wake-ups, ~0.3 ms here), and
-    blocking the loop this long is harmless."""
-    return model.typical_predict is not None and model.typical_predict < INLINE_PREDICT_SECONDS
+def _inline(model: ServedModel, inputs: dict[str, np.ndarray]) -> bool:
+    """Whether this runtime call runs on the event loop itself: handing a call this short
+    to a thread costs more than the call (two thread wake-ups, ~0.3 ms here), and blocking
+    the loop this long is harmless. Large inputs never do: a model that is quick on what
+    it usually gets can take seconds on millions of elements."""
+    typical = model.typical_predict
+    return (
+        typical is not None
+        and typical < INLINE_PREDICT_SECONDS
+        and tensor_bytes(inputs) <= OFFLOAD_BYTES
+    )
 
 
 def _runtime(model: ServedModel) -> Runtime:

@@ -24,8 +24,8 @@ from serve.protocol import (
     InferRequest,
     decode_request,
     encode_response,
-    output_bytes,
     sized_work,
+    tensor_bytes,
 )
 from serve.tensors import decode_tensor, encode_tensor
 from serve.transport import LimitedProtocol, TransportLimits, UnixListener, limits_middleware
@@ -126,7 +126,7 @@ async def _infer(request: web.Request) -> web.Response:
         match_info.get("version"),
         protocol=protocol if protocol in _PROTOCOLS else "rest",
     )
-    payload, json_length = await sized_work(output_bytes(result.outputs), encode_response, result)
+    payload, json_length = await sized_work(tensor_bytes(result.outputs), encode_response, result)
     if json_length is None:
         return web.Response(body=payload, headers=_JSON)
     return web.Response(

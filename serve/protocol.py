@@ -30,8 +30,8 @@ __all__ = [
     "decode_response",
     "encode_request",
     "encode_response",
-    "output_bytes",
     "sized_work",
+    "tensor_bytes",
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -54,9 +54,10 @@ async def sized_work(size: int, work: Callable[..., T], *args: Any, **kwargs: An
     return await asyncio.to_thread(work, *args, **kwargs)
 
 
-def output_bytes(outputs: dict[str, np.ndarray]) -> int:
-    """What ``outputs`` hold in memory: cheap, a measure of the work to encode them."""
-    return sum(array.nbytes for array in outputs.values())
+def tensor_bytes(tensors: dict[str, np.ndarray]) -> int:
+    """What ``tensors`` hold in memory: cheap, a measure of the work to decode, run or
+    encode them (8 bytes per element of a BYTES tensor)."""
+    return sum(array.nbytes for array in tensors.values())
 
 
 @dataclass(frozen=True)

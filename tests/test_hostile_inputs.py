@@ -27,6 +27,7 @@ from serve.grpc import oip_pb2_grpc as pb_grpc
 from serve.grpc.server import GrpcServer
 from serve.http import NodeServer, build_app
 from serve.metrics import UNKNOWN_MODEL
+from serve.protocol import InferRequest
 from serve.repository import ModelRepository
 from serve.tensors import decode_tensor
 
@@ -298,6 +299,37 @@ def test_binary_bytes_decode_only_what_the_shape_declares(
         b"ab",
         b"",
     ]
+
+
+WHERE_PY = """
+import threading
+import numpy as np
+from serve import Model
+
+class Where(Model):
+    threads = []
+
+    def predict(self, data):
+        self.threads.append(threading.current_thread() is threading.main_thread())
+        return {"y": np.zeros(1, np.float32)}
+"""
+
+
+async def test_a_quick_model_runs_large_inputs_off_the_event_loop(tmp_path: Path) -> None:
+    """Small calls of a quick model run on the loop (cheaper than a thread hop); a large
+    input never does, however quick the model usually is."""
+    (tmp_path / "where").mkdir()
+    (tmp_path / "where" / "model.py").write_text(WHERE_PY)
+    repo = ModelRepository()
+    repo.register("where", tmp_path / "where", "python", entrypoint="model:Where")
+    plane = DataPlane(repo)
+    await repo.load("where")
+    model = repo.get("where")
+    assert model is not None and model.runtime is not None
+    for size in (4, 1 << 20, 4):
+        model.typical_predict = 1e-5  # known to be quick (on a busy machine it may not)
+        await plane.infer("where", InferRequest(inputs={"x": np.zeros(size, np.float32)}))
+    assert model.runtime.model.threads == [True, False, True]  # type: ignore[attr-defined]
 
 
 # -- 3. runtime errors the client caused -----------------------------------------------

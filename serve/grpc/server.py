@@ -25,8 +25,8 @@ from serve.protocol import (
     InferRequest,
     InferResponse,
     RequestedOutput,
-    output_bytes,
     sized_work,
+    tensor_bytes,
 )
 from serve.tensors import decode_tensor, encode_tensor
 
@@ -177,7 +177,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = await self.dataplane.infer(
             request.model_name, infer_request, request.model_version or None, protocol="grpc"
         )
-        return await sized_work(output_bytes(result.outputs), encode_infer_response, result)
+        return await sized_work(tensor_bytes(result.outputs), encode_infer_response, result)
 
     @_answers
     async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
