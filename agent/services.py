@@ -81,7 +81,7 @@ class NodeServices:
         register_store_metrics(self.store)
         self.pool: WorkerPool | None = None
         self._background: list[asyncio.Task[None]] = []
-        self._metrics: web.AppRunner | None = None
+        self._metrics: NodeServer | None = None
         self._private: Path | None = None
         # Who may call a model over gRPC, which cannot tell who the caller is: a model
         # name -> a refusal reason (None: allowed). Set before start() to restrict.
@@ -203,7 +203,10 @@ class NodeServices:
 
         self._background.append(asyncio.create_task(loop()))
 
-    async def _serve_metrics(self) -> web.AppRunner:
+    async def _serve_metrics(self) -> NodeServer:
+        """``/metrics`` on TCP, within the same transport limits: it listens on every
+        address by default, so anything on the network can reach it."""
+
         async def metrics(_: web.Request) -> web.Response:
             body = generate_latest(REGISTRY)
             if self.pool is not None:
@@ -212,10 +215,16 @@ class NodeServices:
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, self.options.metrics_host, self.options.metrics_port).start()
-        return runner
+        options = self.options
+        server = NodeServer(
+            app,
+            None,
+            tcp_host=options.metrics_host,
+            tcp_port=options.metrics_port,
+            limits=options.limits,
+        )
+        await server.start()
+        return server
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests, remove the sockets, stop workers."""
@@ -225,7 +234,7 @@ class NodeServices:
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(self._http.stop(), self._grpc.stop(self.options.shutdown_timeout))
         if self._metrics is not None:
-            await self._metrics.cleanup()
+            await self._metrics.stop()
         await self.agent.close()
         if self.pool is not None:
             await self.pool.stop()

@@ -242,12 +242,13 @@ def build_app(
 class NodeServer:
     """Runs one app on the node socket (mode 0660) and, if asked, on a TCP port, within
     the transport limits (head and body deadlines, idle bound, early 413), and binds
-    the socket again if its file is deleted."""
+    the socket again if its file is deleted. Without a socket path it listens on TCP only
+    (the metrics port)."""
 
     def __init__(
         self,
         app: web.Application,
-        socket_path: Path,
+        socket_path: Path | None,
         *,
         tcp_host: str = "127.0.0.1",
         tcp_port: int | None = None,
@@ -263,7 +264,11 @@ class NodeServer:
         # Outermost, so that every route (and the router's app) gets the same limits.
         app.middlewares.insert(0, limits_middleware(limits, self.socket_present))
         self._runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
-        self._unix = UnixListener(socket_path, self._protocol, group=socket_group)
+        self._unix = (
+            None
+            if socket_path is None
+            else UnixListener(socket_path, self._protocol, group=socket_group)
+        )
         self._tcp_server: asyncio.AbstractServer | None = None
         self._keeper: asyncio.Task[None] | None = None
         self.tcp_port: int | None = None
@@ -284,13 +289,14 @@ class NodeServer:
 
     def socket_present(self) -> bool:
         """Whether the node socket's file still is the one this server listens on."""
-        return self._unix.present()
+        return self._unix is None or self._unix.present()
 
     async def start(self) -> None:
         """Listen; on failure (a port in use) nothing is left listening."""
         await self._runner.setup()
         try:
-            await self._unix.bind()
+            if self._unix is not None:
+                await self._unix.bind()
             host, port = self._tcp
             if port is not None:
                 self._tcp_server = await asyncio.get_running_loop().create_server(
@@ -300,14 +306,17 @@ class NodeServer:
         except BaseException:
             await self.stop()
             raise
-        self._keeper = asyncio.create_task(self._unix.keep(self._socket_check))
+        if self._unix is not None:
+            self._keeper = asyncio.create_task(self._unix.keep(self._socket_check))
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, remove the socket file."""
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
-        self._unix.close()
+        if self._unix is not None:
+            self._unix.close()
         if self._tcp_server is not None:
             self._tcp_server.close()
+            self._tcp_server = None
         await self._runner.cleanup()

@@ -21,17 +21,26 @@ from support import ROOT, Agent, free_port, kill_tree, wait_for
 GUARD = 10.0  # seconds a test waits for the server to act before calling it a hang
 
 
+class PortedAgent(Agent):
+    """An agent that also serves its API and its metrics on TCP ports of its own."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.http_port = free_port()
+        self.metrics_port = free_port()
+
+
 @pytest.fixture(scope="module", params=["in-process", "routed"])
 def agent(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Agent]:
+) -> Iterator[PortedAgent]:
     """One agent for the module, with short limits so the tests stay fast; the routed one
     serves the router's app (``--workers 1``)."""
-    a = Agent(tmp_path_factory.mktemp("agent"))
-    a.http_port = free_port()  # type: ignore[attr-defined]
+    a = PortedAgent(tmp_path_factory.mktemp("agent"))
     workers = ["--workers", "1"] if request.param == "routed" else []
     a.start(
-        "--http-port", str(a.http_port),  # type: ignore[attr-defined]
+        "--http-port", str(a.http_port),
+        "--metrics-port", str(a.metrics_port), "--metrics-host", "127.0.0.1",
         "--header-timeout", "0.5", "--body-timeout", "0.5", "--keepalive-timeout", "1",
         *workers,
     )  # fmt: skip
@@ -40,7 +49,7 @@ def agent(
     kill_tree(a.proc)
 
 
-def connect(agent: Agent) -> socket.socket:
+def connect(agent: PortedAgent) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(GUARD)
     conn.connect(str(agent.socket))
@@ -68,11 +77,11 @@ def oip_error(answer: bytes, status: int) -> str:
     return json.loads(body)["error"]
 
 
-def still_serving(agent: Agent) -> None:
+def still_serving(agent: PortedAgent) -> None:
     assert agent.request("GET", "/v2/health/live") == (200, {"live": True})
 
 
-def test_a_request_head_sent_a_byte_at_a_time_gets_408_and_is_closed(agent: Agent) -> None:
+def test_a_request_head_sent_a_byte_at_a_time_gets_408_and_is_closed(agent: PortedAgent) -> None:
     """Slowloris: a header line every 50 ms keeps bytes flowing, but the head never ends."""
     conn = connect(agent)
     conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: node\r\n")
@@ -88,18 +97,25 @@ def test_a_request_head_sent_a_byte_at_a_time_gets_408_and_is_closed(agent: Agen
     still_serving(agent)
 
 
-def test_a_connection_that_sends_nothing_is_closed(agent: Agent) -> None:
+def test_a_connection_that_sends_nothing_is_closed(agent: PortedAgent) -> None:
     assert "head did not arrive" in oip_error(read_to_close(connect(agent)), 408)
 
 
-def test_an_idle_keepalive_connection_is_closed(agent: Agent) -> None:
+def test_the_metrics_port_keeps_the_same_limits(agent: PortedAgent) -> None:
+    """It listens on every address by default: anything on the network can reach it."""
+    conn = socket.create_connection(("127.0.0.1", agent.metrics_port), timeout=GUARD)
+    conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: node\r\n")
+    assert "head did not arrive" in oip_error(read_to_close(conn), 408)
+
+
+def test_an_idle_keepalive_connection_is_closed(agent: PortedAgent) -> None:
     conn = connect(agent)
     conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: node\r\n\r\n")
     answer = read_to_close(conn)  # the answer, then nothing: closed once idle
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_sent(agent: Agent) -> None:
+def test_a_body_over_the_limit_is_refused_before_it_is_sent(agent: PortedAgent) -> None:
     conn = connect(agent)
     conn.sendall(
         b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: node\r\n"
@@ -111,7 +127,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(agent: Agent) -> Non
     still_serving(agent)
 
 
-def test_a_stalled_body_gets_408_and_is_dropped(agent: Agent) -> None:
+def test_a_stalled_body_gets_408_and_is_dropped(agent: PortedAgent) -> None:
     conn = connect(agent)
     conn.sendall(
         b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: node\r\n"
@@ -121,8 +137,8 @@ def test_a_stalled_body_gets_408_and_is_dropped(agent: Agent) -> None:
     still_serving(agent)
 
 
-def ready_over_tcp(agent: Agent) -> tuple[int, dict[str, object]]:
-    url = f"http://127.0.0.1:{agent.http_port}/v2/health/ready"  # type: ignore[attr-defined]
+def ready_over_tcp(agent: PortedAgent) -> tuple[int, dict[str, object]]:
+    url = f"http://127.0.0.1:{agent.http_port}/v2/health/ready"
     try:
         with urllib.request.urlopen(url, timeout=GUARD) as resp:
             return resp.status, json.loads(resp.read())
@@ -130,14 +146,14 @@ def ready_over_tcp(agent: Agent) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
-def test_a_deleted_socket_is_created_again(agent: Agent) -> None:
+def test_a_deleted_socket_is_created_again(agent: PortedAgent) -> None:
     agent.socket.unlink()
     wait_for(agent.socket.exists, GUARD, "the node socket to be created again")
     still_serving(agent)
     assert ready_over_tcp(agent)[0] == 200
 
 
-def test_readiness_says_no_while_the_socket_is_missing(agent: Agent) -> None:
+def test_readiness_says_no_while_the_socket_is_missing(agent: PortedAgent) -> None:
     # A folder in its place: the agent cannot bind it again, nor removes what is not a socket.
     agent.socket.unlink()
     agent.socket.mkdir()
