@@ -66,7 +66,7 @@ class DeclarationFolder:
         self._reported: dict[str, str] = {}
         self._owners: dict[str, str] = {}  # model name -> file that declared it last time
         self._last = FolderSnapshot()
-        self._missing = False
+        self._unreadable: str | None = None  # why the folder could not be listed last time
 
     def read(self) -> FolderSnapshot:
         """Every declaration of the folder now; never raises for a bad file or a missing
@@ -74,10 +74,14 @@ class DeclarationFolder:
         try:
             files = self._list()
         except (FileNotFoundError, NotADirectoryError):
-            return self._folder_missing()
-        if self._missing:
+            return self._folder_unreadable("the declarations folder is missing")
+        except OSError as exc:  # no permission, a failing disk
+            return self._folder_unreadable(
+                f"the declarations folder cannot be read: {exc.strerror}"
+            )
+        if self._unreadable:
             log.info("declarations folder is back", extra={"folder": str(self.path)})
-            self._missing = False
+            self._unreadable = None
         for gone in set(self._parsed) - set(files):
             del self._parsed[gone]
         for gone in set(self._last_good) - set(files):
@@ -153,17 +157,17 @@ class DeclarationFolder:
             raise DeclarationError(refusal)
         return data.decode()
 
-    def _folder_missing(self) -> FolderSnapshot:
-        """The last declarations, with the folder's absence as an error: nothing is deleted
-        until a folder is back at the path."""
-        if not self._missing:
+    def _folder_unreadable(self, reason: str) -> FolderSnapshot:
+        """The last declarations, with why the folder cannot be listed as an error: nothing
+        is deleted until a folder is back at the path."""
+        if self._unreadable != reason:
             log.warning(
-                "declarations folder is missing; keeping the last declarations until it returns",
+                f"{reason}; keeping the last declarations until it can be read",
                 extra={"folder": str(self.path)},
             )
-            self._missing = True
+            self._unreadable = reason
         last = self._last
-        errors = {**last.errors, str(self.path): "the declarations folder is missing"}
+        errors = {**last.errors, str(self.path): reason}
         return FolderSnapshot(dict(last.declarations), dict(last.origins), errors)
 
     def _log_changes(self, errors: dict[str, str]) -> None:

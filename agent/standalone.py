@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from agent.node import NodeAgent
 from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions, NodeServices
 
 __all__ = ["SOCKET_NAME", "STATUS_PATH", "run_standalone"]
+
+log = logging.getLogger(__name__)
 
 
 async def run_standalone(
@@ -35,10 +38,19 @@ async def run_standalone(
 
 
 async def _follow(folder: DeclarationFolder, agent: NodeAgent) -> None:
+    """Apply every snapshot of the folder. Whatever fails is logged and the watch starts
+    again: an agent that silently stops following its declarations looks healthy."""
     first = True
-    async for snapshot in folder.watch():
-        await agent.apply(snapshot.declarations, origins=snapshot.origins, errors=snapshot.errors)
-        if first and not snapshot.errors:
-            # Only when every file parsed: a typo must not cost a re-download.
-            await agent.collect_garbage()
-        first = False
+    while True:
+        try:
+            async for snapshot in folder.watch():
+                await agent.apply(
+                    snapshot.declarations, origins=snapshot.origins, errors=snapshot.errors
+                )
+                if first and not snapshot.errors:
+                    # Only when every file parsed: a typo must not cost a re-download.
+                    await agent.collect_garbage()
+                first = False
+        except Exception:
+            log.exception("following the declarations failed; starting again in 1 s")
+            await asyncio.sleep(1.0)
