@@ -110,6 +110,7 @@ class NodeServices:
                 model_concurrency=options.model_concurrency,
                 model_queue=options.model_queue,
                 spread_at=options.spread_at,
+                max_output_bytes=options.max_output_bytes,
             )
             node.agent = NodeAgent(node.store, node.pool)
             node.app = build_router_app(node.pool, node.agent)

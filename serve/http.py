@@ -52,7 +52,7 @@ def error_response(status: int, message: str, retry_after: float | None = None) 
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ServeError as exc:
@@ -216,7 +216,7 @@ def build_app(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> web.Application:
     """The OIP v2 REST app; callers may add routes (the agent adds its status)."""
-    app = web.Application(middlewares=[_errors], client_max_size=max_body)
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
     app[DATAPLANE] = dataplane
     app[MAX_BODY] = max_body
     app[MAX_ELEMENTS] = max_elements

@@ -24,10 +24,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from serve.dataplane import DataPlane
+from serve.dataplane import DEFAULT_MAX_OUTPUT_BYTES, DataPlane
 from serve.devices import Device
 from serve.errors import ModelNotFound
-from serve.http import DATAPLANE, NodeServer, _errors, build_app, error_response
+from serve.http import DATAPLANE, NodeServer, build_app, error_middleware, error_response
 from serve.logs import setup_logging
 from serve.loop import serve_forever
 from serve.metrics import SERVING_METRICS, request_counts
@@ -132,9 +132,11 @@ async def _metrics(_: web.Request) -> web.Response:
     )
 
 
-def build_worker_app(repository: ModelRepository) -> web.Application:
+def build_worker_app(
+    repository: ModelRepository, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+) -> web.Application:
     """The data socket's app: the OIP routes and nothing else."""
-    app = build_app(DataPlane(repository))
+    app = build_app(DataPlane(repository, max_output_bytes=max_output_bytes))
     assert app[DATAPLANE].repository is repository
     return app
 
@@ -156,7 +158,7 @@ def build_control_app(repository: ModelRepository, token: str) -> web.Applicatio
     """The control socket's app: what only the agent may ask, each call authenticated."""
     if not token:
         raise ValueError("a worker needs a control token")
-    app = web.Application(middlewares=[_authenticated(token), _errors])
+    app = web.Application(middlewares=[_authenticated(token), error_middleware])
     app[REPOSITORY] = repository
     app.router.add_put(CONTROL + "/models/{name}", _register)
     app.router.add_put(CONTROL + "/models/{name}/policy", _policy)
@@ -176,7 +178,9 @@ async def _serve(args: argparse.Namespace) -> None:
         max_concurrency_per_model=args.model_concurrency,
     )
     token = os.environ.pop(TOKEN_ENV, "")
-    server = NodeServer(build_worker_app(repository), Path(args.socket))
+    server = NodeServer(
+        build_worker_app(repository, max_output_bytes=args.max_output_bytes), Path(args.socket)
+    )
     control = NodeServer(build_control_app(repository, token), Path(args.control_socket))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--model-concurrency", type=int, default=4)
     parser.add_argument("--model-queue", type=int, default=256)
+    parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES)
     args = parser.parse_args(argv)
     setup_logging(args.log_format)
     serve_forever(_serve(args))

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import sys
 import time
@@ -39,7 +38,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from serve.dataplane import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Catalog
+from serve.dataplane import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    MODEL_VERSION,
+    SERVER_NAME,
+    SERVER_VERSION,
+    VERSION_PATTERN,
+    Catalog,
+)
 from serve.devices import Device
 from serve.errors import (
     InvalidInput,
@@ -49,7 +55,7 @@ from serve.errors import (
     NoRoom,
     ServeError,
 )
-from serve.http import PROTOCOL_HEADER, _errors
+from serve.http import PROTOCOL_HEADER, error_middleware
 from serve.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -71,8 +77,6 @@ _REQUEST_HEADERS = frozenset(
     {"content-type", "accept", HEADER_LENGTH.lower(), "traceparent", "tracestate", "x-request-id"}
 )
 _ANSWER_HEADERS = frozenset({"content-type", HEADER_LENGTH.lower(), "retry-after", "x-request-id"})
-_VERSION = re.compile(r"[A-Za-z0-9._-]{1,64}")
-"""A model version as the API allows it; anything else never reaches a worker."""
 
 
 _COPY_IDLE = 60.0
@@ -180,6 +184,7 @@ class WorkerPool:
         model_concurrency: int = 4,
         model_queue: int = 256,
         spread_at: int | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         sockets = socket_dir / "workers"
         self._workers = [
@@ -188,7 +193,7 @@ class WorkerPool:
         ]
         self._token = secrets.token_urlsafe(32)
         self._log_format = log_format
-        self._limits = (model_concurrency, model_queue)
+        self._limits = (model_concurrency, model_queue, max_output_bytes)
         self._homes: dict[str, _Worker] = {}
         # Extra warm copies of hot models, in the order they were made (see module doc).
         self._copies: dict[str, list[_Worker]] = {}
@@ -220,6 +225,7 @@ class WorkerPool:
             "--log-format", self._log_format,
             "--model-concurrency", str(self._limits[0]),
             "--model-queue", str(self._limits[1]),
+            "--max-output-bytes", str(self._limits[2]),
         ]  # fmt: skip
         worker.socket.unlink(missing_ok=True)
         worker.control.unlink(missing_ok=True)
@@ -747,7 +753,7 @@ def _model_path(name: str, version: str | None) -> str:
     a version: nothing a gRPC caller puts in ``model_version`` can leave the path."""
     if version is None or version == "":
         return f"/v2/models/{quote(name, safe='')}"
-    if not _VERSION.fullmatch(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise InvalidInput(
             f"model version {version[:70]!r} is not a version ([A-Za-z0-9._-], at most 64)"
         )
@@ -812,7 +818,7 @@ def build_router_app(pool: WorkerPool, catalog: Catalog) -> web.Application:
         entries.extend(catalog.index())
         return web.json_response(sorted(entries, key=lambda e: e["name"]))
 
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024 * 1024)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", metadata)

@@ -30,7 +30,7 @@ INJECTED = (
 @pytest.fixture(scope="module")
 def routed(tmp_path_factory: pytest.TempPathFactory, mlp_dir: Path) -> Iterator[Agent]:
     agent = Agent(tmp_path_factory.mktemp("routed") / "agent")
-    agent.start("--workers", "1", "--spread-at", "0")
+    agent.start("--workers", "1", "--spread-at", "0", "--max-output-bytes", "128Ki")
     agent.declare("mlp.yaml", declaration("mlp", mlp_dir.as_uri()))
     agent.wait_state("mlp", "Warm")
     yield agent
@@ -242,3 +242,10 @@ def test_a_hung_head_does_not_delay_shutdown(tmp_path: Path, mlp_dir: Path) -> N
         # With the connection still open: nothing waits for a body a HEAD never gets, so
         # the agent does not sit out its 30 s drain (the wait below would time out).
         assert agent.stop(signal.SIGTERM, timeout=20) == 0
+
+
+def test_the_output_limit_holds_in_the_worker(routed: Agent, mlp_dir: Path) -> None:
+    x = np.zeros((4000, 64), np.float32)  # 4000 x 10 FP32 out: 160,000 bytes > 128 KiB
+    status, doc = routed.request("POST", "/v2/models/mlp/infer", json.loads(body_for(x)))
+    assert status == 400 and "131072" in doc["error"], doc
+    answer_of(routed, mlp_dir, 8)
