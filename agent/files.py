@@ -98,7 +98,8 @@ class DeclarationFolder:
                 parsed[name] = self._last_good[name] = result.declarations
         # A name declared twice stays with the file that had it before; a new file
         # cannot take a model away from a running one. Otherwise file order decides.
-        order = sorted(parsed, key=lambda f: (f not in self._owners.values(), f))
+        owning = set(self._owners.values())
+        order = sorted(parsed, key=lambda f: (f not in owning, f))
         for filename in order:
             for decl in parsed[filename]:
                 first = snapshot.origins.get(decl.name)
