@@ -62,6 +62,8 @@ from serve.protocol import (
     InferResponse,
     decode_response,
     encode_request,
+    sized_work,
+    tensor_bytes,
 )
 from serve.relay import RelayBusy, UnsafeRequest, WorkerLink
 from serve.runtimes import device_kinds
@@ -894,13 +896,16 @@ class PoolDataPlane:
     ) -> InferResponse:
         self._worker(name, version)
         path = _model_path(name, version) + "/infer"
-        body, json_length = encode_request(request, binary=True)
+        size = tensor_bytes(request.inputs)
+        body, json_length = await sized_work(size, encode_request, request, binary=True)
         headers = [(PROTOCOL_HEADER, protocol), (HEADER_LENGTH, str(json_length))]
         status, answer_headers, answer = await self.pool.infer(name, "POST", path, body, headers)
         length = next((v for k, v in answer_headers if k.lower() == HEADER_LENGTH.lower()), None)
         if status != 200:
             _raise_for(status, answer, name)
-        result = decode_response(answer, int(length) if length else None)
+        result = await sized_work(
+            len(answer), decode_response, answer, int(length) if length else None
+        )
         result.model_name = name
         return result
 
