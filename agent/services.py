@@ -82,6 +82,8 @@ class NodeServices:
         self.pool: WorkerPool | None = None
         self._background: list[asyncio.Task[None]] = []
         self._metrics: NodeServer | None = None
+        self._http: NodeServer | None = None
+        self._grpc: GrpcServer | None = None
         self._private: Path | None = None
         # Who may call a model over gRPC, which cannot tell who the caller is: a model
         # name -> a refusal reason (None: allowed). Set before start() to restrict.
@@ -157,7 +159,7 @@ class NodeServices:
             self._every(1.0, self.pool.refresh_all)
         elif self._repository is not None:
             self._every(options.idle_check_seconds, self._repository.unload_idle)
-        self._http = NodeServer(
+        http = NodeServer(
             self.app,
             options.socket_dir / SOCKET_NAME,
             tcp_host=options.http_host,
@@ -166,7 +168,7 @@ class NodeServices:
             socket_group=options.socket_group,
             limits=options.limits,
         )
-        self._grpc = GrpcServer(
+        grpc = GrpcServer(
             self._dataplane,  # type: ignore[arg-type]  # both answer what the servicer asks
             options.socket_dir / GRPC_SOCKET_NAME,
             tcp_host=options.http_host,
@@ -174,9 +176,13 @@ class NodeServices:
             socket_group=options.socket_group,
             gate=self.grpc_gate,
         )
+        # Each server is stopped later only if it started: stopping one that never did
+        # would remove a socket file another agent serves on.
         try:
-            await _bind(f"HTTP port {options.http_port}", "--http-port", self._http.start())
-            await _bind(f"gRPC port {options.grpc_port}", "--grpc-port", self._grpc.start())
+            await _bind(f"HTTP port {options.http_port}", "--http-port", http.start())
+            self._http = http
+            await _bind(f"gRPC port {options.grpc_port}", "--grpc-port", grpc.start())
+            self._grpc = grpc
         except SystemExit:
             await self.stop()
             raise
@@ -184,10 +190,10 @@ class NodeServices:
             "agent started",
             extra={
                 **log_fields,
-                "socket": str(self._http.socket_path),
-                "http_port": self._http.tcp_port,
-                "grpc_socket": str(self._grpc.socket_path),
-                "grpc_port": self._grpc.tcp_port,
+                "socket": str(http.socket_path),
+                "http_port": http.tcp_port,
+                "grpc_socket": str(grpc.socket_path),
+                "grpc_port": grpc.tcp_port,
                 "metrics_port": options.metrics_port,
                 "workers": len(self.pool.devices()) if self.pool else 0,
             },
@@ -233,7 +239,10 @@ class NodeServices:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(self._http.stop(), self._grpc.stop(self.options.shutdown_timeout))
+        await asyncio.gather(
+            *([self._http.stop()] if self._http is not None else []),
+            *([self._grpc.stop(self.options.shutdown_timeout)] if self._grpc is not None else []),
+        )
         if self._metrics is not None:
             await self._metrics.stop()
         await self.agent.close()
@@ -255,3 +264,7 @@ async def _bind(what: str, flag: str, starting: Awaitable[T]) -> T:
         if exc.errno != errno.EADDRINUSE:
             raise
         raise SystemExit(f"nodecache: {what} is in use ({exc.strerror}); pass {flag}") from None
+    except RuntimeError as exc:  # grpc says no more than this about a port it cannot bind
+        if not str(exc).startswith("Failed to bind"):
+            raise
+        raise SystemExit(f"nodecache: {what} cannot be bound (in use?); pass {flag}") from None

@@ -166,26 +166,49 @@ def test_readiness_says_no_while_the_socket_is_missing(agent: PortedAgent) -> No
     still_serving(agent)
 
 
-@pytest.mark.parametrize("flag", ["--metrics-port", "--http-port"])
-def test_a_port_in_use_ends_the_agent_with_one_line(tmp_path: Path, flag: str) -> None:
+def run_agent(home: Agent, *args: str) -> subprocess.CompletedProcess[str]:
+    """``nodecache agent`` that is expected to end on its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "agent",
+         "--declarations", str(home.declarations), "--cache-dir", str(home.cache_dir),
+         "--socket-dir", str(home.socket_dir), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("flag", "what"),
+    [("--metrics-port", "metrics"), ("--http-port", "HTTP"), ("--grpc-port", "gRPC")],
+)
+def test_a_port_in_use_ends_the_agent_with_one_line(tmp_path: Path, flag: str, what: str) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
     home = Agent(tmp_path / "agent")
-    metrics = ["--metrics-port", "0"] if flag == "--http-port" else ["--metrics-host", "127.0.0.1"]
+    metrics = (
+        ["--metrics-host", "127.0.0.1"] if flag == "--metrics-port" else ["--metrics-port", "0"]
+    )
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "agent",
-             "--declarations", str(home.declarations), "--cache-dir", str(home.cache_dir),
-             "--socket-dir", str(home.socket_dir), *metrics, flag, str(port)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        last = one_line(run_agent(home, *metrics, flag, str(port)))
     finally:
         taken.close()
-    what = "metrics" if flag == "--metrics-port" else "HTTP"
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr, done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"nodecache: {what} port {port} is in use") and flag in last, last
+    assert last.startswith(f"nodecache: {what} port {port} ") and flag in last, last
     assert not home.socket.exists()  # nothing left listening
+
+
+def test_a_second_agent_on_the_same_socket_ends_with_one_line(
+    agent: PortedAgent, tmp_path: Path
+) -> None:
+    second = Agent(tmp_path / "second")
+    second.socket_dir = agent.socket_dir
+    last = one_line(run_agent(second, "--metrics-port", "0"))
+    assert "already serving on" in last and "--socket-dir" in last, last
+    still_serving(agent)  # its socket files are untouched
+    assert (agent.socket_dir / "nodecache-grpc.sock").exists()
