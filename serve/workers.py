@@ -1,8 +1,11 @@
 """Co-located model servers: worker processes the agent supervises and routes to.
 
 Each worker owns one device's slice of memory. A model is registered on one
-worker (its home, the one with the most room for it); the node socket forwards
-that model's requests there untouched. A worker that dies is restarted and its
+worker (its home, the one with the most room for it); the node socket relays that
+model's requests to the worker's data socket (``serve.relay``: only a checked target
+and an allow-list of headers cross). The agent's own calls (register, load, status)
+go over a second, token-guarded control socket that no caller's byte ever reaches.
+A worker that dies is restarted and its
 models are registered again, and those that were warm are loaded again; requests
 caught on the dead worker get a clean 503.
 

@@ -85,7 +85,7 @@ def reference(mlp_dir: Path) -> ort.InferenceSession:
 
 def send(
     agent: Agent, method: str, target: str, body: bytes, headers: dict[str, str]
-) -> tuple[int, bytes]:
+) -> tuple[int, bytes, http.client.HTTPMessage]:
     connection = UnixHTTPConnection(agent.socket)
     try:
         connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
@@ -95,14 +95,17 @@ def send(
         connection.putheader("Content-Length", str(len(body)))
         connection.endheaders(body)
         response = connection.getresponse()
-        return response.status, response.read()
+        return response.status, response.read(), response.headers
     finally:
         connection.close()
 
 
-def check_answer(status: int, payload: bytes, context: object) -> None:
+def check_answer(answer: tuple[int, bytes, http.client.HTTPMessage], context: object) -> None:
     """2xx, or a 4xx with an OIP error body; 503 (overload, with Retry-After) is allowed."""
-    assert status < 500 or status == 503, (status, payload[:300], context)
+    status, payload, headers = answer
+    assert status < 500 or (status == 503 and headers["Retry-After"]), (
+        status, payload[:300], context
+    )  # fmt: skip
     if status >= 400:
         doc = json.loads(payload)
         assert isinstance(doc, dict) and isinstance(doc.get("error"), str), (payload[:300],)
@@ -114,7 +117,7 @@ def check_still_right(agent: Agent, session: ort.InferenceSession, seed: int) ->
     x = np.random.default_rng(seed).standard_normal((2, 64)).astype(np.float32)
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64],
                         "data": x.ravel().tolist()}]}  # fmt: skip
-    status, payload = send(
+    status, payload, _ = send(
         agent, "POST", "/v2/models/mlp/infer", json.dumps(body).encode(),
         {"Content-Type": "application/json"},
     )  # fmt: skip
@@ -199,8 +202,7 @@ def test_json_requests(
     extra.pop("Connection", None)
     body = json.dumps(doc).encode()
     path = f"/v2/models/{model}{tail}/infer"
-    status, payload = send(target, "POST", path, body, extra)
-    check_answer(status, payload, (path, body[:200], extra))
+    check_answer(send(target, "POST", path, body, extra), (path, body[:200], extra))
     check_still_right(target, reference, seed)
 
 
@@ -218,12 +220,12 @@ def test_binary_extension_requests(
     head = json.dumps(doc).encode()
     length = len(head) if header_length is None else header_length
     for model in ("mlp", "types"):
-        status, payload = send(
+        answer = send(
             target, "POST", f"/v2/models/{model}/infer", head + binary,
             {"Inference-Header-Content-Length": str(length),
              "Content-Type": "application/octet-stream"},
         )  # fmt: skip
-        check_answer(status, payload, (model, head[:200], length))
+        check_answer(answer, (model, head[:200], length))
     check_still_right(target, reference, seed)
 
 
@@ -234,10 +236,8 @@ def test_v1_requests(
 ) -> None:
     doc = {"instances": instances} if wrap else instances
     for model in ("mlp", "types"):
-        status, payload = send(
-            target, "POST", f"/v1/models/{model}:predict", json.dumps(doc).encode(), {}
-        )
-        check_answer(status, payload, (model, doc))
+        answer = send(target, "POST", f"/v1/models/{model}:predict", json.dumps(doc).encode(), {})
+        check_answer(answer, (model, doc))
     check_still_right(target, reference, seed)
 
 
