@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import prefetch
-from agent.argtypes import port, positive_int, quantity
-from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
-from agent.standalone import run_standalone
-from cache import CacheDirInUseError, CacheDirLock
-from serve.logs import setup_logging
-from serve.loop import serve_forever
-from serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
-from serve.transport import TransportLimits
+from nodecache.agent import prefetch
+from nodecache.agent.argtypes import port, positive_int, quantity
+from nodecache.agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions
+from nodecache.agent.standalone import run_standalone
+from nodecache.cache import CacheDirInUseError, CacheDirLock
+from nodecache.serve.logs import setup_logging
+from nodecache.serve.loop import serve_forever
+from nodecache.serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
+from nodecache.serve.transport import TransportLimits
 
 __all__ = ["main"]
 
@@ -353,7 +353,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         limits=TransportLimits(args.header_timeout, args.body_timeout, args.keepalive_timeout),
     )
     if args.declarations is None:
-        from agent.cluster import ClusterOptions, run_cluster
+        from nodecache.agent.cluster import ClusterOptions, run_cluster
 
         serve_forever(
             run_cluster(ClusterOptions(args.node_name, options, kubeconfig=args.kubeconfig))
@@ -364,7 +364,7 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _reconciler(args: argparse.Namespace) -> int:
-    from agent.kube.reconciler import ReconcilerOptions, run_reconciler
+    from nodecache.agent.kube.reconciler import ReconcilerOptions, run_reconciler
 
     setup_logging(args.log_format, args.log_level)
     options = ReconcilerOptions(
@@ -380,7 +380,7 @@ def _reconciler(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from serve.client import ClientError, NodeClient
+    from nodecache.serve.client import ClientError, NodeClient
 
     socket_path = args.socket_dir / SOCKET_NAME
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.kube.api import (
+from nodecache.agent.kube.api import (
     LOCAL_MODEL_CACHES,
     LOCAL_MODEL_NAMESPACE_CACHES,
     LOCAL_MODEL_NODES,
@@ -24,17 +24,17 @@ from agent.kube.api import (
     Kube,
     connect,
 )
-from agent.kube.callers import CallerIdentity, namespace_guard
-from agent.kube.nodestatus import (
+from nodecache.agent.kube.callers import CallerIdentity, namespace_guard
+from nodecache.agent.kube.nodestatus import (
     RequestRates,
     StatusWriter,
     disk_capacity,
     node_status,
     resolve,
 )
-from agent.kube.watching import Informer
-from agent.node import NodeAgent
-from agent.services import NodeOptions, NodeServices
+from nodecache.agent.kube.watching import Informer
+from nodecache.agent.node import NodeAgent
+from nodecache.agent.services import NodeOptions, NodeServices
 
 __all__ = ["ClusterOptions", "run_cluster"]
 

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
-from cache import InvalidSourceError, validate_source_uri
-from serve.runtimes import FORMATS
+from nodecache.cache import InvalidSourceError, validate_source_uri
+from nodecache.serve.runtimes import FORMATS
 
 __all__ = [
     "API_VERSION",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import watchfiles
 
-from agent.declarations import DeclarationError, ModelDeclaration, parse_declarations
+from nodecache.agent.declarations import DeclarationError, ModelDeclaration, parse_declarations
 
 __all__ = ["MAX_FILE_BYTES", "DeclarationFolder", "FolderSnapshot"]
 

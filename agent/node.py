@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.declarations import ModelDeclaration
-from cache import CacheError, ModelStore, redact_uri
-from serve.errors import NoRoom, ServeError
-from serve.host import ModelHost
-from serve.runtimes import UnsupportedFormat, detect_format
+from nodecache.agent.declarations import ModelDeclaration
+from nodecache.cache import CacheError, ModelStore, redact_uri
+from nodecache.serve.errors import NoRoom, ServeError
+from nodecache.serve.host import ModelHost
+from nodecache.serve.runtimes import UnsupportedFormat, detect_format
 
 __all__ = ["ModelStatus", "NodeAgent"]
 

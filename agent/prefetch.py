@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.argtypes import positive_int, quantity
-from cache import (
+from nodecache.agent.argtypes import positive_int, quantity
+from nodecache.cache import (
     DEFAULT_FILE_MODE,
     MODEL_SIZE_TOLERANCE,
     CacheError,
@@ -167,7 +167,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m agent.prefetch`` (the same command without the CLI)."""
+    """Entry point for ``python -m nodecache.agent.prefetch`` (the same command without the CLI)."""
     parser = argparse.ArgumentParser(prog="nodecache")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(["prefetch", *(sys.argv[1:] if argv is None else argv)]))

@@ -21,19 +21,19 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from agent.node import NodeAgent
-from cache import ModelStore
-from cache.metrics import register_store_metrics
-from serve.dataplane import DataPlane
-from serve.devices import discover_devices
-from serve.grpc.server import GrpcServer
-from serve.host import LocalHost
-from serve.http import NodeServer, build_app
-from serve.metrics import SERVING_METRICS, request_counts
-from serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
-from serve.repository import ModelRepository
-from serve.transport import SocketTaken, TransportLimits
-from serve.workers import PoolDataPlane, WorkerPool, build_router_app, worker_devices
+from nodecache.agent.node import NodeAgent
+from nodecache.cache import ModelStore
+from nodecache.cache.metrics import register_store_metrics
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.devices import discover_devices
+from nodecache.serve.grpc.server import GrpcServer
+from nodecache.serve.host import LocalHost
+from nodecache.serve.http import NodeServer, build_app
+from nodecache.serve.metrics import SERVING_METRICS, request_counts
+from nodecache.serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
+from nodecache.serve.repository import ModelRepository
+from nodecache.serve.transport import SocketTaken, TransportLimits
+from nodecache.serve.workers import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 
 __all__ = ["GRPC_SOCKET_NAME", "SOCKET_NAME", "STATUS_PATH", "NodeOptions", "NodeServices"]
 
@@ -51,7 +51,7 @@ class NodeOptions:
     cache_dir: Path
     socket_dir: Path
     cache_size: int | None = None
-    cache_mode: int = 0o640  # files; folders get the matching x bits (cache.perms)
+    cache_mode: int = 0o640  # files; folders get the matching x bits (nodecache.cache.perms)
     http_port: int | None = None
     grpc_port: int | None = None
     http_host: str = "127.0.0.1"

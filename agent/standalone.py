@@ -7,9 +7,9 @@ import logging
 import signal
 from pathlib import Path
 
-from agent.files import DeclarationFolder
-from agent.node import NodeAgent
-from agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions, NodeServices
+from nodecache.agent.files import DeclarationFolder
+from nodecache.agent.node import NodeAgent
+from nodecache.agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions, NodeServices
 
 __all__ = ["SOCKET_NAME", "STATUS_PATH", "run_standalone"]
 

@@ -3,7 +3,7 @@
 Imports nothing from ``serve`` or ``agent``.
 """
 
-from cache.errors import (
+from nodecache.cache.errors import (
     CacheDirInUseError,
     CacheError,
     FetchError,
@@ -13,10 +13,10 @@ from cache.errors import (
     ModelInUseError,
     SizeLimitError,
 )
-from cache.fetch import FetchOptions
-from cache.perms import DEFAULT_FILE_MODE, folder_mode, parse_file_mode
-from cache.sources import DERIVED_DIR, MANIFEST_NAME
-from cache.store import (
+from nodecache.cache.fetch import FetchOptions
+from nodecache.cache.perms import DEFAULT_FILE_MODE, folder_mode, parse_file_mode
+from nodecache.cache.sources import DERIVED_DIR, MANIFEST_NAME
+from nodecache.cache.store import (
     MODEL_SIZE_TOLERANCE,
     CacheDirLock,
     ModelStore,
@@ -26,7 +26,7 @@ from cache.store import (
     StoreStats,
     format_bytes,
 )
-from cache.uri import SUPPORTED_SCHEMES, redact_uri, validate_source_uri
+from nodecache.cache.uri import SUPPORTED_SCHEMES, redact_uri, validate_source_uri
 
 __all__ = [
     "DEFAULT_FILE_MODE",

@@ -3,7 +3,7 @@
 Everything ``cache/`` raises derives from :class:`CacheError`, itself an :class:`OSError`, so
 callers that only care "did the disk tier fail" catch one type. Messages are written for the
 person reading a model's status: what failed, for which source, and whether retrying can help.
-They never contain credentials (see :func:`cache.uri.redact_uri`).
+They never contain credentials (see :func:`nodecache.cache.uri.redact_uri`).
 """
 
 from __future__ import annotations

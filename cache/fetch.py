@@ -37,10 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
-from cache.perms import DEFAULT_FILE_MODE, create_file, folder_mode, make_folder
-from cache.sources import RESERVED_PREFIX, RemoteFile, Source, is_transient, translate_error
-from cache.uri import redact_uri
+from nodecache.cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
+from nodecache.cache.perms import DEFAULT_FILE_MODE, create_file, folder_mode, make_folder
+from nodecache.cache.sources import (
+    RESERVED_PREFIX,
+    RemoteFile,
+    Source,
+    is_transient,
+    translate_error,
+)
+from nodecache.cache.uri import redact_uri
 
 __all__ = [
     "JOURNAL_NAME",
@@ -297,8 +303,8 @@ class Transfer:
 
     ``on_bytes(n)`` is called from worker threads as bytes land (negative when bytes
     already counted must be fetched again). Files and folders are created with
-    ``file_mode`` (folders: :func:`cache.perms.folder_mode`); files of unknown size draw on
-    ``budget`` before each write that grows them (None: no bound but the disk).
+    ``file_mode`` (folders: :func:`nodecache.cache.perms.folder_mode`); files of unknown
+    size draw on ``budget`` before each write that grows them (None: no bound but the disk).
     """
 
     def __init__(

@@ -1,8 +1,8 @@
-"""Prometheus metrics of the disk tier, read from a :class:`~cache.store.ModelStore`.
+"""Prometheus metrics of the disk tier, read from a :class:`.ModelStore`.
 
 A collector, not counters updated in the byte path: the store already keeps its numbers in
-:class:`~cache.store.StoreStats` (updated from worker threads for every chunk), and reading
-them at scrape time costs nothing while fetching. ``register_store_metrics(store)`` once per
+:class:`~nodecache.cache.store.StoreStats` (updated from worker threads for every chunk), and
+reading them at scrape time costs nothing while fetching. ``register_store_metrics(store)`` once per
 process, usually right after the store is made; scrape the registry as usual.
 
 Exported (all prefixed ``nodecache_cache_``):
@@ -41,7 +41,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from cache.store import ModelStore
+from nodecache.cache.store import ModelStore
 
 __all__ = [
     "FETCH_DURATION_BUCKETS",

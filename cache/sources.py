@@ -4,7 +4,7 @@ Listing and metadata go through fsspec (s3fs, gcsfs, its HTTP filesystem). The b
 avoids fsspec's single event-loop thread where it can: ``http(s)`` objects and ``s3`` objects
 (through presigned URLs) are read with blocking ranged GETs, one keep-alive connection per
 worker thread, straight into a reused buffer. Everything here is blocking and runs in worker
-threads. Library errors are translated into :mod:`cache.errors` at this boundary, with
+threads. Library errors are translated into :mod:`nodecache.cache.errors` at this boundary, with
 credentials masked.
 """
 
@@ -27,8 +27,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus, urljoin, urlsplit
 
-from cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
-from cache.uri import redact_uri, validate_source_uri
+from nodecache.cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
+from nodecache.cache.uri import redact_uri, validate_source_uri
 
 __all__ = [
     "DERIVED_DIR",
@@ -692,7 +692,7 @@ class S3Source(Source):
 
     def __init__(self, uri: str, *, config: _S3Config, **kwargs: Any) -> None:
         super().__init__(uri, **kwargs)
-        from cache.sigv4 import SigV4
+        from nodecache.cache.sigv4 import SigV4
 
         self.config = config
         self.signer = (
@@ -714,7 +714,7 @@ class S3Source(Source):
         self.http.close()
 
     def _url(self, key: str, query: str = "") -> str:
-        from cache.sigv4 import uri_encode
+        from nodecache.cache.sigv4 import uri_encode
 
         config = self.config
         path = uri_encode(key)
@@ -773,7 +773,7 @@ class S3Source(Source):
     def _list(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         import xml.etree.ElementTree as ET
 
-        from cache.sigv4 import canonical_query
+        from nodecache.cache.sigv4 import canonical_query
 
         out: list[tuple[str, dict[str, Any]]] = []
         token = None

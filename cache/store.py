@@ -16,7 +16,7 @@ complete model. The manifest's modification time records the model's last use (L
 survives restarts).
 
 Every file the store creates has the store's ``file_mode`` (0640 by default) and every folder
-the matching search bits (0750), set explicitly whatever the umask (:mod:`cache.perms`).
+the matching search bits (0750), set explicitly whatever the umask (:mod:`nodecache.cache.perms`).
 A download never writes more than the model's declared size allows (``max_bytes`` plus
 :data:`MODEL_SIZE_TOLERANCE`) nor more than the store has room for, whatever the source
 claims.
@@ -45,14 +45,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cache.errors import (
+from nodecache.cache.errors import (
     CacheDirInUseError,
     CacheError,
     InsufficientSpaceError,
     ModelInUseError,
     SizeLimitError,
 )
-from cache.fetch import (
+from nodecache.cache.fetch import (
     JOURNAL_NAME,
     FetchedFile,
     FetchOptions,
@@ -62,7 +62,7 @@ from cache.fetch import (
     ensure_fetch_error,
     retrying,
 )
-from cache.perms import (
+from nodecache.cache.perms import (
     DEFAULT_FILE_MODE,
     check_file_mode,
     create_file,
@@ -70,7 +70,7 @@ from cache.perms import (
     make_folder,
     restrict,
 )
-from cache.sources import (
+from nodecache.cache.sources import (
     DERIVED_DIR,
     MANIFEST_NAME,
     RemoteFile,
@@ -80,7 +80,7 @@ from cache.sources import (
     open_source,
     translate_error,
 )
-from cache.uri import redact_uri, validate_source_uri
+from nodecache.cache.uri import redact_uri, validate_source_uri
 
 __all__ = [
     "MODEL_SIZE_TOLERANCE",
@@ -197,7 +197,7 @@ class ModelStore:
 
     ``limit_bytes`` bounds what the store may hold (published models plus partial
     downloads); None means "whatever the disk has". ``file_mode`` is the mode of every file
-    the store creates (folders get the matching search bits; see :mod:`cache.perms`).
+    the store creates (folders get the matching search bits; see :mod:`nodecache.cache.perms`).
     Processes sharing one ``root`` (the agent and a ``nodecache prefetch`` init container)
     coordinate through lock files: one downloads, the other waits and then finds the
     published model.
@@ -374,7 +374,7 @@ class ModelStore:
         fetch of the same source resumes from them.
 
         ``credentials`` (resolved by the caller from a Secret or credentials file; see
-        :func:`cache.sources.open_source` for the names) override the environment. Their
+        :func:`nodecache.cache.sources.open_source` for the names) override the environment. Their
         values never appear in errors or logs.
 
         ``max_bytes`` is the model's declared size (``modelSize``): a source that lists, or

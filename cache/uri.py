@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, urlsplit
 
-from cache.errors import InvalidSourceError
+from nodecache.cache.errors import InvalidSourceError
 
 __all__ = ["SUPPORTED_SCHEMES", "redact_uri", "validate_source_uri"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.client import NodeClient
-from serve.examples import write_mlp_onnx
+from nodecache.serve.client import NodeClient
+from nodecache.serve.examples import write_mlp_onnx
 
 HOME = Path(".nodecache")
 SOURCE = HOME / "demo-source" / "mlp"
@@ -84,7 +84,7 @@ def main() -> int:
     (DECLARATIONS / "demo-mlp.yaml").write_text(DECLARATION.format(uri=SOURCE.resolve().as_uri()))
     print(f"demo: built an ONNX MLP in {SOURCE}, declared it in {DECLARATIONS}/demo-mlp.yaml")
     command = [
-        sys.executable, "-m", "agent.cli", "agent",
+        sys.executable, "-m", "nodecache.agent.cli", "agent",
         "--declarations", str(DECLARATIONS),
         # Interactive runs expose /metrics on the usual port; --once stays off the network.
         "--metrics-port", "0" if args.once else os.environ.get("NODECACHE_METRICS_PORT", "9464"),

@@ -3,6 +3,6 @@
 ``serve.Model`` is the base class for custom Python models.
 """
 
-from serve.model import Model
+from nodecache.serve.model import Model
 
 __all__ = ["Model"]

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from serve.protocol import HEADER_LENGTH, InferRequest, decode_response, encode_request
+from nodecache.serve.protocol import HEADER_LENGTH, InferRequest, decode_response, encode_request
 
 __all__ = ["ClientError", "NodeClient", "SyncNodeClient"]
 

@@ -14,8 +14,8 @@ from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
-from serve.batching import Batcher
-from serve.errors import (
+from nodecache.serve.batching import Batcher
+from nodecache.serve.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -23,7 +23,7 @@ from serve.errors import (
     ServeError,
     excerpt,
 )
-from serve.metrics import (
+from nodecache.serve.metrics import (
     BATCH_SIZE,
     INFERENCE_SECONDS,
     QUEUE_SECONDS,
@@ -31,7 +31,7 @@ from serve.metrics import (
     child,
     request_stats,
 )
-from serve.protocol import (
+from nodecache.serve.protocol import (
     DEFAULT_MAX_OUTPUT_BYTES,
     OFFLOAD_BYTES,
     InferRequest,
@@ -39,9 +39,9 @@ from serve.protocol import (
     sized_work,
     tensor_bytes,
 )
-from serve.repository import ModelRepository, ServedModel, State
-from serve.runtimes import Runtime, TensorSpec
-from serve.tensors import DATATYPES, datatype_of, encoded_size
+from nodecache.serve.repository import ModelRepository, ServedModel, State
+from nodecache.serve.runtimes import Runtime, TensorSpec
+from nodecache.serve.tensors import DATATYPES, datatype_of, encoded_size
 
 __all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane"]
 

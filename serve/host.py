@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from serve.repository import ModelRepository
+from nodecache.serve.repository import ModelRepository
 
 __all__ = ["LocalHost", "ModelHost"]
 

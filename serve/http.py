@@ -16,9 +16,9 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from serve.dataplane import DataPlane
-from serve.errors import InvalidInput, PayloadTooLarge, ServeError, excerpt
-from serve.protocol import (
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.errors import InvalidInput, PayloadTooLarge, ServeError, excerpt
+from nodecache.serve.protocol import (
     DEFAULT_MAX_ELEMENTS,
     HEADER_LENGTH,
     InferRequest,
@@ -27,8 +27,13 @@ from serve.protocol import (
     sized_work,
     tensor_bytes,
 )
-from serve.tensors import decode_tensor, encode_tensor
-from serve.transport import LimitedProtocol, TransportLimits, UnixListener, limits_middleware
+from nodecache.serve.tensors import decode_tensor, encode_tensor
+from nodecache.serve.transport import (
+    LimitedProtocol,
+    TransportLimits,
+    UnixListener,
+    limits_middleware,
+)
 
 __all__ = ["DEFAULT_MAX_BODY", "PROTOCOL_HEADER", "NodeServer", "build_app", "error_response"]
 

@@ -15,8 +15,8 @@ from typing import Any, NoReturn, TypeVar
 import numpy as np
 import orjson
 
-from serve.errors import InvalidInput, excerpt
-from serve.tensors import decode_tensor, encode_tensor
+from nodecache.serve.errors import InvalidInput, excerpt
+from nodecache.serve.tensors import decode_tensor, encode_tensor
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache import DERIVED_DIR
-from serve.devices import Device
-from serve.errors import (
+from nodecache.cache import DERIVED_DIR
+from nodecache.serve.devices import Device
+from nodecache.serve.errors import (
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
@@ -26,9 +26,9 @@ from serve.errors import (
     ServeError,
     ServerOverloaded,
 )
-from serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES, forget_model
-from serve.residency import Candidate, choose_victims, idle_models
-from serve.runtimes import Runtime, attach_runtime, device_kinds, load_runtime
+from nodecache.serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES, forget_model
+from nodecache.serve.residency import Candidate, choose_victims, idle_models
+from nodecache.serve.runtimes import Runtime, attach_runtime, device_kinds, load_runtime
 
 __all__ = ["ModelRepository", "ServedModel", "State"]
 

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from serve.errors import InvalidInput, excerpt
+from nodecache.serve.errors import InvalidInput, excerpt
 
 __all__ = [
     "DATATYPES",

@@ -3,7 +3,7 @@
 aiohttp's server waits for a request head and body as long as the peer likes (its only
 bound is a one-hour keep-alive timer), and reads a body that announces more than the
 limit until the limit is reached. A pod on the node could hold connections and memory that
-way. The pieces here bound both; ``serve.http.NodeServer`` puts them together, for the
+way. The pieces here bound both; ``nodecache.serve.http.NodeServer`` puts them together, for the
 node socket's app and the router's alike.
 """
 

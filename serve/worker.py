@@ -1,6 +1,6 @@
 """One multi-model server process: its own repository on one device, on private sockets.
 
-The agent starts these (``python -I -m serve.worker``), registers models with them over a
+The agent starts these (``python -I -m nodecache.serve.worker``), registers models with them over a
 control API, and relays requests to them. The two never share a channel: the OIP routes
 listen on the data socket, which carries whatever a caller sent, and the control routes on
 a second socket, where every request must also carry the agent's secret token (given in
@@ -24,14 +24,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from serve.dataplane import DEFAULT_MAX_OUTPUT_BYTES, DataPlane
-from serve.devices import Device
-from serve.errors import ModelNotFound
-from serve.http import DATAPLANE, NodeServer, build_app, error_middleware, error_response
-from serve.logs import setup_logging
-from serve.loop import serve_forever
-from serve.metrics import SERVING_METRICS, request_counts
-from serve.repository import ModelRepository
+from nodecache.serve.dataplane import DEFAULT_MAX_OUTPUT_BYTES, DataPlane
+from nodecache.serve.devices import Device
+from nodecache.serve.errors import ModelNotFound
+from nodecache.serve.http import DATAPLANE, NodeServer, build_app, error_middleware, error_response
+from nodecache.serve.logs import setup_logging
+from nodecache.serve.loop import serve_forever
+from nodecache.serve.metrics import SERVING_METRICS, request_counts
+from nodecache.serve.repository import ModelRepository
 
 __all__ = ["CONTROL", "TOKEN_ENV", "build_control_app", "build_worker_app", "main"]
 
@@ -213,7 +213,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -I -m serve.worker")
+    parser = argparse.ArgumentParser(prog="python -I -m nodecache.serve.worker")
     parser.add_argument("--socket", required=True, help="the data socket (OIP)")
     parser.add_argument("--control-socket", required=True, help="the agent's control socket")
     parser.add_argument("--device", default="cpu")

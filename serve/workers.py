@@ -2,7 +2,7 @@
 
 Each worker owns one device's slice of memory. A model is registered on one
 worker (its home, the one with the most room for it); the node socket relays that
-model's requests to the worker's data socket (``serve.relay``: only a checked target
+model's requests to the worker's data socket (``nodecache.serve.relay``: only a checked target
 and an allow-list of headers cross). The agent's own calls (register, load, status)
 go over a second, token-guarded control socket that no caller's byte ever reaches.
 A worker that dies is restarted and its
@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from serve.dataplane import (
+from nodecache.serve.dataplane import (
     DEFAULT_MAX_OUTPUT_BYTES,
     MODEL_VERSION,
     SERVER_NAME,
@@ -49,8 +49,8 @@ from serve.dataplane import (
     VERSION_PATTERN,
     Catalog,
 )
-from serve.devices import Device
-from serve.errors import (
+from nodecache.serve.devices import Device
+from nodecache.serve.errors import (
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
@@ -58,8 +58,8 @@ from serve.errors import (
     NoRoom,
     ServeError,
 )
-from serve.http import PROTOCOL_HEADER, error_middleware
-from serve.protocol import (
+from nodecache.serve.http import PROTOCOL_HEADER, error_middleware
+from nodecache.serve.protocol import (
     HEADER_LENGTH,
     InferRequest,
     InferResponse,
@@ -68,9 +68,9 @@ from serve.protocol import (
     sized_work,
     tensor_bytes,
 )
-from serve.relay import RelayBusy, UnsafeRequest, WorkerLink
-from serve.runtimes import device_kinds
-from serve.worker import CONTROL, TOKEN_ENV
+from nodecache.serve.relay import RelayBusy, UnsafeRequest, WorkerLink
+from nodecache.serve.runtimes import device_kinds
+from nodecache.serve.worker import CONTROL, TOKEN_ENV
 
 __all__ = ["PoolDataPlane", "WorkerPool", "build_router_app", "worker_devices"]
 
@@ -221,7 +221,7 @@ class WorkerPool:
         # -I: neither the working directory nor PYTHON* variables decide what runs as the
         # worker (a folder named like one of our packages, or a planted file, would).
         command = [
-            sys.executable, "-I", "-m", "serve.worker",
+            sys.executable, "-I", "-m", "nodecache.serve.worker",
             "--socket", str(worker.socket),
             "--control-socket", str(worker.control),
             "--device", worker.device.name,

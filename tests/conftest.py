@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from support import Agent, kill_tree
 
-from serve.examples import write_all_types_onnx, write_mlp_onnx
+from nodecache.serve.examples import write_all_types_onnx, write_mlp_onnx
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,7 @@ class Agent:
 
     def start(self, *extra: str) -> Agent:
         command = [
-            sys.executable, "-m", "agent.cli", "agent",
+            sys.executable, "-m", "nodecache.agent.cli", "agent",
             "--declarations", str(self.declarations),
             "--cache-dir", str(self.cache_dir),
             "--socket-dir", str(self.socket_dir),

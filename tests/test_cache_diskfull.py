@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from cache import FetchOptions, InsufficientSpaceError, ModelStore
+from nodecache.cache import FetchOptions, InsufficientSpaceError, ModelStore
 
 OPTS = FetchOptions(chunk_size=64 * 1024, part_size=256 * 1024, fsync=False, retries=1)
 

@@ -19,7 +19,7 @@ import pytest
 # Must be set before gcsfs is imported, or every bucket call stalls on a gRPC probe.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-from cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
+from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
 
 SMALL = FetchOptions(
     chunk_size=64 * 1024,

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from support import ROOT, Agent, SlowHttpSource, declaration, uds_request
 
-from cache import (
+from nodecache.cache import (
     FetchOptions,
     InsufficientSpaceError,
     IntegrityError,
@@ -29,7 +29,7 @@ from cache import (
     parse_file_mode,
     redact_uri,
 )
-from cache.sources import HttpRanges
+from nodecache.cache.sources import HttpRanges
 
 MiB = 1 << 20
 OPTS = FetchOptions(
@@ -423,7 +423,7 @@ async def test_s3fs_listing_does_not_follow_a_redirect_with_credentials(
     """The s3fs (botocore) path: aiobotocore let aiohttp follow a redirect to another host,
     which dropped only ``Authorization`` and sent the session token on; now the redirect is
     not followed and the listing fails with a clear error."""
-    from cache.sources import S3fsSource, translate_error
+    from nodecache.cache.sources import S3fsSource, translate_error
 
     async def record(request: web.Request, server: Server) -> web.StreamResponse:
         return web.Response(text="")
@@ -533,7 +533,7 @@ def test_cache_mode_refuses_what_it_cannot_mean(text: str, why: str) -> None:
 
 
 def test_agent_cache_mode_flag_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
-    from agent.cli import build_parser
+    from nodecache.agent.cli import build_parser
 
     assert build_parser().parse_args(["agent", "--cache-mode", "0600"]).cache_mode == 0o600
     assert build_parser().parse_args(["agent"]).cache_mode == 0o640
@@ -546,7 +546,7 @@ def test_agent_cache_mode_flag_is_checked(capsys: pytest.CaptureFixture[str]) ->
 def test_prefetch_writes_with_its_cache_mode(tmp_path: Path) -> None:
     source = make_source(tmp_path / "source")
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "prefetch", source.as_uri(),
+        [sys.executable, "-m", "nodecache.agent.cli", "prefetch", source.as_uri(),
          "--cache-dir", str(tmp_path / "cache"), "--cache-mode", "0600", "--progress", "none"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -557,7 +557,7 @@ def test_prefetch_writes_with_its_cache_mode(tmp_path: Path) -> None:
 def test_prefetch_refuses_a_source_over_its_model_size(tmp_path: Path) -> None:
     source = make_source(tmp_path / "source")  # 7 kB
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "prefetch", source.as_uri(),
+        [sys.executable, "-m", "nodecache.agent.cli", "prefetch", source.as_uri(),
          "--cache-dir", str(tmp_path / "cache"), "--model-size", "4Ki", "--progress", "none"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -582,7 +582,7 @@ def test_one_agent_per_cache_dir_and_prefetch_still_shares_it(
     second = tmp_path / "second"
     (second / "declarations").mkdir(parents=True)
     command = [
-        sys.executable, "-m", "agent.cli", "agent",
+        sys.executable, "-m", "nodecache.agent.cli", "agent",
         "--declarations", str(second / "declarations"),
         "--cache-dir", str(agent.cache_dir),
         "--socket-dir", str(second / "run"),
@@ -607,7 +607,7 @@ def test_one_agent_per_cache_dir_and_prefetch_still_shares_it(
     # A prefetch shares the folder with the running agent, by design.
     source = make_source(tmp_path / "source")
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "prefetch", source.as_uri(),
+        [sys.executable, "-m", "nodecache.agent.cli", "prefetch", source.as_uri(),
          "--cache-dir", str(agent.cache_dir), "--progress", "none"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -12,8 +12,8 @@ from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cache import FetchError, FetchOptions, ModelStore
-from cache.metrics import StoreCollector, register_store_metrics, unregister_store_metrics
+from nodecache.cache import FetchError, FetchOptions, ModelStore
+from nodecache.cache.metrics import StoreCollector, register_store_metrics, unregister_store_metrics
 
 SMALL = FetchOptions(
     chunk_size=64 * 1024,

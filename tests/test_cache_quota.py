@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from cache import (
+from nodecache.cache import (
     DERIVED_DIR,
     FetchOptions,
     InsufficientSpaceError,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from cache import MANIFEST_NAME, FetchOptions, ModelStore
+from nodecache.cache import MANIFEST_NAME, FetchOptions, ModelStore
 
 SIZE = 2 * 1024 * 1024 + 12_345
 PART = 256 * 1024
@@ -25,7 +25,7 @@ OPTS = dict(chunk_size=16 * 1024, part_size=PART, concurrency=2, fsync=False, jo
 CHILD = """
 import asyncio, sys
 from pathlib import Path
-from cache import FetchOptions, ModelStore
+from nodecache.cache import FetchOptions, ModelStore
 opts = FetchOptions(**{opts!r})
 asyncio.run(ModelStore(Path(sys.argv[1]), options=opts).fetch(sys.argv[2]))
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from cache import (
+from nodecache.cache import (
     MANIFEST_NAME,
     CacheError,
     FetchError,
@@ -440,7 +440,7 @@ async def test_errors_are_cache_errors(tmp_path: Path) -> None:
 async def test_hashes_are_fed_as_bytes_arrive_and_read_back_only_when_parts_overtake(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cache.fetch import Transfer
+    from nodecache.cache.fetch import Transfer
 
     source = tmp_path / "src"
     files = {f"small-{i}.bin": os.urandom(50_000 + i) for i in range(6)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cache import (
+from nodecache.cache import (
     SUPPORTED_SCHEMES,
     CacheError,
     InvalidSourceError,

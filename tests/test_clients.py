@@ -16,8 +16,8 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from support import Agent, declaration, free_port
 
-from serve.grpc import oip_pb2 as pb
-from serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.grpc import oip_pb2 as pb
+from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +155,9 @@ def test_kserve_rest_and_grpc_clients(served, mlp_dir: Path) -> None:
 
 async def test_grpc_gate_refuses_restricted_models(tmp_path: Path, mlp_dir: Path) -> None:
     """Models a gate restricts (namespaced ones in a cluster) are refused over gRPC."""
-    from serve.dataplane import DataPlane
-    from serve.grpc.server import GrpcServer
-    from serve.repository import ModelRepository
+    from nodecache.serve.dataplane import DataPlane
+    from nodecache.serve.grpc.server import GrpcServer
+    from nodecache.serve.repository import ModelRepository
 
     repo = ModelRepository()
     repo.register("open", mlp_dir, "onnx")

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from serve.devices import Device
-from serve.workers import WorkerPool, _Copy, _Registration, _Worker
+from nodecache.serve.devices import Device
+from nodecache.serve.workers import WorkerPool, _Copy, _Registration, _Worker
 
 GIB = 1 << 30
 
@@ -131,7 +131,9 @@ async def test_a_copy_is_never_deleted_from_the_models_new_home() -> None:
 async def test_onnx_copies_do_not_expect_to_attach_on_the_same_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("serve.workers.device_kinds", lambda fmt: frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(
+        "nodecache.serve.workers.device_kinds", lambda fmt: frozenset({"cpu", "cuda"})
+    )
     pool = FakePool([Device("cuda:0", 80 * GIB, 2 * GIB), Device("cuda:1", 80 * GIB, 8 * GIB)])
     pool._workers.append(
         _Worker(2, Device("cuda:0", 80 * GIB, GIB // 2), Path("/x"), Path("/x.control"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.declarations import DeclarationError, parse_declarations
-from agent.files import DeclarationFolder
+from nodecache.agent.declarations import DeclarationError, parse_declarations
+from nodecache.agent.files import DeclarationFolder
 
 KSERVE_STYLE = """\
 apiVersion: nodecache.io/v1alpha1

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from support import Agent, declaration, uds_request, wait_for
 
-import agent.files as files_module
-from agent.declarations import DeclarationError, parse_declarations
-from agent.files import MAX_ERROR_CHARS, DeclarationFolder, FolderSnapshot
+import nodecache.agent.files as files_module
+from nodecache.agent.declarations import DeclarationError, parse_declarations
+from nodecache.agent.files import MAX_ERROR_CHARS, DeclarationFolder, FolderSnapshot
 
 
 def alias_bomb(levels: int = 7) -> str:

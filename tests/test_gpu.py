@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.dataplane import DataPlane
-from serve.devices import discover_devices
-from serve.protocol import InferRequest
-from serve.repository import ModelRepository
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.devices import discover_devices
+from nodecache.serve.protocol import InferRequest
+from nodecache.serve.repository import ModelRepository
 
 pytestmark = pytest.mark.gpu
 
@@ -59,7 +59,7 @@ def test_staged_load_puts_every_tensor_on_the_gpu_exactly(tmp_path: Path) -> Non
     import torch
     from safetensors.torch import load_file, save_file
 
-    from serve.runtimes.staging import load_staged
+    from nodecache.serve.runtimes.staging import load_staged
 
     g = torch.Generator().manual_seed(0)
     state = {f"w{i}": torch.randn(1 << 18, generator=g) for i in range(12)}  # 12 MiB
@@ -79,7 +79,7 @@ def test_staged_load_puts_every_tensor_on_the_gpu_exactly(tmp_path: Path) -> Non
 CHILD = """
 import json, sys
 import torch
-from serve.runtimes.torch import TorchRuntime
+from nodecache.serve.runtimes.torch import TorchRuntime
 
 runtime = TorchRuntime.attach(
     __import__("pathlib").Path(sys.argv[1]), device="cuda:0", entrypoint="net:Net",
@@ -100,7 +100,7 @@ def test_another_process_attaches_to_the_same_gpu_memory(tmp_path: Path) -> None
     import torch
     from safetensors.torch import save_file
 
-    from serve.runtimes.torch import TorchRuntime
+    from nodecache.serve.runtimes.torch import TorchRuntime
 
     (tmp_path / "net.py").write_text(NET_PY)
     namespace: dict = {}

@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from serve.dataplane import DataPlane
-from serve.errors import InvalidInput
-from serve.grpc import oip_pb2 as pb
-from serve.grpc import oip_pb2_grpc as pb_grpc
-from serve.grpc.server import GrpcServer
-from serve.http import NodeServer, build_app
-from serve.metrics import UNKNOWN_MODEL
-from serve.protocol import InferRequest
-from serve.repository import ModelRepository
-from serve.tensors import decode_tensor
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.errors import InvalidInput
+from nodecache.serve.grpc import oip_pb2 as pb
+from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.grpc.server import GrpcServer
+from nodecache.serve.http import NodeServer, build_app
+from nodecache.serve.metrics import UNKNOWN_MODEL
+from nodecache.serve.protocol import InferRequest
+from nodecache.serve.repository import ModelRepository
+from nodecache.serve.tensors import decode_tensor
 
 # -- small real models -----------------------------------------------------------------
 
@@ -89,7 +89,7 @@ def build_models(root: Path) -> dict[str, Path]:
 
 BOOM_PY = """
 import numpy as np
-from serve import Model
+from nodecache.serve import Model
 
 class Boom(Model):
     def predict(self, data):
@@ -304,7 +304,7 @@ def test_binary_bytes_decode_only_what_the_shape_declares(
 WHERE_PY = """
 import threading
 import numpy as np
-from serve import Model
+from nodecache.serve import Model
 
 class Where(Model):
     threads = []
@@ -457,7 +457,7 @@ async def test_an_answer_over_the_output_limit_is_refused(node: Node) -> None:
 
 
 def test_agent_flag_sets_the_output_limit() -> None:
-    from agent.cli import build_parser
+    from nodecache.agent.cli import build_parser
 
     args = build_parser().parse_args(["agent", "--declarations", "d", "--max-output-bytes", "1Mi"])
     assert args.max_output_bytes == 1 << 20

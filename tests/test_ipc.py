@@ -12,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from serve.runtimes.ipc import NotShareable, _decode, _encode, encode_weights  # noqa: E402
-from serve.runtimes.torch import TorchRuntime  # noqa: E402
+from nodecache.serve.runtimes.ipc import NotShareable, _decode, _encode, encode_weights  # noqa: E402
+from nodecache.serve.runtimes.torch import TorchRuntime  # noqa: E402
 
 
 def test_a_cuda_reduction_survives_json_field_for_field() -> None:

@@ -17,8 +17,8 @@ from kubernetes import client
 from prometheus_client import REGISTRY
 from support import wait_for
 
-from agent.kube.callers import pod_uid_of
-from agent.kube.nodestatus import RequestRates, StatusWriter, node_status, resolve
+from nodecache.agent.kube.callers import pod_uid_of
+from nodecache.agent.kube.nodestatus import RequestRates, StatusWriter, node_status, resolve
 
 G, V = "nodecache.io", "v1alpha1"
 
@@ -337,7 +337,7 @@ def test_connect_finds_the_api_server_through_kubeconfig(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No in-cluster service account here: $KUBECONFIG is next, then ~/.kube/config."""
-    from agent.kube.api import connect
+    from nodecache.agent.kube.api import connect
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(fake_api.write_kubeconfig(tmp_path / "env-config")))

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from kubefake.schema import load_crds, prune, validate_object
 
-from agent.declarations import parse_declarations
+from nodecache.agent.declarations import parse_declarations
 
 ROOT = Path(__file__).resolve().parent.parent
 DAEMONSET = ROOT / "daemonset"
@@ -307,7 +307,7 @@ PARITY = [
 @pytest.mark.parametrize("spec", PARITY, ids=[str(s) for s in PARITY])
 def test_crd_and_standalone_parser_agree(spec: dict[str, Any]) -> None:
     """A manifest that works standalone works in a cluster, and the other way round."""
-    from agent.declarations import DeclarationError, parse_object
+    from nodecache.agent.declarations import DeclarationError, parse_object
 
     obj = cache(**spec)
     crd_ok = validate_object(load_crds()["localmodelcaches"].schema, obj) == []
@@ -323,7 +323,7 @@ def test_container_args_are_ones_the_cli_accepts(objects: list[dict[str, Any]]) 
     """The manifests and `nodecache` cannot drift apart unnoticed."""
     import argparse
 
-    from agent.cli import build_parser
+    from nodecache.agent.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

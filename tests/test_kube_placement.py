@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.kube.placement import FINALIZER, format_quantity, plan
+from nodecache.agent.kube.placement import FINALIZER, format_quantity, plan
 
 GI = 1 << 30
 

@@ -16,8 +16,8 @@ from kubernetes.client.rest import ApiException
 from support import wait_for
 from test_cache_s3 import S3Server, s3, s3_server, upload  # noqa: F401 (fixtures)
 
-from agent.kube.placement import FINALIZER
-from serve.examples import write_mlp_onnx
+from nodecache.agent.kube.placement import FINALIZER
+from nodecache.serve.examples import write_mlp_onnx
 
 G, V = "nodecache.io", "v1alpha1"
 

@@ -9,10 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from cache import DERIVED_DIR
-from serve.examples import write_mlp_onnx
-from serve.runtimes import onnx as onnx_runtime
-from serve.runtimes.onnx import OnnxRuntime, find_onnx_file
+from nodecache.cache import DERIVED_DIR
+from nodecache.serve.examples import write_mlp_onnx
+from nodecache.serve.runtimes import onnx as onnx_runtime
+from nodecache.serve.runtimes.onnx import OnnxRuntime, find_onnx_file
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def test_model_loads_unmapped_when_no_copy_can_be_written(
     model = write_model(tmp_path / "m")
     (tmp_path / "m" / DERIVED_DIR).write_text("in the way")  # mkdir fails, as on a full disk
 
-    with caplog.at_level(logging.WARNING, logger="serve.runtimes.onnx"):
+    with caplog.at_level(logging.WARNING, logger="nodecache.serve.runtimes.onnx"):
         runtime = OnnxRuntime.from_dir(tmp_path / "m")
 
     np.testing.assert_allclose(answer(runtime, X), reference(model, X), rtol=1e-5, atol=1e-5)

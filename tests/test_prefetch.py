@@ -25,22 +25,22 @@ import pytest
 from aiohttp import web
 from support import ROOT, SlowHttpSource, kill_tree, wait_for
 
-from agent.prefetch import ProgressReporter
-from cache import MANIFEST_NAME
+from nodecache.agent.prefetch import ProgressReporter
+from nodecache.cache import MANIFEST_NAME
 
 MiB = 1 << 20
 
 
 def prefetch_command() -> list[str]:
     """``nodecache prefetch`` through the CLI once it is wired there, else the module."""
-    from agent.cli import build_parser
+    from nodecache.agent.cli import build_parser
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             build_parser().parse_args(["prefetch", "file:///x"])
     except SystemExit:
-        return [sys.executable, "-m", "agent.prefetch"]
-    return [sys.executable, "-m", "agent.cli", "prefetch"]
+        return [sys.executable, "-m", "nodecache.agent.prefetch"]
+    return [sys.executable, "-m", "nodecache.agent.cli", "prefetch"]
 
 
 def run_prefetch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

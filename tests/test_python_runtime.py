@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from support import Agent, declaration
 
-from agent.declarations import DeclarationError, parse_declarations
+from nodecache.agent.declarations import DeclarationError, parse_declarations
 
 MODEL_PY = """
 import json
 import numpy as np
-from serve import Model
-from serve.runtimes import TensorSpec
+from nodecache.serve import Model
+from nodecache.serve.runtimes import TensorSpec
 from helpers import scale  # a sibling module in the model folder
 
 
@@ -96,7 +96,7 @@ def test_code_from_a_source_runs_only_with_the_opt_in(extra: str, message: str) 
 
 
 async def test_entrypoint_that_is_not_a_model_is_refused(custom_model: Path) -> None:
-    from serve.repository import ModelRepository
+    from nodecache.serve.repository import ModelRepository
 
     (custom_model / "bad.py").write_text("class NotAModel:\n    pass\n")
     repo = ModelRepository()

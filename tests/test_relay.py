@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from serve.relay import RelayBusy, RelayError, UnsafeRequest, WorkerLink
+from nodecache.serve.relay import RelayBusy, RelayError, UnsafeRequest, WorkerLink
 
 
 @pytest.fixture

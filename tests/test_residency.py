@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.dataplane import DataPlane
-from serve.devices import Device
-from serve.errors import ServeError
-from serve.protocol import InferRequest
-from serve.repository import ModelRepository
-from serve.residency import Candidate, choose_victims, idle_models
-from serve.runtimes import TensorSpec, register_runtime
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.devices import Device
+from nodecache.serve.errors import ServeError
+from nodecache.serve.protocol import InferRequest
+from nodecache.serve.repository import ModelRepository
+from nodecache.serve.residency import Candidate, choose_victims, idle_models
+from nodecache.serve.runtimes import TensorSpec, register_runtime
 
 MB = 1 << 20
 

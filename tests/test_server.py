@@ -14,11 +14,11 @@ import aiohttp
 import numpy as np
 import pytest
 
-from serve import repository as repository_module
-from serve.dataplane import DataPlane
-from serve.http import NodeServer, build_app
-from serve.repository import ModelRepository
-from serve.tensors import DATATYPES
+from nodecache.serve import repository as repository_module
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.http import NodeServer, build_app
+from nodecache.serve.repository import ModelRepository
+from nodecache.serve.tensors import DATATYPES
 
 
 class Client:

@@ -15,19 +15,19 @@ import onnxruntime as ort
 import pytest
 from support import Agent, declaration
 
-from serve.batching import Batcher
-from serve.client import ClientError, NodeClient, SyncNodeClient
-from serve.dataplane import DataPlane
-from serve.devices import Device
-from serve.errors import ServeError
-from serve.protocol import InferRequest
-from serve.repository import ModelRepository
-from serve.runtimes import TensorSpec, register_runtime
+from nodecache.serve.batching import Batcher
+from nodecache.serve.client import ClientError, NodeClient, SyncNodeClient
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.devices import Device
+from nodecache.serve.errors import ServeError
+from nodecache.serve.protocol import InferRequest
+from nodecache.serve.repository import ModelRepository
+from nodecache.serve.runtimes import TensorSpec, register_runtime
 
 SLOW_PY = """
 import time
 import numpy as np
-from serve import Model
+from nodecache.serve import Model
 
 
 class Slow(Model):

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from support import ROOT, Agent, SlowHttpSource, declaration, free_port, wait_for
 
-from serve.examples import write_mlp_onnx
+from nodecache.serve.examples import write_mlp_onnx
 
 
 def infer_json(agent: Agent, model: str, x: np.ndarray) -> tuple[int, dict]:
@@ -46,7 +46,8 @@ def test_declare_warm_infer_remove(agent: Agent, mlp_dir: Path) -> None:
 
     # `nodecache status` asks the running agent over its socket.
     shown = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "status", "--socket-dir", str(agent.socket_dir)],
+        [sys.executable, "-m", "nodecache.agent.cli", "status",
+         "--socket-dir", str(agent.socket_dir)],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "mlp" in shown and "Warm" in shown
@@ -179,7 +180,8 @@ def test_unreachable_source_shows_error_and_next_retry(agent: Agent, tmp_path: P
     code, err = infer_json(agent, "late", np.ones((1, 64), np.float32))
     assert code == 503 and "not ready" in err["error"]
     shown = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "status", "--socket-dir", str(agent.socket_dir)],
+        [sys.executable, "-m", "nodecache.agent.cli", "status",
+         "--socket-dir", str(agent.socket_dir)],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "Error" in shown and "retry in" in shown

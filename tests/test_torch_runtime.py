@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 from support import Agent, declaration  # noqa: E402
 
-from serve.dataplane import DataPlane  # noqa: E402
-from serve.protocol import InferRequest  # noqa: E402
-from serve.repository import ModelRepository  # noqa: E402
-from serve.runtimes import detect_format  # noqa: E402
+from nodecache.serve.dataplane import DataPlane  # noqa: E402
+from nodecache.serve.protocol import InferRequest  # noqa: E402
+from nodecache.serve.repository import ModelRepository  # noqa: E402
+from nodecache.serve.runtimes import detect_format  # noqa: E402
 
 NET_PY = """
 import torch
@@ -136,7 +136,7 @@ def test_staged_loading_streams_every_tensor_exactly(tmp_path: Path) -> None:
     larger than a buffer, many in one buffer, every dtype, scalars and empty tensors."""
     from safetensors.torch import load_file, save_file
 
-    from serve.runtimes.staging import load_staged
+    from nodecache.serve.runtimes.staging import load_staged
 
     g = torch.Generator().manual_seed(0)
     state = {
@@ -164,7 +164,7 @@ def test_staged_loading_streams_every_tensor_exactly(tmp_path: Path) -> None:
 def test_staged_loading_refuses_a_truncated_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from serve.runtimes.staging import load_staged
+    from nodecache.serve.runtimes.staging import load_staged
 
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(1000)}, path)

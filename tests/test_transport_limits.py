@@ -169,7 +169,7 @@ def test_readiness_says_no_while_the_socket_is_missing(agent: PortedAgent) -> No
 def run_agent(home: Agent, *args: str) -> subprocess.CompletedProcess[str]:
     """``nodecache agent`` that is expected to end on its own."""
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "agent",
+        [sys.executable, "-m", "nodecache.agent.cli", "agent",
          "--declarations", str(home.declarations), "--cache-dir", str(home.cache_dir),
          "--socket-dir", str(home.socket_dir), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=60,

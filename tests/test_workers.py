@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from support import Agent, declaration, free_port, wait_for
 
-from serve.devices import Device
-from serve.workers import worker_devices
+from nodecache.serve.devices import Device
+from nodecache.serve.workers import worker_devices
 
 
 def infer(agent: Agent, name: str, x: np.ndarray, timeout: float = 30) -> int:
@@ -142,7 +142,8 @@ def test_a_hot_model_gets_a_copy_on_another_worker(agent: Agent, mlp_dir: Path) 
         # Both copies answer: the copy takes part of the traffic.
         wait_for(lambda: agent.model("m")["copies"][0]["requests"] >= 20, what="the copy to answer")
         shown = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "status", "--socket-dir", str(agent.socket_dir)],
+            [sys.executable, "-m", "nodecache.agent.cli", "status",
+             "--socket-dir", str(agent.socket_dir)],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         assert "cpu +cpu" in shown.splitlines()[1], shown

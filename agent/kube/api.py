@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from kubernetes import client, config, watch
 
-from agent.kube.errors import translate
+from nodecache.agent.kube.errors import translate
 
 __all__ = [
     "LEASES",

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.kube.watching import Informer
+from nodecache.agent.kube.watching import Informer
 
 __all__ = ["REPOSITORY_INDEX", "CallerIdentity", "namespace_guard", "peer_pid", "pod_uid_of"]
 

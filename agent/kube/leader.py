@@ -17,8 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent.kube.api import LEASES, Kube
-from agent.kube.errors import ApiConflict, ApiError, ApiNotFound
+from nodecache.agent.kube.api import LEASES, Kube
+from nodecache.agent.kube.errors import ApiConflict, ApiError, ApiNotFound
 
 __all__ = ["LeaderElector"]
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from agent.declarations import DeclarationError, ModelDeclaration, parse_object
-from agent.kube.api import LOCAL_MODEL_NODES, Backoff, Kube
-from agent.kube.errors import ApiError, ApiNotFound
-from serve.metrics import request_counts
+from nodecache.agent.declarations import DeclarationError, ModelDeclaration, parse_object
+from nodecache.agent.kube.api import LOCAL_MODEL_NODES, Backoff, Kube
+from nodecache.agent.kube.errors import ApiError, ApiNotFound
+from nodecache.serve.metrics import request_counts
 
 __all__ = [
     "RequestRates",

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
-from agent.kube.api import (
+from nodecache.agent.kube.api import (
     LOCAL_MODEL_CACHES,
     LOCAL_MODEL_NAMESPACE_CACHES,
     LOCAL_MODEL_NODE_GROUPS,
@@ -32,10 +32,10 @@ from agent.kube.api import (
     Resource,
     connect,
 )
-from agent.kube.errors import ApiConflict, ApiError, ApiNotFound
-from agent.kube.leader import LeaderElector
-from agent.kube.placement import FINALIZER, Event, Plan, plan
-from agent.kube.watching import Informer
+from nodecache.agent.kube.errors import ApiConflict, ApiError, ApiNotFound
+from nodecache.agent.kube.leader import LeaderElector
+from nodecache.agent.kube.placement import FINALIZER, Event, Plan, plan
+from nodecache.agent.kube.watching import Informer
 
 __all__ = ["Reconciler", "ReconcilerOptions", "run_reconciler"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from agent.kube.api import Backoff, Kube, Resource, run_in_daemon_thread
-from agent.kube.errors import ApiError, ApiGone
+from nodecache.agent.kube.api import Backoff, Kube, Resource, run_in_daemon_thread
+from nodecache.agent.kube.errors import ApiError, ApiGone
 
 __all__ = ["Informer"]
 

@@ -106,14 +106,14 @@ def _ours(model_dir: Path, fmt: str, entrypoint: str | None, feed: Any) -> tuple
     import asyncio
 
     sys.path.insert(0, str(ROOT))
-    from serve.dataplane import DataPlane
-    from serve.protocol import InferRequest
-    from serve.repository import ModelRepository
+    from nodecache.serve.dataplane import DataPlane
+    from nodecache.serve.protocol import InferRequest
+    from nodecache.serve.repository import ModelRepository
 
     if fmt == "torch":
-        import serve.runtimes.torch
+        import nodecache.serve.runtimes.torch
     else:
-        import serve.runtimes.onnx  # noqa: F401
+        import nodecache.serve.runtimes.onnx  # noqa: F401
 
     async def go() -> tuple[float, ...]:
         repo = ModelRepository()
@@ -140,10 +140,10 @@ def _attach(model_dir: Path, fmt: str, entrypoint: str | None, feed: Any) -> tup
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = str(ROOT)  # the workers run ours from the same tree
     os.chdir(ROOT)
-    from serve.devices import Device
-    from serve.protocol import InferRequest, encode_request
-    from serve.worker import CONTROL
-    from serve.workers import WorkerPool
+    from nodecache.serve.devices import Device
+    from nodecache.serve.protocol import InferRequest, encode_request
+    from nodecache.serve.worker import CONTROL
+    from nodecache.serve.workers import WorkerPool
 
     body, json_length = encode_request(InferRequest(inputs=feed), binary=True)
     headers = [("Inference-Header-Content-Length", str(json_length))]

@@ -59,7 +59,7 @@ OURS_LITE_SNIPPET = (
 # hashes nothing either. The manifest it writes holds dummy digests.
 OURS_NOHASH_SNIPPET = (
     "import asyncio, sys\n"
-    "import cache.fetch as fetch\n"
+    "import nodecache.cache.fetch as fetch\n"
     "from cache import FetchOptions, ModelStore\n"
     "class NoHash:\n"
     "    def update(self, data): pass\n"
@@ -276,7 +276,7 @@ def command(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None)
     if tool == "ours" or tool.startswith("ours:"):  # ours:--concurrency=16+--part-size=64Mi
         extra = [a for a in tool.partition(":")[2].split("+") if a]
         return [
-            str(VENV_BIN / "python"), "-m", "agent.prefetch", uri,
+            str(VENV_BIN / "python"), "-m", "nodecache.agent.prefetch", uri,
             "--cache-dir", str(dest), "--progress", "none", "--log-level", "warning", *extra,
         ]  # fmt: skip
     if tool == "ours-lite":
@@ -328,12 +328,12 @@ def tree_bytes(folder: Path, skip: tuple[str, ...] = ()) -> int:
 
 
 def startup_seconds() -> float:
-    """How long ``python -m agent.prefetch --help`` takes: interpreter and imports."""
+    """How long ``python -m nodecache.agent.prefetch --help`` takes: interpreter and imports."""
     times = []
     for _ in range(3):
         started = time.perf_counter()
         subprocess.run(
-            [str(VENV_BIN / "python"), "-m", "agent.prefetch", "--help"],
+            [str(VENV_BIN / "python"), "-m", "nodecache.agent.prefetch", "--help"],
             cwd=ROOT,
             capture_output=True,
             check=True,

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH_HOME, ROOT, ensure_venv, loadavg, log, median, table, verdict
 
-from cache import DERIVED_DIR
+from nodecache.cache import DERIVED_DIR
 
 TRIAL = Path(__file__).resolve().parent / "_load_trial.py"
 PROJECT_PY = ROOT / ".venv" / "bin" / "python"

@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.kube.placement import plan
+from nodecache.agent.kube.placement import plan
 
 READY = {"conditions": [{"type": "Ready", "status": "True"}]}
 

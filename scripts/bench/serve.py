@@ -193,7 +193,7 @@ def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -
     (declarations / "mlp.yaml").write_text(json.dumps(declaration))
     socket_dir = home / "run"
     command = [
-        str(PROJECT_PY), "-m", "agent.cli", "agent",
+        str(PROJECT_PY), "-m", "nodecache.agent.cli", "agent",
         "--declarations", str(declarations),
         "--cache-dir", str(home / "cache"),
         "--socket-dir", str(socket_dir),
@@ -437,7 +437,7 @@ def main() -> int:
     home = args.keep or Path(tempfile.mkdtemp(prefix="nodecache-bench-"))
     home.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    from serve.examples import write_mlp_onnx
+    from nodecache.serve.examples import write_mlp_onnx
 
     model_dir = home / "model"
     write_mlp_onnx(model_dir / "model.onnx")

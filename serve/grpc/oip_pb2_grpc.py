@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serve.grpc import oip_pb2 as oip__pb2
+from nodecache.serve.grpc import oip_pb2 as oip__pb2
 
 GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__

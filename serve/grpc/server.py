@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from serve.dataplane import DataPlane
-from serve.errors import InvalidInput, ServeError, excerpt
-from serve.grpc import oip_pb2 as pb
-from serve.grpc import oip_pb2_grpc as pb_grpc
-from serve.protocol import (
+from nodecache.serve.dataplane import DataPlane
+from nodecache.serve.errors import InvalidInput, ServeError, excerpt
+from nodecache.serve.grpc import oip_pb2 as pb
+from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.protocol import (
     DEFAULT_MAX_ELEMENTS,
     InferRequest,
     InferResponse,
@@ -28,7 +28,7 @@ from serve.protocol import (
     sized_work,
     tensor_bytes,
 )
-from serve.tensors import decode_tensor, encode_tensor
+from nodecache.serve.tensors import decode_tensor, encode_tensor
 
 __all__ = ["GrpcServer", "OipServicer"]
 

@@ -98,7 +98,7 @@ class _RuntimeKind:
 
 
 def _load_onnx(model_dir: Path, *, device: str, entrypoint: str | None) -> Runtime:
-    from serve.runtimes.onnx import OnnxRuntime
+    from nodecache.serve.runtimes.onnx import OnnxRuntime
 
     return OnnxRuntime.from_dir(model_dir, device=device)
 
@@ -111,14 +111,14 @@ def _onnx_devices() -> frozenset[str]:
 
 
 def _load_python(model_dir: Path, *, device: str, entrypoint: str | None) -> Runtime:
-    from serve.runtimes.python import PythonRuntime
+    from nodecache.serve.runtimes.python import PythonRuntime
 
     return PythonRuntime.from_dir(model_dir, device=device, entrypoint=entrypoint)
 
 
 def _load_torch(model_dir: Path, *, device: str, entrypoint: str | None) -> Runtime:
     try:
-        from serve.runtimes.torch import TorchRuntime
+        from nodecache.serve.runtimes.torch import TorchRuntime
     except ImportError:
         raise UnsupportedFormat("PyTorch is not installed here; install nodecache[torch]") from None
     return TorchRuntime.from_dir(model_dir, device=device, entrypoint=entrypoint)
@@ -175,7 +175,7 @@ def attach_runtime(
     Only torch module classes export weights (CUDA IPC handles); see ``runtimes.ipc``."""
     if fmt != "torch":
         raise UnsupportedFormat(f"a {fmt} model cannot attach to another worker's weights")
-    from serve.runtimes.torch import TorchRuntime
+    from nodecache.serve.runtimes.torch import TorchRuntime
 
     return TorchRuntime.attach(model_dir, device=device, entrypoint=entrypoint, weights=weights)
 

@@ -23,9 +23,9 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from cache import DERIVED_DIR
-from serve.errors import InvalidInput, clean_message
-from serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
+from nodecache.cache import DERIVED_DIR
+from nodecache.serve.errors import InvalidInput, clean_message
+from nodecache.serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
 
 __all__ = ["MAPPED_MIN_BYTES", "OnnxRuntime", "mapped_copy"]
 

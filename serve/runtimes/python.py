@@ -10,9 +10,9 @@ from types import ModuleType
 
 import numpy as np
 
-from serve.errors import InvalidInput
-from serve.model import Model
-from serve.runtimes import UnsupportedFormat
+from nodecache.serve.errors import InvalidInput
+from nodecache.serve.model import Model
+from nodecache.serve.runtimes import UnsupportedFormat
 
 __all__ = ["PythonRuntime"]
 

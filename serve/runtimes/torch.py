@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.errors import InvalidInput, clean_message
-from serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
+from nodecache.serve.errors import InvalidInput, clean_message
+from nodecache.serve.runtimes import TensorSpec, UnsupportedFormat, read_ahead
 
 __all__ = ["TorchRuntime"]
 
@@ -46,7 +46,7 @@ def _state_dict(model_dir: Path, device: str) -> dict[str, torch.Tensor]:
     if files:
         from safetensors.torch import load_file
 
-        from serve.runtimes.staging import load_staged
+        from nodecache.serve.runtimes.staging import load_staged
 
         read_ahead(files)
         state: dict[str, torch.Tensor] = {}
@@ -116,7 +116,7 @@ class TorchRuntime:
     ) -> TorchRuntime:
         """The model over weights another worker on ``device`` exported (CUDA IPC): no
         read, no copy, and no device memory of its own for them."""
-        from serve.runtimes.ipc import decode_weights
+        from nodecache.serve.runtimes.ipc import decode_weights
 
         if not entrypoint:
             raise UnsupportedFormat("only a module class with safetensors weights can attach")
@@ -126,7 +126,7 @@ class TorchRuntime:
 
     def export_weights(self) -> dict[str, Any]:
         """CUDA IPC handles of this model's weights, for another worker on the device."""
-        from serve.runtimes.ipc import NotShareable, encode_weights
+        from nodecache.serve.runtimes.ipc import NotShareable, encode_weights
 
         if self._weights is None:
             raise NotShareable("only a module class with safetensors weights can be shared")
@@ -140,7 +140,7 @@ class TorchRuntime:
         entrypoint: str,
         state: dict[str, torch.Tensor] | None = None,
     ) -> TorchRuntime:
-        from serve.runtimes.python import import_entrypoint
+        from nodecache.serve.runtimes.python import import_entrypoint
 
         module_cls = import_entrypoint(model_dir, entrypoint)
         if not (isinstance(module_cls, type) and issubclass(module_cls, torch.nn.Module)):

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
-from agent.cluster import ClusterOptions, run_cluster
-from agent.services import NodeOptions
+from nodecache.agent.cluster import ClusterOptions, run_cluster
+from nodecache.agent.services import NodeOptions
 
 from .server import FakeApiServer
 
@@ -92,7 +92,7 @@ class ClusterReconciler:
     """``run_reconciler`` against the fake on its own thread and loop."""
 
     def __init__(self, fake: FakeApiServer, home: Path, identity: str, **overrides: Any) -> None:
-        from agent.kube.reconciler import ReconcilerOptions
+        from nodecache.agent.kube.reconciler import ReconcilerOptions
 
         home.mkdir(parents=True, exist_ok=True)
         settings: dict[str, Any] = {
@@ -116,8 +116,8 @@ class ClusterReconciler:
         self.error: BaseException | None = None
 
     def _main(self) -> None:
-        from agent.kube.api import Kube, connect
-        from agent.kube.reconciler import Reconciler
+        from nodecache.agent.kube.api import Kube, connect
+        from nodecache.agent.kube.reconciler import Reconciler
 
         async def main() -> None:
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
