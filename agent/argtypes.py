@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from nodecache.agent.quantity import parse_quantity
+
 __all__ = ["port", "positive_int", "quantity"]
 
 
@@ -27,8 +29,6 @@ def positive_int(text: str, *, minimum: int = 1) -> int:
 
 def quantity(text: str) -> int:
     """A Kubernetes quantity (``512Mi``, ``2Gi``, ``1G``, plain bytes) as a positive int."""
-    from kubernetes.utils.quantity import parse_quantity
-
     try:
         value = int(parse_quantity(text))
     except (ValueError, TypeError):

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from kubernetes.utils.quantity import parse_quantity
 
+from nodecache.agent.quantity import parse_quantity
 from nodecache.cache import InvalidSourceError, validate_source_uri
 from nodecache.serve.runtimes import FORMATS
 
