@@ -16,7 +16,6 @@ __all__ = ["parse_quantity"]
 _DECIMAL = {"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6, "m": -1, "u": -2, "n": -3}
 _BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
 _SCALE: dict[str, Decimal] = {
-    "": Decimal(1),
     **{suffix: Decimal(1000) ** power for suffix, power in _DECIMAL.items()},
     **{suffix: Decimal(1024) ** power for suffix, power in _BINARY.items()},
 }
@@ -35,7 +34,10 @@ def parse_quantity(value: str | int | float | Decimal) -> Decimal:
     match = _QUANTITY.fullmatch(str(value))
     if match is None:
         raise ValueError(f"{str(value)[:40]!r} is not a quantity")
+    number = Decimal(match["number"])  # exact, whatever its exponent
+    if not match["suffix"]:
+        return number
     try:
-        return Decimal(match["number"]) * _SCALE[match["suffix"]]
-    except ArithmeticError:  # an exponent beyond what Decimal holds (decimal.Overflow)
+        return number * _SCALE[match["suffix"]]
+    except ArithmeticError:  # past what a Decimal holds (decimal.Overflow)
         raise ValueError(f"{str(value)[:40]!r} is out of range") from None

@@ -41,7 +41,7 @@ def test_known_values(text: str, value: Decimal | int) -> None:
     assert parse_quantity(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "Mi", "1ki", "1 Mi", "1Mb", "NaN", "inf", "1e999999999"])
+@pytest.mark.parametrize("text", ["", "Mi", "1ki", "1 Mi", "1Mb", "NaN", "inf", "1e999999Ei"])
 def test_not_quantities(text: str) -> None:
     with pytest.raises(ValueError):
         parse_quantity(text)
