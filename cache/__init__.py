@@ -14,8 +14,8 @@ from nodecache.cache.errors import (
     SizeLimitError,
 )
 from nodecache.cache.fetch import FetchOptions
+from nodecache.cache.layout import DERIVED_DIR, MANIFEST_NAME, model_files
 from nodecache.cache.perms import DEFAULT_FILE_MODE, folder_mode, parse_file_mode
-from nodecache.cache.sources import DERIVED_DIR, MANIFEST_NAME
 from nodecache.cache.store import (
     MODEL_SIZE_TOLERANCE,
     CacheDirLock,
@@ -51,6 +51,7 @@ __all__ = [
     "StoredModel",
     "folder_mode",
     "format_bytes",
+    "model_files",
     "parse_file_mode",
     "redact_uri",
     "validate_source_uri",

@@ -38,14 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from nodecache.cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
+from nodecache.cache.layout import JOURNAL_NAME
 from nodecache.cache.perms import DEFAULT_FILE_MODE, create_file, folder_mode, make_folder
-from nodecache.cache.sources import (
-    RESERVED_PREFIX,
-    RemoteFile,
-    Source,
-    is_transient,
-    translate_error,
-)
+from nodecache.cache.sources import RemoteFile, Source, is_transient, translate_error
 from nodecache.cache.uri import redact_uri
 
 __all__ = [
@@ -65,7 +60,6 @@ log = logging.getLogger(__name__)
 _HASH_WINDOW = 16 * MiB
 """Bytes mapped at a time when hashing parts back from the page cache."""
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-JOURNAL_NAME = RESERVED_PREFIX + "journal.json"
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:

@@ -62,6 +62,7 @@ from nodecache.cache.fetch import (
     ensure_fetch_error,
     retrying,
 )
+from nodecache.cache.layout import DERIVED_DIR, MANIFEST_NAME, check_relative_path
 from nodecache.cache.perms import (
     DEFAULT_FILE_MODE,
     check_file_mode,
@@ -71,11 +72,8 @@ from nodecache.cache.perms import (
     restrict,
 )
 from nodecache.cache.sources import (
-    DERIVED_DIR,
-    MANIFEST_NAME,
     RemoteFile,
     Source,
-    check_relative_path,
     mask_secrets,
     open_source,
     translate_error,

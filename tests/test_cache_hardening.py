@@ -29,7 +29,7 @@ from nodecache.cache import (
     parse_file_mode,
     redact_uri,
 )
-from nodecache.cache.sources import HttpRanges
+from nodecache.cache.sources.httpclient import HttpRanges
 
 MiB = 1 << 20
 OPTS = FetchOptions(
@@ -423,7 +423,8 @@ async def test_s3fs_listing_does_not_follow_a_redirect_with_credentials(
     """The s3fs (botocore) path: aiobotocore let aiohttp follow a redirect to another host,
     which dropped only ``Authorization`` and sent the session token on; now the redirect is
     not followed and the listing fails with a clear error."""
-    from nodecache.cache.sources import S3fsSource, translate_error
+    from nodecache.cache.sources import translate_error
+    from nodecache.cache.sources.s3fs_fallback import S3fsSource
 
     async def record(request: web.Request, server: Server) -> web.StreamResponse:
         return web.Response(text="")

@@ -455,11 +455,11 @@ def test_sigv4_matches_botocore() -> None:
 async def test_odd_key_names_and_paged_listing(
     tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nodecache.cache.sources
+    import nodecache.cache.sources.s3
 
     files = {f"part {i}+x/ü-{i}.bin": os.urandom(1000 + i) for i in range(5)}
     upload(s3, "odd names", files)
-    monkeypatch.setattr(nodecache.cache.sources, "_S3_PAGE", 2)  # three pages
+    monkeypatch.setattr(nodecache.cache.sources.s3, "S3_PAGE", 2)  # three pages
     store = ModelStore(tmp_path / "cache", options=SMALL)
 
     model = await store.fetch(f"s3://{s3.bucket}/odd names/")
@@ -473,7 +473,8 @@ async def test_credentials_from_botocores_chain_take_the_fast_path(
     """Temporary credentials (here from ``credential_process``, as from web identity on EKS)
     are resolved by botocore, renewed before they expire, and used to sign our own requests:
     no s3fs, so IRSA users get the same speed as static keys."""
-    from nodecache.cache.sources import S3Source, open_source
+    from nodecache.cache.sources import open_source
+    from nodecache.cache.sources.s3 import S3Source
 
     upload(s3, "chain-model", {"w.bin": b"c" * 5000})
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -507,7 +508,8 @@ async def test_credentials_from_botocores_chain_take_the_fast_path(
 
 
 async def test_folder_uri_with_trailing_slash_and_object_uri(tmp_path: Path, s3: S3Server) -> None:
-    from nodecache.cache.sources import S3Source, open_source
+    from nodecache.cache.sources import open_source
+    from nodecache.cache.sources.s3 import S3Source
 
     data = os.urandom(300_000)
     upload(s3, "both", {"inner/x.bin": data})

@@ -1,0 +1,146 @@
+"""What every source is: a listing of :class:`RemoteFile`\\ s and ranged reads into a sink.
+
+A source module writes :meth:`Source.list_files` and :meth:`Source.read_range` (and
+:meth:`Source.close` where it holds connections); :func:`finish_listing` gives every
+source the same rules for what a listing may contain. Everything here is blocking and runs
+in worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nodecache.cache.errors import FetchError
+from nodecache.cache.layout import check_relative_path
+from nodecache.cache.uri import redact_uri
+
+__all__ = [
+    "RemoteFile",
+    "Sink",
+    "Source",
+    "finish_listing",
+    "lookup_setting",
+    "map_threads",
+    "thread_buffer",
+]
+
+Sink = Callable[[int, memoryview], None]
+"""``sink(offset, data)``: write ``data`` at ``offset`` of the destination file."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One object of a source, as listed."""
+
+    path: str
+    """Relative posix path inside the model folder."""
+    url: str
+    """What the source reads (a local path, a URL, ``bucket/key``)."""
+    size: int | None
+    """Size the source publishes; None when it publishes none (HTTP without a length)."""
+    etag: str | None = None
+    """Entity tag, quotes stripped; ranged reads are pinned to it where the source allows."""
+    md5: str | None = None
+    """Hex MD5 of the content as the source publishes it (S3 single-part ETag, GCS md5Hash)."""
+    ranges: bool = True
+    """False when the source cannot serve byte ranges (then: one stream, no resume)."""
+
+
+def lookup_setting(credentials: Mapping[str, str], *names: str) -> str | None:
+    """The first of ``names`` set in ``credentials``, else in the environment: credentials
+    from a Secret or a credentials file take precedence over the agent's own."""
+    for name in names:
+        if credentials.get(name):
+            return credentials[name]
+    for name in names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+class Source(ABC):
+    """One source URI: what it lists and how to read a byte range of one object."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        chunk_size: int,
+        timeout: float,
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
+        self.uri = uri
+        self.chunk_size = chunk_size
+        self.timeout = timeout
+        self.credentials: Mapping[str, str] = credentials or {}
+
+    def setting(self, *names: str) -> str | None:
+        """The first of ``names`` set in the credentials given, else in the environment."""
+        return lookup_setting(self.credentials, *names)
+
+    @abstractmethod
+    def list_files(self) -> list[RemoteFile]:
+        """Every object under the URI, checked by :func:`finish_listing`."""
+
+    @abstractmethod
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        """Deliver bytes ``[start, end)`` (to the end when ``end`` is None) to ``sink``.
+
+        Returns the offset reached. Raises on error; bytes already delivered stay delivered,
+        so a retry continues from the offset the sink has seen.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional: most sources hold nothing to release
+        """Release connections. Safe to call more than once."""
+
+
+def finish_listing(files: list[RemoteFile], uri: str) -> list[RemoteFile]:
+    """``files`` sorted by path, once each refused if empty, unsafe, listed twice, or
+    naming one path as both a file and a folder."""
+    if not files:
+        raise FetchError(f"no files found under {redact_uri(uri)}", permanent=True)
+    files.sort(key=lambda f: f.path)
+    seen: set[str] = set()
+    for f in files:
+        check_relative_path(f.path, uri)
+        if f.path in seen:
+            raise FetchError(f"{redact_uri(uri)} lists {f.path!r} twice", permanent=True)
+        seen.add(f.path)
+    for f in files:  # "a" as a file and "a/b" as a file cannot both exist on disk
+        parent = posixpath.dirname(f.path)
+        while parent:
+            if parent in seen:
+                raise FetchError(
+                    f"{redact_uri(uri)} has both a file and a folder named {parent!r}",
+                    permanent=True,
+                )
+            parent = posixpath.dirname(parent)
+    return files
+
+
+_BUFFERS = threading.local()
+
+
+def thread_buffer(size: int) -> memoryview:
+    """A per-thread reusable buffer of at least ``size`` bytes."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = memoryview(bytearray(size))
+        _BUFFERS.buf = buf
+    return buf[:size]
+
+
+def map_threads(fn: Callable[[str], Any], items: list[str], workers: int = 8) -> list[Any]:
+    """``[fn(i) for i in items]``, up to ``workers`` at a time (metadata requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
