@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from nodecache.agent.kube.conditions import READY_REASONS, CopyFacts, cache_conditions
 from nodecache.agent.kube.placement import FINALIZER, format_quantity, plan
 
 GI = 1 << 30
@@ -222,3 +223,31 @@ def test_more_replicas_than_nodes_says_so() -> None:
     p = plan([cache("a", replicas=3)], [group()], [node("n1"), node("n2")], [])
     ready = condition(p.cache_status[("", "a")], "Ready")
     assert ready["reason"] == "NotEnoughNodes" and "2 Ready node(s)" in ready["message"]
+
+
+def test_each_ready_reason_is_the_first_row_that_applies() -> None:
+    """The Ready table, row by row, from plain facts: the earlier rows win."""
+    base = CopyFacts(node_groups=["gpu"], missing=[], ready_nodes=3, wanted=2, placed=2,
+                     available=2, warm=1, size=GI, silent=[], failed=[])  # fmt: skip
+    cases = {
+        "NodeGroupNotFound": {"missing": ["cpu"], "ready_nodes": 0},
+        "NoReadyNodes": {"ready_nodes": 0, "placed": 0},
+        "NotEnoughNodes": {"wanted": 5, "placed": 3},
+        "InsufficientCapacity": {"placed": 1},
+        "AgentNotReporting": {"available": 1, "silent": ["n2"]},
+        "CopiesPending": {"available": 1},
+        "AllCopiesAvailable": {},
+    }
+    assert list(cases) == [r.reason for r in READY_REASONS]
+    for reason, changes in cases.items():
+        facts = CopyFacts(**{**base.__dict__, **changes})
+        ready, progressing, degraded = cache_conditions({}, facts, now=0.0)
+        assert ready["reason"] == reason
+        assert ready["status"] == ("True" if reason == "AllCopiesAvailable" else "False")
+        row = next(r for r in READY_REASONS if r.reason == reason)
+        assert degraded["status"] == str(row.degraded)
+        assert progressing["status"] == str(facts.available < facts.placed)
+    failed = CopyFacts(**{**base.__dict__, "failed": [("n1", "403"), ("n2", "404")]})
+    degraded = cache_conditions({}, failed, now=0.0)[2]
+    assert (degraded["reason"], degraded["message"]) == (
+        "DownloadFailed", "2 node(s) failed, e.g. n1: 403")  # fmt: skip

@@ -12,6 +12,12 @@ back) but its copies do not count. Warm copies go to nodes holding a disk copy, 
 device memory first, between warm.minReplicas and warm.maxReplicas: warm.replicas (set by
 hand or an HPA through /scale) if present, else raised while the reported request rate per
 warm copy exceeds warm.targetRequestsPerSecond and lowered while the model is idle.
+
+A pass runs in named phases over one :class:`Cluster`: observe (index the inputs and count
+the copies in place), then per cache, oldest first, keep or place its disk copies, choose
+the warm ones and write its status (each cache's placement takes room the next ones see),
+then the node specs and group statuses. Condition reasons live in
+:mod:`nodecache.agent.kube.conditions`.
 """
 
 from __future__ import annotations
@@ -25,23 +31,34 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
-__all__ = ["FINALIZER", "Event", "Plan", "cache_key", "format_quantity", "node_ready", "plan"]
+from nodecache.agent.kube.conditions import (
+    CopyFacts,
+    Event,
+    cache_conditions,
+    format_quantity,
+    generation,
+    group_conditions,
+    transitions,
+)
+
+__all__ = [
+    "FINALIZER",
+    "Cluster",
+    "Event",
+    "Plan",
+    "cache_key",
+    "format_quantity",
+    "model_name",
+    "node_ready",
+    "observe",
+    "plan",
+]
 
 JSON = dict[str, Any]
 FINALIZER = "nodecache.io/cleanup"
 ON_DISK = {"Downloaded", "Loading", "Warm"}
 SCALE_SELECTOR = "app.kubernetes.io/name=nodecache-agent"
-
-
-@dataclass
-class Event:
-    kind: str  # LocalModelCache, LocalModelNamespaceCache
-    namespace: str
-    name: str
-    uid: str
-    type: str  # Normal, Warning
-    reason: str
-    message: str
+_KEEP_FIRST = {"Warm": 0, "Loading": 1, "Downloaded": 2, "Downloading": 3}  # of surplus copies
 
 
 @dataclass
@@ -70,18 +87,6 @@ def node_ready(node: JSON) -> bool:
     return bool(ready and ready.get("status") == "True") and not unschedulable
 
 
-def format_quantity(n: int) -> str:
-    """Bytes as the largest exact binary quantity (1536Mi, 2Gi), else plain bytes."""
-    for suffix, size in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
-        if n and n % size == 0:
-            return f"{n // size}{suffix}"
-    return str(n)
-
-
-def _labels_match(selector: JSON, labels: JSON) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
 @dataclass
 class _Node:
     name: str
@@ -98,6 +103,32 @@ class _Node:
         room = self.budget - self.used
         return room if self.free is None else min(room, self.free)
 
+    def state(self, model: str) -> str | None:
+        return (self.models.get(model) or {}).get("state")
+
+    def take(self, size: int) -> None:
+        """A new copy is placed here: it takes room, and disk until it is downloaded."""
+        self.used += size
+        if self.free is not None:
+            self.free -= size
+
+
+@dataclass
+class Cluster:
+    """One pass's view of the cluster. The per-cache phases take room on ``nodes`` and
+    write ``specs``, in cache order: that running account is the pass's only state."""
+
+    now: float
+    groups: dict[str, JSON]  # name -> LocalModelNodeGroup
+    members: dict[str, list[_Node]]  # group -> its nodes
+    nodes: dict[str, _Node]  # nodes in at least one group
+    local: dict[str, JSON]  # name -> LocalModelNode
+    node_names: set[str]  # every Node that exists
+    current: dict[str, dict[str, JSON]]  # node -> modelName -> its spec entry now
+    holders: dict[str, list[str]]  # modelName -> nodes whose spec has it now
+    sizes: dict[str, int]  # modelName -> modelSize in bytes
+    specs: dict[str, dict[str, JSON]]  # node -> modelName -> its spec entry to be
+
 
 def plan(
     caches: Iterable[JSON],
@@ -113,106 +144,116 @@ def plan(
     A node whose agent has not written a heartbeat for ``agent_timeout`` seconds reports
     nothing: its copies count as Unknown, not available.
     """
-    now = time.time() if now is None else now
-    nodes, caches = list(nodes), list(caches)
-    out = Plan()
-    groups_by_name = {g["metadata"]["name"]: g for g in groups}
+    ordered = sorted(
+        caches, key=lambda c: (c["metadata"].get("creationTimestamp", ""), *cache_key(c))
+    )
+    cluster = observe(
+        ordered, groups, nodes, local_nodes,
+        now=time.time() if now is None else now, agent_timeout=agent_timeout,
+    )  # fmt: skip
+    # LocalModelNodes whose Node is gone are garbage; their copies move with the plan below.
+    out = Plan(delete_nodes=sorted(n for n in cluster.local if n not in cluster.node_names))
+    for cache in ordered:
+        key = cache_key(cache)
+        if cache["metadata"].get("deletionTimestamp"):
+            _forget(cluster, model_name(key))
+            if FINALIZER in (cache["metadata"].get("finalizers") or []):
+                out.release.append(key)
+            continue
+        status = _place(cluster, cache)
+        out.cache_status[key] = status
+        out.events += transitions(cache, cache.get("status") or {}, status)
+    out.node_specs = _node_specs(cluster)
+    out.group_status = {g: _group_status(cluster, g) for g in cluster.members}
+    return out
+
+
+# -- observe ---------------------------------------------------------------------------
+
+
+def observe(
+    caches: Iterable[JSON],
+    groups: Iterable[JSON],
+    nodes: Iterable[JSON],
+    local_nodes: Iterable[JSON],
+    *,
+    now: float,
+    agent_timeout: float,
+) -> Cluster:
+    """Index the inputs; copies already in place count against room before anything new."""
+    nodes = list(nodes)
+    by_name = {g["metadata"]["name"]: g for g in groups}
     local = {n["metadata"]["name"]: n for n in local_nodes}
-    members: dict[str, list[_Node]] = {name: [] for name in groups_by_name}
+    members: dict[str, list[_Node]] = {name: [] for name in by_name}
     infos: dict[str, _Node] = {}
     for node in nodes:
         name = node["metadata"]["name"]
         labels = node["metadata"].get("labels") or {}
         mine = [
-            g for g, obj in groups_by_name.items()
+            g for g, obj in by_name.items()
             if _labels_match((obj.get("spec") or {}).get("nodeSelector") or {}, labels)
         ]  # fmt: skip
         if not mine:
             continue
         status = (local.get(name) or {}).get("status") or {}
-        capacity = status.get("capacity") or {}
-        reported = status.get("modelStatus") or {}
-        silent = bool(reported) and not _recent(status.get("heartbeat"), now, agent_timeout)
-        if silent:
-            reported = {m: {"state": "Unknown"} for m in reported}
-        devices = capacity.get("devices") or []
-        gpus = [d for d in devices if str(d.get("name", "")).startswith("cuda")]
-        info = _Node(
-            name=name,
-            ready=node_ready(node),
-            budget=min(_quantity(groups_by_name[g]["spec"].get("storageLimit")) for g in mine),
-            free=(capacity.get("disk") or {}).get("free"),
-            device_free=sum(int(d.get("free") or 0) for d in (gpus or devices)),
-            groups=mine,
-            models=reported,
-            silent=silent,
-        )
-        infos[name] = info
+        infos[name] = _read_node(node, mine, by_name, status, now, agent_timeout)
         for g in mine:
-            members[g].append(info)
-    # LocalModelNodes whose Node is gone are garbage; their copies move with the plan below.
-    node_names = {n["metadata"]["name"] for n in nodes}
-    out.delete_nodes = sorted(n for n in local if n not in node_names)
-
-    current: dict[str, dict[str, JSON]] = {
+            members[g].append(infos[name])
+    current = {
         name: {e["modelName"]: e for e in ((obj.get("spec") or {}).get("localModels") or [])}
         for name, obj in local.items()
         if name in infos
     }
-    holders: dict[str, list[str]] = {}  # modelName -> nodes whose spec has it
+    holders: dict[str, list[str]] = {}
     for node_name, entries in current.items():
         for m in entries:
             holders.setdefault(m, []).append(node_name)
-    specs: dict[str, dict[str, JSON]] = {name: {} for name in infos}
-    ordered = sorted(
-        caches, key=lambda c: (c["metadata"].get("creationTimestamp", ""), *cache_key(c))
+    cluster = Cluster(
+        now=now, groups=by_name, members=members, nodes=infos, local=local,
+        node_names={n["metadata"]["name"] for n in nodes}, current=current, holders=holders,
+        sizes={model_name(cache_key(c)): _quantity(c["spec"].get("modelSize")) for c in caches},
+        specs={name: {} for name in infos},
+    )  # fmt: skip
+    _count_in_place(cluster)
+    return cluster
+
+
+def _read_node(
+    node: JSON, mine: list[str], groups: dict[str, JSON], status: JSON, now: float, timeout: float
+) -> _Node:
+    """A node of ``mine`` groups as its agent last reported it (all Unknown if silent)."""
+    capacity = status.get("capacity") or {}
+    reported = status.get("modelStatus") or {}
+    silent = bool(reported) and not _recent(status.get("heartbeat"), now, timeout)
+    if silent:
+        reported = {m: {"state": "Unknown"} for m in reported}
+    devices = capacity.get("devices") or []
+    gpus = [d for d in devices if str(d.get("name", "")).startswith("cuda")]
+    return _Node(
+        name=node["metadata"]["name"],
+        ready=node_ready(node),
+        budget=min(_quantity(groups[g]["spec"].get("storageLimit")) for g in mine),
+        free=(capacity.get("disk") or {}).get("free"),
+        device_free=sum(int(d.get("free") or 0) for d in (gpus or devices)),
+        groups=mine,
+        models=reported,
+        silent=silent,
     )
-    # Copies already in place count against room before anything new is placed.
-    sizes = {model_name(cache_key(c)): _quantity(c["spec"].get("modelSize")) for c in ordered}
-    for name, entries in current.items():
-        info = infos[name]
+
+
+def _count_in_place(cluster: Cluster) -> None:
+    """Copies in the specs now take room; those not yet on disk also take free disk."""
+    for name, entries in cluster.current.items():
+        info = cluster.nodes[name]
         for m in entries:
-            if m in sizes:
-                info.used += sizes[m]
+            if m in cluster.sizes:
+                info.used += cluster.sizes[m]
                 if info.free is not None and info.models.get(m, {}).get("state") not in ON_DISK:
-                    info.free -= sizes[m]
-    for cache in ordered:
-        key = cache_key(cache)
-        name = model_name(key)
-        if cache["metadata"].get("deletionTimestamp"):
-            for node_name in holders.get(name, []):
-                infos[node_name].used -= sizes[name]
-            if FINALIZER in (cache["metadata"].get("finalizers") or []):
-                out.release.append(key)
-            continue
-        status = _place(
-            cache, name, sizes[name], groups_by_name, members, current,
-            holders.get(name, []), infos, specs, now,
-        )  # fmt: skip
-        old = cache.get("status") or {}
-        out.cache_status[key] = status
-        out.events += _transitions(cache, old, status)
-    for node_name in infos:
-        out.node_specs[node_name] = [specs[node_name][m] for m in sorted(specs[node_name])]
-    for node_name in local:  # a node that left every group keeps nothing
-        if node_name in node_names and node_name not in infos:
-            out.node_specs[node_name] = []
-    for g, nodes_of in members.items():
-        ready = [n for n in nodes_of if n.ready]
-        limit = _quantity(groups_by_name[g]["spec"].get("storageLimit"))
-        used = sum(n.used for n in ready)
-        old = groups_by_name[g].get("status") or {}
-        out.group_status[g] = {
-            **_generation(groups_by_name[g]),
-            "nodes": len(ready),
-            "used": format_quantity(used),
-            "available": format_quantity(sum(max(0, min(limit, n.budget) - n.used) for n in ready)),
-            "conditions": [_condition(old, "Ready", bool(ready),
-                                      "NodesReady" if ready else "NoReadyNodes",
-                                      f"{len(ready)} Ready node(s) match the nodeSelector"
-                                      if ready else "no Ready node matches the nodeSelector", now)],
-        }  # fmt: skip
-    return out
+                    info.free -= cluster.sizes[m]
+
+
+def _labels_match(selector: JSON, labels: JSON) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def _recent(heartbeat: str | None, now: float, timeout: float) -> bool:
@@ -231,135 +272,110 @@ def _quantity(value: Any) -> int:
     return int(parse_quantity(value))
 
 
-def _place(
-    cache: JSON,
-    name: str,
-    size: int,
-    groups: dict[str, JSON],
-    members: dict[str, list[_Node]],
-    current: dict[str, dict[str, JSON]],
-    holders: list[str],
-    infos: dict[str, _Node],
-    specs: dict[str, dict[str, JSON]],
-    now: float,
-) -> JSON:
+# -- per cache ---------------------------------------------------------------------------
+
+
+def _forget(cluster: Cluster, name: str) -> None:
+    """A cache being deleted gives its room back; its entries leave the specs."""
+    for node_name in cluster.holders.get(name, []):
+        cluster.nodes[node_name].used -= cluster.sizes[name]
+
+
+def _place(cluster: Cluster, cache: JSON) -> JSON:
+    """Disk copies, then warm copies, then the cache's status."""
     spec = cache["spec"]
-    uri = spec["sourceModelUri"]
-    missing = [g for g in spec["nodeGroups"] if g not in groups]
+    name = model_name(cache_key(cache))
     candidates: dict[str, _Node] = {}
     for g in spec["nodeGroups"]:
-        for n in members.get(g, []):
+        for n in cluster.members.get(g, []):
             candidates[n.name] = n
     ready = {n: info for n, info in candidates.items() if info.ready}
     wanted = spec.get("replicas")
     wanted = len(ready) if wanted is None else wanted
+    copies = _keep_copies(cluster, name, spec["sourceModelUri"], candidates, wanted)
+    _add_copies(cluster, name, spec["sourceModelUri"], ready, copies, wanted)
+    target = _warm_target(cache, spec.get("warm") or {}, copies, name)
+    _mark_warm(cluster, name, copies, target)
+    holding = {*(n.name for n in copies), *(n for n in cluster.holders.get(name, [])
+                                             if name in cluster.specs[n])}  # fmt: skip
+    failed = [n for n in copies if n.state(name) == "Error"]
+    facts = CopyFacts(
+        node_groups=spec["nodeGroups"],
+        missing=[g for g in spec["nodeGroups"] if g not in cluster.groups],
+        ready_nodes=len(ready),
+        wanted=wanted,
+        placed=len(copies),
+        available=sum(1 for n in copies if n.state(name) in ON_DISK),
+        warm=sum(1 for n in copies if n.state(name) == "Warm"),
+        size=cluster.sizes[name],
+        silent=sorted(n.name for n in copies if n.silent),
+        failed=[(n.name, n.models.get(name, {}).get("error", "unknown error")) for n in failed],
+    )
+    return {
+        **generation(cache),
+        "nodeStatus": {n: cluster.nodes[n].state(name) or "Pending" for n in sorted(holding)},
+        "copies": {"available": facts.available, "total": facts.placed, "failed": len(failed)},
+        "warm": {"replicas": facts.warm, "desired": target, "selector": SCALE_SELECTOR},
+        "conditions": cache_conditions(cache.get("status") or {}, facts, cluster.now),
+    }
 
-    # Keep copies that are in place (best state first); NotReady nodes keep theirs unseen.
+
+def _keep_copies(
+    cluster: Cluster, name: str, uri: str, candidates: dict[str, _Node], wanted: int
+) -> list[_Node]:
+    """Copies in place stay (best state first) up to ``wanted``; the rest give their room
+    back. A NotReady node keeps its entry, unseen: no re-download when it returns."""
+    size = cluster.sizes[name]
+    holders = cluster.holders.get(name, [])
     kept: list[_Node] = []
-    rank = {"Warm": 0, "Loading": 1, "Downloaded": 2, "Downloading": 3}
-    for n in sorted(holders, key=lambda n: (rank.get(_state(infos[n], name), 9), n)):
-        info = infos[n]
-        if n not in candidates or current[n][name].get("sourceModelUri") != uri:
+    for n in sorted(holders, key=lambda n: (_KEEP_FIRST.get(cluster.nodes[n].state(name), 9), n)):
+        info = cluster.nodes[n]
+        if n not in candidates or cluster.current[n][name].get("sourceModelUri") != uri:
             info.used -= size  # left the groups, or the cache was recreated elsewhere
             continue
         if info.ready and len(kept) >= wanted:
             info.used -= size  # more copies than asked for
             continue
-        specs[n][name] = {"modelName": name, "sourceModelUri": uri}
+        cluster.specs[n][name] = {"modelName": name, "sourceModelUri": uri}
         if info.ready:
             kept.append(info)
-    short = wanted - len(kept)
-    placed = {n.name for n in kept}
-    if short > 0:
-        fits = (n for n in ready.values() if n.name not in placed and n.room() >= size)
-        for info in heapq.nsmallest(short, fits, key=lambda n: (-n.room(), n.name)):
-            info.used += size
-            if info.free is not None:
-                info.free -= size
-            specs[info.name][name] = {"modelName": name, "sourceModelUri": uri}
-            kept.append(info)
-    copies = kept
+    return kept
 
-    # Warm copies among the disk copies.
-    warm_policy = spec.get("warm") or {}
-    target = _warm_target(cache, warm_policy, copies, name)
+
+def _add_copies(
+    cluster: Cluster,
+    name: str,
+    uri: str,
+    ready: dict[str, _Node],
+    copies: list[_Node],
+    wanted: int,
+) -> None:
+    """New copies, up to ``wanted``, on the Ready nodes with the most room that fit it."""
+    short = wanted - len(copies)
+    if short <= 0:
+        return
+    size = cluster.sizes[name]
+    placed = {n.name for n in copies}
+    fits = (n for n in ready.values() if n.name not in placed and n.room() >= size)
+    for info in heapq.nsmallest(short, fits, key=lambda n: (-n.room(), n.name)):
+        info.take(size)
+        cluster.specs[info.name][name] = {"modelName": name, "sourceModelUri": uri}
+        copies.append(info)
+
+
+def _mark_warm(cluster: Cluster, name: str, copies: list[_Node], target: int) -> None:
+    """``target`` disk copies are warm: those warm now first, then most free device memory."""
     chosen = sorted(
         copies,
         key=lambda n: (
-            not current.get(n.name, {}).get(name, {}).get("warm", False),
-            _state(n, name) != "Warm",
+            not cluster.current.get(n.name, {}).get(name, {}).get("warm", False),
+            n.state(name) != "Warm",
             -n.device_free,
             n.name,
         ),
     )[:target]
     for info in copies:
-        specs[info.name][name]["warm"] = info in chosen
-
-    # Status, with reasons a person can act on.
-    on = sorted({*(n.name for n in copies), *(n for n in holders if name in specs[n])})
-    states = {n: _state(infos[n], name) or "Pending" for n in on}
-    available = sum(1 for n in copies if _state(n, name) in ON_DISK)
-    failed = [n for n in copies if _state(n, name) == "Error"]
-    warm_now = sum(1 for n in copies if _state(n, name) == "Warm")
-    old = cache.get("status") or {}
-    if missing:
-        ready_c = (False, "NodeGroupNotFound", f"LocalModelNodeGroup {', '.join(missing)} "
-                   "does not exist; create it or fix spec.nodeGroups")  # fmt: skip
-    elif not ready:
-        ready_c = (False, "NoReadyNodes", f"no Ready node matches node groups "
-                   f"{', '.join(spec['nodeGroups'])}; check their nodeSelector")  # fmt: skip
-    elif len(copies) < wanted and len(ready) < wanted:
-        ready_c = (False, "NotEnoughNodes", f"{len(copies)} of {wanted} copies placed: the "
-                   f"groups have {len(ready)} Ready node(s); "
-                   "add nodes or lower spec.replicas")  # fmt: skip
-    elif len(copies) < wanted:
-        ready_c = (False, "InsufficientCapacity", f"{len(copies)} of {wanted} copies placed: "
-                   f"no other Ready node of the groups has {format_quantity(size)} free; "
-                   "raise storageLimit, add nodes, or lower spec.replicas")  # fmt: skip
-    elif available < len(copies) and (silent := sorted(n.name for n in copies if n.silent)):
-        ready_c = (False, "AgentNotReporting", f"{available} of {len(copies)} copies known on "
-                   f"disk; no recent status from the agent on {', '.join(silent[:5])}: check "
-                   "the nodecache-agent pod there")  # fmt: skip
-    elif available < len(copies):
-        ready_c = (False, "CopiesPending", f"{available} of {len(copies)} copies on disk")
-    else:
-        ready_c = (True, "AllCopiesAvailable", f"{available} copies on disk, {warm_now} warm")
-    degraded = bool(failed) or ready_c[1] in (
-        "InsufficientCapacity", "NotEnoughNodes", "NodeGroupNotFound",
-    )  # fmt: skip
-    if failed:
-        first = failed[0]
-        error = first.models.get(name, {}).get("error", "unknown error")
-        why = ("DownloadFailed", f"{len(failed)} node(s) failed, e.g. {first.name}: {error}")
-    elif degraded:
-        why = (ready_c[1], ready_c[2])
-    else:
-        why = ("AsExpected", "no node reports an error")
-    progressing = available < len(copies)
-    return {
-        **_generation(cache),
-        "nodeStatus": states,
-        "copies": {"available": available, "total": len(copies), "failed": len(failed)},
-        "warm": {"replicas": warm_now, "desired": target, "selector": SCALE_SELECTOR},
-        "conditions": [
-            _condition(old, "Ready", *ready_c, now),
-            _condition(old, "Progressing", progressing,
-                       "Downloading" if progressing else "Idle",
-                       f"{len(copies) - available} copies on their way" if progressing
-                       else "every placed copy is on disk", now),
-            _condition(old, "Degraded", degraded, *why, now),
-        ],
-    }  # fmt: skip
-
-
-def _generation(obj: JSON) -> JSON:
-    """observedGeneration, left out when unknown: null is not an integer to the schema."""
-    generation = obj["metadata"].get("generation")
-    return {} if generation is None else {"observedGeneration": generation}
-
-
-def _state(info: _Node, name: str) -> str | None:
-    return (info.models.get(name) or {}).get("state")
+        cluster.specs[info.name][name]["warm"] = info in chosen
 
 
 def _warm_target(cache: JSON, policy: JSON, copies: list[_Node], name: str) -> int:
@@ -382,35 +398,27 @@ def _warm_target(cache: JSON, policy: JSON, copies: list[_Node], name: str) -> i
     return max(0, min(len(copies), max(low, min(high, desired))))
 
 
-def _condition(
-    old_status: JSON, kind: str, status: bool, reason: str, message: str, now: float
-) -> JSON:
-    text = "True" if status else "False"
-    old = next((c for c in old_status.get("conditions") or [] if c.get("type") == kind), None)
-    since = (
-        old["lastTransitionTime"]
-        if old and old.get("status") == text and old.get("lastTransitionTime")
-        else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-    )
-    return {"type": kind, "status": text, "reason": reason, "message": message,
-            "lastTransitionTime": since}  # fmt: skip
+# -- nodes and groups --------------------------------------------------------------------
 
 
-def _transitions(cache: JSON, old: JSON, new: JSON) -> list[Event]:
-    """An event when Ready flips (or is first known), for `kubectl describe`."""
-    before = next((c for c in old.get("conditions") or [] if c["type"] == "Ready"), None)
-    after = next(c for c in new["conditions"] if c["type"] == "Ready")
-    if before and (before["status"], before.get("reason")) == (after["status"], after["reason"]):
-        return []
-    meta = cache["metadata"]
-    return [
-        Event(
-            cache.get("kind", "LocalModelCache"),
-            meta.get("namespace") or "",
-            meta["name"],
-            meta.get("uid", ""),
-            "Normal" if after["status"] == "True" else "Warning",
-            after["reason"],
-            after["message"],
-        )
-    ]
+def _node_specs(cluster: Cluster) -> dict[str, list[JSON]]:
+    """Every grouped node's entries by model name; a node that left every group: none."""
+    specs = {name: [cluster.specs[name][m] for m in sorted(cluster.specs[name])]
+             for name in cluster.nodes}  # fmt: skip
+    for name in cluster.local:
+        if name in cluster.node_names and name not in cluster.nodes:
+            specs[name] = []
+    return specs
+
+
+def _group_status(cluster: Cluster, name: str) -> JSON:
+    group = cluster.groups[name]
+    ready = [n for n in cluster.members[name] if n.ready]
+    limit = _quantity(group["spec"].get("storageLimit"))
+    return {
+        **generation(group),
+        "nodes": len(ready),
+        "used": format_quantity(sum(n.used for n in ready)),
+        "available": format_quantity(sum(max(0, min(limit, n.budget) - n.used) for n in ready)),
+        "conditions": group_conditions(group.get("status") or {}, len(ready), cluster.now),
+    }
