@@ -8,9 +8,7 @@ stays up while it is away: warm models keep answering, status catches up later.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from nodecache.agent.kube.nodestatus import (
 from nodecache.agent.kube.watching import Informer
 from nodecache.agent.node import NodeAgent
 from nodecache.agent.services import NodeOptions, NodeServices
+from nodecache.serve.loop import on_stop_signal
 
 __all__ = ["ClusterOptions", "run_cluster"]
 
@@ -65,10 +64,7 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
     if not options.node_name:
         raise SystemExit("cluster mode needs the node name (--node-name or $NODE_NAME)")
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(RuntimeError, ValueError):  # not on the main thread (tests)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    on_stop_signal(stop)
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
     node = await NodeServices.create(options.node)
     follower = NodeFollower(kube, node.agent, options, counts=node.request_counts)

@@ -44,6 +44,7 @@ from nodecache.cache import (
     redact_uri,
     validate_source_uri,
 )
+from nodecache.serve.loop import on_stop_signal
 
 __all__ = ["ProgressReporter", "add_cache_mode", "add_parser", "main", "run"]
 
@@ -251,21 +252,18 @@ async def _prefetch(
         received.append(signum)
         task.cancel()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+    remove_handlers = on_stop_signal(on_signal)
     ticker = asyncio.create_task(reporter.tick_forever())
     try:
-        hits = store.stats.hits
         model = await store.fetch(uri, progress=reporter.update, max_bytes=args.model_size)
-        return model, store.stats.hits > hits
+        return model, model.hit
     except asyncio.CancelledError:
         if received:
             raise _Interrupted(received[0]) from None
         raise
     finally:
         ticker.cancel()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        remove_handlers()
 
 
 def _fail(message: str, code: int) -> int:

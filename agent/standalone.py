@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 from nodecache.agent.files import DeclarationFolder
 from nodecache.agent.node import NodeAgent
 from nodecache.agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions, NodeServices
+from nodecache.serve.loop import on_stop_signal
 
 __all__ = ["SOCKET_NAME", "STATUS_PATH", "run_standalone"]
 
@@ -23,9 +23,7 @@ async def run_standalone(
     if not declarations.is_dir():
         raise SystemExit(f"declarations folder {declarations} does not exist")
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signal(stop)
     node = await NodeServices.create(options)
     await node.start(mode="standalone", declarations=str(declarations))
     follower = asyncio.create_task(_follow(DeclarationFolder(declarations), node.agent))

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import signal
 import socket
 import uuid
 from collections.abc import Awaitable
@@ -36,6 +35,7 @@ from nodecache.agent.kube.errors import ApiConflict, ApiError, ApiNotFound
 from nodecache.agent.kube.leader import LeaderElector
 from nodecache.agent.kube.placement import FINALIZER, Event, Plan, plan
 from nodecache.agent.kube.watching import Informer
+from nodecache.serve.loop import on_stop_signal
 
 __all__ = ["Reconciler", "ReconcilerOptions", "run_reconciler"]
 
@@ -74,10 +74,7 @@ class ReconcilerOptions:
 async def run_reconciler(options: ReconcilerOptions, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(RuntimeError, ValueError):  # not on the main thread (tests)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    on_stop_signal(stop)
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
     reconciler = Reconciler(kube, options)
     health = await _start_health(options, reconciler)
