@@ -1,0 +1,141 @@
+"""Published models: the manifest a model folder carries, written once and read back.
+
+A model folder only ever appears in ``models/`` through :func:`publish`: one atomic rename of
+a fully written, verified and flushed folder, so a reader that finds ``models/<key>/`` with a
+manifest (:func:`load_model`) finds a complete model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from nodecache.cache.errors import CacheError
+from nodecache.cache.fetch import FetchedFile
+from nodecache.cache.fsutil import fsync_dir, rmtree, tree_bytes
+from nodecache.cache.layout import (
+    DERIVED_DIR,
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    check_relative_path,
+    model_key,
+)
+from nodecache.cache.perms import create_file
+from nodecache.cache.sources import translate_error
+from nodecache.cache.uri import validate_source_uri
+
+__all__ = ["MANIFEST_VERSION", "StoredFile", "StoredModel", "load_model", "publish"]
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a published model."""
+
+    path: str
+    """Relative posix path inside the model folder."""
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A published, verified model on disk."""
+
+    key: str
+    source_uri: str
+    path: Path
+    files: tuple[StoredFile, ...]
+    hit: bool = field(default=False, compare=False)
+    """True on what :meth:`ModelStore.fetch` returns when the model was already on disk
+    (a cache hit: nothing was read from the source), False when this fetch downloaded it
+    or waited for a download."""
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the model's own files, as the source published them."""
+        return sum(f.size for f in self.files)
+
+    def disk_bytes(self) -> int:
+        """Bytes the model holds on disk now: its files plus what runtimes derived from
+        them (read from the disk each time: a worker process may add some at any time)."""
+        return self.size_bytes + tree_bytes(self.path / DERIVED_DIR)
+
+
+def publish(
+    uri: str,
+    tmp: Path,
+    final: Path,
+    fetched: list[FetchedFile],
+    *,
+    file_mode: int,
+    fsync: bool,
+) -> StoredModel:
+    """Write the manifest into ``tmp``, flush, and rename it to ``final``. Blocking.
+
+    When another process published the same model meanwhile, its copy is kept and returned.
+    """
+    key = final.name
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "key": key,
+        "source_uri": uri,
+        "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in fetched],
+    }
+    try:
+        (tmp / JOURNAL_NAME).unlink(missing_ok=True)
+        fd = create_file(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_TRUNC, file_mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(manifest, out, indent=1)
+            out.write("\n")
+            out.flush()
+            if fsync:
+                os.fsync(out.fileno())
+        if fsync:
+            for dirpath, _dirs, _files in os.walk(tmp):
+                fsync_dir(Path(dirpath))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            existing = load_model(final)
+            if existing is None:
+                raise
+            rmtree(tmp)  # published by someone else meanwhile: keep theirs
+            return existing
+        if fsync:
+            fsync_dir(final.parent)
+    except CacheError:
+        raise
+    except OSError as exc:
+        raise translate_error(exc, uri) from None
+    files = tuple(StoredFile(f.path, f.size, f.sha256) for f in fetched)
+    return StoredModel(key=key, source_uri=uri, path=final, files=files)
+
+
+def load_model(folder: Path) -> StoredModel | None:
+    """Read and check a model folder's manifest; None when it is not an intact model."""
+    try:
+        with open(folder / MANIFEST_NAME, encoding="utf-8") as f:
+            raw = json.load(f)
+        uri = validate_source_uri(raw["source_uri"])
+        if model_key(uri) != folder.name:
+            return None
+        files = []
+        for item in raw["files"]:
+            path = check_relative_path(str(item["path"]), uri)
+            size, digest = int(item["size"]), str(item["sha256"])
+            st = os.stat(folder / path, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return None
+            files.append(StoredFile(path, size, digest))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not files:
+        return None
+    return StoredModel(key=folder.name, source_uri=uri, path=folder, files=tuple(files))
