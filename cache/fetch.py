@@ -290,6 +290,9 @@ class _FileJob:
     unflushed: list[int] = field(default_factory=list)
     finishing: bool = False
     result: FetchedFile | None = None
+    read_back: int = 0
+    """Bytes hashed by reading them back from the page cache (parts that overtook the
+    hash frontier), rather than as they arrived."""
 
 
 class Transfer:
@@ -575,6 +578,7 @@ class Transfer:
                     chunk.release()
                 finally:
                     view.release()
+            job.read_back += stop - pos
             pos = stop
             job.hash_pos = pos
 
@@ -597,6 +601,11 @@ class Transfer:
                 os.fdatasync(job.fd)
             self.journal.record(job.remote.path, parts)
         self.journal.save()
+
+    def read_back_bytes(self) -> dict[str, int]:
+        """Per file, the bytes hashed by reading them back from the page cache instead of
+        as they arrived: only parts that completed ahead of the hash frontier."""
+        return {job.remote.path: job.read_back for job in self.jobs}
 
     # -- finishing ------------------------------------------------------------------------
 

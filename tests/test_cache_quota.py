@@ -142,3 +142,30 @@ async def test_files_a_runtime_derives_count_against_the_limit(tmp_path: Path) -
     assert keys(store) == {"b", "c"}
     assert not model_a.path.exists()
     assert store.used_bytes() == 600
+
+
+# ---- the pure policy ------------------------------------------------------------------------
+
+
+def test_plan_room_takes_nothing_when_it_fits() -> None:
+    from nodecache.cache.quota import Held, RoomPlan, plan_room
+
+    assert plan_room(100, 100, {"p": 50}, [Held("m", 10)]) == RoomPlan(())
+
+
+def test_plan_room_takes_idle_partials_by_key_then_models_in_the_order_given() -> None:
+    from nodecache.cache.quota import Held, RoomPlan, plan_room
+
+    models = [Held("old", 30), Held("newer", 30), Held("newest", 30)]
+    plan = plan_room(100, 10, {"b": 20, "a": 20}, models)
+
+    assert plan == RoomPlan(
+        (Held("a", 20, partial=True), Held("b", 20, partial=True), Held("old", 30))
+    )
+
+
+def test_plan_room_refuses_with_what_could_have_gone() -> None:
+    from nodecache.cache.quota import Held, Refusal, plan_room
+
+    assert plan_room(100, 10, {"p": 20}, [Held("m", 30)]) == Refusal(100, 10, 50)
+    assert plan_room(100, -5, {}, []) == Refusal(100, -5, 0)

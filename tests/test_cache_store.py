@@ -194,6 +194,7 @@ async def test_cache_hit_returns_the_same_model_without_reading_the_source(
     again = await store.fetch(f"file://{src}/")
 
     assert again == first
+    assert (first.hit, again.hit) == (False, True)  # fetch itself says whether it hit
     assert (again.path / "config.json").read_bytes() == b'{"name": "tiny"}\n'
 
 
@@ -437,34 +438,45 @@ async def test_errors_are_cache_errors(tmp_path: Path) -> None:
             await store.fetch(uri)
 
 
-async def test_hashes_are_fed_as_bytes_arrive_and_read_back_only_when_parts_overtake(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_hashes_are_fed_as_bytes_arrive_and_read_back_only_when_parts_overtake(
+    tmp_path: Path,
 ) -> None:
-    from nodecache.cache.fetch import Transfer
+    """A part at the hash frontier is hashed from the receive buffer; a part that completes
+    ahead of it is read back from the page cache once the frontier reaches it."""
+    import threading
 
-    source = tmp_path / "src"
-    files = {f"small-{i}.bin": os.urandom(50_000 + i) for i in range(6)}
-    files["big.bin"] = os.urandom(3_000_017)  # 12 parts of 256 KiB, fetched 4 at a time
+    from nodecache.cache.fetch import Journal, Transfer
+    from nodecache.cache.sources import open_source
+
+    source_dir = tmp_path / "src"
+    files = {"small.bin": os.urandom(50_000), "big.bin": os.urandom(3 * 256 * 1024 + 17)}
     for rel, data in files.items():
-        (source / rel).parent.mkdir(parents=True, exist_ok=True)
-        (source / rel).write_bytes(data)
-    read_back: collections.Counter[str] = collections.Counter()
-    original = Transfer._hash_range
-
-    def counting(self: Transfer, job, start: int, end: int) -> None:  # type: ignore[no-untyped-def]
-        read_back[job.remote.path] += end - start
-        original(self, job, start, end)
-
-    monkeypatch.setattr(Transfer, "_hash_range", counting)
-    options = FetchOptions(
-        chunk_size=64 * 1024, part_size=256 * 1024, concurrency=4, fsync=False, retries=0
+        (source_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source_dir / rel).write_bytes(data)
+    options = FetchOptions(chunk_size=64 * 1024, part_size=256 * 1024, fsync=False, retries=0)
+    source = open_source(f"file://{source_dir}", chunk_size=options.chunk_size, timeout=5)
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    listing = source.list_files()
+    transfer = Transfer(
+        source,
+        listing,
+        folder,
+        Journal(folder, source.uri, options.part_size),
+        options,
+        on_bytes=lambda n: None,
+        abort=threading.Event(),
     )
-    store = ModelStore(tmp_path / "cache", options=options)
+    transfer.prepare()
+    parts = {(job.remote.path, part.index): (job, part) for job, part in transfer.pending()}
+    # big.bin's part 1 completes before part 0; parts 2 and 3 arrive at the frontier.
+    for key in [("big.bin", 1), ("big.bin", 0), ("big.bin", 2), ("big.bin", 3), ("small.bin", 0)]:
+        transfer.run_part(*parts[key])
 
-    model = await store.fetch(f"file://{source}")
+    fetched = {f.path: f for f in transfer.finish()}
+    transfer.close()
 
-    assert read_model(model.path) == files
-    for f in model.files:
-        assert f.sha256 == hashlib.sha256(files[f.path]).hexdigest()
-    assert not any(read_back[p] for p in files if p.startswith("small"))  # one part: streamed
-    assert read_back["big.bin"] < len(files["big.bin"])  # at least part 0 was streamed
+    for rel, data in files.items():
+        assert fetched[rel].sha256 == hashlib.sha256(data).hexdigest()
+        assert (folder / rel).read_bytes() == data
+    assert transfer.read_back_bytes() == {"big.bin": 256 * 1024, "small.bin": 0}
