@@ -157,7 +157,7 @@ def test_plan_room_takes_idle_partials_by_key_then_models_in_the_order_given() -
     from nodecache.cache.quota import Held, RoomPlan, plan_room
 
     models = [Held("old", 30), Held("newer", 30), Held("newest", 30)]
-    plan = plan_room(100, 10, {"b": 20, "a": 20}, models)
+    plan = plan_room(80, 10, {"b": 20, "a": 20}, models)
 
     assert plan == RoomPlan(
         (Held("a", 20, partial=True), Held("b", 20, partial=True), Held("old", 30))
