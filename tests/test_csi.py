@@ -28,7 +28,7 @@ from nodecache.agent.csi import csi_pb2_grpc as pb_grpc
 from nodecache.agent.csi.backend import NotFound, PermissionDenied
 from nodecache.agent.csi.mounts import bind_readonly, mount_points, unmount
 from nodecache.agent.csi.service import DRIVER_NAME, CsiServer, socket_path
-from nodecache.agent.csi.state import STATE_FILE
+from nodecache.agent.csi.state import STATE_FILE, Volume, VolumeState
 
 NAMESPACE = "team-a"
 Edit = Callable[[pb.NodePublishVolumeRequest], None]
@@ -485,6 +485,17 @@ async def test_restart_finds_mounts_again(
         assert _mounts_under(home) == []
     finally:
         await restarted.stop(grace=0)
+
+
+def test_unreadable_state_is_empty(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text("{not json")
+    state = VolumeState(tmp_path)
+    state.load()
+    assert state.volumes == {}
+    state.put(Volume("csi-1", "/t", "fraud", "ns/pod"))
+    again = VolumeState(tmp_path)
+    again.load()
+    assert again.volumes == {"/t": Volume("csi-1", "/t", "fraud", "ns/pod")}
 
 
 # -- Pure parts ----------------------------------------------------------------------------

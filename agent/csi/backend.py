@@ -70,7 +70,7 @@ class CsiBackend(Protocol):
         """Keep model ``name``'s files exactly as they are while volume ``volume_id`` has them
         mounted: quota eviction skips them and a deleted declaration leaves them in place.
         Idempotent per volume id. Pins live in memory: after a restart the service pins the
-        volumes it finds still mounted again."""
+        volumes it finds still mounted again, whether or not ``name`` is still declared."""
         ...
 
     def unpin(self, volume_id: str) -> None:

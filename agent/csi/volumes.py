@@ -108,6 +108,7 @@ class Volumes:
                 raise RequestError(
                     grpc.StatusCode.INTERNAL, f"mounting {_what(volume)}: {exc}"
                 ) from exc
+            log.info("csi: mounted %s for pod %s at %s", _what(volume), volume.pod, volume.target)
 
     def _source(self, request: Publish) -> Path:
         """The folder to mount, with the model pinned; UNAVAILABLE while it is fetched."""
@@ -158,6 +159,9 @@ class Volumes:
                 raise RequestError(grpc.StatusCode.INTERNAL, f"unmounting {target}: {exc}") from exc
             if existing is not None:
                 await self._forget(existing)
+                log.info(
+                    "csi: unmounted %s of pod %s from %s", _what(existing), existing.pod, target
+                )
             elif not self._holds(volume_id):
                 self.backend.unpin(volume_id)  # a mount made before the state file was lost
 
