@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodecache.cache import DERIVED_DIR
+from nodecache.cache import model_files
 from nodecache.serve.devices import Device
 from nodecache.serve.errors import (
     ModelLoadError,
@@ -106,10 +106,7 @@ class ServedModel:
 
 def _files_size(path: Path) -> int:
     """The model's own files; a runtime's derived copy of them is not a second model."""
-    derived = path / DERIVED_DIR
-    return sum(
-        p.stat().st_size for p in path.rglob("*") if p.is_file() and derived not in p.parents
-    )
+    return sum(p.stat().st_size for p in model_files(path))
 
 
 def _resident_bytes() -> int:

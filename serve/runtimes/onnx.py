@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from nodecache.cache import DERIVED_DIR
+from nodecache.cache import DERIVED_DIR, model_files
 from nodecache.serve.errors import InvalidInput, clean_message
 from nodecache.serve.runtimes.base import TensorSpec, UnsupportedFormat, read_ahead
 
@@ -74,10 +74,7 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 def find_onnx_file(model_dir: Path) -> Path:
     """The one .onnx file of a model folder (``model.onnx`` if there are several)."""
-    derived = model_dir / DERIVED_DIR
-    candidates = sorted(
-        p for p in model_dir.rglob("*.onnx") if p.is_file() and derived not in p.parents
-    )
+    candidates = model_files(model_dir, "*.onnx")
     if len(candidates) == 1:
         return candidates[0]
     preferred = model_dir / "model.onnx"
