@@ -20,16 +20,11 @@ from nodecache.cache import CacheError, ModelStore, redact_uri
 from nodecache.serve.errors import NoRoom, ServeError
 from nodecache.serve.host import ModelHost
 from nodecache.serve.runtimes import UnsupportedFormat, detect_format
+from nodecache.serve.spec import ModelPolicy, ModelSpec, ModelState
 
 __all__ = ["ModelStatus", "NodeAgent"]
 
 log = logging.getLogger(__name__)
-
-
-class State:
-    PENDING = "Pending"
-    DOWNLOADING = "Downloading"
-    ERROR = "Error"
 
 
 @dataclass
@@ -40,7 +35,7 @@ class ModelStatus:
     source_uri: str
     declared_in: str | None
     declared_size: int
-    state: str = State.PENDING
+    state: ModelState = ModelState.PENDING
     bytes_done: int = 0
     bytes_total: int | None = None
     error: str | None = None
@@ -90,12 +85,7 @@ class NodeAgent:
                 status = self._status[name]
                 status.declared_in, status.declared_size = origins.get(name), decl.model_size
                 # A warm policy edit applies in place.
-                await self.host.set_policy(
-                    name,
-                    pinned=decl.warm.pinned,
-                    idle_timeout=decl.warm.idle_seconds,
-                    batching=decl.batching,
-                )
+                await self.host.set_policy(name, _policy(decl))
                 if decl.keep_warm != old.keep_warm and self.host.describe(name) is not None:
                     await self._rewarm(decl)
                 continue
@@ -168,7 +158,7 @@ class NodeAgent:
                         "unexpected error bringing a model up", extra={"model": decl.name}
                     )
                 delay = self._backoff(status.attempts)
-                status.state, status.error = State.ERROR, str(exc)
+                status.state, status.error = ModelState.ERROR, str(exc)
                 status.next_retry = time.time() + delay
                 log.error(
                     "model failed",
@@ -179,7 +169,7 @@ class NodeAgent:
     async def _bring_up(self, decl: ModelDeclaration, status: ModelStatus) -> None:
         stored = self.store.lookup(decl.source_uri)
         if stored is None:
-            status.state = State.DOWNLOADING
+            status.state = ModelState.DOWNLOADING
             status.bytes_done, status.bytes_total = 0, None
             log.info("download started", extra={"model": decl.name})
             started = time.perf_counter()
@@ -200,16 +190,8 @@ class NodeAgent:
             )
         status.bytes_done = status.bytes_total = stored.size_bytes
         fmt = decl.format or detect_format(f.path for f in stored.files)
-        await self.host.register(
-            decl.name,
-            stored.path,
-            fmt,
-            entrypoint=decl.entrypoint,
-            pinned=decl.warm.pinned,
-            idle_timeout=decl.warm.idle_seconds,
-            size_hint=stored.size_bytes,
-            batching=decl.batching,
-        )
+        spec = ModelSpec(decl.name, stored.path, fmt, decl.entrypoint, size_hint=stored.size_bytes)
+        await self.host.register(spec.with_policy(_policy(decl)))
         status.error = None
         # The newest declaration: the warm decision may have changed during the download.
         await self._warm(self._desired.get(decl.name, decl))
@@ -236,20 +218,20 @@ class NodeAgent:
     def model_state(self, name: str) -> str | None:
         served = self.host.describe(name)
         if served is not None:
-            return served["state"]
+            return str(served["state"])
         status = self._status.get(name)
-        return status.state if status else None
+        return str(status.state) if status else None
 
     def not_ready_reason(self, name: str) -> str | None:
         status = self._status.get(name)
         if status is None or self.host.describe(name) is not None:
             return None
-        if status.state == State.DOWNLOADING:
+        if status.state == ModelState.DOWNLOADING:
             total = f" of {status.bytes_total}" if status.bytes_total else ""
             return f"Downloading ({status.bytes_done}{total} bytes)"
-        if status.state == State.ERROR:
+        if status.state == ModelState.ERROR:
             return f"Error: {status.error} (next retry in {_seconds_until(status.next_retry)})"
-        return status.state
+        return str(status.state)
 
     def index(self) -> list[dict[str, Any]]:
         return [
@@ -263,7 +245,7 @@ class NodeAgent:
         for name, status in sorted(self._status.items()):
             entry: dict[str, Any] = {
                 "name": name,
-                "state": status.state,
+                "state": str(status.state),
                 "source": redact_uri(status.source_uri),  # a presigned query is a credential
                 "declaredIn": status.declared_in,
                 "modelSize": status.declared_size,
@@ -285,6 +267,11 @@ class NodeAgent:
             "cache": {"dir": str(self.store.root), "usedBytes": self.store.used_bytes()},
             "devices": self.host.devices(),
         }
+
+
+def _policy(decl: ModelDeclaration) -> ModelPolicy:
+    """How the declaration asks the host to keep the model warm."""
+    return ModelPolicy(decl.warm.pinned, decl.warm.idle_seconds, decl.batching)
 
 
 def _seconds_until(when: float | None) -> str:

@@ -30,10 +30,11 @@ from nodecache.serve.grpc.server import GrpcServer
 from nodecache.serve.host import LocalHost
 from nodecache.serve.http import NodeServer, build_app
 from nodecache.serve.metrics import SERVING_METRICS, request_counts
+from nodecache.serve.pool import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 from nodecache.serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
 from nodecache.serve.repository import ModelRepository
+from nodecache.serve.settings import ServeSettings
 from nodecache.serve.transport import SocketTaken, TransportLimits
-from nodecache.serve.workers import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 
 __all__ = ["GRPC_SOCKET_NAME", "SOCKET_NAME", "STATUS_PATH", "NodeOptions", "NodeServices"]
 
@@ -105,18 +106,19 @@ class NodeServices:
             # Worker sockets stay out of the socket folder pods mount: a pod reaching a
             # worker directly would bypass the node socket's caller checks.
             node._private = Path(tempfile.mkdtemp(prefix="nodecache-"))
-            node.pool = WorkerPool(
-                worker_devices(devices, options.workers),
-                node._private,
-                log_format=options.log_format,
+            settings = ServeSettings(
                 model_concurrency=options.model_concurrency,
                 model_queue=options.model_queue,
-                spread_at=options.spread_at,
                 max_output_bytes=options.max_output_bytes,
+                idle_check_seconds=options.idle_check_seconds,
+                spread_at=options.spread_at,
+                log_format=options.log_format,
             )
+            workers = worker_devices(devices, options.workers)
+            node.pool = WorkerPool(workers, node._private, settings)
             node.agent = NodeAgent(node.store, node.pool)
-            node.app = build_router_app(node.pool, node.agent)
             node._dataplane = PoolDataPlane(node.pool, node.agent)
+            node.app = build_router_app(node._dataplane)
         else:
             # One CPU server: serve in this process, no hop between the socket and the model.
             node._repository = ModelRepository(

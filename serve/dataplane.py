@@ -39,8 +39,9 @@ from nodecache.serve.protocol import (
     sized_work,
     tensor_bytes,
 )
-from nodecache.serve.repository import ModelRepository, ServedModel, State
-from nodecache.serve.runtimes import Runtime, TensorSpec
+from nodecache.serve.repository import ModelRepository, ServedModel
+from nodecache.serve.runtime import Runtime, TensorSpec
+from nodecache.serve.spec import ModelState
 from nodecache.serve.tensors import DATATYPES, datatype_of, encoded_size
 
 __all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane"]
@@ -135,7 +136,7 @@ class DataPlane:
         """Ready means: answers without waiting for a download (it may still need a load)."""
         self._check(name, version)
         model = self.repository.get(name)
-        return model is not None and model.state != State.ERROR
+        return model is not None and model.state != ModelState.ERROR
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         self._check(name, version)
@@ -291,7 +292,7 @@ def _runtime(model: ServedModel) -> Runtime:
 
 def _oip_state(model: ServedModel) -> str:
     # The repository extension speaks READY/UNAVAILABLE/LOADING/UNLOADING.
-    return {State.WARM: "READY", State.LOADING: "LOADING"}.get(model.state, "UNAVAILABLE")
+    return {ModelState.WARM: "READY", ModelState.LOADING: "LOADING"}.get(model.state, "UNAVAILABLE")
 
 
 class _ModelSpec:

@@ -10,9 +10,13 @@ message goes to the client as it is, so anything a client sent is quoted through
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 __all__ = [
+    "CONTROL_ANSWERS",
+    "RELAYED_ANSWERS",
     "InvalidInput",
+    "MethodNotAllowed",
     "ModelLoadError",
     "ModelNotFound",
     "ModelNotReady",
@@ -21,6 +25,8 @@ __all__ = [
     "PayloadTooLarge",
     "ServeError",
     "ServerOverloaded",
+    "WorkerUnavailable",
+    "answered",
     "clean_message",
     "excerpt",
 ]
@@ -96,6 +102,40 @@ class NoRoom(ServeError):
 
     status, grpc_code = 503, "UNAVAILABLE"
     retry_after = 5.0
+
+
+class WorkerUnavailable(ServeError):
+    """The model's worker is restarting, stopped mid-request, or is at its limit (503)."""
+
+    status, grpc_code = 503, "UNAVAILABLE"
+    retry_after = 1.0
+
+
+class MethodNotAllowed(ServeError):
+    """The routed path relays only GET, HEAD and POST (405)."""
+
+    status = 405
+
+
+# A worker's error answer, by HTTP status, as the error it stands for here; any other
+# status is a ModelLoadError. Control calls (register, load, ...) and relayed OIP requests
+# (gRPC in worker mode) read a worker's statuses differently.
+CONTROL_ANSWERS: Mapping[int, type[ServeError]] = {503: NoRoom, 404: ModelNotFound}
+RELAYED_ANSWERS: Mapping[int, type[ServeError]] = {
+    404: ModelNotFound,
+    400: InvalidInput,
+    413: InvalidInput,
+    503: WorkerUnavailable,
+}
+
+
+def answered(status: int, message: str, table: Mapping[int, type[ServeError]]) -> ServeError:
+    """The error a worker answered with (``status`` and its ``{"error": message}``), as our
+    own error with the worker's message as it is (it was already fit for a client)."""
+    kind = table.get(status, ModelLoadError)
+    error = Exception.__new__(kind)
+    Exception.__init__(error, message or f"the worker answered {status}")
+    return error
 
 
 _EXCERPT_CHARS = 64

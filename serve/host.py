@@ -6,27 +6,18 @@ loop does not care whether a model lives next to it or behind a worker socket.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Protocol
 
 from nodecache.serve.repository import ModelRepository
+from nodecache.serve.spec import ModelPolicy, ModelSpec
 
 __all__ = ["LocalHost", "ModelHost"]
 
 
 class ModelHost(Protocol):
-    async def register(
-        self,
-        name: str,
-        path: Path,
-        fmt: str,
-        *,
-        entrypoint: str | None,
-        pinned: bool,
-        idle_timeout: float | None,
-        size_hint: int | None,
-        batching: tuple[int, float] | None = None,
-    ) -> None: ...
+    async def register(self, spec: ModelSpec) -> None:
+        """Make the model answerable (it loads on demand); the same files again only
+        update its policy."""
 
     async def load(self, name: str, *, evict: bool) -> None:
         """Make the model warm; raises a ServeError (503 NoRoom, 500 load error)."""
@@ -37,14 +28,8 @@ class ModelHost(Protocol):
     async def unload(self, name: str) -> None:
         """Give back the model's memory (after in-flight requests); it stays answerable."""
 
-    async def set_policy(
-        self,
-        name: str,
-        *,
-        pinned: bool,
-        idle_timeout: float | None,
-        batching: tuple[int, float] | None = None,
-    ) -> None: ...
+    async def set_policy(self, name: str, policy: ModelPolicy) -> None:
+        """Change how a registered model is kept warm; an unknown name is ignored."""
 
     def describe(self, name: str) -> dict[str, Any] | None:
         """The model's serving status (state, device, bytes, ...), None if not registered."""
@@ -60,28 +45,8 @@ class LocalHost:
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
 
-    async def register(
-        self,
-        name: str,
-        path: Path,
-        fmt: str,
-        *,
-        entrypoint: str | None,
-        pinned: bool,
-        idle_timeout: float | None,
-        size_hint: int | None,
-        batching: tuple[int, float] | None = None,
-    ) -> None:
-        self.repository.register(
-            name,
-            path,
-            fmt,
-            entrypoint=entrypoint,
-            pinned=pinned,
-            idle_timeout=idle_timeout,
-            size_hint=size_hint,
-            batching=batching,
-        )
+    async def register(self, spec: ModelSpec) -> None:
+        self.repository.register(spec)
 
     async def load(self, name: str, *, evict: bool) -> None:
         await self.repository.load(name, evict=evict)
@@ -92,17 +57,8 @@ class LocalHost:
     async def unload(self, name: str) -> None:
         await self.repository.unload(name)
 
-    async def set_policy(
-        self,
-        name: str,
-        *,
-        pinned: bool,
-        idle_timeout: float | None,
-        batching: tuple[int, float] | None = None,
-    ) -> None:
-        model = self.repository.get(name)
-        if model is not None:
-            model.pinned, model.idle_timeout, model.batching = pinned, idle_timeout, batching
+    async def set_policy(self, name: str, policy: ModelPolicy) -> None:
+        self.repository.set_policy(name, policy)
 
     def describe(self, name: str) -> dict[str, Any] | None:
         model = self.repository.get(name)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from nodecache.serve.runtimes.base import TensorSpec
+from nodecache.serve.runtime import TensorSpec
 
 __all__ = ["Model"]
 

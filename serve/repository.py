@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +28,25 @@ from nodecache.serve.errors import (
 )
 from nodecache.serve.metrics import MODEL_EVICTIONS, MODEL_LOADS, RESIDENT_BYTES, forget_model
 from nodecache.serve.residency import Candidate, choose_victims, idle_models
-from nodecache.serve.runtimes import Runtime, attach_runtime, device_kinds, load_runtime
+from nodecache.serve.runtime import Runtime
+from nodecache.serve.runtimes.registry import attach_runtime, device_kinds, load_runtime
+from nodecache.serve.settings import ServeSettings
+from nodecache.serve.spec import ModelPolicy, ModelSpec, ModelState
 
-__all__ = ["ModelRepository", "ServedModel", "State"]
+__all__ = ["ModelRepository", "ServedModel"]
 
 log = logging.getLogger(__name__)
-
-
-class State:
-    DOWNLOADED = "Downloaded"
-    LOADING = "Loading"
-    WARM = "Warm"
-    ERROR = "Error"
+_DEFAULTS = ServeSettings()
 
 
 @dataclass
 class ServedModel:
-    name: str
-    path: Path
-    format: str
-    entrypoint: str | None = None
-    pinned: bool = False
-    idle_timeout: float | None = None
+    """A registered model's life in memory; ``spec`` says what it is and how it is kept."""
+
+    spec: ModelSpec
     estimated_bytes: int = 0  # from the files, before loading
     measured_bytes: int | None = None  # resident growth seen while loading
-    state: str = State.DOWNLOADED
+    state: ModelState = ModelState.DOWNLOADED
     runtime: Runtime | None = None
     device: Device | None = None
     error: str | None = None
@@ -62,18 +56,35 @@ class ServedModel:
     load_seconds: float | None = None
     # Moving average of the runtime's call time; short calls skip the thread hop.
     typical_predict: float | None = None
-    # (max batch size, max queue delay in seconds) when dynamic batching is on.
-    batching: tuple[int, float] | None = None
-    # False for an extra copy: once unloaded it answers 503 instead of loading itself again
-    # (the pool decides where copies live, and never by evicting).
-    on_demand: bool = True
     # Bounds the model's concurrent runtime calls; the rest of its requests wait here.
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4), repr=False)
+    slots: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(_DEFAULTS.model_concurrency), repr=False
+    )
     _load: asyncio.Task[Runtime] | None = field(default=None, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
         self._idle.set()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pinned(self) -> bool:
+        return self.spec.pinned
+
+    @property
+    def batching(self) -> tuple[int, float] | None:
+        return self.spec.batching
+
+    @property
+    def idle_timeout(self) -> float | None:
+        return self.spec.idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float | None) -> None:
+        self.spec = replace(self.spec, idle_timeout=seconds)
 
     @property
     def charged_bytes(self) -> int:
@@ -87,9 +98,9 @@ class ServedModel:
     def to_json(self) -> dict[str, Any]:
         """What status reports show of a served model."""
         return {
-            "state": self.state,
-            "format": self.format,
-            "path": str(self.path),
+            "state": str(self.state),
+            "format": self.spec.format,
+            "path": str(self.spec.path),
             "device": self.device.name if self.device else None,
             "residentBytes": self.charged_bytes if self.runtime else 0,
             "loadSeconds": self.load_seconds,
@@ -121,8 +132,8 @@ class ModelRepository:
         self,
         devices: list[Device] | None = None,
         *,
-        max_inflight_per_model: int = 256,
-        max_concurrency_per_model: int = 4,
+        max_inflight_per_model: int = _DEFAULTS.model_queue,
+        max_concurrency_per_model: int = _DEFAULTS.model_concurrency,
         max_concurrent_loads: int = 1,
     ) -> None:
         self.devices = devices or [Device("cpu", 0, 1 << 62)]
@@ -144,40 +155,39 @@ class ModelRepository:
 
     def register(
         self,
-        name: str,
-        path: Path,
-        fmt: str,
-        *,
-        entrypoint: str | None = None,
-        pinned: bool = False,
-        idle_timeout: float | None = None,
-        size_hint: int | None = None,
-        batching: tuple[int, float] | None = None,
-        on_demand: bool = True,
+        spec: ModelSpec | str,
+        path: Path | None = None,
+        fmt: str | None = None,
+        /,
+        **fields: Any,
     ) -> ServedModel:
-        """Make a model on disk answerable; it loads on first use (unless ``on_demand`` is
-        False) or on ``load``."""
-        current = self._models.get(name)
+        """Make a model on disk answerable; it loads on first use (unless the spec's
+        ``on_demand`` is False) or on ``load``. Takes a ``ModelSpec``, or its fields
+        (``register(name, path, fmt, pinned=True)``). Registering the same files again
+        only updates the policy."""
+        if not isinstance(spec, ModelSpec):
+            assert path is not None and fmt is not None, "a name needs a path and a format"
+            spec = ModelSpec(spec, path, fmt, **fields)
+        current = self._models.get(spec.name)
         if current is not None:
-            if (current.path, current.format, current.entrypoint) != (path, fmt, entrypoint):
-                raise ValueError(f"model '{name}' is registered with other files; unregister it")
-            current.pinned, current.idle_timeout = pinned, idle_timeout
-            current.batching = batching
+            if not current.spec.same_files(spec):
+                raise ValueError(
+                    f"model '{spec.name}' is registered with other files; unregister it"
+                )
+            current.spec = current.spec.with_policy(spec.policy)
             return current
+        size = spec.size_hint if spec.size_hint is not None else _files_size(spec.path)
         model = ServedModel(
-            name=name,
-            path=path,
-            format=fmt,
-            entrypoint=entrypoint,
-            pinned=pinned,
-            idle_timeout=idle_timeout,
-            estimated_bytes=size_hint if size_hint is not None else _files_size(path),
-            batching=batching,
-            on_demand=on_demand,
-            slots=asyncio.Semaphore(self._max_concurrency),
+            spec, estimated_bytes=size, slots=asyncio.Semaphore(self._max_concurrency)
         )
-        self._models[name] = model
+        self._models[spec.name] = model
         return model
+
+    def set_policy(self, name: str, policy: ModelPolicy) -> None:
+        """Change how a registered model is kept warm, in place (unknown names: nothing)."""
+        model = self._models.get(name)
+        if model is not None:
+            model.spec = model.spec.with_policy(policy)
 
     # -- loading -----------------------------------------------------------------
 
@@ -211,18 +221,18 @@ class ModelRepository:
         try:
             async with self._load_slots:
                 device = await self._place(model, evict)
-                model.state, model.error = State.LOADING, None
+                model.state, model.error = ModelState.LOADING, None
                 return await self._load_onto(model, device, weights)
         except Exception as exc:
             model._load = None
             if not isinstance(exc, NoRoom):
-                model.state, model.error = State.ERROR, str(exc)
+                model.state, model.error = ModelState.ERROR, str(exc)
                 log.error("model load failed", extra={"model": model.name, "error": str(exc)})
             raise
 
     async def _place(self, model: ServedModel, evict: bool) -> Device:
         """Pick a device and reserve the model's bytes there, evicting if allowed."""
-        kinds = device_kinds(model.format)
+        kinds = device_kinds(model.spec.format)
         usable = [d for d in self.devices if d.kind in kinds]
         needed = model.charged_bytes
         for device in usable:
@@ -259,13 +269,13 @@ class ModelRepository:
         try:
             if weights is None:
                 runtime = await asyncio.to_thread(
-                    load_runtime, model.format, model.path,
-                    device=device.name, entrypoint=model.entrypoint,
+                    load_runtime, model.spec.format, model.spec.path,
+                    device=device.name, entrypoint=model.spec.entrypoint,
                 )  # fmt: skip
             else:
                 runtime = await asyncio.to_thread(
-                    attach_runtime, model.format, model.path,
-                    device=device.name, entrypoint=model.entrypoint, weights=weights,
+                    attach_runtime, model.spec.format, model.spec.path,
+                    device=device.name, entrypoint=model.spec.entrypoint, weights=weights,
                 )  # fmt: skip
         except BaseException:
             device.used -= model.charged_bytes
@@ -277,7 +287,7 @@ class ModelRepository:
         elif device.kind == "cpu":
             model.measured_bytes = max(0, _resident_bytes() - rss_before)
         device.used += model.charged_bytes - reserved
-        model.runtime, model.device, model.state = runtime, device, State.WARM
+        model.runtime, model.device, model.state = runtime, device, ModelState.WARM
         model.load_seconds = time.perf_counter() - started
         model.last_used = time.time()
         model.loads += 1
@@ -342,8 +352,8 @@ class ModelRepository:
         if device is not None:
             device.used -= model.charged_bytes
             RESIDENT_BYTES.labels(model.name, device.name).set(0)
-        if model.state != State.ERROR:
-            model.state = State.DOWNLOADED
+        if model.state != ModelState.ERROR:
+            model.state = ModelState.DOWNLOADED
 
 
 class _Use:
@@ -369,7 +379,7 @@ class _Use:
         self._model = model
         try:
             if model.runtime is None:
-                if not model.on_demand:
+                if not model.spec.on_demand:
                     raise ModelNotReady(f"model '{name}' is not warm on this worker")
                 await repository.load(name)
         except BaseException:

@@ -1,12 +1,12 @@
 """One multi-model server process: its own repository on one device, on private sockets.
 
-The agent starts these (``python -I -m nodecache.serve.worker``), registers models with them over a
-control API, and relays requests to them. The two never share a channel: the OIP routes
-listen on the data socket, which carries whatever a caller sent, and the control routes on
-a second socket, where every request must also carry the agent's secret token (given in
-the environment, never on the command line that every process on the node can read). So
-no byte a caller sends can register, load or export a model.
-A worker exits when the agent that started it is gone.
+The agent starts these (``python -I -m nodecache.serve.worker``), registers models with them
+over a control API (its messages: ``serve.pool.messages``), and relays requests to them.
+The two never share a channel: the OIP routes listen on the data socket, which carries
+whatever a caller sent, and the control routes on a second socket, where every request
+must also carry the agent's secret token (given in the environment, never on the command
+line that every process on the node can read). So no byte a caller sends can register,
+load or export a model. A worker exits when the agent that started it is gone.
 """
 
 from __future__ import annotations
@@ -16,67 +16,55 @@ import asyncio
 import hmac
 import logging
 import os
-import signal
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from nodecache.serve.dataplane import DEFAULT_MAX_OUTPUT_BYTES, DataPlane
+from nodecache.serve.dataplane import DataPlane
 from nodecache.serve.devices import Device
 from nodecache.serve.errors import ModelNotFound
 from nodecache.serve.http import DATAPLANE, NodeServer, build_app, error_middleware, error_response
 from nodecache.serve.logs import setup_logging
-from nodecache.serve.loop import serve_forever
+from nodecache.serve.loop import on_stop_signal, serve_forever
 from nodecache.serve.metrics import SERVING_METRICS, request_counts
+from nodecache.serve.pool.messages import (
+    METRICS_ROUTE,
+    STATUS_ROUTE,
+    TOKEN_ENV,
+    Load,
+    Policy,
+    Register,
+    Weights,
+    WorkerStatus,
+    model_route,
+)
 from nodecache.serve.repository import ModelRepository
+from nodecache.serve.settings import ServeSettings
 
-__all__ = ["CONTROL", "TOKEN_ENV", "build_control_app", "build_worker_app", "main"]
+__all__ = ["build_control_app", "build_worker_app", "main", "parse_args"]
 
 log = logging.getLogger(__name__)
-CONTROL = "/nodecache/v1/worker"
-TOKEN_ENV = "NODECACHE_WORKER_TOKEN"
-"""The environment variable that hands a worker the agent's control token."""
 REPOSITORY = web.AppKey("repository", ModelRepository)
 
 
-def _batching(body: dict[str, Any]) -> tuple[int, float] | None:
-    raw = body.get("batching")
-    return (int(raw[0]), float(raw[1])) if raw else None
-
-
 async def _register(request: web.Request) -> web.Response:
-    body: dict[str, Any] = await request.json()
-    request.app[REPOSITORY].register(
-        request.match_info["name"],
-        Path(body["path"]),
-        body["format"],
-        entrypoint=body.get("entrypoint"),
-        pinned=bool(body.get("pinned", False)),
-        idle_timeout=body.get("idleTimeout"),
-        size_hint=body.get("sizeHint"),
-        batching=_batching(body),
-        on_demand=bool(body.get("onDemand", True)),
-    )
+    message = Register.from_json(request.match_info["name"], await request.json())
+    request.app[REPOSITORY].register(message.spec)
     return web.json_response({})
 
 
 async def _policy(request: web.Request) -> web.Response:
-    body: dict[str, Any] = await request.json()
-    model = request.app[REPOSITORY].get(request.match_info["name"])
-    if model is not None:
-        model.pinned, model.idle_timeout = bool(body["pinned"]), body.get("idleTimeout")
-        model.batching = _batching(body)
+    message = Policy.from_json(await request.json())
+    request.app[REPOSITORY].set_policy(request.match_info["name"], message.policy)
     return web.json_response({})
 
 
 async def _load(request: web.Request) -> web.Response:
-    evict = request.query.get("evict", "1") != "0"
-    body = await request.json() if request.can_read_body else {}
+    message = Load.from_json(await request.json() if request.can_read_body else {})
     await request.app[REPOSITORY].load(
-        request.match_info["name"], evict=evict, weights=body.get("weights")
+        request.match_info["name"], evict=message.evict, weights=message.weights
     )
     return web.json_response({})
 
@@ -95,7 +83,7 @@ async def _weights(request: web.Request) -> web.Response:
     except ValueError as exc:  # NotShareable: CPU weights are shared by the page cache
         return error_response(409, str(exc))
     # The load count tells the pool later whether these are still the weights it holds.
-    return web.json_response({"weights": weights, "loads": model.loads})
+    return web.json_response(Weights(weights, model.loads).to_json())
 
 
 async def _unload(request: web.Request) -> web.Response:
@@ -110,14 +98,13 @@ async def _unregister(request: web.Request) -> web.Response:
 
 async def _status(request: web.Request) -> web.Response:
     repository = request.app[REPOSITORY]
-    return web.json_response(
-        {
-            "pid": os.getpid(),
-            "models": {m.name: m.to_json() for m in repository.models()},
-            "devices": [d.to_json() for d in repository.devices],
-            "requests": request_counts(),
-        }
+    status = WorkerStatus(
+        pid=os.getpid(),
+        models={m.name: m.to_json() for m in repository.models()},
+        devices=[d.to_json() for d in repository.devices],
+        requests=request_counts(),
     )
+    return web.json_response(status.to_json())
 
 
 _SERVING = CollectorRegistry(auto_describe=True)
@@ -133,10 +120,11 @@ async def _metrics(_: web.Request) -> web.Response:
 
 
 def build_worker_app(
-    repository: ModelRepository, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    repository: ModelRepository, settings: ServeSettings | None = None
 ) -> web.Application:
     """The data socket's app: the OIP routes and nothing else."""
-    app = build_app(DataPlane(repository, max_output_bytes=max_output_bytes))
+    settings = settings or ServeSettings()
+    app = build_app(DataPlane(repository, max_output_bytes=settings.max_output_bytes))
     assert app[DATAPLANE].repository is repository
     return app
 
@@ -160,32 +148,30 @@ def build_control_app(repository: ModelRepository, token: str) -> web.Applicatio
         raise ValueError("a worker needs a control token")
     app = web.Application(middlewares=[_authenticated(token), error_middleware])
     app[REPOSITORY] = repository
-    app.router.add_put(CONTROL + "/models/{name}", _register)
-    app.router.add_put(CONTROL + "/models/{name}/policy", _policy)
-    app.router.add_post(CONTROL + "/models/{name}/load", _load)
-    app.router.add_post(CONTROL + "/models/{name}/unload", _unload)
-    app.router.add_get(CONTROL + "/models/{name}/weights", _weights)
-    app.router.add_delete(CONTROL + "/models/{name}", _unregister)
-    app.router.add_get(CONTROL + "/status", _status)
-    app.router.add_get(CONTROL + "/metrics", _metrics)
+    model = model_route("{name}")
+    app.router.add_put(model, _register)
+    app.router.add_put(model_route("{name}", "policy"), _policy)
+    app.router.add_post(model_route("{name}", "load"), _load)
+    app.router.add_post(model_route("{name}", "unload"), _unload)
+    app.router.add_get(model_route("{name}", "weights"), _weights)
+    app.router.add_delete(model, _unregister)
+    app.router.add_get(STATUS_ROUTE, _status)
+    app.router.add_get(METRICS_ROUTE, _metrics)
     return app
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    settings = ServeSettings.from_arguments(args)
     repository = ModelRepository(
         [Device(args.device, args.total, args.budget)],
-        max_inflight_per_model=args.model_queue,
-        max_concurrency_per_model=args.model_concurrency,
+        max_inflight_per_model=settings.model_queue,
+        max_concurrency_per_model=settings.model_concurrency,
     )
     token = os.environ.pop(TOKEN_ENV, "")
-    server = NodeServer(
-        build_worker_app(repository, max_output_bytes=args.max_output_bytes), Path(args.socket)
-    )
+    server = NodeServer(build_worker_app(repository, settings), Path(args.socket))
     control = NodeServer(build_control_app(repository, token), Path(args.control_socket))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signal(stop)
     await server.start()
     await control.start()  # last: once the agent's first call answers, both are up
     parent = os.getppid()
@@ -199,7 +185,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
     async def unload_idle() -> None:
         while True:
-            await asyncio.sleep(args.idle_check_seconds)
+            await asyncio.sleep(settings.idle_check_seconds)
             await repository.unload_idle()
 
     tasks = [asyncio.create_task(watch_parent()), asyncio.create_task(unload_idle())]
@@ -212,19 +198,20 @@ async def _serve(args: argparse.Namespace) -> None:
         await repository.unregister(model.name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line ``Supervisor.command`` writes: sockets, device, ``ServeSettings``."""
     parser = argparse.ArgumentParser(prog="python -I -m nodecache.serve.worker")
     parser.add_argument("--socket", required=True, help="the data socket (OIP)")
     parser.add_argument("--control-socket", required=True, help="the agent's control socket")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--total", type=int, default=0)
     parser.add_argument("--budget", type=int, required=True)
-    parser.add_argument("--idle-check-seconds", type=float, default=5.0)
-    parser.add_argument("--log-format", default="text")
-    parser.add_argument("--model-concurrency", type=int, default=4)
-    parser.add_argument("--model-queue", type=int, default=256)
-    parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES)
-    args = parser.parse_args(argv)
+    ServeSettings.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     setup_logging(args.log_format)
     serve_forever(_serve(args))
 

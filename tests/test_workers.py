@@ -17,7 +17,7 @@ import pytest
 from support import Agent, declaration, free_port, wait_for
 
 from nodecache.serve.devices import Device
-from nodecache.serve.workers import worker_devices
+from nodecache.serve.pool import worker_devices
 
 
 def infer(agent: Agent, name: str, x: np.ndarray, timeout: float = 30) -> int:

@@ -26,6 +26,7 @@ from nodecache.agent.declarations import DeclarationError, ModelDeclaration, par
 from nodecache.agent.kube.api import LOCAL_MODEL_NODES, Backoff, Kube
 from nodecache.agent.kube.errors import ApiError, ApiNotFound
 from nodecache.serve.metrics import request_counts
+from nodecache.serve.spec import ModelState
 
 __all__ = [
     "RequestRates",
@@ -44,7 +45,7 @@ STATUS_WRITES = Counter(
     "LocalModelNode status writes by this agent, by result (ok, failed).",
     ["result"],
 )
-STATES = {"Pending", "Downloading", "Downloaded", "Loading", "Warm", "Error"}
+STATES = frozenset(state.value for state in ModelState)
 
 
 @dataclass
@@ -171,13 +172,13 @@ def node_status(
         }
         models[model_name] = {k: v for k, v in entry.items() if v is not None}
     for model_name, error in errors.items():
-        models[model_name] = {"state": "Error", "error": error}
+        models[model_name] = {"state": ModelState.ERROR.value, "error": error}
     states = [m["state"] for m in models.values()]
     status: JSON = {
         "summary": {
             "models": len(models),
-            "warm": states.count("Warm"),
-            "errors": states.count("Error"),
+            "warm": states.count(ModelState.WARM),
+            "errors": states.count(ModelState.ERROR),
         },
         "modelStatus": models,
         "capacity": {

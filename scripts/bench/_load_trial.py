@@ -141,16 +141,18 @@ def _attach(model_dir: Path, fmt: str, entrypoint: str | None, feed: Any) -> tup
     os.environ["PYTHONPATH"] = str(ROOT)  # the workers run ours from the same tree
     os.chdir(ROOT)
     from nodecache.serve.devices import Device
+    from nodecache.serve.pool import WorkerPool
     from nodecache.serve.protocol import InferRequest, encode_request
-    from nodecache.serve.worker import CONTROL
-    from nodecache.serve.workers import WorkerPool
+    from nodecache.serve.settings import ServeSettings
+    from nodecache.serve.spec import ModelSpec
 
     body, json_length = encode_request(InferRequest(inputs=feed), binary=True)
     headers = [("Inference-Header-Content-Length", str(json_length))]
 
     async def go() -> tuple[float, ...]:
         sockets = Path(tempfile.mkdtemp(prefix="attach-"))
-        pool = WorkerPool([Device("cpu", 1 << 40, 1 << 38)] * 2, sockets, spread_at=0)
+        cpu = Device("cpu", 1 << 40, 1 << 38)
+        pool = WorkerPool([cpu, cpu], sockets, ServeSettings(spread_at=0))
         await pool.start()
         try:
 
@@ -161,22 +163,20 @@ def _attach(model_dir: Path, fmt: str, entrypoint: str | None, feed: Any) -> tup
                 if status != 200:
                     raise RuntimeError(f"infer answered {status}: {text[:200]!r}")
 
-            await pool.register("bench", model_dir, fmt, entrypoint=entrypoint, pinned=False,
-                                idle_timeout=None, size_hint=None)  # fmt: skip
-            home = pool._homes["bench"]
-            target = next(w for w in pool._workers if w is not home)
+            await pool.register(ModelSpec("bench", model_dir, fmt, entrypoint))
+            home = pool.home("bench")
+            target = next(w for w in pool.table.workers if w is not home)
             # The second worker has served this kind of model before (its runtime is
             # imported and has computed, as on any busy worker; torch's first import and
             # first forward pass cost ~1 s once per process).
-            warmup = {"path": str(model_dir), "format": fmt, "entrypoint": entrypoint}
-            await pool._call(target, "PUT", f"{CONTROL}/models/warmup", warmup)
+            await pool.client(target).register(ModelSpec("warmup", model_dir, fmt, entrypoint))
             await answer(target, "warmup")
-            await pool._call(target, "DELETE", f"{CONTROL}/models/warmup")
+            await pool.client(target).unregister("warmup")
             await pool.load("bench", evict=False)
             await answer(home, "bench")
             await pool.refresh_all()
             t0 = time.perf_counter()
-            await pool._make_copy("bench", home, target)
+            await pool.make_copy("bench", target)
             api = time.perf_counter()
             await answer(target, "bench")
             ready = time.perf_counter()

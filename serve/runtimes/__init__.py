@@ -1,13 +1,14 @@
 """Model runtimes: what turns files on disk into something that answers ``predict``.
 
-``base`` is the interface a runtime implements, ``registry`` maps formats to runtimes;
-``onnx``, ``torch`` and ``python`` are the built-in ones. This package re-exports the
-interface and the registry.
+``nodecache.serve.runtime`` is the interface a runtime implements (outside this package,
+so the custom-model SDK ``serve.model`` can use it while ``python`` here uses the SDK),
+``registry`` maps formats to runtimes; ``onnx``, ``torch`` and ``python`` are the built-in
+ones. This package re-exports the interface and the registry.
 """
 
 from __future__ import annotations
 
-from nodecache.serve.runtimes.base import (
+from nodecache.serve.runtime import (
     Loader,
     Runtime,
     TensorSpec,

@@ -25,7 +25,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from nodecache.cache import DERIVED_DIR, model_files
 from nodecache.serve.errors import InvalidInput, clean_message
-from nodecache.serve.runtimes.base import TensorSpec, UnsupportedFormat, read_ahead
+from nodecache.serve.runtime import TensorSpec, UnsupportedFormat, read_ahead
 
 __all__ = ["MAPPED_MIN_BYTES", "OnnxRuntime", "mapped_copy"]
 

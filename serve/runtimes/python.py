@@ -12,7 +12,7 @@ import numpy as np
 
 from nodecache.serve.errors import InvalidInput
 from nodecache.serve.model import Model
-from nodecache.serve.runtimes.base import UnsupportedFormat
+from nodecache.serve.runtime import UnsupportedFormat
 
 __all__ = ["PythonRuntime"]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodecache.serve.runtimes.base import Loader, Runtime, UnsupportedFormat
+from nodecache.serve.runtime import Loader, Runtime, UnsupportedFormat
 
 __all__ = [
     "FORMATS",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nodecache.serve.errors import InvalidInput, clean_message
-from nodecache.serve.runtimes.base import TensorSpec, UnsupportedFormat, read_ahead
+from nodecache.serve.runtime import TensorSpec, UnsupportedFormat, read_ahead
 
 __all__ = ["TorchRuntime"]
 

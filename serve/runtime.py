@@ -1,6 +1,7 @@
 """The runtime interface: what a runtime is (``Runtime``), what it reports (``TensorSpec``)
-and how it fails (``UnsupportedFormat``). It imports no runtime, so the runtimes, the
-custom-model SDK (``serve.model``) and the registry can all depend on it without a cycle.
+and how it fails (``UnsupportedFormat``). It imports no runtime, so the runtimes in
+``serve/runtimes/``, the custom-model SDK (``serve.model``) and the registry
+(``runtimes.registry``) all depend on it without a cycle.
 
 A runtime is small on purpose (metadata, ``predict``, ``unload``); everything about
 the protocol, concurrency and residency lives outside it. ``predict`` blocks and is
