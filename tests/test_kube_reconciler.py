@@ -13,8 +13,9 @@ from kubefake.rbac import denied_calls
 from kubefake.server import FakeApiServer
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from object_stores import S3Server
 from support import wait_for
-from test_cache_s3 import S3Server, s3, s3_server, upload  # noqa: F401 (fixtures)
+from test_cache_s3 import upload
 
 from nodecache.agent.kube.placement import FINALIZER
 from nodecache.serve.examples import write_mlp_onnx
@@ -227,7 +228,7 @@ def _cache_gone(crs: client.CustomObjectsApi) -> bool:
 def test_warm_copies_follow_load_from_s3(
     cluster: dict[str, Any],
     crs: client.CustomObjectsApi,
-    s3: S3Server,  # noqa: F811
+    s3: S3Server,
     tmp_path: Path,
 ) -> None:
     """Both agents fetch from a real S3 server; warm copies rise under load, fall when idle."""
