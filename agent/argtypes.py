@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 
 from nodecache.agent.quantity import parse_quantity
+from nodecache.cache.perms import parse_file_mode
 
-__all__ = ["port", "positive_int", "quantity"]
+__all__ = ["file_mode", "group", "non_negative_int", "port", "positive_int", "quantity", "seconds"]
 
 
 def port(text: str) -> int:
@@ -15,6 +16,10 @@ def port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    return positive_int(text, minimum=0)
 
 
 def positive_int(text: str, *, minimum: int = 1) -> int:
@@ -38,3 +43,34 @@ def quantity(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def seconds(text: str) -> float:
+    """A timeout: more than nothing, less than a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and less than a day, got {text}")
+    return value
+
+
+def group(text: str) -> int:
+    """A group by name or id, as its id."""
+    import grp
+
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+
+
+def file_mode(text: str) -> int:
+    """An octal file mode such as 0640."""
+    try:
+        return parse_file_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

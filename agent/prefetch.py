@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from nodecache.agent.argtypes import positive_int, quantity
+from nodecache.agent.settings import NodeOptions, add_option
 from nodecache.cache import (
-    DEFAULT_FILE_MODE,
     MODEL_SIZE_TOLERANCE,
     CacheError,
     FetchOptions,
@@ -40,13 +40,12 @@ from nodecache.cache import (
     ModelStore,
     StoredModel,
     format_bytes,
-    parse_file_mode,
     redact_uri,
     validate_source_uri,
 )
 from nodecache.serve.loop import on_stop_signal
 
-__all__ = ["ProgressReporter", "add_cache_mode", "add_parser", "main", "run"]
+__all__ = ["ProgressReporter", "add_parser", "main", "run"]
 
 DEFAULT_CACHE_DIR = Path(".nodecache") / "cache"
 PROG = "nodecache prefetch"
@@ -62,28 +61,6 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
-
-
-def _file_mode(text: str) -> int:
-    try:
-        return parse_file_mode(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_cache_mode(parser: argparse.ArgumentParser) -> None:
-    """``--cache-mode``, the same for ``nodecache agent`` and ``nodecache prefetch``."""
-    parser.add_argument(
-        "--cache-mode",
-        type=_file_mode,
-        default=DEFAULT_FILE_MODE,
-        metavar="MODE",
-        help="octal mode of the cached files, whatever the umask or the source's modes; "
-        "folders get x wherever r is set (0640 -> 0750). Whoever reads the models (pods "
-        "mounting them through the CSI volume included) needs the owner or the group; "
-        "0644 lets every user read them. Give the agent and its prefetches the same mode "
-        "(default: 0640)",
-    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -124,10 +101,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=quantity,
         metavar="QUANTITY",
         help="the model's declared size (a LocalModelCache's modelSize), such as 500Mi: a "
-        f"source that lists or sends more than {MODEL_SIZE_TOLERANCE:.0%} over it is "
+        f"source that lists or sends more than {MODEL_SIZE_TOLERANCE:.0%}% over it is "
         "refused and nothing is kept (default: no bound but the cache size and the disk)",
     )
-    add_cache_mode(parser)
+    add_option(parser, NodeOptions, "cache_mode")  # the agent's, so the two cannot differ
     parser.add_argument(
         "--concurrency",
         type=positive_int,

@@ -14,7 +14,6 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from nodecache.agent.node import NodeAgent
+from nodecache.agent.settings import SOCKET_NAME, NodeOptions
 from nodecache.cache import ModelStore
 from nodecache.cache.metrics import register_store_metrics
 from nodecache.serve.dataplane import DataPlane
@@ -31,44 +31,15 @@ from nodecache.serve.host import LocalHost
 from nodecache.serve.http import NodeServer, build_app
 from nodecache.serve.metrics import SERVING_METRICS, request_counts
 from nodecache.serve.pool import PoolDataPlane, WorkerPool, build_router_app, worker_devices
-from nodecache.serve.protocol import DEFAULT_MAX_OUTPUT_BYTES
 from nodecache.serve.repository import ModelRepository
-from nodecache.serve.settings import ServeSettings
-from nodecache.serve.transport import SocketTaken, TransportLimits
+from nodecache.serve.transport import SocketTaken
 
 __all__ = ["GRPC_SOCKET_NAME", "SOCKET_NAME", "STATUS_PATH", "NodeOptions", "NodeServices"]
 
 log = logging.getLogger(__name__)
-SOCKET_NAME = "nodecache.sock"
 GRPC_SOCKET_NAME = "nodecache-grpc.sock"
 STATUS_PATH = "/nodecache/v1/status"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class NodeOptions:
-    """How this node keeps and serves models (the same in both modes)."""
-
-    cache_dir: Path
-    socket_dir: Path
-    cache_size: int | None = None
-    cache_mode: int = 0o640  # files; folders get the matching x bits (nodecache.cache.perms)
-    http_port: int | None = None
-    grpc_port: int | None = None
-    http_host: str = "127.0.0.1"
-    metrics_port: int | None = 9464
-    metrics_host: str = "0.0.0.0"
-    shutdown_timeout: float = 30.0
-    cpu_memory_budget: int | None = None
-    workers: int | None = None
-    socket_group: int | None = None
-    model_concurrency: int = 4
-    model_queue: int = 256
-    spread_at: int | None = None  # None: the model concurrency
-    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # per inference answer
-    log_format: str = "text"
-    idle_check_seconds: float = 5.0
-    limits: TransportLimits = field(default_factory=TransportLimits)
 
 
 class NodeServices:
@@ -106,16 +77,8 @@ class NodeServices:
             # Worker sockets stay out of the socket folder pods mount: a pod reaching a
             # worker directly would bypass the node socket's caller checks.
             node._private = Path(tempfile.mkdtemp(prefix="nodecache-"))
-            settings = ServeSettings(
-                model_concurrency=options.model_concurrency,
-                model_queue=options.model_queue,
-                max_output_bytes=options.max_output_bytes,
-                idle_check_seconds=options.idle_check_seconds,
-                spread_at=options.spread_at,
-                log_format=options.log_format,
-            )
             workers = worker_devices(devices, options.workers)
-            node.pool = WorkerPool(workers, node._private, settings)
+            node.pool = WorkerPool(workers, node._private, options.serve)
             node.agent = NodeAgent(node.store, node.pool)
             node._dataplane = PoolDataPlane(node.pool, node.agent)
             node.app = build_router_app(node._dataplane)
@@ -123,14 +86,14 @@ class NodeServices:
             # One CPU server: serve in this process, no hop between the socket and the model.
             node._repository = ModelRepository(
                 devices,
-                max_inflight_per_model=options.model_queue,
-                max_concurrency_per_model=options.model_concurrency,
+                max_inflight_per_model=options.serve.model_queue,
+                max_concurrency_per_model=options.serve.model_concurrency,
             )
             node.agent = NodeAgent(node.store, LocalHost(node._repository))
             node._dataplane = DataPlane(
                 node._repository,
                 catalog=node.agent,
-                max_output_bytes=options.max_output_bytes,
+                max_output_bytes=options.serve.max_output_bytes,
             )
             node.app = build_app(node._dataplane)
         node.app.router.add_get(STATUS_PATH, node._status)
@@ -160,7 +123,7 @@ class NodeServices:
                     REGISTRY.unregister(metric)
             self._every(1.0, self.pool.refresh_all)
         elif self._repository is not None:
-            self._every(options.idle_check_seconds, self._repository.unload_idle)
+            self._every(options.serve.idle_check_seconds, self._repository.unload_idle)
         http = NodeServer(
             self.app,
             options.socket_dir / SOCKET_NAME,

@@ -1,0 +1,347 @@
+"""Every ``nodecache`` setting, stated once: each field carries its default, its flag and its
+help (field metadata), so the command line is built from the same dataclasses the agent
+runs with, and a flag, its default and the option it sets cannot drift apart.
+
+A field's flag is its name with dashes (``cache_dir`` -> ``--cache-dir``). Settings objects
+owned by the serving tier (:class:`ServeSettings`, :class:`TransportLimits`) are embedded
+whole; the flags for their fields are listed here, their defaults are theirs.
+"""
+
+# ruff: noqa: RUF009  # option() and nested() return dataclasses.field(...), as field() does
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nodecache.agent.argtypes import (
+    file_mode,
+    group,
+    non_negative_int,
+    port,
+    positive_int,
+    quantity,
+    seconds,
+)
+from nodecache.cache.perms import DEFAULT_FILE_MODE
+from nodecache.serve.settings import ServeSettings
+from nodecache.serve.transport import TransportLimits
+
+__all__ = [
+    "COMMANDS",
+    "SOCKET_NAME",
+    "AgentSettings",
+    "NodeOptions",
+    "Option",
+    "ReconcilerSettings",
+    "StatusSettings",
+    "add_option",
+    "add_options",
+    "flags",
+    "from_arguments",
+]
+
+S = TypeVar("S")
+OPTION = "nodecache.option"
+NESTED = "nodecache.nested"
+STANDALONE_HOME = Path(".nodecache")
+SOCKET_NAME = "nodecache.sock"
+"""The node socket's file name in ``--socket-dir``."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one settings field appears on the command line."""
+
+    help: str
+    metavar: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    action: str | None = None
+    env: str | None = None
+    """The default is read from this environment variable, when set, as the parser is built."""
+    to_setting: Callable[[Any], Any] | None = None
+    """The parsed value as the setting holds it (``0`` turns a port off: None)."""
+
+
+def option(default: Any, help: str, **how: Any) -> Any:
+    """A settings field with a command-line flag."""
+    return field(default=default, metadata={OPTION: Option(help, **how)})
+
+
+def nested(cls: type, flags: Mapping[str, Option] | None = None) -> Any:
+    """A field holding another settings object. For one of ours, its fields carry their
+    flags; for another tier's, ``flags`` names those of its fields that have one, in the
+    order ``--help`` lists them (the others keep their default)."""
+    return field(default_factory=cls, metadata={NESTED: flags})
+
+
+def _zero_is_off(value: int) -> int | None:
+    return value or None
+
+
+SECONDS = {"metavar": "SECONDS", "type": seconds}
+LOG_FORMAT = Option(
+    "one line per event, as text or JSON (default: %(default)s)", choices=("text", "json")
+)
+LOG_LEVEL = Option("(default: %(default)s)", choices=("debug", "info", "warning", "error"))
+
+SERVE_FLAGS = {
+    "model_concurrency": Option(
+        "runtime calls one model may run at once (default: %(default)s)",
+        metavar="N", type=positive_int,
+    ),
+    "model_queue": Option(
+        "requests one model may hold, running or waiting; more get 503 with Retry-After "
+        "(default: %(default)s)",
+        metavar="N", type=positive_int,
+    ),
+    "spread_at": Option(
+        "with several workers, give a hot model an extra warm copy on another worker with "
+        "room once each copy has N requests in flight; copies on one GPU share its weights "
+        "(default: the model concurrency; 0: never)",
+        metavar="N", type=non_negative_int,
+    ),
+    "max_output_bytes": Option(
+        "most bytes of output tensors one inference answer may carry, e.g. 256Mi; larger "
+        "answers are refused with 400 (default: 64Mi)",
+        metavar="QUANTITY", type=quantity,
+    ),
+    "log_format": LOG_FORMAT,
+}  # fmt: skip
+
+LIMIT_FLAGS = {
+    "header_timeout": Option(
+        "a request head must arrive in full within this, else 408 and the connection closes "
+        "(default: %(default)s)",
+        **SECONDS,
+    ),
+    "body_timeout": Option(
+        "a request body must arrive in full within this after its head, else 408 "
+        "(default: %(default)s)",
+        **SECONDS,
+    ),
+    "keepalive_timeout": Option(
+        "idle keep-alive connections are closed after this (default: %(default)s)", **SECONDS
+    ),
+}
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """How this node keeps and serves models (the same in both modes)."""
+
+    cache_dir: Path = option(
+        STANDALONE_HOME / "cache",
+        "where model files are kept on disk (default: %(default)s)",
+        metavar="DIR", type=Path,
+    )  # fmt: skip
+    cache_size: int | None = option(
+        None,
+        "most the cache may hold on disk, e.g. 500Gi; least-recently-used undeclared models "
+        "are evicted to make room (default: what the disk has)",
+        metavar="QUANTITY", type=quantity,
+    )  # fmt: skip
+    cache_mode: int = option(
+        DEFAULT_FILE_MODE,
+        "octal mode of the cached files, whatever the umask or the source's modes; folders "
+        "get x wherever r is set (0640 -> 0750). Whoever reads the models (pods mounting them "
+        "through the CSI volume included) needs the owner or the group; 0644 lets every user "
+        "read them. Give the agent and its prefetches the same mode (default: 0640)",
+        metavar="MODE", type=file_mode,
+    )  # fmt: skip
+    socket_dir: Path = option(
+        STANDALONE_HOME / "run",
+        f"folder of the node socket {SOCKET_NAME} (default: %(default)s, "
+        "or $NODECACHE_SOCKET_DIR)",
+        metavar="DIR", type=Path, env="NODECACHE_SOCKET_DIR",
+    )  # fmt: skip
+    http_port: int | None = option(
+        None,
+        "also serve the same API on this TCP port (off by default; 0 picks a free port)",
+        metavar="PORT", type=port,
+    )  # fmt: skip
+    grpc_port: int | None = option(
+        None,
+        "also serve OIP gRPC on this TCP port (always on <socket-dir>/nodecache-grpc.sock)",
+        metavar="PORT", type=port,
+    )  # fmt: skip
+    http_host: str = option(
+        "127.0.0.1",
+        "address for --http-port and --grpc-port (default: %(default)s)",
+        metavar="HOST",
+    )  # fmt: skip
+    metrics_port: int | None = option(
+        9464,
+        "Prometheus /metrics on this TCP port; 0 turns it off (default: %(default)s)",
+        metavar="PORT", type=port, to_setting=_zero_is_off,
+    )  # fmt: skip
+    metrics_host: str = option(
+        "0.0.0.0", "address for --metrics-port (default: %(default)s)", metavar="HOST"
+    )
+    shutdown_timeout: float = option(
+        30.0,
+        "on SIGTERM, how long in-flight requests may take to finish (default: %(default)s)",
+        metavar="SECONDS", type=float,
+    )  # fmt: skip
+    limits: TransportLimits = nested(TransportLimits, LIMIT_FLAGS)
+    cpu_memory_budget: int | None = option(
+        None,
+        "memory warm models may take on the CPU, as a Kubernetes quantity such as 2Gi "
+        "(default: half of the machine's or container's memory)",
+        metavar="QUANTITY", type=quantity,
+    )  # fmt: skip
+    workers: int | None = option(
+        None,
+        "run N model-server worker processes, supervised, spread over the GPUs (default: one "
+        "per GPU; on CPU-only nodes models are served in the agent process)",
+        metavar="N", type=int,
+    )  # fmt: skip
+    socket_group: int | None = option(
+        None,
+        "group (name or id) that owns the sockets; they are mode 0660 (default: the agent's "
+        "group)",
+        metavar="GROUP", type=group,
+    )  # fmt: skip
+    serve: ServeSettings = nested(ServeSettings, SERVE_FLAGS)
+    """What every model server runs with, in-process or in each worker."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """``nodecache agent``: standalone with ``declarations``, else a cluster node."""
+
+    declarations: Path | None = option(
+        None,
+        "folder of LocalModelCache YAML files (standalone mode); files are watched",
+        metavar="DIR", type=Path,
+    )  # fmt: skip
+    node: NodeOptions = nested(NodeOptions)
+    log_level: str = field(default="info", metadata={OPTION: LOG_LEVEL})
+    node_name: str = option(
+        "",
+        "cluster mode (no --declarations): this node's name (default: $NODE_NAME)",
+        metavar="NAME", env="NODE_NAME",
+    )  # fmt: skip
+    kubeconfig: Path | None = option(
+        None,
+        "cluster mode: kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)",
+        metavar="FILE", type=Path,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReconcilerSettings:
+    """``nodecache reconciler``: what its command line sets of the reconciler's options."""
+
+    kubeconfig: Path | None = option(
+        None, "default: in-cluster, else $KUBECONFIG, else ~/.kube/config",
+        metavar="FILE", type=Path,
+    )  # fmt: skip
+    lease_name: str = option("nodecache-reconciler", "(default: %(default)s)", metavar="NAME")
+    lease_namespace: str = option(
+        "nodecache-system", "(default: $POD_NAMESPACE, else %(default)s)",
+        metavar="NAMESPACE", env="POD_NAMESPACE",
+    )  # fmt: skip
+    identity: str = option(
+        "",
+        "this replica in the Lease (default: $POD_NAME, else hostname and a random suffix)",
+        metavar="ID", env="POD_NAME",
+    )  # fmt: skip
+    metrics_port: int | None = option(
+        9465,
+        "/metrics and /healthz on this TCP port; 0 turns it off (default: %(default)s)",
+        metavar="PORT", type=port, to_setting=_zero_is_off,
+    )  # fmt: skip
+    metrics_host: str = option("0.0.0.0", "(default: %(default)s)", metavar="HOST")
+    log_format: str = field(default="text", metadata={OPTION: LOG_FORMAT})
+    log_level: str = field(default="info", metadata={OPTION: LOG_LEVEL})
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    """``nodecache status``: which agent to ask, and how to print its answer."""
+
+    socket_dir: Path = option(
+        STANDALONE_HOME / "run", "folder of the agent's socket (default: %(default)s)",
+        metavar="DIR", type=Path, env="NODECACHE_SOCKET_DIR",
+    )  # fmt: skip
+    json: bool = option(False, "print the raw status as JSON", action="store_true")
+
+
+COMMANDS: dict[str, type] = {
+    "agent": AgentSettings,
+    "reconciler": ReconcilerSettings,
+    "status": StatusSettings,
+}
+"""The commands whose settings live here (``prefetch`` is built in agent/prefetch.py)."""
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """A flag for every field of ``cls`` that has one, nested settings included."""
+    for name, default, how in _options(cls):
+        _add(parser, name, default, how)
+
+
+def add_option(parser: argparse.ArgumentParser, cls: type, name: str) -> None:
+    """The one flag of ``cls`` for field ``name`` (a flag two commands share)."""
+    (item,) = (o for o in _options(cls) if o[0] == name)
+    _add(parser, *item)
+
+
+def flags(cls: type) -> list[str]:
+    """The flags ``add_options(parser, cls)`` adds, in order."""
+    return [_flag(name) for name, _, _ in _options(cls)]
+
+
+def from_arguments(cls: type[S], args: argparse.Namespace) -> S:
+    """The settings a parser built by :func:`add_options` read from the command line."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if OPTION in f.metadata:
+            value = getattr(args, f.name)
+            convert = f.metadata[OPTION].to_setting
+            values[f.name] = convert(value) if convert else value
+        elif NESTED in f.metadata:
+            flags_of = f.metadata[NESTED]
+            if flags_of is None:
+                values[f.name] = from_arguments(f.default_factory, args)
+            else:
+                inner = f.default_factory()
+                values[f.name] = replace(inner, **{n: getattr(args, n) for n in flags_of})
+    return cls(**values)
+
+
+def _options(cls: type) -> Iterator[tuple[str, Any, Option]]:
+    """Each flag of ``cls`` as (field name, default, how), nested settings' in place."""
+    for f in fields(cls):
+        if OPTION in f.metadata:
+            yield f.name, f.default, f.metadata[OPTION]
+        elif NESTED in f.metadata:
+            flags_of = f.metadata[NESTED]
+            if flags_of is None:  # settings of ours: their own fields say
+                yield from _options(f.default_factory)
+            else:
+                inner = f.default_factory()
+                yield from ((name, getattr(inner, name), how) for name, how in flags_of.items())
+
+
+def _add(parser: argparse.ArgumentParser, name: str, default: Any, how: Option) -> None:
+    if how.env is not None and how.env in os.environ:
+        text = os.environ[how.env]
+        default = Path(text) if isinstance(default, Path) else text
+    extra = {
+        key: value
+        for key, value in (("metavar", how.metavar), ("type", how.type),
+                           ("choices", how.choices), ("action", how.action))
+        if value is not None
+    }  # fmt: skip
+    parser.add_argument(_flag(name), default=default, help=how.help, **extra)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
