@@ -33,6 +33,19 @@ VENVS: dict[str, list[str]] = {
 AUTOCANNON = "autocannon@8.0.0"
 
 
+def launch_seaweedfs(
+    weed: Path, root: Path, *, bucket: str, access_key: str, secret_key: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``weed mini`` on loopback with one bucket and one identity, started exactly as the
+    tests start it (``tests/support.py``, one helper for both): (process, S3 endpoint)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from support import launch_seaweedfs as launch
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    return launch(weed, root, bucket=bucket, access_key=access_key, secret_key=secret_key)
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

