@@ -13,8 +13,8 @@ from nodecache.cache.errors import (
     ModelInUseError,
     SizeLimitError,
 )
-from nodecache.cache.fetch import FetchOptions
 from nodecache.cache.layout import DERIVED_DIR, MANIFEST_NAME, model_files
+from nodecache.cache.options import FetchOptions
 from nodecache.cache.perms import DEFAULT_FILE_MODE, folder_mode, parse_file_mode
 from nodecache.cache.store import (
     MODEL_SIZE_TOLERANCE,

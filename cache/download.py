@@ -22,20 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from nodecache.cache.budget import WriteBudget
 from nodecache.cache.errors import CacheError, InsufficientSpaceError, SizeLimitError
-from nodecache.cache.fetch import (
-    FetchedFile,
-    FetchOptions,
-    Journal,
-    Transfer,
-    WriteBudget,
-    ensure_fetch_error,
-    retrying,
-)
+from nodecache.cache.fetch import FetchedFile, Transfer
 from nodecache.cache.fsutil import rmtree
+from nodecache.cache.journal import Journal
 from nodecache.cache.layout import JOURNAL_NAME
+from nodecache.cache.options import FetchOptions
 from nodecache.cache.perms import folder_mode, make_folder
 from nodecache.cache.quota import allowance, format_bytes, size_rule
+from nodecache.cache.retry import ensure_fetch_error, retrying
 from nodecache.cache.sources import RemoteFile, Source, open_source
 from nodecache.cache.uri import redact_uri
 

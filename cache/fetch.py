@@ -12,35 +12,40 @@ back); parts that completed ahead of the frontier are read back from the page ca
 reaches them (mapped, not copied), overlapped with the download. Where the source publishes an MD5
 (S3 single-part ETag, GCS md5Hash) it is checked too.
 
-Parts that completed are recorded in a journal next to the partial files, after their bytes
-were flushed to disk; after a kill the next fetch re-lists the source and reuses every
-recorded part of every file whose size and ETag are unchanged.
+Parts that completed are recorded in a :class:`~nodecache.cache.journal.Journal` next to the
+partial files, after their bytes were flushed to disk; after a kill the next fetch re-lists
+the source and reuses every recorded part of every file whose size and ETag are unchanged.
 
 Disk use is bounded by what is written, not by what the source claims: a file of known size
 is preallocated and no part may write past its end; files of unknown size (HTTP without a
-Content-Length) draw on a :class:`WriteBudget` before each write, so an endless source stops
-at the allowance instead of filling the disk.
+Content-Length) draw on a :class:`~nodecache.cache.budget.WriteBudget` before each write, so
+an endless source stops at the allowance instead of filling the disk.
+
+The options live in :mod:`nodecache.cache.options` and the retry loop in
+:mod:`nodecache.cache.retry`; their names stay importable from here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import logging
 import mmap
 import os
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodecache.cache.errors import CacheError, FetchError, InsufficientSpaceError, IntegrityError
+from nodecache.cache.budget import WriteBudget
+from nodecache.cache.errors import CacheError, InsufficientSpaceError, IntegrityError
+from nodecache.cache.journal import Journal
 from nodecache.cache.layout import JOURNAL_NAME
+from nodecache.cache.options import FetchOptions, MiB
 from nodecache.cache.perms import DEFAULT_FILE_MODE, create_file, folder_mode, make_folder
-from nodecache.cache.sources import RemoteFile, Source, is_transient, translate_error
+from nodecache.cache.retry import Aborted, backoff_delay, retrying
+from nodecache.cache.sources import RemoteFile, Source, translate_error
 from nodecache.cache.uri import redact_uri
 
 __all__ = [
@@ -55,7 +60,6 @@ __all__ = [
     "retrying",
 ]
 
-MiB = 1 << 20
 log = logging.getLogger(__name__)
 _HASH_WINDOW = 16 * MiB
 """Bytes mapped at a time when hashing parts back from the page cache."""
@@ -86,175 +90,12 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 @dataclass(frozen=True)
-class FetchOptions:
-    """How the store reads from sources. The defaults suit NVMe and a fast object store."""
-
-    concurrency: int = 8
-    """Ranged parts (of one or many files) read at the same time."""
-    part_size: int = 32 * MiB
-    """Objects larger than this are split into ranged parts of this size."""
-    chunk_size: int = 256 * 1024
-    """Bytes per read and per write; memory is about concurrency x chunk_size. Small enough
-    that a chunk is still in the CPU cache when it is hashed and copied into the page cache:
-    4 MiB chunks cost ~1 CPU-second more per GiB here (the pwrite copy reads DRAM)."""
-    timeout: float = 60.0
-    """Seconds to connect, or without a byte from the source, before a read counts as
-    stalled (and is retried)."""
-    retries: int = 6
-    """Attempts after the first for a transient error of one part or listing."""
-    backoff_base: float = 0.25
-    """First retry waits about this long (seconds); each further one doubles it."""
-    backoff_max: float = 20.0
-    """Longest wait between two attempts (seconds)."""
-    fsync: bool = True
-    """Flush bytes to stable storage before recording parts and before publishing, so a
-    power loss never leaves a published model (or a resumable part) with missing bytes."""
-    journal_interval: float = 1.0
-    """Seconds between journal writes; a kill loses at most this much progress."""
-    verify_md5: bool = True
-    """Check the MD5 the source publishes (costs ~1.4 CPU-seconds per GiB)."""
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if self.chunk_size < 4096:
-            raise ValueError("chunk_size must be at least 4 KiB")
-        if self.part_size < self.chunk_size:
-            raise ValueError("part_size must be at least chunk_size")
-        if self.retries < 0:
-            raise ValueError("retries must be >= 0")
-
-
-@dataclass(frozen=True)
 class FetchedFile:
     """One file written and verified on disk."""
 
     path: str
     size: int
     sha256: str
-
-
-class Aborted(Exception):
-    """Internal: another part of the same fetch failed, or the fetch was cancelled."""
-
-
-def backoff_delay(attempt: int, options: FetchOptions) -> float:
-    """Seconds to wait before retry ``attempt`` (1-based): exponential with full jitter."""
-    ceiling = min(options.backoff_max, options.backoff_base * (2 ** (attempt - 1)))
-    return random.uniform(ceiling / 2, ceiling)
-
-
-def retrying(
-    fn: Callable[[], Any],
-    options: FetchOptions,
-    abort: threading.Event,
-    *,
-    on_retry: Callable[[BaseException, int, float], None] | None = None,
-) -> Any:
-    """Call ``fn`` until it succeeds, a permanent error occurs or retries run out. Blocking."""
-    attempt = 0
-    while True:
-        if abort.is_set():
-            raise Aborted
-        try:
-            return fn()
-        except Aborted:
-            raise
-        except Exception as exc:
-            attempt += 1
-            if attempt > options.retries or not is_transient(exc):
-                raise
-            delay = backoff_delay(attempt, options)
-            if on_retry is not None:
-                on_retry(exc, attempt, delay)
-            if abort.wait(delay):
-                raise Aborted from None
-
-
-class WriteBudget:
-    """Bytes the files of unknown size of one download may still take on disk, together.
-
-    Taken before each write that grows such a file, so a source that streams without a
-    Content-Length (or forever) stops at the allowance instead of filling the disk.
-    ``error()`` builds the error raised when a write would go past ``limit``.
-    """
-
-    def __init__(self, limit: int, error: Callable[[], CacheError]) -> None:
-        self.limit = max(0, limit)
-        self.used = 0
-        self._error = error
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> None:
-        with self._lock:
-            if self.used + n > self.limit:
-                raise self._error()
-            self.used += n
-
-
-class Journal:
-    """Which parts of which files of a partial download are complete and on disk.
-
-    Stored as JSON inside the partial folder; written by replace-and-rename so a kill never
-    leaves it half written.
-    """
-
-    def __init__(
-        self, folder: Path, source_uri: str, part_size: int, *, file_mode: int = DEFAULT_FILE_MODE
-    ) -> None:
-        self.path = folder / JOURNAL_NAME
-        self.source_uri = source_uri
-        self.part_size = part_size
-        self.file_mode = file_mode
-        self.files: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()
-        self.save_lock = threading.Lock()
-
-    def load(self) -> None:
-        try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
-        if raw.get("source_uri") != self.source_uri or raw.get("part_size") != self.part_size:
-            return
-        files = raw.get("files")
-        if isinstance(files, dict):
-            self.files = files
-
-    def resumable_parts(self, remote: RemoteFile) -> set[int]:
-        entry = self.files.get(remote.path)
-        if not entry or entry.get("size") != remote.size or entry.get("etag") != remote.etag:
-            return set()
-        return {int(i) for i in entry.get("parts", [])}
-
-    def start(self, remote: RemoteFile, kept: set[int]) -> None:
-        with self.lock:
-            self.files[remote.path] = {
-                "size": remote.size,
-                "etag": remote.etag,
-                "parts": sorted(kept),
-            }
-
-    def record(self, path: str, parts: list[int]) -> None:
-        with self.lock:
-            entry = self.files[path]
-            entry["parts"] = sorted(set(entry["parts"]) | set(parts))
-
-    def forget(self, path: str) -> None:
-        with self.lock:
-            self.files.pop(path, None)
-
-    def save(self) -> None:
-        with self.lock:
-            data = json.dumps(
-                {"source_uri": self.source_uri, "part_size": self.part_size, "files": self.files}
-            )
-        with self.save_lock:
-            tmp = self.path.with_suffix(".tmp")
-            fd = create_file(tmp, os.O_WRONLY | os.O_TRUNC, self.file_mode)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(data)
-            os.replace(tmp, self.path)
 
 
 @dataclass
@@ -640,12 +481,3 @@ def _preallocate(fd: int, size: int) -> None:
                 f"not enough disk space for a {size}-byte file", needed=size
             ) from None
         os.ftruncate(fd, max(size, os.fstat(fd).st_size))  # no fallocate on this filesystem
-
-
-def ensure_fetch_error(exc: BaseException, uri: str) -> CacheError:
-    """Whatever went wrong, a :class:`CacheError` for the caller."""
-    if isinstance(exc, CacheError):
-        return exc
-    if isinstance(exc, Aborted):
-        return FetchError(f"fetching {redact_uri(uri)} was aborted")
-    return translate_error(exc, uri)

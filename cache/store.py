@@ -47,11 +47,12 @@ from nodecache.cache.download import (
     run_download,
 )
 from nodecache.cache.errors import CacheError, InsufficientSpaceError, ModelInUseError
-from nodecache.cache.fetch import JOURNAL_NAME, FetchedFile, FetchOptions
+from nodecache.cache.fetch import FetchedFile
 from nodecache.cache.fsutil import listdir, make_root, rmtree, tree_bytes
-from nodecache.cache.layout import MANIFEST_NAME, model_key
+from nodecache.cache.layout import JOURNAL_NAME, MANIFEST_NAME, model_key
 from nodecache.cache.locks import CacheDirLock, acquire_download_lock, download_lock_if_free
 from nodecache.cache.manifest import StoredFile, StoredModel, load_model, publish
+from nodecache.cache.options import FetchOptions
 from nodecache.cache.perms import (
     DEFAULT_FILE_MODE,
     check_file_mode,

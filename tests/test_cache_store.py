@@ -445,7 +445,8 @@ def test_hashes_are_fed_as_bytes_arrive_and_read_back_only_when_parts_overtake(
     ahead of it is read back from the page cache once the frontier reaches it."""
     import threading
 
-    from nodecache.cache.fetch import Journal, Transfer
+    from nodecache.cache.fetch import Transfer
+    from nodecache.cache.journal import Journal
     from nodecache.cache.sources import open_source
 
     source_dir = tmp_path / "src"
