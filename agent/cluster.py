@@ -78,6 +78,8 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
         if follower.access.get(model) is not None
         else None
     )
+    # CSI mounts follow the same namespace rule, from kubelet's podInfoOnMount.
+    node.node_name, node.csi_access = options.node_name, follower.access.get
     await node.start(mode="cluster", node=options.node_name)
     task = asyncio.create_task(follower.run())
     try:

@@ -59,6 +59,7 @@ class NodeAgent:
         self._status: dict[str, ModelStatus] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.declaration_errors: dict[str, str] = {}
+        self.applied = False  # whether the first declarations have been applied
 
     # -- desired state ---------------------------------------------------------
 
@@ -94,6 +95,7 @@ class NodeAgent:
             )
             self._tasks[name] = asyncio.create_task(self._keep(decl), name=f"model:{name}")
             log.info("model declared", extra={"model": name, "source": redact_uri(decl.source_uri)})
+        self.applied = True
 
     async def _rewarm(self, decl: ModelDeclaration) -> None:
         """The warm decision for this node changed: load, or give the memory back."""
@@ -127,7 +129,8 @@ class NodeAgent:
         """Delete disk copies no declaration refers to (left from before a restart)."""
         wanted = {d.source_uri for d in self._desired.values()}
         for stored in await asyncio.to_thread(self.store.models):
-            if stored.source_uri not in wanted:
+            # A model still in use (mounted into a pod through CSI) stays until released.
+            if stored.source_uri not in wanted and not self.store.in_use(stored.source_uri):
                 await asyncio.to_thread(self.store.remove, stored.source_uri)
                 log.info(
                     "undeclared model deleted from disk",
@@ -214,6 +217,17 @@ class NodeAgent:
         return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
     # -- what the agent reports -------------------------------------------------
+
+    def declaration(self, name: str) -> ModelDeclaration | None:
+        """What is declared under ``name`` now, if anything."""
+        return self._desired.get(name)
+
+    def declarations(self) -> list[ModelDeclaration]:
+        return list(self._desired.values())
+
+    def progress(self, name: str) -> ModelStatus | None:
+        """How far bringing ``name`` up has come (what ``status()`` reports of it)."""
+        return self._status.get(name)
 
     def model_state(self, name: str) -> str | None:
         served = self.host.describe(name)

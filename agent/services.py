@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -33,6 +35,9 @@ from nodecache.serve.metrics import SERVING_METRICS, request_counts
 from nodecache.serve.pool import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 from nodecache.serve.repository import ModelRepository
 from nodecache.serve.transport import SocketTaken
+
+if TYPE_CHECKING:
+    from nodecache.agent.csi.service import CsiServer
 
 __all__ = ["GRPC_SOCKET_NAME", "SOCKET_NAME", "STATUS_PATH", "NodeOptions", "NodeServices"]
 
@@ -60,6 +65,11 @@ class NodeServices:
         # Who may call a model over gRPC, which cannot tell who the caller is: a model
         # name -> a refusal reason (None: allowed). Set before start() to restrict.
         self.grpc_gate: Callable[[str], str | None] | None = None
+        # For the CSI service (--csi-endpoint): this node's name, and a model's allowed
+        # namespaces (None: all), the same rule the node socket applies. Set before start().
+        self.node_name = os.environ.get("NODE_NAME") or socket.gethostname()
+        self.csi_access: Callable[[str], frozenset[str] | None] = lambda _: None
+        self.csi: CsiServer | None = None
         # Set by create():
         self.agent: NodeAgent
         self.app: web.Application
@@ -100,7 +110,12 @@ class NodeServices:
         return node
 
     async def _status(self, _: web.Request) -> web.Response:
-        return web.json_response(self.agent.status())
+        status = self.agent.status()
+        if self.csi is not None:  # pods holding each model mounted
+            mounts = self.csi.volumes.mounts()
+            for model in status["models"]:
+                model["mounts"] = mounts.get(model["name"], 0)
+        return web.json_response(status)
 
     def request_counts(self) -> dict[str, float]:
         """Inference requests answered so far per model, across worker processes."""
@@ -148,6 +163,8 @@ class NodeServices:
             self._http = http
             await _bind(f"gRPC port {options.grpc_port}", "--grpc-port", grpc.start())
             self._grpc = grpc
+            if options.csi_endpoint:
+                await self._start_csi(options.csi_endpoint)
         except SystemExit:
             await self.stop()
             raise
@@ -163,6 +180,28 @@ class NodeServices:
                 "workers": len(self.pool.devices()) if self.pool else 0,
             },
         )
+
+    async def _start_csi(self, endpoint: str) -> None:
+        """The CSI node service: volumes of a previous run are found and pinned again
+        before the first declarations are applied, so none of their files is collected."""
+        # Imported here: the CSI stubs are only loaded on nodes that serve CSI.
+        from nodecache.agent.csi.node_backend import NodeCsiBackend
+        from nodecache.agent.csi.service import CsiServer
+
+        backend = NodeCsiBackend(
+            self.agent,
+            self.store,
+            node_name=self.node_name,
+            socket_dir=self.options.socket_dir,
+            state_dir=self.options.cache_dir / "csi",
+            access=self.csi_access,
+        )
+        try:
+            server = CsiServer(backend, endpoint)
+        except ValueError as exc:
+            raise SystemExit(f"nodecache: --csi-endpoint: {exc}") from None
+        await server.start()
+        self.csi = server
 
     def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
         async def loop() -> None:
@@ -210,6 +249,8 @@ class NodeServices:
         )
         if self._metrics is not None:
             await self._metrics.stop()
+        if self.csi is not None:
+            await self.csi.stop()
         await self.agent.close()
         if self.pool is not None:
             await self.pool.stop()

@@ -209,6 +209,13 @@ class NodeOptions:
     )  # fmt: skip
     serve: ServeSettings = nested(ServeSettings, SERVE_FLAGS)
     """What every model server runs with, in-process or in each worker."""
+    csi_endpoint: str | None = option(
+        None,
+        "serve the CSI node service (driver csi.nodecache.io: pods mount a model folder "
+        "read-only, or the socket folder, through inline volumes) on this endpoint, e.g. "
+        "unix:///var/lib/kubelet/plugins/csi.nodecache.io/csi.sock (default: off)",
+        metavar="ENDPOINT",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
