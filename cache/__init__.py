@@ -16,6 +16,7 @@ from nodecache.cache.errors import (
 from nodecache.cache.layout import DERIVED_DIR, MANIFEST_NAME, model_files
 from nodecache.cache.options import FetchOptions
 from nodecache.cache.perms import DEFAULT_FILE_MODE, folder_mode, parse_file_mode
+from nodecache.cache.stats import StoreStats
 from nodecache.cache.store import (
     MODEL_SIZE_TOLERANCE,
     CacheDirLock,
@@ -23,7 +24,6 @@ from nodecache.cache.store import (
     Progress,
     StoredFile,
     StoredModel,
-    StoreStats,
     format_bytes,
 )
 from nodecache.cache.uri import SUPPORTED_SCHEMES, redact_uri, validate_source_uri

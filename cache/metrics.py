@@ -1,7 +1,7 @@
 """Prometheus metrics of the disk tier, read from a :class:`.ModelStore`.
 
 A collector, not counters updated in the byte path: the store already keeps its numbers in
-:class:`~nodecache.cache.store.StoreStats` (updated from worker threads for every chunk), and
+:class:`~nodecache.cache.stats.StoreStats` (updated from worker threads for every chunk), and
 reading them at scrape time costs nothing while fetching. ``register_store_metrics(store)`` once per
 process, usually right after the store is made; scrape the registry as usual.
 

@@ -14,8 +14,8 @@ A model folder only ever appears in ``models/`` through one atomic rename of a f
 verified and flushed folder (:mod:`nodecache.cache.manifest`), so a reader that finds
 ``models/<key>/`` with a manifest finds a complete model. The manifest's modification time
 records the model's last use (LRU order survives restarts). Downloads run in
-:mod:`nodecache.cache.download`; what must go to make room is decided by
-:func:`nodecache.cache.quota.plan_room`.
+:mod:`nodecache.cache.download`; room is made by :mod:`nodecache.cache.room`, over what the
+pure :func:`nodecache.cache.quota.plan_room` decides must go.
 
 Every file the store creates has the store's ``file_mode`` (0640 by default) and every folder
 the matching search bits (0750), set explicitly whatever the umask (:mod:`nodecache.cache.perms`).
@@ -35,7 +35,6 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from nodecache.cache.download import (
@@ -46,10 +45,10 @@ from nodecache.cache.download import (
     call_progress,
     run_download,
 )
-from nodecache.cache.errors import CacheError, InsufficientSpaceError, ModelInUseError
+from nodecache.cache.errors import CacheError, ModelInUseError
 from nodecache.cache.fetch import FetchedFile
-from nodecache.cache.fsutil import listdir, make_root, rmtree, tree_bytes
-from nodecache.cache.layout import JOURNAL_NAME, MANIFEST_NAME, model_key
+from nodecache.cache.fsutil import listdir, make_root, rmtree
+from nodecache.cache.layout import MANIFEST_NAME, model_key
 from nodecache.cache.locks import CacheDirLock, acquire_download_lock, download_lock_if_free
 from nodecache.cache.manifest import StoredFile, StoredModel, load_model, publish
 from nodecache.cache.options import FetchOptions
@@ -60,14 +59,10 @@ from nodecache.cache.perms import (
     make_folder,
     restrict,
 )
-from nodecache.cache.quota import (
-    MODEL_SIZE_TOLERANCE,
-    Held,
-    Refusal,
-    format_bytes,
-    plan_room,
-)
+from nodecache.cache.quota import MODEL_SIZE_TOLERANCE, Held, format_bytes
+from nodecache.cache.room import PARTIAL_SUFFIX, make_room, partial_bytes, room_left, sweep_tmp
 from nodecache.cache.sources import mask_secrets, translate_error
+from nodecache.cache.stats import StoreStats
 from nodecache.cache.uri import redact_uri, validate_source_uri
 
 __all__ = [
@@ -82,26 +77,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PARTIAL_SUFFIX = ".partial"
-PARTIAL_MAX_AGE = 3 * 24 * 3600.0
-
-
-@dataclass
-class StoreStats:
-    """Counters for metrics; read them, never write them."""
-
-    hits: int = 0
-    misses: int = 0
-    bytes_fetched: int = 0
-    retries: int = 0
-    evictions: int = 0
-    fetches_failed: int = 0
-    fetches: int = 0
-    """Downloads completed and published (``fetch_seconds`` keeps only the last 1000, so
-    a metrics exporter needs this count to tell which durations are new)."""
-    fetch_seconds: list[float] = field(default_factory=list)
-    """Durations of completed downloads (the last 1000)."""
 
 
 class ModelStore:
@@ -167,7 +142,7 @@ class ModelStore:
         """Bytes held: published models (their files) plus partial downloads on disk."""
         self._ensure_index()
         published = sum(m.disk_bytes() for m in self._index.values())
-        return published + sum(self._partial_bytes().values())
+        return published + sum(partial_bytes(self.tmp_dir).values())
 
     def models(self) -> list[StoredModel]:
         """Every published model, sorted by key."""
@@ -231,20 +206,7 @@ class ModelStore:
         models, so copies written before the policy existed follow it too. A prefetch
         shares the folder with an agent and leaves that to it.
         """
-        now = time.time()
-        for entry in listdir(self.tmp_dir):
-            key = entry.name[: -len(PARTIAL_SUFFIX)] if entry.name.endswith(PARTIAL_SUFFIX) else ""
-            if not key:
-                rmtree(entry)  # a folder being deleted
-                continue
-            if key in self._downloads:
-                continue
-            with contextlib.suppress(OSError):
-                if now - (entry / JOURNAL_NAME).stat().st_mtime < PARTIAL_MAX_AGE:
-                    continue
-            with self._download_lock_if_free(key) as free:
-                if free:
-                    rmtree(entry)
+        sweep_tmp(self.tmp_dir, self._downloads, self._download_lock_if_free)
         if tighten:
             for folder in (self.models_dir, self.tmp_dir, self.locks_dir):
                 restrict(folder, self.file_mode)
@@ -434,7 +396,7 @@ class ModelStore:
         """
         with self._space_lock:
             self._ensure_index()
-            partials = self._partial_bytes()
+            partials = partial_bytes(self.tmp_dir)
             own = partials.pop(key, 0)
             # Partials of downloads in flight are preallocated: counted here and on the disk.
             # One of unknown size holds its reservation even before its bytes arrive.
@@ -443,28 +405,13 @@ class ModelStore:
                     partials[other] = max(partials.get(other, 0), running.reserved)
             published = sum(m.disk_bytes() for m in self._index.values())
             disk_free = shutil.disk_usage(self.root).free + own
-            if self.limit_bytes is None:
-                free = disk_free
-                limit_text = "none"
-            else:
-                used = published + sum(partials.values())
-                free = min(self.limit_bytes - used, disk_free)
-                limit_text = format_bytes(self.limit_bytes)
+            room = room_left(self.limit_bytes, published, partials, disk_free)
             idle = {k: n for k, n in partials.items() if k not in self._downloads}
             models = {m.key: m for m in self._eviction_candidates()}
             held = [Held(k, m.disk_bytes()) for k, m in models.items()]
-            while True:  # once, unless something could not be removed after all
-                plan = plan_room(needed, free, idle, held)
-                if isinstance(plan, Refusal):
-                    raise _refusal(uri, plan, limit_text)
-                if not plan.victims:
-                    break
-                for victim in plan.victims:
-                    if victim.partial:
-                        del idle[victim.key]
-                    else:
-                        held.remove(victim)
-                    free += self._evict(victim, models.get(victim.key))
+            free = make_room(
+                uri, needed, room, idle, held, lambda v: self._evict(v, models.get(v.key))
+            )
             download.reserved = needed
             return free
 
@@ -493,14 +440,6 @@ class ModelStore:
             if m.key not in self._protected and not self._leases.get(m.key)
         ]
         return sorted(models, key=lambda m: (self.last_used(m), m.key))
-
-    def _partial_bytes(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for entry in listdir(self.tmp_dir):
-            if entry.name.endswith(PARTIAL_SUFFIX) and entry.is_dir():
-                key = entry.name[: -len(PARTIAL_SUFFIX)]
-                out[key] = tree_bytes(entry)
-        return out
 
     # ---- removal ------------------------------------------------------------------------
 
@@ -544,12 +483,3 @@ class ModelStore:
             if model is not None:
                 self._index[model.key] = model
         self._index_loaded = True
-
-
-def _refusal(uri: str, plan: Refusal, limit_text: str) -> InsufficientSpaceError:
-    evictable = f" (+{format_bytes(plan.evictable)} evictable)" if plan.evictable else ""
-    return InsufficientSpaceError(
-        f"{redact_uri(uri)} needs {format_bytes(plan.needed)}, limit {limit_text}, "
-        f"free {format_bytes(max(plan.free, 0))}{evictable}",
-        needed=plan.needed,
-    )
