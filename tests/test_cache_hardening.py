@@ -196,22 +196,10 @@ async def test_a_body_longer_than_its_announced_length_is_an_error(
 
 
 def test_agent_refuses_an_endless_source_past_its_model_size(agent: Agent, tmp_path: Path) -> None:
-    async def run_server(ready: asyncio.Future[str], stop: asyncio.Event) -> None:
-        app = web.Application()
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await endless(request, Server(""))
 
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await endless(request, Server(""))
-
-        app.router.add_route("*", "/{path:.*}", handle)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        ready.set_result(f"http://{host}:{port}")
-        await stop.wait()
-        await runner.cleanup()
-
-    with ServerThread(run_server) as url:
+    with ServerThread(handle) as url:
         agent.start()
         agent.declare("big.yaml", declaration("big", f"{url}/model.bin", size="1Mi"))
         failed = agent.wait_state("big", "Error")
@@ -222,14 +210,13 @@ def test_agent_refuses_an_endless_source_past_its_model_size(agent: Agent, tmp_p
 
 
 class ServerThread:
-    """An asyncio server in a thread of its own, for tests that run a blocking agent."""
+    """An HTTP server answering every path with ``handler``, on an event loop in a thread of
+    its own, for tests that run a blocking agent."""
 
-    def __init__(
-        self, run: Callable[[asyncio.Future[str], asyncio.Event], Awaitable[None]]
-    ) -> None:
+    def __init__(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
         import threading
 
-        self._run = run
+        self._handler = handler
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._stop: asyncio.Event | None = None
@@ -241,10 +228,21 @@ class ServerThread:
         async def begin() -> str:
             self._stop = asyncio.Event()
             ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._task = asyncio.ensure_future(self._run(ready, self._stop))
+            self._task = asyncio.ensure_future(self._serve(ready, self._stop))
             return await ready
 
         return asyncio.run_coroutine_threadsafe(begin(), self._loop).result(10)
+
+    async def _serve(self, ready: asyncio.Future[str], stop: asyncio.Event) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        ready.set_result(f"http://{host}:{port}")
+        await stop.wait()
+        await runner.cleanup()
 
     def __exit__(self, *exc: object) -> None:
         async def end() -> None:
@@ -282,21 +280,10 @@ def test_redact_removes_every_query_and_user_info(uri: str) -> None:
 def test_presigned_url_never_reaches_status_or_logs(agent: Agent, tmp_path: Path) -> None:
     """A presigned source that fails: status (source, error) and logs hold no signature."""
 
-    async def run_server(ready: asyncio.Future[str], stop: asyncio.Event) -> None:
-        async def deny(request: web.Request) -> web.Response:
-            return web.Response(status=403, text=f"denied {request.path_qs}")
+    async def deny(request: web.Request) -> web.Response:
+        return web.Response(status=403, text=f"denied {request.path_qs}")
 
-        app = web.Application()
-        app.router.add_route("*", "/{path:.*}", deny)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        ready.set_result(f"http://{host}:{port}")
-        await stop.wait()
-        await runner.cleanup()
-
-    with ServerThread(run_server) as url:
+    with ServerThread(deny) as url:
         presigned = (
             f"{url}/bucket/model.onnx?X-Amz-Algorithm=AWS4-HMAC-SHA256"
             f"&X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature={SECRET}"
