@@ -8,6 +8,7 @@ and ``gs://`` (fake-gcs-server). A new source adds a :class:`Backend` here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import threading
@@ -139,58 +140,51 @@ def _prefix() -> str:
     return f"conf-{uuid.uuid4().hex[:8]}"
 
 
-def test_a_folder_lists_every_file_once_sorted_with_sizes(backend: Backend) -> None:
+@contextlib.contextmanager
+def _stocked(backend: Backend, path: str = "") -> Iterator[Source]:
+    """FILES put under a fresh prefix, and the source of ``prefix/path`` (the folder by
+    default) open over them; closed afterwards."""
     prefix = _prefix()
     backend.put(prefix, FILES)
-    source = _open(backend.uri(prefix + "/"))
+    source = _open(backend.uri(f"{prefix}/{path}"))
     try:
-        listing = source.list_files()
+        yield source
     finally:
         source.close()
+
+
+def test_a_folder_lists_every_file_once_sorted_with_sizes(backend: Backend) -> None:
+    with _stocked(backend) as source:
+        listing = source.list_files()
 
     assert [f.path for f in listing] == sorted(FILES)
     assert {f.path: f.size for f in listing} == {p: len(d) for p, d in FILES.items()}
 
 
 def test_a_single_object_is_listed_under_its_own_name(backend: Backend) -> None:
-    prefix = _prefix()
-    backend.put(prefix, FILES)
-    source = _open(backend.uri(f"{prefix}/weights/model-00001.safetensors"))
-    try:
+    with _stocked(backend, "weights/model-00001.safetensors") as source:
         [remote] = source.list_files()
         data = _read(source, remote)
-    finally:
-        source.close()
 
     assert (remote.path, remote.size) == ("model-00001.safetensors", 300_001)
     assert data == FILES["weights/model-00001.safetensors"]
 
 
 def test_every_file_reads_back_byte_for_byte(backend: Backend) -> None:
-    prefix = _prefix()
-    backend.put(prefix, FILES)
-    source = _open(backend.uri(prefix + "/"))
-    try:
+    with _stocked(backend) as source:
         got = {f.path: _read(source, f) for f in source.list_files()}
-    finally:
-        source.close()
 
     assert got == FILES
 
 
 def test_ranged_reads_deliver_exactly_the_range(backend: Backend) -> None:
-    prefix = _prefix()
-    backend.put(prefix, FILES)
     data = FILES["weights/model-00001.safetensors"]
-    source = _open(backend.uri(prefix + "/"))
-    try:
+    with _stocked(backend) as source:
         remote = next(f for f in source.list_files() if f.path.endswith("00001.safetensors"))
         assert remote.ranges
         head = _read(source, remote, 0, 1000)
         middle = _read(source, remote, 100_000, 200_003)
         tail = _read(source, remote, 299_000)
-    finally:
-        source.close()
 
     assert head == data[:1000]
     assert middle == data[100_000:200_003]
@@ -212,13 +206,8 @@ def test_not_found_is_permanent(backend: Backend) -> None:
 
 
 def test_checksums_are_published_where_the_source_has_them(backend: Backend) -> None:
-    prefix = _prefix()
-    backend.put(prefix, FILES)
-    source = _open(backend.uri(prefix + "/"))
-    try:
+    with _stocked(backend) as source:
         listing = source.list_files()
-    finally:
-        source.close()
 
     for remote in listing:
         expected = hashlib.md5(FILES[remote.path]).hexdigest() if backend.md5 else None
