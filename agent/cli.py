@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from nodecache.agent import prefetch
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep ML models on local disk and warm in memory; serve them over the "
         "Open Inference Protocol v2 on a node-local Unix socket.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     agent = commands.add_parser(
         "agent",
@@ -55,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(status, StatusSettings)
     prefetch.add_parser(commands)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version: what an image or a bug report names."""
+    try:
+        return version("nodecache")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
