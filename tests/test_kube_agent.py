@@ -206,7 +206,7 @@ def test_node_status_from_agent_status() -> None:
 def test_status_writes_are_coalesced() -> None:
     writer = StatusWriter(None, "n", dict, min_interval=10, heartbeat_interval=30)  # type: ignore[arg-type]
     assert writer.due({"a": 1}, now=0)
-    writer._last, writer._last_write = {"a": 1}, 0.0
+    writer.written({"a": 1}, now=0.0)
     changes = [{"a": i} for i in range(100)]
     assert not any(writer.due(c, now=5) for c in changes)  # many changes, no write yet
     assert writer.due(changes[-1], now=10)  # one write carries them all

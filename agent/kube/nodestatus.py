@@ -223,10 +223,16 @@ class StatusWriter:
         self.wake = asyncio.Event()
 
     def due(self, status: JSON, now: float) -> bool:
+        """Whether ``status`` should be written at ``now`` (monotonic seconds)."""
         since = now - self._last_write
         return (status != self._last and since >= self.min_interval) or (
             since >= self.heartbeat_interval
         )
+
+    def written(self, status: JSON, now: float) -> None:
+        """Record that ``status`` reached the node's status at ``now``: what :meth:`due`
+        compares the next snapshots with."""
+        self._last, self._last_write = status, now
 
     async def run(self) -> None:
         while True:
@@ -270,5 +276,5 @@ class StatusWriter:
             [{"op": "add", "path": "/status", "value": body}],
             status=True,
         )
-        self._last, self._last_write = status, time.monotonic()
+        self.written(status, time.monotonic())
         self.writes += 1
