@@ -10,7 +10,8 @@ The sha256 of each file is computed in file order: the part at the hash frontier
 bytes to the hashes from the receive buffer as they arrive (a file of one part is never read
 back); parts that completed ahead of the frontier are read back from the page cache once it
 reaches them (mapped, not copied), overlapped with the download. Where the source publishes an MD5
-(S3 single-part ETag, GCS md5Hash) it is checked too.
+(S3 single-part ETag, GCS md5Hash) or a git blob sha1 (Hugging Face) it is folded in the same
+pass and checked too, and so is a published sha256 (Hugging Face LFS, OCI digests).
 
 Parts that completed are recorded in a :class:`~nodecache.cache.journal.Journal` next to the
 partial files, after their bytes were flushed to disk; after a kill the next fetch re-lists
@@ -127,6 +128,8 @@ class _FileJob:
     """Whether a thread is feeding the hashes (one at a time, in file order)."""
     sha256: Any = field(default_factory=hashlib.sha256)
     md5: Any = None
+    git_sha1: Any = None
+    """Git blob sha1 (header already fed), where the source publishes one."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     unflushed: list[int] = field(default_factory=list)
     finishing: bool = False
@@ -184,6 +187,8 @@ class Transfer:
         job = _FileJob(remote, self.folder / remote.path, parts, [False] * len(parts))
         if self.options.verify_md5 and remote.md5:
             job.md5 = hashlib.md5(usedforsecurity=False)
+        if remote.git_sha1 and size is not None:
+            job.git_sha1 = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
         return job
 
     # -- preparing ------------------------------------------------------------------------
@@ -342,6 +347,8 @@ class Transfer:
             job.sha256.update(data)
             if job.md5 is not None:
                 job.md5.update(data)
+            if job.git_sha1 is not None:
+                job.git_sha1.update(data)
             job.hash_pos = offset + len(data)
         finally:
             with job.lock:
@@ -382,16 +389,23 @@ class Transfer:
         size = remote.size if remote.size is not None else job.written
         if os.fstat(job.fd).st_size != size:
             os.ftruncate(job.fd, size)
-        if job.md5 is not None and job.md5.hexdigest() != remote.md5:
-            self.journal.forget(remote.path)
-            self.journal.save()
-            raise IntegrityError(
-                f"{remote.path!r} of {redact_uri(self.source.uri)}: MD5 "
-                f"{job.md5.hexdigest()} differs from the source's {remote.md5}"
-            )
+        sha256 = job.sha256.hexdigest()
+        checks = [
+            ("MD5", job.md5 and job.md5.hexdigest(), remote.md5),
+            ("sha256", sha256, remote.sha256),
+            ("git blob sha1", job.git_sha1 and job.git_sha1.hexdigest(), remote.git_sha1),
+        ]
+        for name, got, published in checks:
+            if got and published and got != published.lower():
+                self.journal.forget(remote.path)
+                self.journal.save()
+                raise IntegrityError(
+                    f"{remote.path!r} of {redact_uri(self.source.uri)}: {name} "
+                    f"{got} differs from the source's {published}"
+                )
         if self.options.fsync:
             os.fsync(job.fd)
-        return FetchedFile(remote.path, size, job.sha256.hexdigest())
+        return FetchedFile(remote.path, size, sha256)
 
     def _hash_range(self, job: _FileJob, start: int, end: int) -> None:
         """Feed bytes ``[start, end)`` already on disk to the hashes, mapped (not copied)
@@ -416,6 +430,8 @@ class Transfer:
                     job.sha256.update(chunk)
                     if job.md5 is not None:
                         job.md5.update(chunk)
+                    if job.git_sha1 is not None:
+                        job.git_sha1.update(chunk)
                     chunk.release()
                 finally:
                     view.release()

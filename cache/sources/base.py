@@ -50,6 +50,12 @@ class RemoteFile:
     """Hex MD5 of the content as the source publishes it (S3 single-part ETag, GCS md5Hash)."""
     ranges: bool = True
     """False when the source cannot serve byte ranges (then: one stream, no resume)."""
+    sha256: str | None = None
+    """Hex sha256 the source publishes (a Hugging Face LFS oid, an OCI digest): compared
+    with the sha256 the fetcher computes of every file anyway."""
+    git_sha1: str | None = None
+    """Hex git blob id the source publishes (Hugging Face non-LFS files): the sha1 of
+    ``b"blob <size>\\0"`` and the content, folded as the bytes arrive."""
 
 
 def lookup_setting(credentials: Mapping[str, str], *names: str) -> str | None:
