@@ -203,7 +203,7 @@ def test_metrics_endpoint_counts_requests(tmp_path: Path, mlp_dir: Path) -> None
             text = resp.read().decode()
         assert 'nodecache_requests_total{code="200",model="mlp",protocol="rest"} 1.0' in text
         # Every metric the example Grafana dashboard plots is one the agent exports.
-        dashboard = (ROOT / "daemonset" / "grafana" / "nodecache-dashboard.json").read_text()
+        dashboard = (ROOT / "daemonset/components/monitoring/nodecache-dashboard.json").read_text()
         plotted = set(re.findall(r"nodecache_[a-z_]+", dashboard))
         families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in plotted}
         missing = [f for f in sorted(families) if f"# TYPE {f} " not in text]
