@@ -5,8 +5,9 @@ creationTimestamp, finalizers and deletionTimestamp, 409 on a stale resourceVers
 AlreadyExists, 404, merge-patch and JSON patch, label and field selectors, list with
 resourceVersion and limit/continue, watch (JSON lines) with ADDED/MODIFIED/DELETED,
 BOOKMARK when asked and 410 Gone for compacted versions, /status and /scale subresources,
-CRD schema and CEL validation (422). Runs an aiohttp app on 127.0.0.1 in its own thread;
-``stop()``/``start()`` take it away and bring it back on the same port with the same state.
+label keys and values (422, any kind), CRD schema and CEL validation (422). Runs an
+aiohttp app on 127.0.0.1 in its own thread; ``stop()``/``start()`` take it away and bring it
+back on the same port with the same state.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from aiohttp import web
 from kubernetes import client
 
 from . import discovery
+from .meta import label_problems
 from .schema import load_crds, prune, validate_object
 from .selection import field_matches, label_matches
 
@@ -529,6 +531,10 @@ class FakeApiServer:
                 if not ref.get(key):
                     raise ApiError(422, "Invalid", f"metadata.ownerReferences[{i}].{key}: "
                                    "Required value")  # fmt: skip
+        if problems := label_problems(obj["metadata"]):
+            kind = f"{rtype.kind}.{rtype.group}" if rtype.group else rtype.kind
+            name = obj["metadata"].get("name")
+            raise ApiError(422, "Invalid", f'{kind} "{name}" is invalid: ' + "; ".join(problems))
         if rtype.schema is None:
             return obj
         kept = prune(rtype.schema, obj)
