@@ -14,15 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
 from nodecache.agent.kube.api import (
     LOCAL_MODEL_CACHES,
     LOCAL_MODEL_NAMESPACE_CACHES,
     LOCAL_MODEL_NODES,
+    NODES,
     PODS,
     Kube,
     connect,
 )
 from nodecache.agent.kube.callers import CallerIdentity, namespace_guard
+from nodecache.agent.kube.errors import ApiError
+from nodecache.agent.kube.labels import desired_labels, is_ours, label_patch, with_node_labels
 from nodecache.agent.kube.nodestatus import (
     RequestRates,
     StatusWriter,
@@ -38,6 +43,11 @@ from nodecache.serve.loop import on_stop_signal
 __all__ = ["ClusterOptions", "run_cluster"]
 
 log = logging.getLogger(__name__)
+LABEL_WRITES = Counter(
+    "nodecache_kube_label_writes_total",
+    "Patches of this node's model labels (cache.nodecache.io), by result (ok, failed).",
+    ["result"],
+)
 
 
 @dataclass(frozen=True)
@@ -137,16 +147,19 @@ class NodeFollower:
             self.snapshot,
             min_interval=options.status_interval,
             heartbeat_interval=options.heartbeat_interval,
+            after_write=NodeLabeler(kube, options.node_name).sync,
         )
 
     def snapshot(self) -> dict[str, Any]:
-        return node_status(
-            self.agent.status(),
-            disk=disk_capacity(self.options.node.cache_dir),
-            origins=self.origins,
-            errors=self.errors,
-            generation=self.generation,
-            rates=self.rates.rates(),
+        return with_node_labels(
+            node_status(
+                self.agent.status(),
+                disk=disk_capacity(self.options.node.cache_dir),
+                origins=self.origins,
+                errors=self.errors,
+                generation=self.generation,
+                rates=self.rates.rates(),
+            )
         )
 
     async def run(self) -> None:
@@ -204,3 +217,38 @@ class NodeFollower:
                 await self.agent.collect_garbage()  # leftovers from before a restart
                 collected = True
             self.status.wake.set()
+
+
+class NodeLabeler:
+    """Keeps this node's ``cache.nodecache.io`` labels equal to the models it holds.
+
+    Called after each status write: one patch for however many models changed, none when
+    no label did, so labels never cost more writes than status. Labels of others are left
+    alone (a merge patch names only ours), and ours left over from before a restart go.
+    """
+
+    def __init__(self, kube: Kube, node_name: str) -> None:
+        self.kube, self.node_name = kube, node_name
+        self.current: dict[str, str] | None = None  # ours on the Node, None: read it first
+        self._failing = ""
+
+    async def sync(self, status: dict[str, Any]) -> None:
+        try:
+            if self.current is None:
+                self.current = self._ours(await self.kube.get(NODES, self.node_name))
+            patch = label_patch(self.current, desired_labels(status))
+            if patch is None:
+                return
+            self.current = self._ours(await self.kube.patch(NODES, self.node_name, patch))
+            LABEL_WRITES.labels("ok").inc()
+            self._failing = ""
+        except ApiError as exc:  # status was written; labels follow with the next write
+            self.current = None
+            LABEL_WRITES.labels("failed").inc()
+            if str(exc) != self._failing:  # once per cause, not once per status write
+                log.warning("node labels not written", extra={"error": str(exc)})
+            self._failing = str(exc)
+
+    @staticmethod
+    def _ours(node: dict[str, Any]) -> dict[str, str]:
+        return {k: v for k, v in (node["metadata"].get("labels") or {}).items() if is_ours(k)}

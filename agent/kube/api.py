@@ -168,6 +168,8 @@ class Kube:
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> JSON:
         if res == LEASES:
             return await self._call(self.coordination.read_namespaced_lease, name, namespace)
+        if res == NODES:
+            return await self._call(self.core.read_node, name)
         if res.namespaced:
             fn = self.custom.get_namespaced_custom_object
             return await self._call(fn, res.group, res.version, namespace, res.plural, name)
@@ -210,6 +212,9 @@ class Kube:
         kwargs: JSON = {}
         if isinstance(body, list):
             kwargs["_content_type"] = "application/json-patch+json"
+        if res == NODES:  # the core client would send a dict as a JSON patch
+            kwargs.setdefault("_content_type", "application/merge-patch+json")
+            return await self._call(self.core.patch_node, name, body, **kwargs)
         suffix = "_status" if status else ""
         if res.namespaced:
             fn = getattr(self.custom, f"patch_namespaced_custom_object{suffix}")

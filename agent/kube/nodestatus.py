@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,7 @@ class StatusWriter:
         heartbeat_interval: float = 30.0,
         poll: float = 0.5,
         agent_version: str = "",
+        after_write: Callable[[JSON], Awaitable[None]] | None = None,
     ) -> None:
         self.kube = kube
         self.node_name = node_name
@@ -216,6 +217,8 @@ class StatusWriter:
         self.heartbeat_interval = heartbeat_interval
         self.poll = poll
         self.agent_version = agent_version
+        self.after_write = after_write
+        """Called with each status written (the node's labels): it shares the write budget."""
         self.writes = 0
         self._last: JSON | None = None
         self._last_write = float("-inf")
@@ -278,3 +281,5 @@ class StatusWriter:
         )
         self.written(status, time.monotonic())
         self.writes += 1
+        if self.after_write is not None:
+            await self.after_write(status)
