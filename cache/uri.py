@@ -11,10 +11,11 @@ import re
 from urllib.parse import SplitResult, urlsplit
 
 from nodecache.cache.errors import InvalidSourceError
+from nodecache.cache.hf_uri import parse_hf_uri
 
 __all__ = ["SUPPORTED_SCHEMES", "redact_uri", "validate_source_uri"]
 
-SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "http", "https", "s3", "gs")
+SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "hf")
 
 _SUPPORTED = ", ".join(SUPPORTED_SCHEMES)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -71,6 +72,8 @@ def validate_source_uri(uri: str) -> str:
         )
     if parts.fragment:
         raise InvalidSourceError(f"unexpected '#' fragment in source URI {shown!r}")
+    if scheme == "hf":
+        return str(parse_hf_uri(text, shown))
     if scheme == "file":
         return _file(parts, shown)
     if scheme in ("http", "https"):
