@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from hfhub import FakeHub
 from object_stores import GCS_BUCKET, S3Server
 from support import free_port
 
@@ -45,6 +46,8 @@ class Backend:
     """The source URI of ``prefix/<rest>``."""
     md5: bool = False
     """Whether the source publishes each object's MD5."""
+    repository: bool = False
+    """Whether a URI names a whole repository (``hf://``), never one object in it."""
 
 
 class _StaticServer:
@@ -90,7 +93,14 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
         yield root, f"http://127.0.0.1:{server.port}"
 
 
-@pytest.fixture(params=["file", "http", "s3", "gcs"])
+@pytest.fixture(scope="module")
+def hf_hub() -> Iterator[FakeHub]:
+    """A fake Hugging Face Hub (tests/hfhub.py): each prefix is a repository."""
+    with FakeHub(page_size=3) as hub:
+        yield hub
+
+
+@pytest.fixture(params=["file", "http", "s3", "gcs", "hf"])
 def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Backend:
@@ -110,6 +120,17 @@ def backend(
                 client.pipe_file(f"{s3.bucket}/{prefix}/{rel}", data)
 
         return Backend("s3", put_s3, lambda rest: f"s3://{s3.bucket}/{rest}", md5=True)
+    if request.param == "hf":
+        hub: FakeHub = request.getfixturevalue("hf_hub")
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "none"))
+        return Backend(
+            "hf",
+            lambda p, f: hub.commit(f"conformance/{p}", f),
+            lambda rest: f"hf://conformance/{rest.partition('/')[0]}",
+            repository=True,
+        )
     gcs = request.getfixturevalue("gcs")
     request.getfixturevalue("gcs_server")
 
@@ -162,6 +183,8 @@ def test_a_folder_lists_every_file_once_sorted_with_sizes(backend: Backend) -> N
 
 
 def test_a_single_object_is_listed_under_its_own_name(backend: Backend) -> None:
+    if backend.repository:
+        pytest.skip(f"{backend.name} URIs name a whole repository, not one object in it")
     with _stocked(backend, "weights/model-00001.safetensors") as source:
         [remote] = source.list_files()
         data = _read(source, remote)
