@@ -12,10 +12,11 @@ from urllib.parse import SplitResult, urlsplit
 
 from nodecache.cache.errors import InvalidSourceError
 from nodecache.cache.hf_uri import parse_hf_uri
+from nodecache.cache.ociref import parse_oci_uri
 
 __all__ = ["SUPPORTED_SCHEMES", "redact_uri", "validate_source_uri"]
 
-SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "hf")
+SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "hf", "oci")
 
 _SUPPORTED = ", ".join(SUPPORTED_SCHEMES)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -74,6 +75,8 @@ def validate_source_uri(uri: str) -> str:
         raise InvalidSourceError(f"unexpected '#' fragment in source URI {shown!r}")
     if scheme == "hf":
         return str(parse_hf_uri(text, shown))
+    if scheme == "oci":
+        return parse_oci_uri(text).uri()
     if scheme == "file":
         return _file(parts, shown)
     if scheme in ("http", "https"):

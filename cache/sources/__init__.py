@@ -29,6 +29,7 @@ from nodecache.cache.sources.file import LocalSource
 from nodecache.cache.sources.gcs import GcsSource
 from nodecache.cache.sources.hf import HfSource
 from nodecache.cache.sources.http import HttpSource
+from nodecache.cache.sources.oci import OciSource
 from nodecache.cache.sources.s3 import open_s3
 from nodecache.cache.uri import validate_source_uri
 
@@ -51,6 +52,7 @@ _KINDS: dict[str, Callable[..., Source]] = {
     "s3": open_s3,
     "gs": GcsSource,
     "hf": HfSource,
+    "oci": OciSource,
 }
 
 

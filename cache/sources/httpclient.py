@@ -124,17 +124,21 @@ class HttpRanges:
         raise SourceHttpError(310, "", "too many redirects")
 
     def call(
-        self, method: str, url: str, headers: dict[str, str]
+        self, method: str, url: str, headers: dict[str, str], *, limit: int | None = None
     ) -> tuple[int, http.client.HTTPResponse, bytes]:
-        """One small request (a listing, a HEAD): status, response (for headers), body."""
+        """One small request (a listing, a HEAD): status, response (for headers), body.
+
+        With ``limit``, at most ``limit + 1`` bytes of the body are read (more than
+        ``limit`` says "too large" without holding what a hostile server sends)."""
         scheme, host, port, target = endpoint(url)
         resp = self._request(scheme, host, port, target, headers, method)
         try:
-            body = resp.read()  # listing pages and error bodies: small
+            # listing pages and error bodies: small
+            body = resp.read() if limit is None else resp.read(limit + 1)
         except BaseException:
             self._drop(scheme, host, port)
             raise
-        if resp.will_close:
+        if resp.will_close or not resp.isclosed():
             self._drop(scheme, host, port)
         return resp.status, resp, body
 

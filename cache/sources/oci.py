@@ -1,0 +1,240 @@
+"""``oci://`` sources: model files stored as blobs of an OCI registry (distribution spec).
+
+Two kinds of artifact are read as files: a CNCF ModelPack (``artifactType``
+``application/vnd.cncf.model.manifest.v1+json``; each layer names its file in
+``org.cncf.model.filepath``) and an ORAS artifact (each layer named by
+``org.opencontainers.image.title``). The tag is resolved to a manifest digest once, when the
+source is listed (:attr:`OciSource.digest`); every blob is then read by that digest, so a
+tag moved during the download changes nothing. Blobs come through the shared ranged fetcher
+and are verified against their sha256 digest as the bytes arrive (``RemoteFile.sha256``).
+
+Loopback registries speak plain HTTP, as Docker allows; any other needs
+``plainHTTP: "true"`` in the cache's storage parameters. Credentials: :mod:`.ociauth`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import threading
+from typing import Any
+
+from nodecache.cache.errors import FetchError, IntegrityError
+from nodecache.cache.ociref import OciRef, is_loopback, parse_oci_uri
+from nodecache.cache.sources.base import RemoteFile, Sink, Source, finish_listing
+from nodecache.cache.sources.errors import SourceHttpError
+from nodecache.cache.sources.httpclient import HttpRanges
+from nodecache.cache.sources.ociauth import RegistryAuth, find_login
+from nodecache.cache.uri import redact_uri
+
+__all__ = ["MODELPACK_ARTIFACT", "OciSource"]
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MODELPACK_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
+MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
+MODELPACK_PATH = "org.cncf.model.filepath"
+TITLE = "org.opencontainers.image.title"
+_ORAS_UNPACK = "io.deis.oras.content.unpack"
+# Every registry must be told it may answer OCI types: distribution 2.8 answers 404
+# "OCI manifest found, but accept header does not support OCI manifests" otherwise.
+_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
+_MAX_MANIFEST = 4 * 1024 * 1024
+"""Largest manifest read (containerd's limit)."""
+_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+class OciSource(Source):
+    """``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``: a ModelPack or ORAS artifact."""
+
+    def __init__(self, uri: str, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        self.ref: OciRef = parse_oci_uri(uri)
+        plain = (self.setting("plainHTTP") or "").strip().lower() in ("true", "1", "yes")
+        scheme = "http" if plain or is_loopback(self.ref.host) else "https"
+        self.base = f"{scheme}://{self.ref.registry}/v2/{self.ref.repository}"
+        self.http = HttpRanges(self.timeout, cafile=self.setting("REGISTRY_CA_BUNDLE"))
+        login = find_login(self.ref.registry, self.credentials)
+        self.auth = RegistryAuth(self.ref.registry, self.ref.repository, login, self._call)
+        self.digest: str | None = None
+        """The manifest digest the reference resolved to (set by :meth:`list_files`)."""
+        self._renew = threading.Lock()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, url: str, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        return self.http.call(method, url, headers, limit=_MAX_MANIFEST)
+
+    # -- manifests ------------------------------------------------------------------------
+
+    def _get_manifest(self, reference: str) -> tuple[dict[str, Any], str]:
+        """The manifest ``reference`` names and its digest, checked against the bytes."""
+        url = f"{self.base}/manifests/{reference}"
+        for _ in range(3):
+            sent = self.auth.headers()
+            headers = {"Accept": _ACCEPT, "User-Agent": "nodecache", **sent}
+            status, resp, body = self._call("GET", url, headers)
+            if status == 401:
+                self.auth.challenged(resp.getheader("WWW-Authenticate"), sent.get("Authorization"))
+                continue
+            break
+        if status != 200:
+            raise _registry_error(status, body, self.ref)
+        if len(body) > _MAX_MANIFEST:
+            raise FetchError(
+                f"{redact_uri(self.uri)}: manifest larger than {_MAX_MANIFEST} bytes",
+                permanent=True,
+            )
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        announced = resp.getheader("Docker-Content-Digest")
+        expected = reference if reference.startswith("sha256:") else announced
+        if expected and expected.startswith("sha256:") and expected != digest:
+            raise IntegrityError(
+                f"{redact_uri(self.uri)}: the manifest's bytes hash to {digest}, "
+                f"not the {expected} the registry names"
+            )
+        try:
+            manifest = json.loads(body)
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):
+            raise FetchError(f"{redact_uri(self.uri)}: the manifest is not JSON", permanent=True)
+        return manifest, digest
+
+    def _resolve(self) -> dict[str, Any]:
+        """The image manifest, through an index if the reference names one."""
+        manifest, digest = self._get_manifest(self.ref.reference)
+        self.digest = digest
+        kind = manifest.get("mediaType")
+        if kind in (OCI_INDEX, DOCKER_LIST) or "manifests" in manifest:
+            child = _pick_platform(manifest.get("manifests"), self.uri)
+            manifest, _ = self._get_manifest(child)
+        return manifest
+
+    def list_files(self) -> list[RemoteFile]:
+        manifest = self._resolve()
+        layers = manifest.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise FetchError(
+                f"{redact_uri(self.uri)}: the manifest lists no layers", permanent=True
+            )
+        config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+        modelpack = (
+            manifest.get("artifactType") == MODELPACK_ARTIFACT
+            or config.get("mediaType") == MODELPACK_CONFIG
+        )
+        key = MODELPACK_PATH if modelpack else TITLE
+        files = [self._remote(layer, key) for layer in layers]
+        return finish_listing(files, self.uri)
+
+    def _remote(self, layer: Any, key: str) -> RemoteFile:
+        where = redact_uri(self.uri)
+        if not isinstance(layer, dict):
+            raise FetchError(f"{where}: a layer of the manifest is not an object", permanent=True)
+        annotations = layer.get("annotations") or {}
+        path = annotations.get(key) if isinstance(annotations, dict) else None
+        if not isinstance(path, str) or not path:
+            raise FetchError(
+                f"{where}: a layer has no {key} annotation; only ModelPack and ORAS "
+                "artifacts are supported (not image layers to unpack)",
+                permanent=True,
+            )
+        media = str(layer.get("mediaType") or "")
+        # ORAS names plain files ``...layer.v1.tar`` too: only its unpack annotation marks an
+        # archive. ModelPack says it in the media type (``.raw`` or ``.tar[+gzip|+zstd]``).
+        archive = ".tar" in media if key == MODELPACK_PATH else False
+        if archive or annotations.get(_ORAS_UNPACK) == "true":
+            raise FetchError(
+                f"{where}: layer {path!r} is an archive ({media}); unpacking is not "
+                "supported yet: push the files themselves (modctl --raw, oras push FILE)",
+                permanent=True,
+            )
+        digest, size = layer.get("digest"), layer.get("size")
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise FetchError(f"{where}: layer {path!r} has no sha256 digest", permanent=True)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise FetchError(f"{where}: layer {path!r} has no valid size", permanent=True)
+        return RemoteFile(path, digest, size, etag=digest, sha256=digest[len("sha256:") :])
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    def _sign(self, method: str, url: str) -> dict[str, str]:
+        return self.auth.headers()
+
+    def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
+        url = f"{self.base}/blobs/{remote.url}"
+        for attempt in range(2):
+            sent = self.auth.headers().get("Authorization")
+            try:
+                return self.http.get(
+                    url,
+                    start,
+                    end,
+                    sink,
+                    chunk_size=self.chunk_size,
+                    sign=self._sign,
+                    size=remote.size,
+                )
+            except SourceHttpError as exc:
+                # A 401 comes before any byte: a token ran out mid-download. Renew it once.
+                if exc.status != 401 or attempt:
+                    raise
+                with self._renew:
+                    self._challenge_blob(url, sent)
+        raise AssertionError("unreachable")
+
+    def _challenge_blob(self, url: str, sent: str | None) -> None:
+        """Fetch the blob's challenge (a ``HEAD``) and renew the credentials from it."""
+        status, resp, _ = self._call("HEAD", url, {"User-Agent": "nodecache"})
+        if status == 401:
+            self.auth.challenged(resp.getheader("WWW-Authenticate"), sent)
+
+
+def _registry_error(status: int, body: bytes, ref: OciRef) -> SourceHttpError:
+    """The registry's own error code (distribution spec ``errors[]``) and a hint."""
+    code, message = "", ""
+    try:
+        first = json.loads(body)["errors"][0]
+        code, message = str(first.get("code", ""))[:60], str(first.get("message", ""))[:200]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        pass
+    if status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN"):
+        message = f"no {ref.reference} in {ref.registry}/{ref.repository}"
+    return SourceHttpError(status, code, message)
+
+
+def _pick_platform(manifests: Any, uri: str) -> str:
+    """The digest of the index entry for this machine (``linux``/its architecture), or of
+    the only entry."""
+    where = redact_uri(uri)
+    if not isinstance(manifests, list) or not manifests:
+        raise FetchError(f"{where}: the image index lists no manifests", permanent=True)
+    entries = [
+        m for m in manifests if isinstance(m, dict) and _DIGEST.fullmatch(str(m.get("digest")))
+    ]
+    arch = _ARCH.get(platform.machine().lower(), platform.machine().lower())
+    if len(entries) == 1 and not isinstance(entries[0].get("platform"), dict):
+        return str(entries[0]["digest"])
+    for entry in entries:
+        plat = entry.get("platform")
+        if (
+            isinstance(plat, dict)
+            and plat.get("architecture") == arch
+            and (plat.get("os") in (None, "linux"))
+        ):
+            return str(entry["digest"])
+    offered = sorted(
+        f"{p.get('os')}/{p.get('architecture')}"
+        for p in (e.get("platform") for e in entries)
+        if isinstance(p, dict)
+    )
+    raise FetchError(
+        f"{where}: the image index has no linux/{arch} manifest (it has {offered})",
+        permanent=True,
+    )

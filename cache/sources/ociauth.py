@@ -1,0 +1,217 @@
+"""Registry credentials: a docker ``config.json`` and the Basic / Bearer token challenges.
+
+Credentials come from, first to last: the cache's ``storage`` secret (``.dockerconfigjson``
+as a ``kubernetes.io/dockerconfigjson`` Secret holds it, or ``REGISTRY_AUTH_FILE``), the
+agent's ``REGISTRY_AUTH_FILE``, ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``.
+Credential helpers (``credsStore``, ``credHelpers``) are not run: an agent on a node has no
+desktop keychain to ask. OAuth2 refresh tokens (``identitytoken``) are not exchanged yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+from nodecache.cache.errors import FetchError
+from nodecache.cache.ociref import DOCKER_HUB, is_loopback
+from nodecache.cache.sources.errors import SourceHttpError
+
+__all__ = ["Challenge", "Login", "RegistryAuth", "find_login", "parse_challenge"]
+
+_HUB_KEYS = {"docker.io", "index.docker.io", DOCKER_HUB}
+_PARAM = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+_TOKEN_MARGIN = 30.0
+"""Seconds before a token's expiry at which it is fetched again."""
+_DEFAULT_TOKEN_LIFE = 60.0
+"""What the token spec says a token without ``expires_in`` lives."""
+
+Call = Callable[[str, str, dict[str, str]], tuple[int, object, bytes]]
+"""``call(method, url, headers) -> (status, response, body)``: one small request."""
+
+
+@dataclass(frozen=True)
+class Login:
+    """Credentials for one registry, as a docker config holds them."""
+
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+def _registry_of(key: str) -> str:
+    """``host[:port]`` of a ``config.json`` ``auths`` key (``https://host/v1/`` too)."""
+    host = urlsplit(key).netloc if "://" in key else key.partition("/")[0]
+    host = host.lower()
+    return DOCKER_HUB if host in _HUB_KEYS else host
+
+
+def _config_texts(credentials: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(where, JSON text) of every docker config that may hold the registry's login."""
+    out: list[tuple[str, str]] = []
+    if credentials.get(".dockerconfigjson"):
+        out.append(("the storage secret's .dockerconfigjson", credentials[".dockerconfigjson"]))
+    paths: list[str] = []
+    for source in (credentials, os.environ):
+        if source.get("REGISTRY_AUTH_FILE"):
+            paths.append(source["REGISTRY_AUTH_FILE"])
+    docker_config = os.environ.get("DOCKER_CONFIG")
+    if docker_config:
+        paths.append(os.path.join(docker_config, "config.json"))
+    paths.append(str(Path.home() / ".docker" / "config.json"))
+    for path in paths:
+        try:
+            out.append((path, Path(path).read_text()))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise FetchError(f"cannot read registry credentials {path}: {exc.strerror}") from None
+    return out
+
+
+def find_login(registry: str, credentials: Mapping[str, str]) -> Login | None:
+    """The login for ``registry`` from the first docker config that has one."""
+    for where, text in _config_texts(credentials):
+        try:
+            auths = json.loads(text).get("auths") or {}
+        except (ValueError, AttributeError):
+            raise FetchError(
+                f"registry credentials in {where} are not a docker config.json", permanent=True
+            ) from None
+        if not isinstance(auths, dict):
+            continue
+        for key, entry in auths.items():
+            if not isinstance(entry, dict) or _registry_of(str(key)) != registry:
+                continue
+            return _login(entry, where)
+    return None
+
+
+def _login(entry: dict[str, object], where: str) -> Login:
+    username, password = entry.get("username"), entry.get("password")
+    if entry.get("auth"):
+        try:
+            decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise FetchError(
+                f"an 'auth' entry in {where} is not base64 of user:password", permanent=True
+            ) from None
+        username, _, password = decoded.partition(":")
+    return Login(str(username or ""), str(password or ""))
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A ``WWW-Authenticate`` header: its scheme and parameters."""
+
+    scheme: str
+    params: dict[str, str]
+
+
+def parse_challenge(header: str | None) -> Challenge | None:
+    """The first challenge of a ``WWW-Authenticate`` header (registries send one)."""
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+        for m in _PARAM.finditer(rest)
+    }
+    return Challenge(scheme.lower(), params)
+
+
+class RegistryAuth:
+    """The ``Authorization`` header for one registry and repository, learnt from its
+    challenge and renewed when a token runs out or is refused. Thread-safe."""
+
+    def __init__(self, registry: str, repository: str, login: Login | None, call: Call) -> None:
+        self.registry = registry
+        self.repository = repository
+        self.login = login
+        self.call = call
+        self.lock = threading.Lock()
+        self.header: str | None = None
+        self.expires = float("inf")
+        self.challenge: Challenge | None = None
+
+    def headers(self) -> dict[str, str]:
+        """What to send with the next request (nothing before a challenge)."""
+        with self.lock:
+            if self.header and self.challenge and time.monotonic() >= self.expires:
+                self._answer(self.challenge)
+            return {"Authorization": self.header} if self.header else {}
+
+    def challenged(self, header: str | None, sent: str | None) -> None:
+        """A 401 answered a request that carried ``sent``: learn how to authenticate, or
+        raise if the credentials we have were the ones refused."""
+        challenge = parse_challenge(header)
+        if challenge is None or challenge.scheme not in ("basic", "bearer"):
+            raise SourceHttpError(401, "UNAUTHORIZED", "the registry refused the request")
+        with self.lock:
+            if sent is not None and sent != self.header:
+                return  # another thread already renewed it
+            if sent is not None and challenge.scheme == "basic":
+                raise self._refused()
+            self.challenge = challenge
+            self._answer(challenge)
+
+    def _refused(self) -> SourceHttpError:
+        if self.login is None:
+            return SourceHttpError(
+                401,
+                "UNAUTHORIZED",
+                f"{self.registry} asks for credentials and no docker config has a login "
+                "for it (REGISTRY_AUTH_FILE, DOCKER_CONFIG or the storage secret)",
+            )
+        return SourceHttpError(
+            401, "UNAUTHORIZED", f"{self.registry} refused the login for it (wrong credentials?)"
+        )
+
+    def _answer(self, challenge: Challenge) -> None:
+        if challenge.scheme == "basic":
+            if self.login is None:
+                raise self._refused()
+            self.header, self.expires = self.login.basic(), float("inf")
+            return
+        token, life = self._token(challenge.params)
+        self.header = f"Bearer {token}"
+        self.expires = time.monotonic() + max(life - _TOKEN_MARGIN, life / 2)
+
+    def _token(self, params: dict[str, str]) -> tuple[str, float]:
+        """A token from the challenge's realm, for pulling this repository."""
+        realm = params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SourceHttpError(401, "UNAUTHORIZED", "the registry's token realm is not a URL")
+        query = {"scope": f"repository:{self.repository}:pull"}
+        if params.get("service"):
+            query["service"] = params["service"]
+        headers = {"User-Agent": "nodecache", "Accept": "application/json"}
+        secure = parts.scheme == "https" or is_loopback(parts.hostname)
+        if self.login is not None and secure:  # never a password in clear over a network
+            headers["Authorization"] = self.login.basic()
+        sep = "&" if parts.query else "?"
+        status, _resp, body = self.call("GET", realm + sep + urlencode(query), headers)
+        if status in (401, 403):
+            raise self._refused()
+        if status != 200:
+            raise SourceHttpError(status, "", "the registry's token service failed")
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            life = float(answer.get("expires_in") or _DEFAULT_TOKEN_LIFE)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise SourceHttpError(502, "", "the registry's token service answered no token")
+        return token, life
