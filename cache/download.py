@@ -81,8 +81,9 @@ class StoreHooks(Generic[T]):
     reserve: Callable[[int], int]
     """Make room for ``needed`` bytes (evicting what may go) or raise; returns the room the
     download has (at least ``needed``)."""
-    publish: Callable[[list[FetchedFile]], T]
-    """Publish the verified partial folder."""
+    publish: Callable[[list[FetchedFile], str | None], T]
+    """Publish the verified partial folder, with what the source resolved to
+    (:attr:`Source.resolved`)."""
     on_bytes: Callable[[int], None]
     on_retry: Callable[[BaseException, int, float], None]
     limit_bytes: int | None
@@ -195,7 +196,7 @@ class _Run(Generic[T]):
         await self._transfer(transfer)
         fetched = await self.run(transfer.finish)
         await self.run(transfer.close)
-        return await self.run(self.hooks.publish, fetched)
+        return await self.run(self.hooks.publish, fetched, source.resolved)
 
     async def _reserve(self, files: list[RemoteFile]) -> WriteBudget | None:
         """Check the listing against the declared size and reserve its room in the store;

@@ -51,6 +51,9 @@ class StoredModel:
     source_uri: str
     path: Path
     files: tuple[StoredFile, ...]
+    resolved: str | None = None
+    """What the source's reference resolved to when fetched (a commit, a digest), for
+    status; None where the URI names the bytes directly."""
     hit: bool = field(default=False, compare=False)
     """True on what :meth:`ModelStore.fetch` returns when the model was already on disk
     (a cache hit: nothing was read from the source), False when this fetch downloaded it
@@ -75,6 +78,7 @@ def publish(
     *,
     file_mode: int,
     fsync: bool,
+    resolved: str | None = None,
 ) -> StoredModel:
     """Write the manifest into ``tmp``, flush, and rename it to ``final``. Blocking.
 
@@ -88,6 +92,8 @@ def publish(
         "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in fetched],
     }
+    if resolved:
+        manifest["resolved"] = resolved
     try:
         (tmp / JOURNAL_NAME).unlink(missing_ok=True)
         fd = create_file(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_TRUNC, file_mode)
@@ -115,7 +121,7 @@ def publish(
     except OSError as exc:
         raise translate_error(exc, uri) from None
     files = tuple(StoredFile(f.path, f.size, f.sha256) for f in fetched)
-    return StoredModel(key=key, source_uri=uri, path=final, files=files)
+    return StoredModel(key=key, source_uri=uri, path=final, files=files, resolved=resolved)
 
 
 def load_model(folder: Path) -> StoredModel | None:
@@ -138,4 +144,11 @@ def load_model(folder: Path) -> StoredModel | None:
         return None
     if not files:
         return None
-    return StoredModel(key=folder.name, source_uri=uri, path=folder, files=tuple(files))
+    resolved = raw.get("resolved")
+    return StoredModel(
+        key=folder.name,
+        source_uri=uri,
+        path=folder,
+        files=tuple(files),
+        resolved=resolved[:300] if isinstance(resolved, str) else None,
+    )

@@ -360,7 +360,7 @@ class ModelStore:
                     self.stats.bytes_fetched += n
             download.add(n)
 
-        def publish_here(fetched: list[FetchedFile]) -> StoredModel:
+        def publish_here(fetched: list[FetchedFile], resolved: str | None) -> StoredModel:
             return publish(
                 uri,
                 self.tmp_dir / f"{key}{PARTIAL_SUFFIX}",
@@ -368,6 +368,7 @@ class ModelStore:
                 fetched,
                 file_mode=self.file_mode,
                 fsync=self.options.fsync,
+                resolved=resolved,
             )
 
         return StoreHooks(

@@ -307,3 +307,17 @@ def test_an_unreachable_endpoint_is_a_transient_error(
     with pytest.raises(FetchError) as info:
         _fetch(_store(tmp_path), f"hf://{REPO}")
     assert not info.value.permanent
+
+
+def test_the_commit_is_recorded_for_status_and_survives_a_restart(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    sha = hub.commit(REPO, FILES)
+    uri = f"hf://{REPO}@main"
+
+    model = asyncio.run(_store(tmp_path).fetch(uri))
+    hub.commit(REPO, {"config.json": b"moved"})  # main moves: the copy on disk does not
+    again = _store(tmp_path).lookup(uri)
+
+    assert model.resolved == f"commit {sha}"
+    assert again is not None and again.resolved == f"commit {sha}" and again.files == model.files

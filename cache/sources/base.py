@@ -90,6 +90,13 @@ class Source(ABC):
         """The first of ``names`` set in the credentials given, else in the environment."""
         return lookup_setting(self.credentials, *names)
 
+    @property
+    def resolved(self) -> str | None:
+        """What a moving reference (branch, tag, alias) resolved to when listed, recorded in
+        the manifest for status (``commit <sha>``, ``sha256:<digest>``); None where the URI
+        names the bytes directly."""
+        return None
+
     @abstractmethod
     def list_files(self) -> list[RemoteFile]:
         """Every object under the URI, checked by :func:`finish_listing`."""
