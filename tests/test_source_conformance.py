@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from hfhub import FakeHub
 from object_stores import GCS_BUCKET, S3Server
+from oci_registry import Registry, registry_fixture  # noqa: F401 - the oci_registry fixture
 from support import free_port
 
 from nodecache.cache.errors import CacheError
@@ -100,7 +101,7 @@ def hf_hub() -> Iterator[FakeHub]:
         yield hub
 
 
-@pytest.fixture(params=["file", "http", "s3", "gcs", "hf"])
+@pytest.fixture(params=["file", "http", "s3", "gcs", "hf", "oci"])
 def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Backend:
@@ -120,6 +121,14 @@ def backend(
                 client.pipe_file(f"{s3.bucket}/{prefix}/{rel}", data)
 
         return Backend("s3", put_s3, lambda rest: f"s3://{s3.bucket}/{rest}", md5=True)
+    if request.param == "oci":
+        registry: Registry = request.getfixturevalue("oci_registry")
+        return Backend(
+            "oci",
+            lambda p, f: registry.push(f"{p}:v1", f),
+            lambda rest: f"oci://{registry.host}/{rest.partition('/')[0]}:v1",
+            repository=True,
+        )
     if request.param == "hf":
         hub: FakeHub = request.getfixturevalue("hf_hub")
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
