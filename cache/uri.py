@@ -10,13 +10,23 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, urlsplit
 
+from nodecache.cache.azure_uri import AZURE_SCHEMES, is_blob_url, parse_azure_uri
 from nodecache.cache.errors import InvalidSourceError
 from nodecache.cache.hf_uri import parse_hf_uri
 from nodecache.cache.ociref import parse_oci_uri
 
 __all__ = ["SUPPORTED_SCHEMES", "redact_uri", "validate_source_uri"]
 
-SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "http", "https", "s3", "gs", "hf", "oci")
+SUPPORTED_SCHEMES: tuple[str, ...] = (
+    "file",
+    "http",
+    "https",
+    "s3",
+    "gs",
+    "hf",
+    "oci",
+    *AZURE_SCHEMES,
+)
 
 _SUPPORTED = ", ".join(SUPPORTED_SCHEMES)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -35,7 +45,8 @@ def redact_uri(uri: object) -> str:
     except ValueError:
         return re.sub(r"//[^/@]*@", "//***@", text.split("?", 1)[0])
     netloc = parts.netloc
-    if "@" in netloc:
+    abfs = parts.scheme.lower() in ("abfs", "abfss") and ":" not in netloc.rpartition("@")[0]
+    if "@" in netloc and not abfs:  # abfs names CONTAINER@ACCOUNT: no secret there
         netloc = "***@" + netloc.rpartition("@")[2]
     query = "***" if parts.query else ""
     return SplitResult(parts.scheme, netloc, parts.path, query, "").geturl()
@@ -66,6 +77,8 @@ def validate_source_uri(uri: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in SUPPORTED_SCHEMES:
         raise InvalidSourceError(f"unknown scheme {scheme!r} in {shown!r}; supported: {_SUPPORTED}")
+    if scheme in AZURE_SCHEMES or is_blob_url(text):
+        return parse_azure_uri(text, shown)[0]
     if "@" in parts.netloc:
         raise InvalidSourceError(
             f"credentials embedded in source URI {shown!r}; "

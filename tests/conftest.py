@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from azurite import azure, azurite_server  # noqa: F401 - shared fixtures
 from object_stores import gcs, gcs_server, s3, s3_server  # noqa: F401 - shared fixtures
 from support import Agent, kill_tree
 

@@ -2,7 +2,7 @@
 
 One suite, run against each kind of source on a real server on loopback: ``file://`` (a
 folder), ``http://`` (an aiohttp static server with index pages), ``s3://`` (SeaweedFS)
-and ``gs://`` (fake-gcs-server). A new source adds a :class:`Backend` here.
+and ``gs://`` (fake-gcs-server), ``az://`` (Azurite). A new source adds a :class:`Backend` here.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def hf_hub() -> Iterator[FakeHub]:
         yield hub
 
 
-@pytest.fixture(params=["file", "http", "s3", "gcs", "hf", "oci"])
+@pytest.fixture(params=["file", "http", "s3", "gcs", "azure", "hf", "oci"])
 def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Backend:
@@ -121,6 +121,16 @@ def backend(
                 client.pipe_file(f"{s3.bucket}/{prefix}/{rel}", data)
 
         return Backend("s3", put_s3, lambda rest: f"s3://{s3.bucket}/{rest}", md5=True)
+    if request.param == "azure":
+        container = request.getfixturevalue("azure").container()
+
+        def put_azure(prefix: str, files: dict[str, bytes]) -> None:
+            for rel, data in files.items():
+                container.upload_blob(f"{prefix}/{rel}", data, overwrite=True)
+
+        return Backend(
+            "azure", put_azure, lambda rest: f"az://{container.container_name}/{rest}", md5=True
+        )
     if request.param == "oci":
         registry: Registry = request.getfixturevalue("oci_registry")
         return Backend(

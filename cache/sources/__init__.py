@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from nodecache.cache.azure_uri import is_blob_url
 from nodecache.cache.errors import CacheError
+from nodecache.cache.sources.azure import AzureSource
 from nodecache.cache.sources.base import RemoteFile, Sink, Source
 from nodecache.cache.sources.errors import (
     SourceHttpError,
@@ -52,6 +54,9 @@ _KINDS: dict[str, Callable[..., Source]] = {
     "s3": open_s3,
     "gs": GcsSource,
     "hf": HfSource,
+    "az": AzureSource,
+    "abfs": AzureSource,
+    "abfss": AzureSource,
     "oci": OciSource,
 }
 
@@ -70,10 +75,11 @@ def open_source(
     ``AWS_SESSION_TOKEN``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``,
     ``AWS_SHARED_CREDENTIALS_FILE`` + ``AWS_PROFILE``, ``AWS_NO_SIGN_REQUEST``,
     ``AWS_CA_BUNDLE``; ``GOOGLE_APPLICATION_CREDENTIALS`` (a path),
-    ``GOOGLE_SERVICE_ACCOUNT_JSON``, ``STORAGE_EMULATOR_HOST``.
+    ``GOOGLE_SERVICE_ACCOUNT_JSON``, ``STORAGE_EMULATOR_HOST``; ``AZURE_STORAGE_*`` and
+    Azure AD identities (:mod:`.azure`).
     """
     uri = validate_source_uri(uri)
-    kind = _KINDS[uri.split("://", 1)[0]]
+    kind = AzureSource if is_blob_url(uri) else _KINDS[uri.split("://", 1)[0]]
     try:
         return kind(uri, chunk_size=chunk_size, timeout=timeout, credentials=credentials)
     except CacheError:
