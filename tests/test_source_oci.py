@@ -121,15 +121,10 @@ async def test_an_oras_artifact_is_fetched_byte_for_byte_by_tag(
     model = await store.fetch(f"oci://{oci_registry.host}/{repo}:v1")
 
     assert read_model(model.path) == FILES
+    assert model.resolved == digest  # what status shows
     assert {f.path: f.sha256 for f in model.files} == {
         p: hashlib.sha256(d).hexdigest() for p, d in FILES.items()
     }
-    source = open_source(f"oci://{oci_registry.host}/{repo}:v1", chunk_size=65536, timeout=10)
-    try:
-        source.list_files()
-        assert isinstance(source, OciSource) and source.digest == digest
-    finally:
-        source.close()
 
 
 async def test_a_digest_reference_fetches_that_manifest(
@@ -447,3 +442,19 @@ def test_an_expired_token_is_renewed_mid_download(fake_registry: _FakeRegistry) 
 
     assert data == fake_registry.blob
     assert fake_registry.tokens == 3
+
+
+async def test_a_moved_tag_never_changes_a_model_on_disk(
+    tmp_path: Path, oci_registry: Registry
+) -> None:
+    repo = _repo("pinned")
+    oci_registry.push(f"{repo}:v1", {"model.onnx": b"first"})
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+    uri = f"oci://{oci_registry.host}/{repo}:v1"
+    first = await store.fetch(uri)
+    oci_registry.push(f"{repo}:v1", {"model.onnx": b"second"})
+
+    again = await store.fetch(uri)
+
+    assert again.hit and again.resolved == first.resolved
+    assert (again.path / "model.onnx").read_bytes() == b"first"

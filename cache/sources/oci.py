@@ -68,6 +68,11 @@ class OciSource(Source):
     def close(self) -> None:
         self.http.close()
 
+    @property
+    def resolved(self) -> str | None:
+        """What status shows: the manifest digest the tag (or digest) named when listed."""
+        return self.digest
+
     def _call(self, method: str, url: str, headers: dict[str, str]) -> tuple[int, Any, bytes]:
         return self.http.call(method, url, headers, limit=_MAX_MANIFEST)
 
