@@ -38,6 +38,8 @@ class ModelStatus:
     state: ModelState = ModelState.PENDING
     bytes_done: int = 0
     bytes_total: int | None = None
+    resolved: str | None = None
+    """What the source's reference resolved to when the copy on disk was fetched."""
     error: str | None = None
     next_retry: float | None = None
     attempts: int = 0
@@ -192,6 +194,7 @@ class NodeAgent:
                 },
             )
         status.bytes_done = status.bytes_total = stored.size_bytes
+        status.resolved = stored.resolved
         fmt = decl.format or detect_format(f.path for f in stored.files)
         spec = ModelSpec(decl.name, stored.path, fmt, decl.entrypoint, size_hint=stored.size_bytes)
         await self.host.register(spec.with_policy(_policy(decl)))
@@ -265,6 +268,7 @@ class NodeAgent:
                 "modelSize": status.declared_size,
                 "bytes": status.bytes_done,
                 "bytesTotal": status.bytes_total,
+                "resolved": status.resolved,
                 "error": status.error,
                 "nextRetry": status.next_retry,
             }

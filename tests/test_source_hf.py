@@ -321,3 +321,19 @@ def test_the_commit_is_recorded_for_status_and_survives_a_restart(
 
     assert model.resolved == f"commit {sha}"
     assert again is not None and again.resolved == f"commit {sha}" and again.files == model.files
+
+
+def test_node_status_shows_the_resolved_commit() -> None:
+    from nodecache.agent.kube.nodestatus import node_status
+
+    agent = {
+        "models": [
+            {"name": "m", "state": "Downloaded", "source": "hf://acme/m@main", "bytes": 5,
+             "bytesTotal": 5, "resolved": "commit " + "a" * 40},
+        ],
+    }  # fmt: skip
+    status = node_status(
+        agent, disk={"total": 1, "free": 1}, origins={"m": "LocalModelCache/m"}, errors={}
+    )
+
+    assert status["modelStatus"]["m"]["resolved"] == "commit " + "a" * 40

@@ -161,6 +161,7 @@ def node_status(
         entry = {
             "state": m["state"] if m["state"] in STATES else "Unknown",
             "sourceModelUri": m.get("source"),
+            "resolved": m.get("resolved"),
             "bytes": m.get("bytes") or 0,
             "bytesTotal": total,
             "progress": min(100, 100 * (m.get("bytes") or 0) // total) if total else None,
