@@ -8,7 +8,29 @@ import argparse
 from nodecache.agent.quantity import parse_quantity
 from nodecache.cache.perms import parse_file_mode
 
-__all__ = ["file_mode", "group", "non_negative_int", "port", "positive_int", "quantity", "seconds"]
+__all__ = [
+    "address",
+    "file_mode",
+    "group",
+    "non_negative_int",
+    "port",
+    "positive_int",
+    "quantity",
+    "seconds",
+]
+
+
+def address(text: str) -> tuple[str, int]:
+    """``[HOST]:PORT`` as (host, port); no host means every address (``:8080``), and an
+    IPv6 host goes in brackets (``[::1]:8080``)."""
+    host, colon, number = text.rpartition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST]:PORT, e.g. :8080")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"put an IPv6 address in brackets: [{host}]:{number}")
+    return host, port(number)
 
 
 def port(text: str) -> int:

@@ -15,6 +15,7 @@ from nodecache.agent import prefetch
 from nodecache.agent.settings import (
     SOCKET_NAME,
     AgentSettings,
+    ProxySettings,
     ReconcilerSettings,
     StatusSettings,
     add_options,
@@ -55,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the running agent over its socket for every declared model.",
     )
     add_options(status, StatusSettings)
+    proxy = commands.add_parser(
+        "proxy",
+        help="forward one model of the node socket to a TCP port (KServe runtimes)",
+        description="Forward Open Inference Protocol REST (V2, KServe V1) and gRPC from TCP "
+        "ports to the node socket, renaming the model from the name clients use to the "
+        "cache's. Runs in an inference pod that mounts the socket folder through a "
+        'csi.nodecache.io volume with socket: "true".',
+    )
+    add_options(proxy, ProxySettings)
     prefetch.add_parser(commands)
     return parser
 
@@ -75,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return _agent(args)
     if args.command == "reconciler":
         return _reconciler(args)
+    if args.command == "proxy":
+        return _proxy(args)
     return _status(args)
 
 
@@ -125,6 +137,22 @@ def _reconciler(args: argparse.Namespace) -> int:
     setup_logging(settings.log_format, settings.log_level)
     chosen = {k: v for k, v in asdict(settings).items() if k not in ("log_format", "log_level")}
     asyncio.run(run_reconciler(ReconcilerOptions(**chosen)))
+    return 0
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from nodecache.agent.proxy import run_proxy
+
+    settings = from_arguments(ProxySettings, args)
+    if not settings.model:
+        print("nodecache proxy: give --model NAME, the model's name on the node", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
+    try:
+        serve_forever(run_proxy(settings))
+    except OSError as exc:  # a port in use, an address not on this host
+        print(f"nodecache proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nodecache.agent.argtypes import (
+    address,
     file_mode,
     group,
     non_negative_int,
@@ -37,6 +38,7 @@ __all__ = [
     "AgentSettings",
     "NodeOptions",
     "Option",
+    "ProxySettings",
     "ReconcilerSettings",
     "StatusSettings",
     "add_option",
@@ -280,10 +282,57 @@ class StatusSettings:
     json: bool = option(False, "print the raw status as JSON", action="store_true")
 
 
+@dataclass(frozen=True)
+class ProxySettings:
+    """``nodecache proxy``: one model of the node socket on TCP, for a KServe runtime."""
+
+    model: str = option(
+        "", "the model's name on the node (its cache's served name); required", metavar="NAME"
+    )
+    served_name: str = option(
+        "",
+        "the name clients call the model by, e.g. the InferenceService's ({{.Name}} in a "
+        "ServingRuntime): requests for it go to NAME and answers name it again; other names "
+        "get 404 (default: NAME)",
+        metavar="NAME",
+    )  # fmt: skip
+    listen: tuple[str, int] = option(
+        ("", 8080),
+        "OIP REST (V2 and KServe V1) on this address; no HOST: every address "
+        "(default: :8080)",
+        metavar="[HOST]:PORT", type=address,
+    )  # fmt: skip
+    grpc_listen: tuple[str, int] | None = option(
+        None, "OIP gRPC on this address (default: off)", metavar="[HOST]:PORT", type=address
+    )
+    socket_dir: Path = option(
+        STANDALONE_HOME / "run",
+        f"folder of the node socket {SOCKET_NAME}: where the pod mounts the CSI volume "
+        "with socket: \"true\" (default: %(default)s, or $NODECACHE_SOCKET_DIR)",
+        metavar="DIR", type=Path, env="NODECACHE_SOCKET_DIR",
+    )  # fmt: skip
+    max_body: int = option(
+        64 * 1024 * 1024,
+        "largest request body (and gRPC message) accepted; larger ones get 413 "
+        "(default: 64Mi)",
+        metavar="QUANTITY", type=quantity,
+    )  # fmt: skip
+    node_connections: int = option(
+        256,
+        "most connections to the node socket at once; a request beyond them gets 503 with "
+        "Retry-After (default: %(default)s)",
+        metavar="N", type=positive_int,
+    )  # fmt: skip
+    limits: TransportLimits = nested(TransportLimits, LIMIT_FLAGS)
+    log_format: str = field(default="text", metadata={OPTION: LOG_FORMAT})
+    log_level: str = field(default="info", metadata={OPTION: LOG_LEVEL})
+
+
 COMMANDS: dict[str, type] = {
     "agent": AgentSettings,
     "reconciler": ReconcilerSettings,
     "status": StatusSettings,
+    "proxy": ProxySettings,
 }
 """The commands whose settings live here (``prefetch`` is built in agent/prefetch.py)."""
 
