@@ -373,6 +373,8 @@ async def test_content_md5_is_published_and_checked(tmp_path: Path, azure: Azuri
     source = open_source(f"az://{CONTAINER}/{prefix}", chunk_size=65536, timeout=10)
     try:
         listed = {f.path: f.md5 for f in source.list_files()}
+        assert isinstance(source, AzureSource)
+        assert source.verified_by == "Content-MD5 published by Azure"
     finally:
         source.close()
     assert listed == {p: hashlib.md5(d).hexdigest() for p, d in FILES.items()}
@@ -408,6 +410,8 @@ async def test_a_blob_without_md5_is_checked_by_size_and_its_digest_recorded(
     source = open_source(f"az://{CONTAINER}/{prefix}", chunk_size=65536, timeout=10)
     try:
         [remote] = source.list_files()
+        assert isinstance(source, AzureSource)
+        assert "sha256 recorded at first download" in source.verified_by
     finally:
         source.close()
     assert remote.md5 is None and remote.size == len(data)

@@ -150,6 +150,22 @@ class AzureSource(FsspecBucketSource):
         except Exception as exc:
             raise _azure_error(exc) from None
         self.http = HttpRanges(self.timeout)
+        self.listed: list[RemoteFile] = []
+
+    @property
+    def verified_by(self) -> str:
+        """How the listed blobs are checked, for status: by their Content-MD5, or (a blob
+        committed from blocks has none) by size, with the sha256 of the first download
+        recorded in the manifest as what every later check compares with."""
+        with_md5 = sum(1 for f in self.listed if f.md5)
+        if self.listed and with_md5 == len(self.listed):
+            return "Content-MD5 published by Azure"
+        if not with_md5:
+            return "size; sha256 recorded at first download (no Content-MD5 published)"
+        return (
+            f"Content-MD5 for {with_md5} of {len(self.listed)} blobs; the others by size, "
+            "sha256 recorded at first download"
+        )
 
     def _connect(self, loc: AzureLocation) -> tuple[Any, str, _Auth]:
         """(adlfs filesystem, blob endpoint, byte-path auth) from the settings."""
@@ -246,7 +262,7 @@ class AzureSource(FsspecBucketSource):
 
     def list_files(self) -> list[RemoteFile]:
         try:
-            return super().list_files()
+            self.listed = super().list_files()
         except FileNotFoundError:
             raise FetchError(
                 f"nothing at {redact_uri(self.uri)} (no such container, blob or folder)",
@@ -254,6 +270,7 @@ class AzureSource(FsspecBucketSource):
             ) from None
         except Exception as exc:
             raise _azure_error(exc) from None
+        return self.listed
 
     @staticmethod
     def remote(path: str, info: dict[str, Any]) -> RemoteFile:
