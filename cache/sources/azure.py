@@ -2,9 +2,13 @@
 
 Listing (and the account's own authentication) through adlfs; bytes by ranged ``GET``\\ s of
 the Blob REST API over our keep-alive connections (:mod:`.httpclient`), pinned to the listed
-ETag. A blob's ``Content-MD5`` (stored by Azure for single-shot uploads) is published as its
-MD5 and checked as the bytes arrive; a blob without one is checked by size, and the sha256
-the fetcher records at first download is what every later check compares with.
+ETag: against Azurite (256 MiB, 8 threads x 32 MiB parts) ~4x adlfs's ranged reads
+(``cat_file``: 143 vs 35 MiB/s, 1.6 vs 5.7 CPU-s/GiB), whose parts all pass through one
+event-loop thread and are copied into a ``bytes`` each.
+
+A blob's ``Content-MD5`` (stored by Azure for single-shot uploads) is published as its MD5
+and checked as the bytes arrive; a blob without one is checked by size, and the sha256 the
+fetcher records at first download is what every later check compares with.
 
 Credentials, the storage secret's values first, then the environment:
 
