@@ -5,6 +5,7 @@ can check, and the errors a person must be able to act on."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -451,3 +452,36 @@ def test_the_source_is_azure_for_every_form(azure: AzuriteServer) -> None:
             assert source.endpoint == azure.endpoint
         finally:
             source.close()
+
+
+# -- the agent, end to end --------------------------------------------------------------------
+
+
+def test_the_agent_serves_an_onnx_model_from_azure(
+    agent: Any, azure: AzuriteServer, mlp_dir: Path
+) -> None:
+    """abfss:// to Warm through a real agent (it inherits the connection string), an
+    inference answered; a missing blob is an Error whose reason says so, with no key."""
+    import numpy as np
+    import onnxruntime as ort
+    from support import declaration
+
+    prefix = _seed(azure, {"model.onnx": (mlp_dir / "model.onnx").read_bytes()})
+    agent.start()
+    uri = f"abfss://{CONTAINER}@{ACCOUNT}.dfs.core.windows.net/{prefix}"
+    agent.declare("mlp.yaml", declaration("mlp", uri))
+    agent.declare("gone.yaml", declaration("gone", f"az://{CONTAINER}/{prefix}-absent"))
+
+    agent.wait_state("mlp", "Warm")
+    x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64],
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    code, answer = agent.request("POST", "/v2/models/mlp/infer", body)
+    assert code == 200, answer
+    expected = ort.InferenceSession(str(mlp_dir / "model.onnx")).run(None, {"input": x})[0]
+    got = np.array(answer["outputs"][0]["data"]).reshape(2, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+    gone = agent.wait_state("gone", "Error")
+    assert "nothing at" in json.dumps(gone)
+    assert ACCOUNT_KEY[:16] not in json.dumps(agent.status())
