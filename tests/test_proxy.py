@@ -338,3 +338,36 @@ def test_json_answers_are_renamed_only_where_they_name_the_model() -> None:
     assert names.route("/v2/models/fraud%2Disvc/versions/1/infer", "?a=b").target == (
         "/v2/models/mlp/versions/1/infer?a=b"
     )
+
+
+# -- the KServe runtime and InferenceService examples ------------------------------------
+
+
+def test_the_kserve_runtime_runs_the_proxy_as_the_cli_accepts_it() -> None:
+    """The ServingRuntime's args with {{.Name}} filled in and the isvc's args appended (as
+    KServe does) parse; the socket folder is the CSI socket volume; the probes ask the
+    proxy's own health routes."""
+    import yaml
+
+    from nodecache.agent.cli import build_parser
+    from nodecache.agent.settings import ProxySettings, from_arguments
+
+    folder = ROOT / "daemonset" / "examples" / "kserve"
+    (runtime,) = yaml.safe_load_all((folder / "clusterservingruntime.yaml").read_text())
+    (isvc,) = yaml.safe_load_all((folder / "inferenceservice.yaml").read_text())
+    assert runtime["metadata"]["name"] == isvc["spec"]["predictor"]["model"]["runtime"]
+    (container,) = runtime["spec"]["containers"]
+    name = isvc["metadata"]["name"]
+    args = [a.replace("{{.Name}}", name) for a in container["args"]]
+    args += isvc["spec"]["predictor"]["model"]["args"]
+    settings = from_arguments(ProxySettings, build_parser().parse_args(args))
+    assert (settings.served_name, settings.model) == (name, "resnet50")
+    (mount,) = container["volumeMounts"]
+    (volume,) = [v for v in runtime["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["csi"] == {"driver": "csi.nodecache.io", "readOnly": True,
+                             "volumeAttributes": {"socket": "true"}}  # fmt: skip
+    assert str(settings.socket_dir) == mount["mountPath"]
+    assert settings.listen[1] == container["ports"][0]["containerPort"]
+    names = Names(name, "resnet50")
+    assert names.route(container["livenessProbe"]["httpGet"]["path"], "").kind == "live"
+    assert names.route(container["readinessProbe"]["httpGet"]["path"], "").kind == "ready"

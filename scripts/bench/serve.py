@@ -10,7 +10,8 @@ Repeats go round-robin over every server so slow drift in machine load hits all 
     .venv/bin/python scripts/bench/serve.py --duration 5 --repeats 1   # a quick look
     .venv/bin/python scripts/bench/serve.py --only ours,bare
 
-Servers: ours (agent, in-process model: UDS and TCP), ours --workers 1 (node socket ->
+Servers: ours (agent, in-process model: UDS and TCP), proxy (`nodecache proxy` on TCP in
+front of ours' node socket, as in a KServe pod: its added cost), ours --workers 1 (node socket ->
 router -> worker process: the routing cost), ours --workers 2 (the hot model gets a copy
 on the second worker; not in the default set), MLServer 1.7.1 (custom runtime,
 parallel_workers 0, own venv), KServe 0.21.0 ModelServer (kserve.Model, logging off, own
@@ -44,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT_PY = ROOT / ".venv" / "bin" / "python"
 MODEL = "mlp"
 INFER_PATH = f"/v2/models/{MODEL}/infer"
+PROXY_NAME = "mlp-isvc"  # the InferenceService's name the proxy maps to MODEL
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -100,6 +102,8 @@ class Endpoint:
     url: str  # http://host:port or http://localhost (with socket)
     socket: Path | None = None
     root_pid: int | None = None  # the server's first process, for CPU accounting
+    also_pids: list[int] = field(default_factory=list)  # more process trees its requests use
+    path: str = INFER_PATH
 
 
 @dataclass
@@ -171,7 +175,7 @@ def wait_until(server: Server, check: object, what: str, timeout: float = 120.0)
 
 def probe_infer(endpoint: Endpoint, body: tuple[Path, dict[str, str]]) -> tuple[int, bytes]:
     path, headers = body
-    return request(endpoint, "POST", INFER_PATH, data=path.read_bytes(), headers=headers)
+    return request(endpoint, "POST", endpoint.path, data=path.read_bytes(), headers=headers)
 
 
 def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -> Server:
@@ -224,6 +228,27 @@ def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -
     wait_until(server, lambda: request(uds, "POST", f"/v2/repository/models/{MODEL}/load")[0]
                == 200, f"{name} load")  # fmt: skip
     wait_until(server, lambda: state() == "Warm", f"{name} warm")
+    return server
+
+
+def start_proxy(home: Path, ours: Server, socket_dir: Path) -> Server:
+    """`nodecache proxy` on TCP in front of ours' node socket (the KServe runtime's hop),
+    under another name, so the renaming is paid for too. Its CPU counts the agent's."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [
+        str(PROJECT_PY), "-m", "nodecache.agent.cli", "proxy",
+        "--model", MODEL, "--served-name", PROXY_NAME,
+        "--listen", f"127.0.0.1:{port}", "--socket-dir", str(socket_dir),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    server = Server("proxy", [_spawn(command, home / "proxy.log")])
+    assert ours.pid is not None
+    tcp = Endpoint("proxy TCP", f"http://127.0.0.1:{port}", also_pids=[ours.pid],
+                   path=f"/v2/models/{PROXY_NAME}/infer")  # fmt: skip
+    server.endpoints = [tcp]
+    server.pid = server.procs[0].pid
+    wait_until(server, lambda: request(tcp, "GET", "/v2/health/ready")[0] == 200, "proxy")
     return server
 
 
@@ -318,10 +343,11 @@ def cannon(
     duration: float, warmup: float,
 ) -> Sample:  # fmt: skip
     path, headers = body
-    cpu_before = group_cpu_seconds(endpoint.root_pid) if endpoint.root_pid else None
+    pids = [endpoint.root_pid, *endpoint.also_pids] if endpoint.root_pid else []
+    cpu_before = sum(group_cpu_seconds(pid) for pid in pids) if pids else None
     opts = {
         "autocannon": str(cli.parent),
-        "url": endpoint.url + INFER_PATH,
+        "url": endpoint.url + endpoint.path,
         "socketPath": str(endpoint.socket) if endpoint.socket else None,
         "connections": connections,
         "duration": duration,
@@ -341,7 +367,7 @@ def cannon(
     cpu_us = float("nan")
     if cpu_before is not None and endpoint.root_pid:
         answered = doc["requests"] + doc["non2xx"] + doc.get("warmup_requests", 0)
-        cpu = group_cpu_seconds(endpoint.root_pid) - cpu_before
+        cpu = sum(group_cpu_seconds(pid) for pid in pids) - cpu_before
         cpu_us = cpu / max(1, answered) * 1e6
     return Sample(
         doc["rps"], doc["p50_ms"] or float("nan"), doc["p99_ms"] or float("nan"),
@@ -362,8 +388,10 @@ def servers_up(which: set[str], home: Path, model_dir: Path) -> Iterator[list[Se
     started: list[Server] = []
     try:
         model = model_dir / "model.onnx"
-        if "ours" in which:
+        if "ours" in which or "proxy" in which:
             started.append(start_ours(home / "ours", model_dir, workers=None, tcp=True))
+        if "proxy" in which:
+            started.append(start_proxy(home / "proxy", started[-1], home / "ours" / "run"))
         if "workers" in which:
             started.append(start_ours(home / "ours-w1", model_dir, workers=1, tcp=False))
         if "workers2" in which:
@@ -403,8 +431,8 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="ours,workers,bare,mlserver,kserve",
-        help="servers to run (comma-separated from: ours, workers, workers2, bare, mlserver, "
-        "kserve)",
+        help="servers to run (comma-separated from: ours, workers, workers2, proxy (starts ours "
+        "too), bare, mlserver, kserve)",
     )
     parser.add_argument(
         "--profile",
@@ -574,6 +602,16 @@ def print_targets(
                 what = f"routing cost {kind} c={level}: router->worker vs in-process"
                 found = f"{ratio:.0%} of the req/s, p50 +{added:.2f} ms, CPU +{cpu:.0f} µs/req"
                 checks.append((what, found, "info"))
+            proxied = get("proxy TCP", kind, level)
+            for direct_label in ("ours UDS", "ours TCP"):
+                direct = get(direct_label, kind, level)
+                if direct and proxied:
+                    added = (proxied.med("p50_ms") - direct.med("p50_ms")) * 1000
+                    ratio = proxied.med("rps") / direct.med("rps")
+                    cpu = proxied.med("cpu_us") - direct.med("cpu_us")
+                    what = f"proxy cost {kind} c={level}: proxy TCP -> UDS vs {direct_label}"
+                    found = f"{ratio:.0%} of the req/s, p50 {added:+.0f} µs, CPU {cpu:+.0f} µs/req"
+                    checks.append((what, found, verdict(added <= 100) if level == 1 else "info"))
             one, two = routed, get("ours --workers 2 UDS", kind, level)
             if one and two:
                 ratio = two.med("rps") / one.med("rps")
