@@ -69,7 +69,7 @@ def test_missing_scheme_suggests_file_uri() -> None:
 
 def test_every_supported_scheme_is_named_in_the_message() -> None:
     with pytest.raises(InvalidSourceError) as info:
-        validate_source_uri("hf://org/model")
+        validate_source_uri("ftp://host/model")
     for scheme in SUPPORTED_SCHEMES:
         assert scheme in str(info.value)
 
