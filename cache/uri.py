@@ -12,6 +12,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from nodecache.cache.azure_uri import AZURE_SCHEMES, is_blob_url, parse_azure_uri
 from nodecache.cache.errors import InvalidSourceError
+from nodecache.cache.models_uri import parse_models_uri
 from nodecache.cache.hf_uri import parse_hf_uri
 from nodecache.cache.ociref import parse_oci_uri
 
@@ -23,6 +24,7 @@ SUPPORTED_SCHEMES: tuple[str, ...] = (
     "https",
     "s3",
     "gs",
+    "models",
     "hf",
     "oci",
     *AZURE_SCHEMES,
@@ -67,6 +69,8 @@ def validate_source_uri(uri: str) -> str:
     shown = redact_uri(text)
     if _CONTROL.search(text):
         raise InvalidSourceError(f"control characters in source URI {shown!r}")
+    if text[:7].lower() == "models:":  # MLflow's form has one slash: models:/NAME/VERSION
+        return str(parse_models_uri(text, shown))
     if "://" not in text:
         hint = f" (for a local path use 'file://{text}')" if text.startswith("/") else ""
         raise InvalidSourceError(f"missing scheme in {shown!r}; supported: {_SUPPORTED}{hint}")

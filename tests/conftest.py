@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from azurite import azure, azurite_server  # noqa: F401 - shared fixtures
+from mlflow_server import mlflow_server  # noqa: F401 - shared fixture
 from object_stores import gcs, gcs_server, s3, s3_server  # noqa: F401 - shared fixtures
 from support import Agent, kill_tree
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from hfhub import FakeHub
+from mlflow_server import MlflowServer, conformance_parts
 from object_stores import GCS_BUCKET, S3Server
 from oci_registry import Registry, registry_fixture  # noqa: F401 - the oci_registry fixture
 from support import free_port
@@ -101,7 +102,7 @@ def hf_hub() -> Iterator[FakeHub]:
         yield hub
 
 
-@pytest.fixture(params=["file", "http", "s3", "gcs", "azure", "hf", "oci"])
+@pytest.fixture(params=["file", "http", "s3", "gcs", "azure", "mlflow", "hf", "oci"])
 def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Backend:
@@ -150,6 +151,11 @@ def backend(
             lambda rest: f"hf://conformance/{rest.partition('/')[0]}",
             repository=True,
         )
+    if request.param == "mlflow":
+        server: MlflowServer = request.getfixturevalue("mlflow_server")
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        return Backend("mlflow", *conformance_parts(server))
     gcs = request.getfixturevalue("gcs")
     request.getfixturevalue("gcs_server")
 

@@ -31,6 +31,7 @@ from nodecache.cache.sources.file import LocalSource
 from nodecache.cache.sources.gcs import GcsSource
 from nodecache.cache.sources.hf import HfSource
 from nodecache.cache.sources.http import HttpSource
+from nodecache.cache.sources.mlflow import MlflowSource
 from nodecache.cache.sources.oci import OciSource
 from nodecache.cache.sources.s3 import open_s3
 from nodecache.cache.uri import validate_source_uri
@@ -53,6 +54,7 @@ _KINDS: dict[str, Callable[..., Source]] = {
     "https": HttpSource,
     "s3": open_s3,
     "gs": GcsSource,
+    "models": MlflowSource,
     "hf": HfSource,
     "az": AzureSource,
     "abfs": AzureSource,
@@ -79,7 +81,7 @@ def open_source(
     Azure AD identities (:mod:`.azure`).
     """
     uri = validate_source_uri(uri)
-    kind = AzureSource if is_blob_url(uri) else _KINDS[uri.split("://", 1)[0]]
+    kind = AzureSource if is_blob_url(uri) else _KINDS[uri.split(":", 1)[0]]
     try:
         return kind(uri, chunk_size=chunk_size, timeout=timeout, credentials=credentials)
     except CacheError:
