@@ -12,8 +12,8 @@ from urllib.parse import SplitResult, urlsplit
 
 from nodecache.cache.azure_uri import AZURE_SCHEMES, is_blob_url, parse_azure_uri
 from nodecache.cache.errors import InvalidSourceError
-from nodecache.cache.models_uri import parse_models_uri
 from nodecache.cache.hf_uri import parse_hf_uri
+from nodecache.cache.models_uri import parse_models_uri
 from nodecache.cache.ociref import parse_oci_uri
 
 __all__ = ["SUPPORTED_SCHEMES", "redact_uri", "validate_source_uri"]
