@@ -183,7 +183,10 @@ class NodeAgent:
                 status.bytes_done, status.bytes_total = done, total
 
             stored = await self.store.fetch(
-                decl.source_uri, progress=progress, max_bytes=decl.model_size
+                decl.source_uri,
+                progress=progress,
+                max_bytes=decl.model_size,
+                credentials=_parameters(decl),
             )
             log.info(
                 "download finished",
@@ -285,6 +288,16 @@ class NodeAgent:
             "cache": {"dir": str(self.store.root), "usedBytes": self.store.used_bytes()},
             "devices": self.host.devices(),
         }
+
+
+def _parameters(decl: ModelDeclaration) -> dict[str, str] | None:
+    """``spec.storage.parameters`` (plainHTTP, include/exclude globs, endpoints...), which a
+    source reads before the environment. Secrets named by ``storage.key``/``secretRef`` are
+    not read here yet: the agent's environment (the nodecache-storage Secret) carries them."""
+    parameters = (decl.storage or {}).get("parameters")
+    if not isinstance(parameters, dict):
+        return None
+    return {str(k): str(v) for k, v in parameters.items() if isinstance(v, str | int | bool)}
 
 
 def _policy(decl: ModelDeclaration) -> ModelPolicy:
