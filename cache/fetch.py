@@ -13,6 +13,11 @@ reaches them (mapped, not copied), overlapped with the download. Where the sourc
 (S3 single-part ETag, GCS md5Hash) or a git blob sha1 (Hugging Face) it is folded in the same
 pass and checked too, and so is a published sha256 (Hugging Face LFS, OCI digests).
 
+Where the source publishes a CRC (S3 CRC64NVME/CRC32C/CRC32, GCS crc32c) the file is verified
+by it instead, and no sha256 or MD5 is computed: each part folds its own CRC as its bytes
+arrive (no read-back at all), and the parts' CRCs are joined in file order
+(:mod:`nodecache.cache.checksums`); the manifest records that CRC as the file's checksum.
+
 Parts that completed are recorded in a :class:`~nodecache.cache.journal.Journal` next to the
 partial files, after their bytes were flushed to disk; after a kill the next fetch re-lists
 the source and reuses every recorded part of every file whose size and ETag are unchanged.
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from nodecache.cache.budget import WriteBudget
+from nodecache.cache.checksums import CRCS, Crc
 from nodecache.cache.errors import CacheError, InsufficientSpaceError, IntegrityError
 from nodecache.cache.journal import Journal
 from nodecache.cache.layout import JOURNAL_NAME
@@ -96,7 +102,22 @@ class FetchedFile:
 
     path: str
     size: int
-    sha256: str
+    sha256: str | None
+    """None when the file was verified by the source's CRC instead (:attr:`checksum`)."""
+    checksum: str | None = None
+    """``<algorithm>:<hex>`` of the source's CRC the file was verified by, if any."""
+
+
+@dataclass
+class _CrcFold:
+    """A file verified by the source's CRC: one CRC per part, joined in file order."""
+
+    crc: Crc
+    published: int
+    parts: dict[int, int] = field(default_factory=dict)
+    """CRC of each part received in this run, by part index."""
+    total: int = 0
+    """CRC of the file's prefix joined so far."""
 
 
 @dataclass
@@ -127,6 +148,8 @@ class _FileJob:
     hashing: bool = False
     """Whether a thread is feeding the hashes (one at a time, in file order)."""
     sha256: Any = field(default_factory=hashlib.sha256)
+    """None when the file is verified by the source's CRC (:attr:`crc`)."""
+    crc: _CrcFold | None = None
     md5: Any = None
     git_sha1: Any = None
     """Git blob sha1 (header already fed), where the source publishes one."""
@@ -185,6 +208,10 @@ class Transfer:
         else:
             parts = [_Part(i, s, min(s + step, size)) for i, s in enumerate(range(0, size, step))]
         job = _FileJob(remote, self.folder / remote.path, parts, [False] * len(parts))
+        if remote.crc and remote.crc[0] in CRCS and size is not None:
+            job.crc = _CrcFold(CRCS[remote.crc[0]], remote.crc[1])
+            job.sha256 = None  # the CRC is the check: no sha256, MD5 or sha1 of every byte
+            return job
         if self.options.verify_md5 and remote.md5:
             job.md5 = hashlib.md5(usedforsecurity=False)
         if remote.git_sha1 and size is not None:
@@ -275,7 +302,8 @@ class Transfer:
             raise Aborted
         self._open(job)
         remote = job.remote
-        state = {"pos": part.start, "written_back": part.start}
+        state = {"pos": part.start, "written_back": part.start, "crc": 0}
+        crc = job.crc.crc.update if job.crc is not None and part.end is not None else None
         writeback = self.options.fsync
         # Bytes of a bounded part arrive once each, in order: the part at the hash frontier
         # feeds them to the hashes straight from the receive buffer (no read-back). A part
@@ -296,7 +324,9 @@ class Transfer:
                 budget.take(reach - job.extent)  # raises before a byte past the allowance
                 job.extent = reach
             _pwrite_all(job.fd, data, offset)
-            if stream and job.hash_pos == offset:
+            if crc is not None:  # the part's bytes arrive once each, in order
+                state["crc"] = crc(data, state["crc"])
+            elif stream and job.hash_pos == offset:
                 self._hash_arriving(job, offset, data)
             state["pos"] = pos = offset + len(data)
             if writeback and pos - state["written_back"] >= _WRITEBACK_STEP:
@@ -329,10 +359,12 @@ class Transfer:
                     f"{remote.path!r} of {redact_uri(self.source.uri)}: received {end} bytes, "
                     f"the source says {remote.size}"
                 )
-        self._complete(job, part)
+        self._complete(job, part, state["crc"] if crc is not None else None)
 
-    def _complete(self, job: _FileJob, part: _Part) -> None:
+    def _complete(self, job: _FileJob, part: _Part, crc: int | None = None) -> None:
         with job.lock:
+            if crc is not None and job.crc is not None:
+                job.crc.parts[part.index] = crc
             job.done[part.index] = True
             job.unflushed.append(part.index)
         self.hash_ready(job)
@@ -373,7 +405,9 @@ class Transfer:
                         break
                     part = job.parts[job.next_hash]
                 end = part.end if part.end is not None else job.written
-                if job.hash_pos < end:  # the part's head may have been hashed as it arrived
+                if job.crc is not None:
+                    self._join_crc(job, part)
+                elif job.hash_pos < end:  # the part's head may have been hashed as it arrived
                     self._hash_range(job, job.hash_pos, end)
                 with job.lock:
                     job.next_hash += 1
@@ -389,6 +423,8 @@ class Transfer:
         size = remote.size if remote.size is not None else job.written
         if os.fstat(job.fd).st_size != size:
             os.ftruncate(job.fd, size)
+        if job.crc is not None:
+            return self._finish_crc(job, size)
         sha256 = job.sha256.hexdigest()
         checks = [
             ("MD5", job.md5 and job.md5.hexdigest(), remote.md5),
@@ -407,9 +443,47 @@ class Transfer:
             os.fsync(job.fd)
         return FetchedFile(remote.path, size, sha256)
 
-    def _hash_range(self, job: _FileJob, start: int, end: int) -> None:
-        """Feed bytes ``[start, end)`` already on disk to the hashes, mapped (not copied)
-        from the page cache a window at a time."""
+    def _join_crc(self, job: _FileJob, part: _Part) -> None:
+        """Join the CRC of the next part in file order; a part resumed from an earlier run
+        (its CRC unknown) is read back from disk once."""
+        fold = job.crc
+        assert fold is not None and part.end is not None
+        value = fold.parts.pop(part.index, None)
+        if value is None:
+            state = [0]
+
+            def feed(chunk: memoryview) -> None:
+                state[0] = fold.crc.update(chunk, state[0])
+
+            self._hash_range(job, part.start, part.end, feed)
+            value = state[0]
+        fold.total = fold.crc.combine(fold.total, value, part.end - part.start)
+        job.hash_pos = part.end
+
+    def _finish_crc(self, job: _FileJob, size: int) -> FetchedFile:
+        remote, fold = job.remote, job.crc
+        assert fold is not None
+        got, want = fold.crc.hex(fold.total), fold.crc.hex(fold.published)
+        if got != want:
+            self.journal.forget(remote.path)
+            self.journal.save()
+            raise IntegrityError(
+                f"{remote.path!r} of {redact_uri(self.source.uri)}: {fold.crc.name} "
+                f"{got} differs from the source's {want}"
+            )
+        if self.options.fsync:
+            os.fsync(job.fd)
+        return FetchedFile(remote.path, size, None, checksum=f"{fold.crc.name}:{got}")
+
+    def _hash_range(
+        self,
+        job: _FileJob,
+        start: int,
+        end: int,
+        feed: Callable[[memoryview], None] | None = None,
+    ) -> None:
+        """Feed bytes ``[start, end)`` already on disk to the hashes (or to ``feed``),
+        mapped (not copied) from the page cache a window at a time."""
         if end <= start:
             return
         if os.fstat(job.fd).st_size < end:  # a mapping past the end would fault (SIGBUS)
@@ -427,17 +501,21 @@ class Transfer:
                 view = memoryview(mapped)
                 try:
                     chunk = view[pos - base : stop - base]
-                    job.sha256.update(chunk)
-                    if job.md5 is not None:
-                        job.md5.update(chunk)
-                    if job.git_sha1 is not None:
-                        job.git_sha1.update(chunk)
+                    if feed is not None:
+                        feed(chunk)
+                    else:
+                        job.sha256.update(chunk)
+                        if job.md5 is not None:
+                            job.md5.update(chunk)
+                        if job.git_sha1 is not None:
+                            job.git_sha1.update(chunk)
                     chunk.release()
                 finally:
                     view.release()
             job.read_back += stop - pos
             pos = stop
-            job.hash_pos = pos
+            if feed is None:
+                job.hash_pos = pos
 
     def _flush_loop(self) -> None:
         """Background: every ``journal_interval``, flush completed parts and record them."""

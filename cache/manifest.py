@@ -40,7 +40,10 @@ class StoredFile:
     path: str
     """Relative posix path inside the model folder."""
     size: int
-    sha256: str
+    sha256: str | None
+    """None when the file was verified by the source's CRC (:attr:`checksum`) instead."""
+    checksum: str | None = None
+    """``<algorithm>:<hex>`` of the source's CRC the file was verified by, if any."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def publish(
         "key": key,
         "source_uri": uri,
         "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in fetched],
+        "files": [_file_entry(f) for f in fetched],
     }
     if resolved:
         manifest["resolved"] = resolved
@@ -120,8 +123,18 @@ def publish(
         raise
     except OSError as exc:
         raise translate_error(exc, uri) from None
-    files = tuple(StoredFile(f.path, f.size, f.sha256) for f in fetched)
+    files = tuple(StoredFile(f.path, f.size, f.sha256, f.checksum) for f in fetched)
     return StoredModel(key=key, source_uri=uri, path=final, files=files, resolved=resolved)
+
+
+def _file_entry(f: FetchedFile) -> dict[str, object]:
+    """A file's manifest entry: its sha256, or the source's CRC it was verified by."""
+    entry: dict[str, object] = {"path": f.path, "size": f.size}
+    if f.sha256 is not None:
+        entry["sha256"] = f.sha256
+    if f.checksum is not None:
+        entry["checksum"] = f.checksum
+    return entry
 
 
 def load_model(folder: Path) -> StoredModel | None:
@@ -135,11 +148,21 @@ def load_model(folder: Path) -> StoredModel | None:
         files = []
         for item in raw["files"]:
             path = check_relative_path(str(item["path"]), uri)
-            size, digest = int(item["size"]), str(item["sha256"])
+            size = int(item["size"])
+            digest, checksum = item.get("sha256"), item.get("checksum")
+            if not isinstance(digest, str) and not isinstance(checksum, str):
+                return None
             st = os.stat(folder / path, follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 return None
-            files.append(StoredFile(path, size, digest))
+            files.append(
+                StoredFile(
+                    path,
+                    size,
+                    digest if isinstance(digest, str) else None,
+                    checksum if isinstance(checksum, str) else None,
+                )
+            )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not files:

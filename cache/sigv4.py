@@ -80,8 +80,16 @@ class SigV4:
                 key = k
             return key
 
-    def headers(self, method: str, url: str, *, now: float | None = None) -> dict[str, str]:
-        """Headers to add to a request for ``url`` (already encoded, query canonical)."""
+    def headers(
+        self,
+        method: str,
+        url: str,
+        *,
+        now: float | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> dict[str, str]:
+        """Headers to add to a request for ``url`` (already encoded, query canonical),
+        including ``extra`` (``x-amz-*`` headers, which S3 requires to be signed)."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         if parts.port and parts.port != (443 if parts.scheme == "https" else 80):
@@ -96,6 +104,8 @@ class SigV4:
         signed = {"host": host, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": stamp}
         if token:
             signed["x-amz-security-token"] = token
+        for name, value in (extra or {}).items():
+            signed[name.lower()] = value.strip()
         names = sorted(signed)
         canonical = "\n".join(
             [
@@ -125,6 +135,7 @@ class SigV4:
         }
         if token:
             out["x-amz-security-token"] = token
+        out.update(extra or {})
         return out
 
 

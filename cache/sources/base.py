@@ -56,6 +56,10 @@ class RemoteFile:
     git_sha1: str | None = None
     """Hex git blob id the source publishes (Hugging Face non-LFS files): the sha1 of
     ``b"blob <size>\\0"`` and the content, folded as the bytes arrive."""
+    crc: tuple[str, int] | None = None
+    """``(algorithm, value)`` of a whole-object CRC the source publishes (``crc64nvme``,
+    ``crc32c``, ``crc32``: S3 additional checksums, GCS crc32c): when set, the fetcher
+    verifies the file by it instead of computing a sha256 or MD5 of every byte."""
 
 
 def lookup_setting(credentials: Mapping[str, str], *names: str) -> str | None:

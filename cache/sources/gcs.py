@@ -6,6 +6,7 @@ import base64
 from typing import Any
 from urllib.parse import quote
 
+from nodecache.cache.checksums import crc_from_base64
 from nodecache.cache.sources.base import RemoteFile, Sink
 from nodecache.cache.sources.bucket import FsspecBucketSource
 from nodecache.cache.sources.httpclient import HttpRanges
@@ -59,18 +60,21 @@ class GcsSource(FsspecBucketSource):
 
     @staticmethod
     def remote(path: str, info: dict[str, Any]) -> RemoteFile:
+        """Verified by the object's ``crc32c`` (base64, big-endian), else its ``md5Hash``."""
         md5 = None
         if info.get("md5Hash"):
             try:
                 md5 = base64.b64decode(info["md5Hash"]).hex()
             except ValueError:
                 md5 = None
+        crc = crc_from_base64("crc32c", info["crc32c"]) if info.get("crc32c") else None
         return RemoteFile(
             path,
             info["name"],
             int(info["size"]),
             etag=str(info.get("generation") or "") or None,
             md5=md5,
+            crc=crc,
         )
 
     def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:

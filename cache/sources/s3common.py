@@ -3,16 +3,26 @@ how a listed object becomes a :class:`RemoteFile`."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nodecache.cache.checksums import crc_from_base64
 from nodecache.cache.errors import FetchError
 from nodecache.cache.sources.base import RemoteFile, lookup_setting
 
-__all__ = ["Refresh", "S3Settings", "credential_chain", "resolve_s3_settings", "s3_remote"]
+__all__ = [
+    "CHECKSUM_NAMES",
+    "Refresh",
+    "S3Settings",
+    "credential_chain",
+    "resolve_s3_settings",
+    "s3_remote",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +110,34 @@ def credential_chain(profile: str | None) -> tuple[Refresh, str | None] | None:
     return current, region
 
 
+CHECKSUM_NAMES = ("crc64nvme", "crc32c", "crc32", "sha256")
+"""S3 additional checksums read from ``x-amz-checksum-<name>``, cheapest first."""
+
+
 def s3_remote(path: str, info: dict[str, Any]) -> RemoteFile:
-    """A listed S3 object; a single-part ETag (32 hex digits) is the content's MD5."""
+    """A listed S3 object, with the strongest cheap check it publishes: a whole-object CRC
+    (``checksum_<alg>`` from a HEAD with checksum mode), else its sha256, else the MD5 a
+    single-part ETag (32 hex digits) is. A COMPOSITE checksum (a CRC of the parts' CRCs,
+    ``...-N``) is not one of the bytes as a whole: without part boundaries it is skipped."""
     etag = str(info.get("ETag") or "").strip('"') or None
     md5 = etag if etag and re.fullmatch(r"[0-9a-f]{32}", etag) else None
-    return RemoteFile(path, info["name"], int(info["size"]), etag=etag, md5=md5)
+    crc = sha256 = None
+    if str(info.get("checksum_type") or "FULL_OBJECT").upper() == "FULL_OBJECT":
+        for name in CHECKSUM_NAMES[:3]:
+            value = info.get(f"checksum_{name}")
+            crc = crc_from_base64(name, value) if value else None
+            if crc is not None:
+                break
+        published = info.get("checksum_sha256")
+        if published and crc is None:
+            try:
+                raw = base64.b64decode(published, validate=True)
+            except (binascii.Error, ValueError):
+                raw = b""
+            sha256 = raw.hex() if len(raw) == 32 else None
+    return RemoteFile(
+        path, info["name"], int(info["size"]), etag=etag, md5=md5, sha256=sha256, crc=crc
+    )
 
 
 def _read_credentials_file(path: str, profile: str) -> tuple[str, str, str | None]:
