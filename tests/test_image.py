@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,18 +100,46 @@ def local_torch_wheels() -> list[Path]:
     return sorted({Path(p) for p in places if Path(p).is_dir() and any(Path(p).glob(wheel))})
 
 
+def unreachable(urls: list[str]) -> str | None:
+    """Why the first of ``urls`` that does not answer from here fails, if one does not."""
+    for url in urls:
+        try:
+            urllib.request.urlopen(url, timeout=15).close()
+        except urllib.error.HTTPError:
+            continue  # it answers
+        except OSError as exc:
+            return f"{url} does not answer from here ({exc})"
+    return None
+
+
+def build_or_skip(command: list[str], env: dict[str, str], needs: list[str]) -> str:
+    """Runs a step that downloads from ``needs`` (and the mirror it names, "... from URL");
+    skips, saying why, when one is unreachable (no network here is not a defect of the
+    image), else fails with the step's output."""
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode == 0:
+        return done.stdout.strip()
+    if why := unreachable(needs + re.findall(r" from (https?://\S+)", done.stderr)):
+        pytest.skip(f"{shlex.join(command)} needs the network: {why}")
+    tail = "\n".join(done.stderr.splitlines()[-40:])
+    pytest.fail(f"{shlex.join(command)}: exit {done.returncode}\n{tail}")
+
+
 @pytest.fixture(scope="module")
 def image(podman: dict[str, str]) -> str:
     """The image built by scripts/image from the local Debian base; its id."""
-    base = run([str(ROOT / "scripts/image-tools"), "base"], podman, timeout=900).strip()
+    base = build_or_skip([str(ROOT / "scripts/image-tools"), "base"], podman, [])
     env = {**podman, "BASE": base, "IMAGE": TAG}
     extra = ["--network", "host"]
+    needs = [os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple/"]
     if wheels := local_torch_wheels():
         # The CPU torch wheel from this machine's disk rather than PyTorch's index.
         env["TORCH_INDEX_URL"] = ""
         extra += ["--build-arg", "PIP_FIND_LINKS=" + " ".join(map(str, wheels))]
         extra += [arg for w in wheels for arg in ("--volume", f"{w}:{w}:ro")]
-    image_id = run([str(ROOT / "scripts/image"), *extra], env, timeout=1800).strip()
+    else:
+        needs.append("https://download.pytorch.org/whl/cpu/")  # the Containerfile's default
+    image_id = build_or_skip([str(ROOT / "scripts/image"), *extra], env, needs)
     assert image_id, "scripts/image printed no image id"
     # Superseded images go; this build's layers stay, as the next run's cache.
     run(["podman", "image", "prune", "--force"], podman, timeout=300)
