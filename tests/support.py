@@ -19,7 +19,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from nodecache.cache import FetchOptions
+
 ROOT = Path(__file__).resolve().parent.parent
+
+SMALL = FetchOptions(
+    chunk_size=64 * 1024,
+    part_size=256 * 1024,
+    fsync=False,
+    retries=2,
+    backoff_base=0.01,
+    backoff_max=0.05,
+)
+"""Fetch options for tests: small parts (many ranges from small files), no fsync, fast retries."""
 
 
 def free_port() -> int:

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 from azurite import ACCOUNT, ACCOUNT_KEY, CONTAINER, AzuriteServer
+from support import SMALL
 
 from nodecache.cache import (
     MANIFEST_NAME,
     FetchError,
-    FetchOptions,
     IntegrityError,
     InvalidSourceError,
     ModelStore,
@@ -27,14 +27,6 @@ from nodecache.cache.sources import open_source
 from nodecache.cache.sources.azure import AzureSource, mask_azure_secrets
 from nodecache.cache.uri import redact_uri, validate_source_uri
 
-SMALL = FetchOptions(
-    chunk_size=64 * 1024,
-    part_size=256 * 1024,
-    fsync=False,
-    retries=2,
-    backoff_base=0.01,
-    backoff_max=0.05,
-)
 FILES = {
     "config.json": b'{"layers": 2}',
     "weights/model.safetensors": os.urandom(700_001),

@@ -11,17 +11,9 @@ import pytest
 from awscrt.checksums import crc32c
 from object_stores import GCS_BUCKET as BUCKET
 from object_stores import GcsServer
+from support import SMALL
 
-from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
-
-SMALL = FetchOptions(
-    chunk_size=64 * 1024,
-    part_size=256 * 1024,
-    fsync=False,
-    retries=2,
-    backoff_base=0.01,
-    backoff_max=0.05,
-)
+from nodecache.cache import MANIFEST_NAME, FetchError, IntegrityError, ModelStore
 
 
 def read_model(folder: Path) -> dict[str, bytes]:

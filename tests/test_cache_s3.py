@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 from object_stores import ACCESS_KEY, SECRET_KEY, S3Server
+from support import SMALL
 
 from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
-
-SMALL = FetchOptions(
-    chunk_size=64 * 1024,
-    part_size=256 * 1024,
-    fsync=False,
-    retries=2,
-    backoff_base=0.01,
-    backoff_max=0.05,
-)
 
 
 def upload(server: S3Server, prefix: str, files: dict[str, bytes]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from support import SMALL
 
 from nodecache.cache import (
     MANIFEST_NAME,
@@ -22,15 +23,6 @@ from nodecache.cache import (
     IntegrityError,
     InvalidSourceError,
     ModelStore,
-)
-
-SMALL = FetchOptions(
-    chunk_size=64 * 1024,
-    part_size=256 * 1024,
-    fsync=False,
-    retries=2,
-    backoff_base=0.01,
-    backoff_max=0.05,
 )
 
 

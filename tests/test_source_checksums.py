@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from object_stores import ACCESS_KEY, GCS_BUCKET, SECRET_KEY, S3Server
+from support import SMALL
 
 from nodecache.cache import MANIFEST_NAME, FetchOptions, IntegrityError, ModelStore
 from nodecache.cache.sources.base import RemoteFile, Sink
@@ -18,14 +19,6 @@ from nodecache.cache.sources.s3 import S3Source
 
 awscrt = pytest.importorskip("awscrt.checksums")
 
-SMALL = FetchOptions(
-    chunk_size=64 * 1024,
-    part_size=256 * 1024,
-    fsync=False,
-    retries=2,
-    backoff_base=0.01,
-    backoff_max=0.05,
-)
 CRC = {"CRC64NVME": awscrt.crc64nvme, "CRC32C": awscrt.crc32c, "CRC32": awscrt.crc32}
 WIDTH = {"CRC64NVME": 16, "CRC32C": 8, "CRC32": 8}
 

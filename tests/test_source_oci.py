@@ -17,23 +17,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 from oci_registry import PASSWORD, Registry, auth_registry_fixture, registry_fixture  # noqa: F401
-from support import free_port
+from support import SMALL, free_port
 
-from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
+from nodecache.cache import MANIFEST_NAME, FetchError, IntegrityError, ModelStore
 from nodecache.cache.errors import InvalidSourceError
 from nodecache.cache.ociref import DOCKER_HUB, parse_oci_uri
 from nodecache.cache.sources import open_source
 from nodecache.cache.sources.oci import MODELPACK_ARTIFACT, OciSource
 from nodecache.cache.uri import validate_source_uri
 
-SMALL = FetchOptions(
-    chunk_size=64 * 1024,
-    part_size=256 * 1024,
-    fsync=False,
-    retries=2,
-    backoff_base=0.01,
-    backoff_max=0.05,
-)
 FILES = {
     "model.onnx": os.urandom(5000),
     "weights/shard-0.safetensors": os.urandom(700_001),
