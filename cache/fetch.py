@@ -433,15 +433,8 @@ class Transfer:
         ]
         for name, got, published in checks:
             if got and published and got != published.lower():
-                self.journal.forget(remote.path)
-                self.journal.save()
-                raise IntegrityError(
-                    f"{remote.path!r} of {redact_uri(self.source.uri)}: {name} "
-                    f"{got} differs from the source's {published}"
-                )
-        if self.options.fsync:
-            os.fsync(job.fd)
-        return FetchedFile(remote.path, size, sha256)
+                raise self._mismatch(remote, name, got, published)
+        return self._verified(job, FetchedFile(remote.path, size, sha256))
 
     def _join_crc(self, job: _FileJob, part: _Part) -> None:
         """Join the CRC of the next part in file order; a part resumed from an earlier run
@@ -465,15 +458,24 @@ class Transfer:
         assert fold is not None
         got, want = fold.crc.hex(fold.total), fold.crc.hex(fold.published)
         if got != want:
-            self.journal.forget(remote.path)
-            self.journal.save()
-            raise IntegrityError(
-                f"{remote.path!r} of {redact_uri(self.source.uri)}: {fold.crc.name} "
-                f"{got} differs from the source's {want}"
-            )
+            raise self._mismatch(remote, fold.crc.name, got, want)
+        checksum = f"{fold.crc.name}:{got}"
+        return self._verified(job, FetchedFile(remote.path, size, None, checksum=checksum))
+
+    def _mismatch(self, remote: RemoteFile, check: str, got: str, want: str) -> IntegrityError:
+        """The file failed ``check``: its parts are forgotten, so the next fetch starts it
+        over, and the error says which check and both values."""
+        self.journal.forget(remote.path)
+        self.journal.save()
+        return IntegrityError(
+            f"{remote.path!r} of {redact_uri(self.source.uri)}: {check} "
+            f"{got} differs from the source's {want}"
+        )
+
+    def _verified(self, job: _FileJob, fetched: FetchedFile) -> FetchedFile:
         if self.options.fsync:
             os.fsync(job.fd)
-        return FetchedFile(remote.path, size, None, checksum=f"{fold.crc.name}:{got}")
+        return fetched
 
     def _hash_range(
         self,
