@@ -45,6 +45,9 @@ class Node:
         self.channel = grpc.insecure_channel(f"unix://{self.endpoint}")
         self.node = pb_grpc.NodeStub(self.channel)
         self.identity = pb_grpc.IdentityStub(self.channel)
+        # The CSI socket is bound after the node socket answers; kubelet's registrar
+        # waits for it the same way.
+        grpc.channel_ready_future(self.channel).result(timeout=30)
         return self
 
     def stop(self) -> None:
