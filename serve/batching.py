@@ -11,18 +11,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from time import perf_counter_ns
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "Span"]
 
 Inputs = dict[str, np.ndarray]
 Run = Callable[[Inputs], Awaitable[dict[str, np.ndarray]]]
 
 
+class Span(Protocol):
+    """Where a request's batch ran, ``perf_counter_ns`` (for its statistics)."""
+
+    began: int
+    ended: int
+
+
 @dataclass
 class _Pending:
-    items: list[tuple[Inputs, asyncio.Future[dict[str, np.ndarray]]]] = field(default_factory=list)
+    items: list[tuple[Inputs, asyncio.Future[dict[str, np.ndarray]], Span | None]] = field(
+        default_factory=list
+    )
     rows: int = 0
     timer: asyncio.TimerHandle | None = None
 
@@ -38,14 +49,15 @@ class Batcher:
         self.max_queue_delay = max_queue_delay
         self._pending: dict[tuple, _Pending] = {}
 
-    async def submit(self, inputs: Inputs) -> dict[str, np.ndarray]:
+    async def submit(self, inputs: Inputs, span: Span | None = None) -> dict[str, np.ndarray]:
+        """The outputs for ``inputs``, run in a batch; ``span`` learns when it ran."""
         rows = {a.shape[0] if a.ndim else 0 for a in inputs.values()}
-        if len(rows) != 1 or 0 in rows:
-            return await self._run(inputs)  # not batchable: run alone
+        if len(rows) != 1 or 0 in rows:  # not batchable: run alone
+            return await self._timed(inputs, [span])
         key = _key(inputs)
         pending = self._pending.setdefault(key, _Pending())
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-        pending.items.append((inputs, future))
+        pending.items.append((inputs, future, span))
         pending.rows += rows.pop()
         if pending.rows >= self.max_batch_size:
             self._flush(key)
@@ -62,14 +74,23 @@ class Batcher:
             pending.timer.cancel()
         asyncio.get_running_loop().create_task(self._execute(pending.items))
 
+    async def _timed(self, inputs: Inputs, spans: list[Span | None]) -> dict[str, np.ndarray]:
+        began = perf_counter_ns()
+        outputs = await self._run(inputs)
+        ended = perf_counter_ns()
+        for span in spans:
+            if span is not None:
+                span.began, span.ended = began, ended
+        return outputs
+
     async def _execute(
-        self, items: list[tuple[Inputs, asyncio.Future[dict[str, np.ndarray]]]]
+        self, items: list[tuple[Inputs, asyncio.Future[dict[str, np.ndarray]], Span | None]]
     ) -> None:
         names = list(items[0][0])
-        sizes = [next(iter(inputs.values())).shape[0] for inputs, _ in items]
+        sizes = [next(iter(inputs.values())).shape[0] for inputs, _, _ in items]
         try:
-            stacked = {n: np.concatenate([inputs[n] for inputs, _ in items]) for n in names}
-            outputs = await self._run(stacked)
+            stacked = {n: np.concatenate([inputs[n] for inputs, _, _ in items]) for n in names}
+            outputs = await self._timed(stacked, [span for _, _, span in items])
             total = sum(sizes)
             for name, array in outputs.items():
                 if array.ndim == 0 or array.shape[0] != total:
@@ -79,10 +100,10 @@ class Batcher:
                     )
             bounds = np.cumsum(sizes)[:-1]
             parts = {name: np.split(array, bounds) for name, array in outputs.items()}
-            for i, (_, future) in enumerate(items):
+            for i, (_, future, _) in enumerate(items):
                 if not future.done():
                     future.set_result({name: chunks[i] for name, chunks in parts.items()})
         except Exception as exc:
-            for _, future in items:
+            for _, future, _ in items:
                 if not future.done():
                     future.set_exception(exc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from concurrent.futures import ThreadPoolExecutor
-from time import perf_counter
+from time import perf_counter, perf_counter_ns
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
@@ -32,6 +32,7 @@ from nodecache.serve.metrics import (
     request_stats,
 )
 from nodecache.serve.protocol import (
+    DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_OUTPUT_BYTES,
     OFFLOAD_BYTES,
     InferRequest,
@@ -43,6 +44,9 @@ from nodecache.serve.repository import ModelRepository, ServedModel
 from nodecache.serve.runtime import Runtime, TensorSpec
 from nodecache.serve.spec import ModelState
 from nodecache.serve.tensors import DATATYPES, datatype_of, encoded_size
+from nodecache.serve.triton.config import has_batch_dimension, model_config
+from nodecache.serve.triton.shm import SharedMemory, place_outputs, resolve_inputs
+from nodecache.serve.triton.statistics import RequestTiming, Statistics
 
 __all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane"]
 
@@ -52,7 +56,13 @@ SERVER_VERSION = "0.1.0"
 MODEL_VERSION = "1"
 # What a version may look like anywhere (REST path, gRPC field): refused with 400 otherwise.
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-EXTENSIONS = ["model_repository", "binary_tensor_data"]
+EXTENSIONS = [
+    "model_repository",
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "system_shared_memory",
+]
 # Runtime calls that typically take less than this run on the event loop itself.
 INLINE_PREDICT_SECONDS = 0.0005
 
@@ -90,6 +100,8 @@ class DataPlane:
         self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
         self._batchers: dict[str, Batcher] = {}
         self._specs: dict[str, _ModelSpec] = {}
+        self.statistics = Statistics()
+        self.shared_memory = SharedMemory()
 
     # -- lookups -------------------------------------------------------------
 
@@ -165,16 +177,19 @@ class DataPlane:
         stats = request_stats(self._metric_label(name), protocol)
         stats.inflight.inc()
         code = "500"
+        timing: RequestTiming | None = None
         try:
             self._check(name, version)
+            timing = RequestTiming()
             async with self.repository.use(name) as model:
                 runtime = _runtime(model)
                 spec = self._spec(name, runtime)
                 inputs = spec.check_inputs(request.inputs)
                 wanted = spec.check_outputs(request) if request.outputs is not None else None
                 names = list(wanted) if wanted else None
+                timing.checked, timing.rows = perf_counter_ns(), spec.rows(inputs)
                 if model.batching is not None:
-                    outputs = await self._batcher(model).submit(inputs)
+                    outputs = await self._batcher(model).submit(inputs, timing)
                     if wanted:
                         outputs = {n: outputs[n] for n in wanted if n in outputs}
                 elif _inline(model, inputs) and not model.slots.locked():
@@ -182,12 +197,16 @@ class DataPlane:
                     # giving it back around it would change nothing.
                     spec.queue_seconds.observe(perf_counter() - started)
                     began = perf_counter()
+                    timing.began = perf_counter_ns()
                     outputs = runtime.predict(inputs, names)
-                    self._predicted(model, began)
+                    self._predicted(model, began, inputs)
+                    timing.ended = perf_counter_ns()
                 else:
                     async with model.slots:
                         spec.queue_seconds.observe(perf_counter() - started)
+                        timing.began = perf_counter_ns()
                         outputs = await self._predict(model, inputs, names)
+                        timing.ended = perf_counter_ns()
             await self._check_output_size(outputs)
             response = InferResponse(
                 name,
@@ -203,6 +222,8 @@ class DataPlane:
             raise
         finally:
             stats.done(code, perf_counter() - started)
+            if timing is not None:
+                self.statistics.record(name, MODEL_VERSION, timing, ok=code == "200")
 
     def _spec(self, name: str, runtime: Runtime) -> _ModelSpec:
         """The model's prepared tensor spec, rebuilt only when a new load changed it."""
@@ -221,14 +242,16 @@ class DataPlane:
         else:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(self._executor, runtime.predict, inputs, names)
-        self._predicted(model, began)
+        self._predicted(model, began, inputs)
         return outputs
 
-    def _predicted(self, model: ServedModel, began: float) -> None:
+    def _predicted(self, model: ServedModel, began: float, inputs: dict[str, np.ndarray]) -> None:
         took = perf_counter() - began
         typical = model.typical_predict
         model.typical_predict = took if typical is None else 0.9 * typical + 0.1 * took
-        self._specs[model.name].inference_seconds.observe(took)
+        spec = self._specs[model.name]
+        spec.inference_seconds.observe(took)
+        self.statistics.executed(model.name, MODEL_VERSION, spec.rows(inputs), round(took * 1e9))
 
     def _batcher(self, model: ServedModel) -> Batcher:
         batcher = self._batchers.get(model.name)
@@ -243,6 +266,50 @@ class DataPlane:
 
             batcher = self._batchers[model.name] = Batcher(run, *model.batching)
         return batcher
+
+    # -- Triton's extensions (serve/triton/) ------------------------------------
+
+    async def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The model's configuration as Triton prints it (model configuration extension)."""
+        self._check(name, version)
+        async with self.repository.use(name) as model:
+            runtime = _runtime(model)
+            device = model.device
+            return model_config(
+                name,
+                platform=runtime.platform,
+                inputs=runtime.inputs,
+                outputs=runtime.outputs,
+                versions=[MODEL_VERSION],
+                batching=model.batching,
+                device_kind=device.kind if device else "cpu",
+                device_index=int(device.name.partition(":")[2] or 0) if device else 0,
+                concurrency=self.repository.max_concurrency,
+            )
+
+    async def model_statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> dict[str, Any]:
+        """Triton's statistics of one model (and version) or, without a name, of every
+        model registered here."""
+        if name is None:
+            served = [(m.name, MODEL_VERSION) for m in self.repository.models()]
+            return self.statistics.report(served)
+        self._check(name, version)
+        return self.statistics.report([(name, version or MODEL_VERSION)])
+
+    async def infer_shared(
+        self, name: str, request: InferRequest, version: str | None = None, *, protocol: str
+    ) -> InferResponse:
+        """``infer`` for a request with tensors in the caller's shared memory
+        (``request.regions``): inputs are read there, outputs written there."""
+        regions = request.regions
+        assert regions is not None, "the transport names the caller's regions"
+        strings = sum(r.byte_size for r in request.shared.values() if r.datatype == "BYTES")
+        await sized_work(strings, resolve_inputs, request, regions, DEFAULT_MAX_ELEMENTS)
+        result = await self.infer(name, request, version, protocol=protocol)
+        await sized_work(tensor_bytes(result.outputs), place_outputs, request, result, regions)
+        return result
 
     # -- model repository extension -----------------------------------------
 
@@ -312,8 +379,17 @@ class _ModelSpec:
             for s in inputs
         }
         self.output_names = {s.name for s in outputs}
+        self.batched = has_batch_dimension(inputs, outputs)
         self.queue_seconds = child(QUEUE_SECONDS, name)
         self.inference_seconds = child(INFERENCE_SECONDS, name)
+
+    def rows(self, inputs: dict[str, np.ndarray]) -> int:
+        """Inferences one call with these inputs makes: its batch rows, if batched (Triton's
+        ``inference_count``)."""
+        if not self.batched or not inputs:
+            return 1
+        first = next(iter(inputs.values()))
+        return first.shape[0] if first.ndim else 1
 
     def check_inputs(self, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         expected = self.expected

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 __all__ = [
     "CONTROL_ANSWERS",
     "RELAYED_ANSWERS",
+    "CallerUnknown",
     "InvalidInput",
     "MethodNotAllowed",
     "ModelLoadError",
@@ -25,6 +26,7 @@ __all__ = [
     "PayloadTooLarge",
     "ServeError",
     "ServerOverloaded",
+    "Unimplemented",
     "WorkerUnavailable",
     "answered",
     "clean_message",
@@ -115,6 +117,20 @@ class MethodNotAllowed(ServeError):
     """The routed path relays only GET, HEAD and POST (405)."""
 
     status = 405
+
+
+class Unimplemented(ServeError):
+    """A part of the protocol this node does not serve (CUDA shared memory without a GPU
+    runtime, tracing, log settings): 400 over HTTP, UNIMPLEMENTED over gRPC."""
+
+    status, grpc_code = 400, "UNIMPLEMENTED"
+
+
+class CallerUnknown(ServeError):
+    """The call needs to know which process sent it (shared memory is the caller's own)
+    and the connection does not tell (403)."""
+
+    status, grpc_code = 403, "PERMISSION_DENIED"
 
 
 # A worker's error answer, by HTTP status, as the error it stands for here; any other

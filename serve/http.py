@@ -34,6 +34,8 @@ from nodecache.serve.transport import (
     UnixListener,
     limits_middleware,
 )
+from nodecache.serve.triton.routes import add_routes as add_triton_routes
+from nodecache.serve.triton.routes import regions_for
 
 __all__ = ["DEFAULT_MAX_BODY", "PROTOCOL_HEADER", "NodeServer", "build_app", "error_response"]
 
@@ -125,7 +127,11 @@ async def _infer(request: web.Request) -> web.Response:
     )
     protocol = headers.get(PROTOCOL_HEADER, "rest")
     match_info = request.match_info
-    result = await app[DATAPLANE].infer(
+    infer = app[DATAPLANE].infer
+    if infer_request.uses_shared_memory:
+        infer_request.regions = await regions_for(request, app[DATAPLANE])
+        infer = app[DATAPLANE].infer_shared
+    result = await infer(
         match_info["name"],
         infer_request,
         match_info.get("version"),
@@ -225,6 +231,7 @@ def build_app(
     app[DATAPLANE] = dataplane
     app[MAX_BODY] = max_body
     app[MAX_ELEMENTS] = max_elements
+    add_triton_routes(app, dataplane)  # first: /v2/models/stats is no model's metadata
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     # Routes under one prefix are tried in the order they were added: infer first.

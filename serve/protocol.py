@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, TypeVar
 
 import numpy as np
@@ -26,10 +26,12 @@ __all__ = [
     "InferRequest",
     "InferResponse",
     "RequestedOutput",
+    "SharedRef",
     "decode_request",
     "decode_response",
     "encode_request",
     "encode_response",
+    "shared_ref",
     "sized_work",
     "tensor_bytes",
 ]
@@ -61,9 +63,38 @@ def tensor_bytes(tensors: dict[str, np.ndarray]) -> int:
 
 
 @dataclass(frozen=True)
+class SharedRef:
+    """A tensor in a registered shared memory region (Triton's system shared memory
+    extension): the region's name and the part of it; for an input, its datatype and
+    shape as the request gave them (checked when the bytes are read)."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+    datatype: Any = None
+    shape: Any = None
+
+
+def shared_ref(params: dict[str, Any], what: str) -> SharedRef | None:
+    """The shared memory part of a tensor's parameters, if it names a region."""
+    region = params.get("shared_memory_region")
+    if region is None:
+        return None
+    size = params.get("shared_memory_byte_size")
+    offset = params.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or any(type(n) is not int or n < 0 for n in (size, offset)):
+        raise InvalidInput(
+            f"{what}: shared_memory_region must be a string, shared_memory_byte_size and "
+            "shared_memory_offset non-negative integers"
+        )
+    return SharedRef(region, size, offset)
+
+
+@dataclass(frozen=True)
 class RequestedOutput:
     name: str
     binary: bool
+    shm: SharedRef | None = None
 
 
 @dataclass
@@ -74,6 +105,14 @@ class InferRequest:
     # None: every output of the model.
     outputs: list[RequestedOutput] | None = None
     binary_outputs: bool = False
+    # Inputs whose bytes are in shared memory, by name: read where the model runs.
+    shared: dict[str, SharedRef] = field(default_factory=dict)
+    # The caller's shared memory regions by name (serve/triton/shm.py), when it uses any.
+    regions: Callable[[str], Any] | None = None
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return bool(self.shared) or any(o.shm for o in self.outputs or ())
 
 
 @dataclass
@@ -84,6 +123,8 @@ class InferResponse:
     id: str | None = None
     binary: dict[str, bool] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
+    # Outputs already written to shared memory: only their name, datatype and shape go back.
+    placed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _NO_PARAMETERS: dict[str, Any] = {}
@@ -127,10 +168,18 @@ def decode_request(
         raise InvalidInput("request needs a non-empty 'inputs' list")
 
     inputs: dict[str, np.ndarray] = {}
+    shared: dict[str, SharedRef] = {}
     offset = 0
     for spec in raw_inputs:
         raw = None
         if type(spec) is dict and "parameters" in spec:
+            ref = shared_ref(_parameters(spec, "input"), f"input {excerpt(str(spec.get('name')))}")
+            if ref is not None and type(spec.get("name")) is str:
+                if spec["name"] in shared:
+                    raise InvalidInput(f"input {excerpt(spec['name'])} is given twice")
+                shared[spec["name"]] = replace(ref, datatype=spec.get("datatype"),
+                                               shape=spec.get("shape"))  # fmt: skip
+                continue
             size = _parameters(spec, "input").get("binary_data_size")
             if size is not None:
                 if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -160,8 +209,10 @@ def decode_request(
         for out in doc["outputs"]:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise InvalidInput("each requested output must be an object with a string 'name'")
-            wants = _parameters(out, "output").get("binary_data", binary_outputs)
-            outputs.append(RequestedOutput(out["name"], bool(wants)))
+            out_params = _parameters(out, "output")
+            wants = out_params.get("binary_data", binary_outputs)
+            ref = shared_ref(out_params, f"output {excerpt(out['name'])}")
+            outputs.append(RequestedOutput(out["name"], bool(wants), ref))
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
@@ -171,6 +222,7 @@ def decode_request(
         parameters=params,
         outputs=outputs,
         binary_outputs=binary_outputs,
+        shared=shared,
     )
 
 
@@ -185,6 +237,9 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
         outputs.append(spec)
         if raw is not None:
             chunks.append(raw)
+    # No parameters on these: perf_analyzer reads any there as binary data's.
+    outputs.extend({k: placed[k] for k in ("name", "datatype", "shape")}
+                   for placed in response.placed.values())  # fmt: skip
     doc: dict[str, Any] = {"model_name": response.model_name, "outputs": outputs}
     if response.model_version is not None:
         doc["model_version"] = response.model_version
@@ -210,6 +265,9 @@ def encode_request(request: InferRequest, *, binary: bool) -> tuple[bytes, int |
         specs.append(spec)
         if raw is not None:
             chunks.append(raw)
+    for name, ref in request.shared.items():
+        specs.append({"name": name, "datatype": ref.datatype, "shape": ref.shape,
+                      "parameters": _shared_parameters(ref)})  # fmt: skip
     doc: dict[str, Any] = {"inputs": specs}
     if request.id is not None:
         doc["id"] = request.id
@@ -220,12 +278,19 @@ def encode_request(request: InferRequest, *, binary: bool) -> tuple[bytes, int |
         doc["parameters"] = params
     if request.outputs is not None:
         doc["outputs"] = [
-            {"name": o.name, "parameters": {"binary_data": o.binary}} for o in request.outputs
-        ]
+            {"name": o.name, "parameters": {"binary_data": o.binary,
+                                            **(_shared_parameters(o.shm) if o.shm else {})}}
+            for o in request.outputs
+        ]  # fmt: skip
     header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)
+
+
+def _shared_parameters(ref: SharedRef) -> dict[str, Any]:
+    return {"shared_memory_region": ref.region, "shared_memory_byte_size": ref.byte_size,
+            "shared_memory_offset": ref.offset}  # fmt: skip
 
 
 def decode_response(body: bytes, json_length: int | None = None) -> InferResponse:
@@ -234,9 +299,13 @@ def decode_response(body: bytes, json_length: int | None = None) -> InferRespons
     raw = memoryview(body)[len(header) :]
     doc = orjson.loads(header)
     outputs: dict[str, np.ndarray] = {}
+    placed: dict[str, dict[str, Any]] = {}
     offset = 0
     for spec in doc["outputs"]:
         size = spec.get("parameters", {}).get("binary_data_size")
+        if size is None and "data" not in spec:  # written to shared memory
+            placed[spec["name"]] = spec
+            continue
         chunk = None
         if size is not None:
             chunk, offset = raw[offset : offset + size], offset + size
@@ -248,4 +317,5 @@ def decode_response(body: bytes, json_length: int | None = None) -> InferRespons
         outputs=outputs,
         id=doc.get("id"),
         parameters=doc.get("parameters") or {},
+        placed=placed,
     )

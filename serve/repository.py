@@ -144,6 +144,11 @@ class ModelRepository:
         # load lets the resident growth be measured.
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
 
+    @property
+    def max_concurrency(self) -> int:
+        """Runtime calls one model may run at once (Triton's instance count)."""
+        return self._max_concurrency
+
     def __contains__(self, name: str) -> bool:
         return name in self._models
 

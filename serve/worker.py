@@ -42,6 +42,8 @@ from nodecache.serve.pool.messages import (
 )
 from nodecache.serve.repository import ModelRepository
 from nodecache.serve.settings import ServeSettings
+from nodecache.serve.triton.routes import WORKER_MAPPINGS
+from nodecache.serve.triton.shm import SWEEP_SECONDS, WorkerMappings
 
 __all__ = ["build_control_app", "build_worker_app", "main", "parse_args"]
 
@@ -126,6 +128,7 @@ def build_worker_app(
     settings = settings or ServeSettings()
     app = build_app(DataPlane(repository, max_output_bytes=settings.max_output_bytes))
     assert app[DATAPLANE].repository is repository
+    app[WORKER_MAPPINGS] = WorkerMappings()  # the agent hands shared memory over to map
     return app
 
 
@@ -168,7 +171,8 @@ async def _serve(args: argparse.Namespace) -> None:
         max_concurrency_per_model=settings.model_concurrency,
     )
     token = os.environ.pop(TOKEN_ENV, "")
-    server = NodeServer(build_worker_app(repository, settings), Path(args.socket))
+    app = build_worker_app(repository, settings)
+    server = NodeServer(app, Path(args.socket))
     control = NodeServer(build_control_app(repository, token), Path(args.control_socket))
     stop = asyncio.Event()
     on_stop_signal(stop)
@@ -188,7 +192,12 @@ async def _serve(args: argparse.Namespace) -> None:
             await asyncio.sleep(settings.idle_check_seconds)
             await repository.unload_idle()
 
-    tasks = [asyncio.create_task(watch_parent()), asyncio.create_task(unload_idle())]
+    async def unmap_regions() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            app[WORKER_MAPPINGS].sweep()
+
+    tasks = [asyncio.create_task(t()) for t in (watch_parent, unload_idle, unmap_regions)]
     await stop.wait()
     for task in tasks:
         task.cancel()

@@ -16,8 +16,8 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from support import Agent, declaration, free_port
 
-from nodecache.serve.grpc import oip_pb2 as pb
-from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.grpc import grpc_service_pb2 as pb
+from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")

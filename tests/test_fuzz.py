@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Agent, declaration, wait_for
 
-from nodecache.serve.grpc import oip_pb2 as pb
-from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.grpc import grpc_service_pb2 as pb
+from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
 
 EXAMPLES = int(os.environ.get("NODECACHE_FUZZ_EXAMPLES", "80"))
 FUZZ = settings(

@@ -22,8 +22,8 @@ from prometheus_client import REGISTRY, generate_latest
 
 from nodecache.serve.dataplane import DataPlane
 from nodecache.serve.errors import InvalidInput
-from nodecache.serve.grpc import oip_pb2 as pb
-from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.grpc import grpc_service_pb2 as pb
+from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
 from nodecache.serve.grpc.server import GrpcServer
 from nodecache.serve.http import NodeServer, build_app
 from nodecache.serve.metrics import UNKNOWN_MODEL

@@ -24,8 +24,8 @@ import tritonclient.http as triton_http
 from support import ROOT, Agent, declaration, free_port, kill_tree, wait_for
 
 from nodecache.agent.proxy.names import Names, field_one, replace_field_one
-from nodecache.serve.grpc import oip_pb2 as pb
-from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.grpc import grpc_service_pb2 as pb
+from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
 
 ISVC = "fraud-isvc"
 TYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",

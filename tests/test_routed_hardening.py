@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 from support import Agent, declaration, free_port, wait_for
 
-from nodecache.serve.grpc import oip_pb2 as pb
-from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.grpc import grpc_service_pb2 as pb
+from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
 
 INJECTED = (
     "1/infer HTTP/1.1\r\nHost: w\r\nContent-Length: 0\r\n\r\n"

@@ -10,9 +10,6 @@ node's pods maps the UID to a namespace. Anything unknown is refused: fail close
 from __future__ import annotations
 
 import json
-import re
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,33 +17,11 @@ from typing import Any
 from aiohttp import web
 
 from nodecache.agent.kube.watching import Informer
+from nodecache.serve.callers import peer_pid, pod_uid_of
 
 __all__ = ["REPOSITORY_INDEX", "CallerIdentity", "namespace_guard", "peer_pid", "pod_uid_of"]
 
-_POD_UID = re.compile(
-    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
-)
 Access = Callable[[str], frozenset[str] | None]  # model -> allowed namespaces (None: all)
-
-
-def peer_pid(transport: Any) -> int | None:
-    """The PID of the process at the other end of a Unix socket; None over TCP."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return pid or None
-
-
-def pod_uid_of(pid: int, proc_root: Path = Path("/proc")) -> str | None:
-    """The pod UID in ``pid``'s cgroup path, or None for a process outside any pod."""
-    try:
-        text = (proc_root / str(pid) / "cgroup").read_text()
-    except OSError:
-        return None
-    match = _POD_UID.search(text)
-    return match.group(1).replace("_", "-") if match else None
 
 
 class CallerIdentity:

@@ -6,29 +6,36 @@ always raw (``raw_output_contents``), as Triton does and every OIP client reads.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
+from nodecache.serve.callers import Caller, caller_of_grpc_peer
 from nodecache.serve.dataplane import DataPlane
-from nodecache.serve.errors import InvalidInput, ServeError, excerpt
-from nodecache.serve.grpc import oip_pb2 as pb
-from nodecache.serve.grpc import oip_pb2_grpc as pb_grpc
+from nodecache.serve.errors import CallerUnknown, InvalidInput, ServeError, excerpt
+from nodecache.serve.grpc import grpc_service_pb2 as pb
+from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
 from nodecache.serve.protocol import (
     DEFAULT_MAX_ELEMENTS,
     InferRequest,
     InferResponse,
     RequestedOutput,
+    SharedRef,
+    shared_ref,
     sized_work,
     tensor_bytes,
 )
 from nodecache.serve.tensors import decode_tensor, encode_tensor
+from nodecache.serve.triton.shm import Lookup, open_region
 
 __all__ = ["GrpcServer", "OipServicer"]
 
@@ -63,7 +70,14 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
         )
     inputs: dict[str, np.ndarray] = {}
+    shared: dict[str, SharedRef] = {}
     for i, tensor in enumerate(request.inputs):
+        ref = shared_ref(_parameters(tensor.parameters), f"input {excerpt(tensor.name)}")
+        if ref is not None:
+            if tensor.name in shared:
+                raise InvalidInput(f"input {excerpt(tensor.name)} is given twice")
+            shared[tensor.name] = replace(ref, datatype=tensor.datatype, shape=list(tensor.shape))
+            continue
         spec: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
@@ -82,13 +96,19 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         if name in inputs:
             raise InvalidInput(f"input {excerpt(name)} is given twice")
         inputs[name] = array
-    outputs = [RequestedOutput(o.name, True) for o in request.outputs] or None
+    outputs = [
+        RequestedOutput(
+            o.name, True, shared_ref(_parameters(o.parameters), f"output {excerpt(o.name)}")
+        )
+        for o in request.outputs
+    ] or None
     return InferRequest(
         inputs=inputs,
         id=request.id or None,
         parameters=_parameters(request.parameters),
         outputs=outputs,
         binary_outputs=True,
+        shared=shared,
     )
 
 
@@ -102,6 +122,9 @@ def encode_infer_response(result: InferResponse) -> pb.ModelInferResponse:
         spec, raw = encode_tensor(name, array, binary=True)
         response.outputs.add(name=name, datatype=spec["datatype"], shape=spec["shape"])
         response.raw_output_contents.append(raw or b"")
+    for name, placed in result.placed.items():  # in shared memory: described, no bytes
+        response.outputs.add(name=name, datatype=placed["datatype"], shape=placed["shape"])
+        response.raw_output_contents.append(b"")
     return response
 
 
@@ -133,6 +156,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, gate: Gate | None = None) -> None:
         self.dataplane = dataplane
         self._gate = gate
+        # Our TCP ports: a loopback caller is the process at the other end of one of them.
+        self.ports: set[int] = set()
 
     async def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
         refusal = self._gate(model) if self._gate is not None else None
@@ -174,7 +199,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.model_name)
         infer_request = await sized_work(request.ByteSize(), decode_infer_request, request)
-        result = await self.dataplane.infer(
+        infer = self.dataplane.infer
+        if infer_request.uses_shared_memory:
+            infer_request.regions = await self._regions(context)
+            infer = self.dataplane.infer_shared
+        result = await infer(
             request.model_name, infer_request, request.model_version or None, protocol="grpc"
         )
         return await sized_work(tensor_bytes(result.outputs), encode_infer_response, result)
@@ -183,13 +212,89 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.model_name)
         await self.dataplane.load(request.model_name)
-        return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
+        return pb.RepositoryModelLoadResponse()
 
     @_answers
     async def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
         await self._admit(context, request.model_name)
         await self.dataplane.unload(request.model_name)
-        return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- Triton's extensions (serve/triton/) -------------------------------------------
+
+    @_answers
+    async def ModelConfig(self, request, context):  # type: ignore[no-untyped-def]
+        await self._admit(context, request.name)
+        config = await self.dataplane.model_config(request.name, request.version or None)
+        # The same JSON as REST's, read into model_config.proto's message.
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
+
+    @_answers
+    async def ModelStatistics(self, request, context):  # type: ignore[no-untyped-def]
+        if request.name:
+            await self._admit(context, request.name)
+        elif request.version:
+            raise InvalidInput("a version needs a model name")
+        report = await self.dataplane.model_statistics(
+            request.name or None, request.version or None
+        )
+        if request.name == "" and self._gate is not None:
+            report["model_stats"] = [
+                s for s in report["model_stats"] if self._gate(s["name"]) is None
+            ]
+        return json_format.ParseDict(report, pb.ModelStatisticsResponse())
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        caller = await asyncio.to_thread(caller_of_grpc_peer, context.peer(), self.ports)
+        if caller is None:
+            raise CallerUnknown(
+                "shared memory is the calling process's own, and this connection does not "
+                "say which process calls: use gRPC over TCP on loopback, or HTTP on the "
+                "node socket"
+            )
+        return caller
+
+    async def _regions(self, context: grpc.aio.ServicerContext) -> Lookup:
+        return self.dataplane.shared_memory.lookup(await self._caller(context))
+
+    @_answers
+    async def SystemSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
+        caller = await self._caller(context)
+        region = await asyncio.to_thread(
+            open_region, caller, request.name, request.key, request.offset, request.byte_size
+        )
+        self.dataplane.shared_memory.add(region)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_answers
+    async def SystemSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
+        caller = await self._caller(context)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.dataplane.shared_memory.status(caller, request.name or None):
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @_answers
+    async def SystemSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
+        caller = await self._caller(context)
+        self.dataplane.shared_memory.unregister(caller, request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+
+def _unimplemented(method: str) -> Callable[..., Awaitable[Any]]:
+    async def refuse(self: OipServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"nodecache does not serve {method}")
+
+    return refuse
+
+
+# Triton's service has more than nodecache serves (CUDA shared memory, streaming, tracing,
+# log settings): those answer UNIMPLEMENTED, as gRPC says of an unknown method.
+for _method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name:
+    if _method not in OipServicer.__dict__:
+        setattr(OipServicer, _method, _unimplemented(_method))
 
 
 class GrpcServer:
@@ -215,8 +320,8 @@ class GrpcServer:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self._server = grpc.aio.server(options=options)
-        servicer = OipServicer(dataplane, gate)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self._servicer = OipServicer(dataplane, gate)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
 
     async def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +332,7 @@ class GrpcServer:
             host, port = self._tcp
             if port is not None:
                 self.tcp_port = self._server.add_insecure_port(f"{host}:{port}")
+                self._servicer.ports.add(self.tcp_port)
             await self._server.start()
         finally:
             os.umask(old_umask)

@@ -9,6 +9,7 @@ cross as raw tensor bytes (the binary tensor data extension: no JSON on that hop
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 from urllib.parse import quote
@@ -30,6 +31,7 @@ from nodecache.serve.errors import (
     MethodNotAllowed,
     ModelNotFound,
     ModelNotReady,
+    WorkerUnavailable,
     answered,
 )
 from nodecache.serve.http import PROTOCOL_HEADER, error_middleware
@@ -44,6 +46,10 @@ from nodecache.serve.protocol import (
     tensor_bytes,
 )
 from nodecache.serve.spec import ModelState
+from nodecache.serve.triton.routes import REGIONS_HEADER, caller_of
+from nodecache.serve.triton.routes import add_routes as add_triton_routes
+from nodecache.serve.triton.shm import Lookup, SharedMemory, refs_of
+from nodecache.serve.triton.statistics import merge as merge_statistics
 
 __all__ = ["PoolDataPlane", "build_router_app"]
 
@@ -88,6 +94,8 @@ class PoolDataPlane:
     def __init__(self, pool: WorkerPool, catalog: Catalog) -> None:
         self.pool = pool
         self.catalog = catalog
+        # Held here, mapped by the workers (REGIONS_HEADER): bytes never cross the agent.
+        self.shared_memory = SharedMemory()
 
     def check(self, name: str, version: str | None = None) -> None:
         """The same 404s, 503s and 400s for names and versions as in-process."""
@@ -139,7 +147,13 @@ class PoolDataPlane:
         path = _model_path(name, version) + "/infer"
         size = tensor_bytes(request.inputs)
         body, json_length = await sized_work(size, encode_request, request, binary=True)
-        headers = [(PROTOCOL_HEADER, protocol), (HEADER_LENGTH, str(json_length))]
+        headers = [(PROTOCOL_HEADER, protocol)]
+        if json_length is not None:  # None: every input is in shared memory
+            headers.append((HEADER_LENGTH, str(json_length)))
+        if request.regions is not None:
+            named = {r.region for r in request.shared.values()}
+            named |= {o.shm.region for o in request.outputs or () if o.shm}
+            headers.append(_regions_header(request.regions, named))
         answer = await self.pool.infer(name, "POST", path, body, headers)
         _raise_for(answer)
         length = next((v for k, v in answer[1] if k.lower() == HEADER_LENGTH.lower()), None)
@@ -156,6 +170,39 @@ class PoolDataPlane:
         self.check(name)
         await self.pool.unload(name)
 
+    async def infer_shared(
+        self, name: str, request: InferRequest, version: str | None = None, *, protocol: str
+    ) -> InferResponse:
+        """The worker maps the caller's regions itself (``infer`` hands them over)."""
+        return await self.infer(name, request, version, protocol=protocol)
+
+    async def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The model's configuration, from its home (which has it loaded)."""
+        self.check(name, version)
+        path = _model_path(name, version) + "/config"
+        answer = await self.pool.ask_home(name, "GET", path, b"", [])
+        _raise_for(answer)
+        doc: dict[str, Any] = json.loads(answer[2])
+        return doc
+
+    async def model_statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> dict[str, Any]:
+        """Every worker counts the requests it ran; the sum is the model's (or, without a
+        name, every model's). A worker restarting meanwhile adds nothing."""
+        if name is not None:
+            self.check(name, version)
+        path = "/v2/models/stats" if name is None else _model_path(name, version) + "/stats"
+        reports = []
+        for worker in self.pool.table.workers:
+            if not worker.serving:
+                continue
+            with contextlib.suppress(WorkerUnavailable):
+                status, _, body = await self.pool.relay(worker, name or "", "GET", path, b"", [])
+                if status == 200:
+                    reports.append(json.loads(body))
+        return merge_statistics(reports)
+
     async def forward(self, request: web.Request, name: str) -> web.Response:
         """A REST request about a model, to the worker that should answer it.
 
@@ -171,6 +218,10 @@ class PoolDataPlane:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() in _REQUEST_HEADERS]
         path, target = request.path, request.raw_path
         if path.endswith(("/infer", ":predict")):
+            if path.endswith("/infer") and b"shared_memory_region" in body:
+                named = refs_of(_json_part(body, request.headers.get(HEADER_LENGTH)))
+                caller_regions = self.shared_memory.lookup(await caller_of(request))
+                headers.append(_regions_header(caller_regions, named))
             status, answer, payload = await self.pool.infer(name, method, target, body, headers)
         else:
             if path.endswith("/unload"):
@@ -178,6 +229,22 @@ class PoolDataPlane:
             status, answer, payload = await self.pool.ask_home(name, method, target, body, headers)
         out = CIMultiDict((k, v) for k, v in answer if k.lower() in _ANSWER_HEADERS)
         return web.Response(body=payload, status=status, headers=out)
+
+
+def _json_part(body: bytes, header_length: str | None) -> dict[str, Any]:
+    """A REST infer body's JSON part (the whole body without the binary extension)."""
+    try:
+        end = len(body) if header_length is None else int(header_length)
+        doc = json.loads(body[:end])
+    except ValueError:
+        raise InvalidInput("the request's JSON part is not valid JSON") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _regions_header(regions: Lookup, named: set[str]) -> tuple[str, str]:
+    """The regions a relayed request names, as handles its worker maps itself."""
+    handles = {name: regions(name).handle() for name in sorted(named)}
+    return REGIONS_HEADER, json.dumps(handles, separators=(",", ":"))
 
 
 def build_router_app(dataplane: PoolDataPlane) -> web.Application:
@@ -202,6 +269,7 @@ def build_router_app(dataplane: PoolDataPlane) -> web.Application:
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", metadata)
+    add_triton_routes(app, dataplane)  # before the model routes: /v2/models/stats
     app.router.add_route("*", "/v2/models/{name}{tail:(/.*)?}", model)
     app.router.add_route("*", r"/v1/models/{name:[^/:]+}{tail:(:predict)?}", model)
     app.router.add_post("/v2/repository/index", index)

@@ -1,0 +1,358 @@
+"""Triton's system shared memory extension: tensors read from and written to POSIX shared
+memory (``/dev/shm/<key>``) that the caller created, instead of crossing the socket.
+
+A region is the caller's own: it is registered under the caller's scope (its pod, or its
+user outside pods: ``callers.Caller``), and its key is opened in the caller's own
+``/dev/shm`` (through ``/proc/<pid>/root``), so one pod can neither name nor reach another
+pod's memory. Keys are single names (no ``/`` inside, no ``..``): nothing outside
+/dev/shm can be opened. Every offset and size is checked against the region before a byte
+is touched, and the file's size against the region's end on every use. A region goes when
+its caller unregisters it or when the process that registered it is gone.
+
+The process that registers a region holds its file open; the process that runs the model
+maps it (``Mapping``): the agent itself in-process, or the model's worker, which opens the
+agent's descriptor through ``/proc/<agent>/fd/<n>``, so tensor bytes never pass through
+the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import os
+import re
+import stat
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nodecache.serve.callers import Caller
+from nodecache.serve.errors import InvalidInput, excerpt
+from nodecache.serve.protocol import InferRequest, InferResponse
+from nodecache.serve.tensors import DATATYPES, datatype_of, decode_tensor, encode_tensor
+
+__all__ = [
+    "MAX_REGIONS",
+    "Mapping",
+    "Region",
+    "SharedMemory",
+    "WorkerMappings",
+    "open_region",
+    "place_outputs",
+    "refs_of",
+    "resolve_inputs",
+]
+
+# A key names one file of /dev/shm, with or without shm_open's leading slash.
+_KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,255})")
+_NAME = re.compile(r"[!-~]{1,255}")  # a region's name: visible ASCII
+MAX_REGIONS = 256
+"""Regions one scope may hold at once."""
+SWEEP_SECONDS = 5.0
+"""How often regions of callers that are gone are looked for."""
+
+
+def _checked_key(key: Any) -> str:
+    match = _KEY.fullmatch(key) if isinstance(key, str) else None
+    if match is None or match.group(1) in (".", ".."):
+        raise InvalidInput(
+            f"shared memory key {excerpt(str(key))} must name one file of /dev/shm "
+            "(letters, digits, . _ -, an optional leading /)"
+        )
+    return match.group(1)
+
+
+def _checked_size(what: str, value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise InvalidInput(f"{what} must be a non-negative integer, got {excerpt(str(value))}")
+    return value
+
+
+class Mapping:
+    """One region's bytes mapped into this process; ``view`` is the only way in."""
+
+    def __init__(self, fd: int, offset: int, byte_size: int) -> None:
+        self.fd, self.offset, self.byte_size = fd, offset, byte_size
+        self._map: mmap.mmap | None = None
+        self._base = 0
+
+    def _mapped(self) -> mmap.mmap:
+        if self._map is None:
+            start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+            self._base = self.offset - start
+            self._map = mmap.mmap(self.fd, self._base + self.byte_size, offset=start)
+        return self._map
+
+    def view(self, offset: int, size: int, what: str) -> memoryview:
+        """``size`` bytes at ``offset`` into the region; 400 if they are not all inside it
+        (or if the file shrank below the region since it was registered)."""
+        if offset < 0 or size < 0 or offset + size > self.byte_size:
+            raise InvalidInput(
+                f"{what}: {size} bytes at offset {offset} do not fit the region's "
+                f"{self.byte_size} bytes"
+            )
+        if os.fstat(self.fd).st_size < self.offset + self.byte_size:
+            raise InvalidInput(f"{what}: the shared memory file shrank below the region")
+        if self.byte_size == 0:
+            return memoryview(b"")
+        start = self._base + offset
+        return memoryview(self._mapped())[start : start + size]
+
+    def close(self) -> None:
+        if self._map is not None:
+            # A request still reading it keeps it: the mapping then goes with its last view.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+
+
+@dataclass
+class Region:
+    """A registered region: the caller's file, held open, and what part of it is usable."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    owner: Caller
+    fd: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    mapping: Mapping | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "offset": self.offset,
+                "byte_size": self.byte_size}  # fmt: skip
+
+    def view(self, offset: int, size: int, what: str) -> memoryview:
+        """Bytes of the region, mapped here on first use (see ``Mapping.view``)."""
+        if self.mapping is None:
+            self.mapping = Mapping(self.fd, self.offset, self.byte_size)
+        return self.mapping.view(offset, size, what)
+
+    def handle(self) -> dict[str, Any]:
+        """What a worker needs to map this region itself (``Mapping`` over our fd)."""
+        st = os.fstat(self.fd)
+        return {"id": self.id, "path": f"/proc/{os.getpid()}/fd/{self.fd}", "ino": st.st_ino,
+                "dev": st.st_dev, "offset": self.offset, "byte_size": self.byte_size}  # fmt: skip
+
+    def close(self) -> None:
+        if self.mapping is not None:
+            self.mapping.close()
+        os.close(self.fd)
+
+
+def open_region(caller: Caller, name: Any, key: Any, offset: Any, byte_size: Any) -> Region:
+    """The caller's region, its file open and checked; blocking (a file in the caller's
+    filesystem): call it from a thread, then ``SharedMemory.add`` it."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput(f"region name {excerpt(str(name))} must be 1-255 visible ASCII")
+    file = _checked_key(key)
+    offset = _checked_size("offset", offset)
+    byte_size = _checked_size("byte_size", byte_size)
+    fd = _open_in(caller, file, key)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"shared memory key {excerpt(key)} is not a regular file")
+        if caller.uid != 0 and st.st_uid != caller.uid:
+            raise InvalidInput(f"shared memory key {excerpt(key)} is not the caller's")
+        if offset + byte_size > st.st_size:
+            raise InvalidInput(
+                f"region {excerpt(name)}: {byte_size} bytes at offset {offset} go past "
+                f"the end of {excerpt(key)} ({st.st_size} bytes)"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return Region(name, key, offset, byte_size, caller, fd)
+
+
+class SharedMemory:
+    """Registered regions by (scope, name); regions of callers that are gone are dropped
+    every ``SWEEP_SECONDS`` while any is registered."""
+
+    def __init__(self) -> None:
+        self._regions: dict[tuple[str, str], Region] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def add(self, region: Region) -> None:
+        """Register an opened region (``open_region``); refused if its name is taken."""
+        self.sweep()
+        scope = region.owner.scope
+        if (scope, region.name) in self._regions:
+            region.close()
+            raise InvalidInput(f"shared memory region {excerpt(region.name)} is already registered")
+        if sum(1 for s, _ in self._regions if s == scope) >= MAX_REGIONS:
+            region.close()
+            raise InvalidInput(f"at most {MAX_REGIONS} shared memory regions per caller")
+        self._regions[(scope, region.name)] = region
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_later)
+
+    def _sweep_later(self) -> None:
+        self._sweeper = None
+        self.sweep()
+        if self._regions:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_later)
+
+    def unregister(self, caller: Caller, name: str | None) -> list[Region]:
+        """Forget the caller's region (or all of them); unknown names are no error, as in
+        Triton. Returns what was dropped (workers unmap those)."""
+        keys = [k for k in self._regions if k[0] == caller.scope and name in (None, k[1])]
+        dropped = [self._regions.pop(k) for k in keys]
+        for region in dropped:
+            region.close()
+        return dropped
+
+    def status(self, caller: Caller, name: str | None) -> list[dict[str, Any]]:
+        self.sweep()
+        if name is not None:
+            return [self.region(caller, name).status()]
+        return [
+            r.status() for (scope, _), r in sorted(self._regions.items()) if scope == caller.scope
+        ]
+
+    def lookup(self, caller: Caller) -> Lookup:
+        """The caller's regions by name, for one request."""
+        return lambda name: self.region(caller, name)
+
+    def region(self, caller: Caller, name: str) -> Region:
+        region = self._regions.get((caller.scope, name))
+        if region is None:
+            raise InvalidInput(f"no shared memory region {excerpt(name)} is registered")
+        return region
+
+    def sweep(self) -> list[Region]:
+        """Drop the regions of processes that are gone; returns them."""
+        gone = [k for k, r in self._regions.items() if not r.owner.alive()]
+        dropped = [self._regions.pop(k) for k in gone]
+        for region in dropped:
+            region.close()
+        return dropped
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for region in self._regions.values():
+            region.close()
+        self._regions.clear()
+
+
+def _open_in(caller: Caller, file: str, key: str) -> int:
+    path = caller.root() / "dev" / "shm" / file
+    try:
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InvalidInput(f"shared memory key {excerpt(key)} does not exist") from None
+    except OSError as exc:
+        raise InvalidInput(f"shared memory key {excerpt(key)} cannot be opened: "
+                           f"{exc.strerror}") from None  # fmt: skip
+
+
+Lookup = Callable[[str], "Region | Mapping"]
+"""A region's name -> its bytes (InvalidInput for a name the caller did not register)."""
+
+
+def resolve_inputs(request: InferRequest, lookup: Lookup, max_elements: int) -> None:
+    """Turn the request's shared-memory inputs into arrays over the mapped bytes (no copy)."""
+    for name, ref in request.shared.items():
+        if name in request.inputs:
+            raise InvalidInput(f"input {excerpt(name)} is given twice")
+        view = lookup(ref.region).view(ref.offset, ref.byte_size, f"input {excerpt(name)}")
+        spec = {"name": name, "datatype": ref.datatype, "shape": list(ref.shape)}
+        request.inputs[name] = decode_tensor(spec, view, max_elements=max_elements)[1]
+    request.shared = {}
+
+
+def place_outputs(request: InferRequest, response: InferResponse, lookup: Lookup) -> None:
+    """Write the outputs the request asked into shared memory there; the answer then only
+    describes them (``response.placed``)."""
+    for out in request.outputs or ():
+        ref = out.shm
+        array = response.outputs.get(out.name)
+        if ref is None or array is None:
+            continue
+        what = f"output {excerpt(out.name)}"
+        datatype = datatype_of(array)
+        if datatype == "BYTES":
+            _, raw = encode_tensor(out.name, array, binary=True)
+            data = np.frombuffer(raw or b"", np.uint8)
+        else:
+            data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).reshape(-1)
+        if data.nbytes > ref.byte_size:
+            raise InvalidInput(
+                f"{what} has {data.nbytes} bytes, more than the {ref.byte_size} given for it"
+            )
+        view = lookup(ref.region).view(ref.offset, data.nbytes, what)
+        np.frombuffer(view, dtype=data.dtype)[:] = data
+        del response.outputs[out.name]
+        response.placed[out.name] = {
+            "name": out.name,
+            "datatype": datatype,
+            "shape": list(array.shape),
+            "region": ref.region,
+            "byte_size": data.nbytes,
+        }
+
+
+class WorkerMappings:
+    """In a worker: the regions the agent named in a request, mapped once and kept until
+    the agent says they are gone (``forget``)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[int, Mapping]] = {}
+        self._paths: dict[str, str] = {}
+
+    def lookup(self, handles: dict[str, Any]) -> Lookup:
+        def find(name: str) -> Mapping:
+            handle = handles.get(name)
+            if not isinstance(handle, dict):
+                raise InvalidInput(f"no shared memory region {excerpt(name)} is registered")
+            return self._map(handle)
+
+        return find
+
+    def _map(self, handle: dict[str, Any]) -> Mapping:
+        known = self._maps.get(handle["id"])
+        if known is not None:
+            return known[1]
+        path = str(handle["path"])
+        if not re.fullmatch(rf"/proc/{os.getppid()}/fd/\d+", path):
+            raise InvalidInput("a shared memory region must come from the agent")
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_dev) != (handle["ino"], handle["dev"]):
+            os.close(fd)
+            raise InvalidInput("the shared memory region changed since it was registered")
+        mapping = Mapping(fd, int(handle["offset"]), int(handle["byte_size"]))
+        self._maps[handle["id"]] = (fd, mapping)
+        self._paths[handle["id"]] = path
+        return mapping
+
+    def sweep(self) -> None:
+        """Unmap the regions the agent no longer holds open (unregistered, or their
+        caller gone): its descriptor is closed, or now names another file."""
+        for region_id, (fd, mapping) in list(self._maps.items()):
+            st = os.fstat(fd)
+            try:
+                now = os.stat(self._paths[region_id])
+            except OSError:
+                now = None
+            if now is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                del self._maps[region_id], self._paths[region_id]
+                mapping.close()
+                os.close(fd)
+
+
+def refs_of(doc: dict[str, Any]) -> set[str]:
+    """The region names a REST infer body's JSON part mentions (inputs and outputs)."""
+    names = set()
+    for tensor in [*doc.get("inputs", ()), *doc.get("outputs", ())]:
+        params = tensor.get("parameters") if isinstance(tensor, dict) else None
+        if isinstance(params, dict) and isinstance(params.get("shared_memory_region"), str):
+            names.add(params["shared_memory_region"])
+    return names
