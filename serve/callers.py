@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,22 @@ class Caller:
     uid: int
     started: int  # the process's start time (clock ticks after boot): a reused PID differs
     scope: str  # "pod:<uid>" or "uid:<n>"
+    socket: tuple[int, int] | None = None  # over TCP: the caller's (fd, inode) of it
 
     def alive(self) -> bool:
         """Whether this very process still runs (not another one with its PID)."""
         return _start_time(self.pid) == self.started
+
+    def holds_socket(self) -> bool:
+        """Whether the process still holds the TCP socket it was found by: then a
+        connection from that socket's address is still its own (one readlink)."""
+        if self.socket is None:
+            return False
+        fd, inode = self.socket
+        try:
+            return os.readlink(_PROC / str(self.pid) / "fd" / str(fd)) == f"socket:[{inode}]"
+        except OSError:
+            return False
 
     def root(self) -> Path:
         """The caller's own view of the filesystem: its mount namespace, its /dev/shm."""
@@ -130,9 +142,13 @@ def _tcp_caller(
     for table in ("tcp", "tcp6"):
         inode = _socket_of(_PROC / "net" / table, address, port, wanted)
         if inode is not None:
-            pid = _owner_of(inode)
-            uid = None if pid is None else _effective_uid(pid)
-            return None if pid is None or uid is None else _caller(pid, uid)
+            owner = _owner_of(inode)
+            if owner is None:
+                return None
+            pid, fd = owner
+            uid = _effective_uid(pid)
+            caller = None if uid is None else _caller(pid, uid)
+            return None if caller is None else replace(caller, socket=(fd, inode))
     return None
 
 
@@ -179,8 +195,9 @@ def _endpoint(text: str) -> tuple[ipaddress._BaseAddress, int]:
     return address, int(port_hex, 16)
 
 
-def _owner_of(inode: int) -> int | None:
-    """The process holding socket ``inode`` open (the lowest PID, if several share it)."""
+def _owner_of(inode: int) -> tuple[int, int] | None:
+    """(pid, fd) of the process holding socket ``inode`` open (the lowest PID, if several
+    share it)."""
     target = f"socket:[{inode}]"
     for entry in sorted(_PROC.iterdir(), key=lambda p: (len(p.name), p.name)):
         if not entry.name.isdigit():
@@ -188,7 +205,7 @@ def _owner_of(inode: int) -> int | None:
         try:
             for fd in os.scandir(entry / "fd"):
                 if os.readlink(fd.path) == target:
-                    return int(entry.name)
+                    return int(entry.name), int(fd.name)
         except OSError:
             continue
     return None

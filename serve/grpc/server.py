@@ -129,6 +129,7 @@ def encode_infer_response(result: InferResponse) -> pb.ModelInferResponse:
 
 
 Gate = Callable[[str], "str | None"]
+_MAX_CALLERS = 4096
 Call = TypeVar("Call", bound=Callable[..., Awaitable[Any]])
 
 
@@ -158,6 +159,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._gate = gate
         # Our TCP ports: a loopback caller is the process at the other end of one of them.
         self.ports: set[int] = set()
+        # Callers found by their peer address (a walk of /proc), while they hold the socket.
+        self._callers: dict[str, Caller] = {}
 
     async def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
         refusal = self._gate(model) if self._gate is not None else None
@@ -245,7 +248,15 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict(report, pb.ModelStatisticsResponse())
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
-        caller = await asyncio.to_thread(caller_of_grpc_peer, context.peer(), self.ports)
+        peer = context.peer()
+        caller = self._callers.get(peer)
+        if caller is not None and caller.holds_socket():
+            return caller
+        caller = await asyncio.to_thread(caller_of_grpc_peer, peer, self.ports)
+        if caller is not None:
+            if len(self._callers) >= _MAX_CALLERS:
+                self._callers.clear()
+            self._callers[peer] = caller
         if caller is None:
             raise CallerUnknown(
                 "shared memory is the calling process's own, and this connection does not "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from typing import Any, Protocol
 
 import orjson
@@ -51,9 +52,18 @@ class TritonOperations(Protocol):
     ) -> InferResponse: ...
 
 
+# Per connection (its aiohttp protocol): finding a TCP caller walks /proc, once.
+_CONNECTIONS: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
+
+
 async def caller_of(request: web.Request) -> Caller:
     """The process that sent ``request`` (its socket's peer); 403 if the kernel cannot say."""
+    caller = _CONNECTIONS.get(request.protocol)
+    if caller is not None and caller.alive():
+        return caller
     caller = await asyncio.to_thread(caller_at, request.transport)
+    if caller is not None:
+        _CONNECTIONS[request.protocol] = caller
     if caller is None:
         raise CallerUnknown(
             "shared memory is the calling process's own, and this connection does not say "
