@@ -118,12 +118,18 @@ def _caller(pid: int, uid: int) -> Caller | None:
 
 
 def _start_time(pid: int) -> int | None:
-    try:
-        stat = (_PROC / str(pid) / "stat").read_text()
+    try:  # os.open and bytes: a quarter of what a pathlib read_text costs
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # Field 22, counted after the command name, which may hold spaces and parentheses.
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 def _tcp_caller(

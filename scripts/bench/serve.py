@@ -9,6 +9,8 @@ Repeats go round-robin over every server so slow drift in machine load hits all 
     .venv/bin/python scripts/bench/serve.py                       # 3 x 20 s, as issue 6 asks
     .venv/bin/python scripts/bench/serve.py --duration 5 --repeats 1   # a quick look
     .venv/bin/python scripts/bench/serve.py --only ours,bare
+    .venv/bin/python scripts/bench/serve.py --driver perf_analyzer --tensor-mib 16 \
+        --concurrency 1,4 --duration 5          # Triton's load generator; shm vs binary
 
 Servers: ours (agent, in-process model: UDS and TCP), proxy (`nodecache proxy` on TCP in
 front of ours' node socket, as in a KServe pod: its added cost), ours --workers 1 (node socket ->
@@ -40,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, ensure_autocannon, ensure_venv, loadavg, log, median, table, verdict
+from _perf_analyzer import drive
 
 HERE = Path(__file__).resolve().parent
 PROJECT_PY = ROOT / ".venv" / "bin" / "python"
@@ -112,6 +115,7 @@ class Server:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
     pid: int | None = None  # the process that answers (profiled with its children)
+    grpc_url: str | None = None  # host:port of its gRPC on TCP, if asked
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -178,7 +182,9 @@ def probe_infer(endpoint: Endpoint, body: tuple[Path, dict[str, str]]) -> tuple[
     return request(endpoint, "POST", endpoint.path, data=path.read_bytes(), headers=headers)
 
 
-def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -> Server:
+def start_ours(
+    home: Path, model_dir: Path, *, workers: int | None, tcp: bool, grpc: bool = False
+) -> Server:
     name = f"ours --workers {workers}" if workers else "ours"
     home.mkdir(parents=True, exist_ok=True)
     declarations = home / "declarations"
@@ -210,7 +216,12 @@ def start_ours(home: Path, model_dir: Path, *, workers: int | None, tcp: bool) -
         command += ["--http-port", str(port)]
     if workers:
         command += ["--workers", str(workers)]
+    grpc_port = free_port() if grpc else None
+    if grpc_port is not None:
+        command += ["--grpc-port", str(grpc_port)]
     server = Server(name, [_spawn(command, home / "agent.log")])
+    if grpc_port is not None:
+        server.grpc_url = f"127.0.0.1:{grpc_port}"
     uds = Endpoint(f"{name} UDS", "http://localhost", socket_dir / "nodecache.sock")
     server.endpoints.append(uds)
     if port is not None:
@@ -443,6 +454,20 @@ def main() -> int:
     )
     parser.add_argument("--keep", type=Path, help="keep server folders and logs here")
     parser.add_argument(
+        "--driver",
+        choices=["autocannon", "perf_analyzer"],
+        default="autocannon",
+        help="load generator: autocannon against every server, or NVIDIA's perf_analyzer "
+        "against ours (HTTP and gRPC on TCP, binary and system shared memory tensors)",
+    )
+    parser.add_argument(
+        "--tensor-mib",
+        type=int,
+        default=0,
+        help="with perf_analyzer: serve a ReduceSum model with an FP32 input of this many MiB "
+        "instead of the MLP",
+    )
+    parser.add_argument(
         "--tree",
         type=Path,
         default=ROOT,
@@ -461,10 +486,12 @@ def main() -> int:
     which = set(args.only.split(","))
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = args.bodies.split(",")
-    cli = ensure_autocannon()
     home = args.keep or Path(tempfile.mkdtemp(prefix="nodecache-bench-"))
     home.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
+    if args.driver == "perf_analyzer":
+        return drive(args, home, home / "model", start_ours, MODEL)
+    cli = ensure_autocannon()
     from nodecache.serve.examples import write_mlp_onnx
 
     model_dir = home / "model"

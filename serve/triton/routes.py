@@ -52,14 +52,15 @@ class TritonOperations(Protocol):
     ) -> InferResponse: ...
 
 
-# Per connection (its aiohttp protocol): finding a TCP caller walks /proc, once.
+# Per connection (its aiohttp protocol): finding a TCP caller walks /proc, once. As with
+# SO_PEERCRED, the caller is who opened the connection.
 _CONNECTIONS: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
 
 
 async def caller_of(request: web.Request) -> Caller:
     """The process that sent ``request`` (its socket's peer); 403 if the kernel cannot say."""
     caller = _CONNECTIONS.get(request.protocol)
-    if caller is not None and caller.alive():
+    if caller is not None:
         return caller
     caller = await asyncio.to_thread(caller_at, request.transport)
     if caller is not None:

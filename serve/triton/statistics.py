@@ -18,26 +18,30 @@ _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "com
               "cache_hit", "cache_miss")  # fmt: skip
 
 
-@dataclass
+@dataclass(slots=True)
 class Duration:
     count: int = 0
     ns: int = 0
 
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += max(0, ns)
+    def add(self, ns: int) -> None:
+        self.count += 1
+        if ns > 0:
+            self.ns += ns
 
 
-@dataclass
 class RequestTiming:
     """One request's way through the dataplane, as ``perf_counter_ns`` readings: filled in
-    as it goes, recorded once at the end (``Statistics.record``)."""
+    as it goes, recorded once at the end (``Statistics.record``). A plain class with slots:
+    one is made per request."""
 
-    started: int = field(default_factory=time.perf_counter_ns)
-    checked: int = 0  # inputs checked, about to wait for the model
-    began: int = 0  # the runtime call (or its batch's) began
-    ended: int = 0  # ... and returned
-    rows: int = 1  # inferences this request asked for (its batch rows, if batched)
+    __slots__ = ("began", "checked", "ended", "rows", "started")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter_ns()
+        self.checked = 0  # inputs checked, about to wait for the model
+        self.began = 0  # the runtime call (or its batch's) began
+        self.ended = 0  # ... and returned
+        self.rows = 1  # inferences this request asked for (its batch rows, if batched)
 
 
 @dataclass
@@ -94,7 +98,7 @@ class Statistics:
         """A request that reached the model ended now: a success with its phases, or a
         failure (refused input, runtime error, answer too large)."""
         now = time.perf_counter_ns()
-        counters = self._models.setdefault((name, version), ModelCounters())
+        counters = self._counters(name, version)
         if not ok:
             counters.fail.add(now - timing.started)
             return
@@ -108,12 +112,20 @@ class Statistics:
 
     def executed(self, name: str, version: str, batch_size: int, ns: int) -> None:
         """One runtime call (a whole batch counts once) took ``ns``."""
-        counters = self._models.setdefault((name, version), ModelCounters())
+        counters = self._counters(name, version)
         counters.execution_count += 1
-        batch = counters.batches.setdefault(batch_size, _Batch())
+        batch = counters.batches.get(batch_size)
+        if batch is None:
+            batch = counters.batches[batch_size] = _Batch()
         batch.compute_input.add(0)
         batch.compute_infer.add(ns)
         batch.compute_output.add(0)
+
+    def _counters(self, name: str, version: str) -> ModelCounters:
+        counters = self._models.get((name, version))
+        if counters is None:
+            counters = self._models[(name, version)] = ModelCounters()
+        return counters
 
     def report(self, names: list[tuple[str, str]]) -> dict[str, Any]:
         """``{"model_stats": [...]}`` for these versions (zeros for one never asked)."""
