@@ -305,8 +305,8 @@ class DataPlane:
         (``request.regions``): inputs are read there, outputs written there."""
         regions = request.regions
         assert regions is not None, "the transport names the caller's regions"
-        strings = sum(r.byte_size for r in request.shared.values() if r.datatype == "BYTES")
-        await sized_work(strings, resolve_inputs, request, regions, DEFAULT_MAX_ELEMENTS)
+        size = sum(r.byte_size for r in request.shared.values())
+        await sized_work(size, resolve_inputs, request, regions, DEFAULT_MAX_ELEMENTS)
         result = await self.infer(name, request, version, protocol=protocol)
         await sized_work(tensor_bytes(result.outputs), place_outputs, request, result, regions)
         return result

@@ -42,8 +42,8 @@ from nodecache.serve.pool.messages import (
 )
 from nodecache.serve.repository import ModelRepository
 from nodecache.serve.settings import ServeSettings
-from nodecache.serve.triton.routes import WORKER_MAPPINGS
-from nodecache.serve.triton.shm import SWEEP_SECONDS, WorkerMappings
+from nodecache.serve.triton.routes import WORKER_REGIONS
+from nodecache.serve.triton.shm import SWEEP_SECONDS, WorkerRegions
 
 __all__ = ["build_control_app", "build_worker_app", "main", "parse_args"]
 
@@ -128,7 +128,7 @@ def build_worker_app(
     settings = settings or ServeSettings()
     app = build_app(DataPlane(repository, max_output_bytes=settings.max_output_bytes))
     assert app[DATAPLANE].repository is repository
-    app[WORKER_MAPPINGS] = WorkerMappings()  # the agent hands shared memory over to map
+    app[WORKER_REGIONS] = WorkerRegions()  # shared memory the agent hands over with requests
     return app
 
 
@@ -192,12 +192,12 @@ async def _serve(args: argparse.Namespace) -> None:
             await asyncio.sleep(settings.idle_check_seconds)
             await repository.unload_idle()
 
-    async def unmap_regions() -> None:
+    async def close_regions() -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            app[WORKER_MAPPINGS].sweep()
+            app[WORKER_REGIONS].sweep()
 
-    tasks = [asyncio.create_task(t()) for t in (watch_parent, unload_idle, unmap_regions)]
+    tasks = [asyncio.create_task(t()) for t in (watch_parent, unload_idle, close_regions)]
     await stop.wait()
     for task in tasks:
         task.cancel()

@@ -3,6 +3,7 @@ shared memory (tritonclient, HTTP and gRPC), in-process and with worker processe
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -398,3 +399,17 @@ def test_shared_memory_over_the_node_socket(node: Node, regions: tuple) -> None:
     assert code == 200 and len(listed) == 2
     assert agent.request("POST", "/v2/systemsharedmemory/unregister")[0] == 200
     assert agent.request("GET", "/v2/systemsharedmemory/status") == (200, [])
+
+
+def test_a_region_shrunk_under_the_node_is_refused_not_a_crash(node: Node, regions: tuple) -> None:
+    _, _, tag = regions
+    node.http.register_system_shared_memory(f"in_{tag}", f"/nc_in_{tag}", IN_BYTES)
+    try:
+        os.truncate(f"/dev/shm/nc_in_{tag}", 16)  # the caller's own file, after registering
+        inp = triton_http.InferInput("input", [ROWS, 64], "FP32")
+        inp.set_shared_memory(f"in_{tag}", IN_BYTES)
+        with pytest.raises(InferenceServerException, match="shrank"):
+            node.http.infer("plain", [inp])
+        assert node.http.is_server_live() and _ordinary(node).shape == (ROWS, 10)
+    finally:
+        node.http.unregister_system_shared_memory()

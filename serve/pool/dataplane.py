@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -48,7 +49,7 @@ from nodecache.serve.protocol import (
 from nodecache.serve.spec import ModelState
 from nodecache.serve.triton.routes import REGIONS_HEADER, caller_of
 from nodecache.serve.triton.routes import add_routes as add_triton_routes
-from nodecache.serve.triton.shm import Lookup, SharedMemory, refs_of
+from nodecache.serve.triton.shm import SharedMemory, refs_of
 from nodecache.serve.triton.statistics import merge as merge_statistics
 
 __all__ = ["PoolDataPlane", "build_router_app"]
@@ -94,7 +95,8 @@ class PoolDataPlane:
     def __init__(self, pool: WorkerPool, catalog: Catalog) -> None:
         self.pool = pool
         self.catalog = catalog
-        # Held here, mapped by the workers (REGIONS_HEADER): bytes never cross the agent.
+        # Held open here, read and written by the workers (REGIONS_HEADER): tensor bytes
+        # never cross the agent.
         self.shared_memory = SharedMemory()
 
     def check(self, name: str, version: str | None = None) -> None:
@@ -241,7 +243,7 @@ def _json_part(body: bytes, header_length: str | None) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _regions_header(regions: Lookup, named: set[str]) -> tuple[str, str]:
+def _regions_header(regions: Callable[[str], Any], named: set[str]) -> tuple[str, str]:
     """The regions a relayed request names, as handles its worker maps itself."""
     handles = {name: regions(name).handle() for name in sorted(named)}
     return REGIONS_HEADER, json.dumps(handles, separators=(",", ":"))

@@ -18,11 +18,11 @@ from aiohttp import web
 from nodecache.serve.callers import Caller, caller_at
 from nodecache.serve.errors import CallerUnknown, InvalidInput, Unimplemented
 from nodecache.serve.protocol import InferRequest, InferResponse
-from nodecache.serve.triton.shm import SharedMemory, WorkerMappings, open_region
+from nodecache.serve.triton.shm import Lookup, SharedMemory, WorkerRegions, open_region
 
 __all__ = [
     "REGIONS_HEADER",
-    "WORKER_MAPPINGS",
+    "WORKER_REGIONS",
     "TritonOperations",
     "add_routes",
     "caller_of",
@@ -31,9 +31,9 @@ __all__ = [
 
 REGIONS_HEADER = "X-Nodecache-Regions"
 """Set by the agent on a request it relays to a worker: the caller's regions the request
-names, as handles the worker maps itself (``shm.Region.handle``). Read only by workers."""
-WORKER_MAPPINGS = web.AppKey("worker_mappings", WorkerMappings)
-"""On a worker's data app only: the regions it mapped for the agent."""
+names, as handles the worker opens itself (``shm.Region.handle``). Read only by workers."""
+WORKER_REGIONS = web.AppKey("worker_regions", WorkerRegions)
+"""On a worker's data app only: the regions the agent handed it."""
 
 
 class TritonOperations(Protocol):
@@ -73,16 +73,16 @@ async def caller_of(request: web.Request) -> Caller:
     return caller
 
 
-async def regions_for(request: web.Request, dataplane: TritonOperations) -> Any:
+async def regions_for(request: web.Request, dataplane: TritonOperations) -> Lookup:
     """The regions an infer request may name: on a worker, those the agent handed over
     with it; elsewhere, the caller's own."""
-    mappings = request.app.get(WORKER_MAPPINGS)
-    if mappings is not None:
+    regions = request.app.get(WORKER_REGIONS)
+    if regions is not None:
         try:
             handles = json.loads(request.headers.get(REGIONS_HEADER, "{}"))
         except ValueError:
             raise InvalidInput(f"{REGIONS_HEADER} is not JSON") from None
-        return mappings.lookup(handles if isinstance(handles, dict) else {})
+        return regions.lookup(handles if isinstance(handles, dict) else {})
     return dataplane.shared_memory.lookup(await caller_of(request))
 
 

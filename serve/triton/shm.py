@@ -10,23 +10,21 @@ is touched, and the file's size against the region's end on every use. A region 
 its caller unregisters it or when the process that registered it is gone.
 
 The process that registers a region holds its file open; the process that runs the model
-maps it (``Mapping``): the agent itself in-process, or the model's worker, which opens the
-agent's descriptor through ``/proc/<agent>/fd/<n>``, so tensor bytes never pass through
-the agent.
+reads and writes it (``RegionFile``): the agent itself in-process, or the model's worker,
+which opens the agent's descriptor through ``/proc/<agent>/fd/<n>``, so tensor bytes never
+pass through the agent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import mmap
 import os
 import re
 import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,10 +35,10 @@ from nodecache.serve.tensors import DATATYPES, datatype_of, decode_tensor, encod
 
 __all__ = [
     "MAX_REGIONS",
-    "Mapping",
     "Region",
+    "RegionFile",
     "SharedMemory",
-    "WorkerMappings",
+    "WorkerRegions",
     "open_region",
     "place_outputs",
     "refs_of",
@@ -72,42 +70,39 @@ def _checked_size(what: str, value: Any) -> int:
     return value
 
 
-class Mapping:
-    """One region's bytes mapped into this process; ``view`` is the only way in."""
+class RegionFile:
+    """A region's bytes in its open file, read and written with ``preadv``/``pwrite``.
+
+    Not ``mmap``: a caller that shrinks its file under a mapping would make the reading
+    process fault (SIGBUS) and die; a read of a shrunken file is only short, and refused.
+    One copy, straight into the tensor's array, and never through a socket."""
 
     def __init__(self, fd: int, offset: int, byte_size: int) -> None:
         self.fd, self.offset, self.byte_size = fd, offset, byte_size
-        self._map: mmap.mmap | None = None
-        self._base = 0
 
-    def _mapped(self) -> mmap.mmap:
-        if self._map is None:
-            start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-            self._base = self.offset - start
-            self._map = mmap.mmap(self.fd, self._base + self.byte_size, offset=start)
-        return self._map
-
-    def view(self, offset: int, size: int, what: str) -> memoryview:
-        """``size`` bytes at ``offset`` into the region; 400 if they are not all inside it
-        (or if the file shrank below the region since it was registered)."""
+    def _check(self, offset: int, size: int, what: str) -> None:
         if offset < 0 or size < 0 or offset + size > self.byte_size:
             raise InvalidInput(
                 f"{what}: {size} bytes at offset {offset} do not fit the region's "
                 f"{self.byte_size} bytes"
             )
-        if os.fstat(self.fd).st_size < self.offset + self.byte_size:
-            raise InvalidInput(f"{what}: the shared memory file shrank below the region")
-        if self.byte_size == 0:
-            return memoryview(b"")
-        start = self._base + offset
-        return memoryview(self._mapped())[start : start + size]
 
-    def close(self) -> None:
-        if self._map is not None:
-            # A request still reading it keeps it: the mapping then goes with its last view.
-            with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
+    def read(self, offset: int, size: int, what: str) -> memoryview:
+        """``size`` bytes at ``offset`` into the region; 400 if they are not all inside it
+        (or no longer in the file)."""
+        self._check(offset, size, what)
+        buffer = np.empty(size, np.uint8)
+        if size and os.preadv(self.fd, [buffer], self.offset + offset) != size:
+            raise InvalidInput(f"{what}: the shared memory file shrank below the region")
+        return memoryview(buffer)
+
+    def write(self, offset: int, data: np.ndarray, what: str) -> None:
+        """``data``'s bytes at ``offset`` into the region; 400 if they do not fit it."""
+        self._check(offset, data.nbytes, what)
+        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        while view:
+            written = os.pwrite(self.fd, view, self.offset + offset)
+            view, offset = view[written:], offset + written
 
 
 @dataclass
@@ -121,27 +116,26 @@ class Region:
     owner: Caller
     fd: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    mapping: Mapping | None = None
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset,
                 "byte_size": self.byte_size}  # fmt: skip
 
-    def view(self, offset: int, size: int, what: str) -> memoryview:
-        """Bytes of the region, mapped here on first use (see ``Mapping.view``)."""
-        if self.mapping is None:
-            self.mapping = Mapping(self.fd, self.offset, self.byte_size)
-        return self.mapping.view(offset, size, what)
+    def read(self, offset: int, size: int, what: str) -> memoryview:
+        """The region's bytes, read in this process (``RegionFile.read``)."""
+        return RegionFile(self.fd, self.offset, self.byte_size).read(offset, size, what)
+
+    def write(self, offset: int, data: np.ndarray, what: str) -> None:
+        """Bytes written into the region from this process (``RegionFile.write``)."""
+        RegionFile(self.fd, self.offset, self.byte_size).write(offset, data, what)
 
     def handle(self) -> dict[str, Any]:
-        """What a worker needs to map this region itself (``Mapping`` over our fd)."""
+        """What a worker needs to open this region itself (our descriptor, by /proc)."""
         st = os.fstat(self.fd)
         return {"id": self.id, "path": f"/proc/{os.getpid()}/fd/{self.fd}", "ino": st.st_ino,
                 "dev": st.st_dev, "offset": self.offset, "byte_size": self.byte_size}  # fmt: skip
 
     def close(self) -> None:
-        if self.mapping is not None:
-            self.mapping.close()
         os.close(self.fd)
 
 
@@ -199,14 +193,12 @@ class SharedMemory:
         if self._regions:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_later)
 
-    def unregister(self, caller: Caller, name: str | None) -> list[Region]:
+    def unregister(self, caller: Caller, name: str | None) -> None:
         """Forget the caller's region (or all of them); unknown names are no error, as in
-        Triton. Returns what was dropped (workers unmap those)."""
+        Triton. Workers notice by themselves (``WorkerRegions.sweep``)."""
         keys = [k for k in self._regions if k[0] == caller.scope and name in (None, k[1])]
-        dropped = [self._regions.pop(k) for k in keys]
-        for region in dropped:
-            region.close()
-        return dropped
+        for key in keys:
+            self._regions.pop(key).close()
 
     def status(self, caller: Caller, name: str | None) -> list[dict[str, Any]]:
         self.sweep()
@@ -216,7 +208,7 @@ class SharedMemory:
             r.status() for (scope, _), r in sorted(self._regions.items()) if scope == caller.scope
         ]
 
-    def lookup(self, caller: Caller) -> Lookup:
+    def lookup(self, caller: Caller) -> Callable[[str], Region]:
         """The caller's regions by name, for one request."""
         return lambda name: self.region(caller, name)
 
@@ -226,20 +218,10 @@ class SharedMemory:
             raise InvalidInput(f"no shared memory region {excerpt(name)} is registered")
         return region
 
-    def sweep(self) -> list[Region]:
-        """Drop the regions of processes that are gone; returns them."""
-        gone = [k for k, r in self._regions.items() if not r.owner.alive()]
-        dropped = [self._regions.pop(k) for k in gone]
-        for region in dropped:
-            region.close()
-        return dropped
-
-    def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for region in self._regions.values():
-            region.close()
-        self._regions.clear()
+    def sweep(self) -> None:
+        """Drop the regions of processes that are gone."""
+        for key in [k for k, r in self._regions.items() if not r.owner.alive()]:
+            self._regions.pop(key).close()
 
 
 def _open_in(caller: Caller, file: str, key: str) -> int:
@@ -253,18 +235,26 @@ def _open_in(caller: Caller, file: str, key: str) -> int:
                            f"{exc.strerror}") from None  # fmt: skip
 
 
-Lookup = Callable[[str], "Region | Mapping"]
+class TensorBytes(Protocol):
+    """Where a tensor's bytes are read from and written to (``RegionFile``, ``Region``)."""
+
+    def read(self, offset: int, size: int, what: str) -> memoryview: ...
+
+    def write(self, offset: int, data: np.ndarray, what: str) -> None: ...
+
+
+Lookup = Callable[[str], TensorBytes]
 """A region's name -> its bytes (InvalidInput for a name the caller did not register)."""
 
 
 def resolve_inputs(request: InferRequest, lookup: Lookup, max_elements: int) -> None:
-    """Turn the request's shared-memory inputs into arrays over the mapped bytes (no copy)."""
+    """Read the request's shared-memory inputs into arrays (blocking: large ones in a thread)."""
     for name, ref in request.shared.items():
         if name in request.inputs:
             raise InvalidInput(f"input {excerpt(name)} is given twice")
-        view = lookup(ref.region).view(ref.offset, ref.byte_size, f"input {excerpt(name)}")
-        spec = {"name": name, "datatype": ref.datatype, "shape": list(ref.shape)}
-        request.inputs[name] = decode_tensor(spec, view, max_elements=max_elements)[1]
+        raw = lookup(ref.region).read(ref.offset, ref.byte_size, f"input {excerpt(name)}")
+        spec = {"name": name, "datatype": ref.datatype, "shape": ref.shape}
+        request.inputs[name] = decode_tensor(spec, raw, max_elements=max_elements)[1]
     request.shared = {}
 
 
@@ -287,8 +277,7 @@ def place_outputs(request: InferRequest, response: InferResponse, lookup: Lookup
             raise InvalidInput(
                 f"{what} has {data.nbytes} bytes, more than the {ref.byte_size} given for it"
             )
-        view = lookup(ref.region).view(ref.offset, data.nbytes, what)
-        np.frombuffer(view, dtype=data.dtype)[:] = data
+        lookup(ref.region).write(ref.offset, data, what)
         del response.outputs[out.name]
         response.placed[out.name] = {
             "name": out.name,
@@ -299,53 +288,50 @@ def place_outputs(request: InferRequest, response: InferResponse, lookup: Lookup
         }
 
 
-class WorkerMappings:
-    """In a worker: the regions the agent named in a request, mapped once and kept until
-    the agent says they are gone (``forget``)."""
+class WorkerRegions:
+    """In a worker: the regions the agent handed over with requests, opened once (through
+    the agent's descriptor) and closed when the agent no longer holds them (``sweep``)."""
 
     def __init__(self) -> None:
-        self._maps: dict[str, tuple[int, Mapping]] = {}
-        self._paths: dict[str, str] = {}
+        self._files: dict[str, tuple[str, RegionFile]] = {}  # id -> (agent's fd path, file)
 
     def lookup(self, handles: dict[str, Any]) -> Lookup:
-        def find(name: str) -> Mapping:
+        def find(name: str) -> RegionFile:
             handle = handles.get(name)
             if not isinstance(handle, dict):
                 raise InvalidInput(f"no shared memory region {excerpt(name)} is registered")
-            return self._map(handle)
+            return self._open(handle)
 
         return find
 
-    def _map(self, handle: dict[str, Any]) -> Mapping:
-        known = self._maps.get(handle["id"])
+    def _open(self, handle: dict[str, Any]) -> RegionFile:
+        known = self._files.get(handle["id"])
         if known is not None:
             return known[1]
         path = str(handle["path"])
         if not re.fullmatch(rf"/proc/{os.getppid()}/fd/\d+", path):
             raise InvalidInput("a shared memory region must come from the agent")
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         st = os.fstat(fd)
         if (st.st_ino, st.st_dev) != (handle["ino"], handle["dev"]):
             os.close(fd)
             raise InvalidInput("the shared memory region changed since it was registered")
-        mapping = Mapping(fd, int(handle["offset"]), int(handle["byte_size"]))
-        self._maps[handle["id"]] = (fd, mapping)
-        self._paths[handle["id"]] = path
-        return mapping
+        file = RegionFile(fd, int(handle["offset"]), int(handle["byte_size"]))
+        self._files[handle["id"]] = (path, file)
+        return file
 
     def sweep(self) -> None:
-        """Unmap the regions the agent no longer holds open (unregistered, or their
-        caller gone): its descriptor is closed, or now names another file."""
-        for region_id, (fd, mapping) in list(self._maps.items()):
-            st = os.fstat(fd)
+        """Close the regions the agent no longer holds open (unregistered, or their caller
+        gone): its descriptor is closed, or now names another file."""
+        for region_id, (path, file) in list(self._files.items()):
+            st = os.fstat(file.fd)
             try:
-                now = os.stat(self._paths[region_id])
+                now = os.stat(path)
             except OSError:
                 now = None
             if now is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-                del self._maps[region_id], self._paths[region_id]
-                mapping.close()
-                os.close(fd)
+                del self._files[region_id]
+                os.close(file.fd)
 
 
 def refs_of(doc: dict[str, Any]) -> set[str]:
