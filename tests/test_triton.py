@@ -413,3 +413,13 @@ def test_a_region_shrunk_under_the_node_is_refused_not_a_crash(node: Node, regio
         assert node.http.is_server_live() and _ordinary(node).shape == (ROWS, 10)
     finally:
         node.http.unregister_system_shared_memory()
+
+
+def test_repository_calls_from_triton_and_kserve_protos(node: Node) -> None:
+    """Triton's clients name the model in field 2; KServe's proto puts it in field 1."""
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{node.grpc_port}"))
+    node.grpc.load_model("fixed")  # tritonclient: model_name
+    stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(repository_name="fixed"))  # KServe
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(repository_name="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -213,14 +213,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
-        await self._admit(context, request.model_name)
-        await self.dataplane.load(request.model_name)
+        name = _repository_model(request)
+        await self._admit(context, name)
+        await self.dataplane.load(name)
         return pb.RepositoryModelLoadResponse()
 
     @_answers
     async def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
-        await self._admit(context, request.model_name)
-        await self.dataplane.unload(request.model_name)
+        name = _repository_model(request)
+        await self._admit(context, name)
+        await self.dataplane.unload(name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- Triton's extensions (serve/triton/) -------------------------------------------
@@ -292,6 +294,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         caller = await self._caller(context)
         self.dataplane.shared_memory.unregister(caller, request.name or None)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+
+def _repository_model(request: Any) -> str:
+    """The model a repository load or unload names: Triton's clients send ``model_name``
+    (field 2); KServe's proto has it as field 1, which Triton's calls ``repository_name``."""
+    return str(request.model_name or request.repository_name)
 
 
 def _unimplemented(method: str) -> Callable[..., Awaitable[Any]]:
