@@ -423,3 +423,32 @@ def test_repository_calls_from_triton_and_kserve_protos(node: Node) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(repository_name="nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_hostile_shared_memory_requests_get_400(node: Node) -> None:
+    agent = node.agent
+    bad_bodies = [
+        {"inputs": 3, "note": "shared_memory_region"},
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "parameters": {
+            "shared_memory_region": "r", "shared_memory_byte_size": -1}}]},
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "parameters": {
+            "shared_memory_region": 5, "shared_memory_byte_size": 256}}]},
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": "x", "parameters": {
+            "shared_memory_region": "never", "shared_memory_byte_size": 256}}]},
+    ]  # fmt: skip
+    for body in bad_bodies:
+        code, answer = agent.request("POST", "/v2/models/plain/infer", body)
+        assert code == 400, (body, answer)
+    for path, body in (
+        ("/v2/systemsharedmemory/region/r/register", {"key": "k", "byte_size": "1"}),
+        ("/v2/systemsharedmemory/region/r/register", {"key": "k", "offset": -1, "byte_size": 1}),
+        ("/v2/systemsharedmemory/region/r/register", [1, 2]),
+        ("/v2/systemsharedmemory/region/r/status", None),
+    ):
+        method = "GET" if path.endswith("status") else "POST"
+        assert agent.request(method, path, body)[0] == 400, path
+    # Tensor bytes that happen to spell the parameter are only bytes.
+    x = np.frombuffer(b"shared_memory_region".ljust(256, b"\0"), np.float32).reshape(1, 64)
+    inp = triton_http.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    assert node.http.infer("plain", [inp]).as_numpy("output").shape == (1, 10)

@@ -220,8 +220,10 @@ class PoolDataPlane:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() in _REQUEST_HEADERS]
         path, target = request.path, request.raw_path
         if path.endswith(("/infer", ":predict")):
-            if path.endswith("/infer") and b"shared_memory_region" in body:
+            named = set()
+            if path.endswith("/infer") and b"shared_memory_region" in body:  # cheap first
                 named = refs_of(_json_part(body, request.headers.get(HEADER_LENGTH)))
+            if named:
                 caller_regions = self.shared_memory.lookup(await caller_of(request))
                 headers.append(_regions_header(caller_regions, named))
             status, answer, payload = await self.pool.infer(name, method, target, body, headers)

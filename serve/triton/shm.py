@@ -337,7 +337,8 @@ class WorkerRegions:
 def refs_of(doc: dict[str, Any]) -> set[str]:
     """The region names a REST infer body's JSON part mentions (inputs and outputs)."""
     names = set()
-    for tensor in [*doc.get("inputs", ()), *doc.get("outputs", ())]:
+    tensors = [t for key in ("inputs", "outputs") if isinstance(t := doc.get(key), list)]
+    for tensor in (item for listed in tensors for item in listed):
         params = tensor.get("parameters") if isinstance(tensor, dict) else None
         if isinstance(params, dict) and isinstance(params.get("shared_memory_region"), str):
             names.add(params["shared_memory_region"])
