@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from nodecache.agent.kube.watching import Informer
-from nodecache.serve.callers import peer_pid, pod_uid_of
+from nodecache.serve.peers import peer_pid, pod_uid_of
 
 __all__ = ["REPOSITORY_INDEX", "CallerIdentity", "namespace_guard", "peer_pid", "pod_uid_of"]
 

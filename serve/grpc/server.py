@@ -19,11 +19,11 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from nodecache.serve.callers import Caller, caller_of_grpc_peer
 from nodecache.serve.dataplane import DataPlane
 from nodecache.serve.errors import CallerUnknown, InvalidInput, ServeError, excerpt
 from nodecache.serve.grpc import grpc_service_pb2 as pb
 from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
+from nodecache.serve.peers import Peer, peer_of_grpc
 from nodecache.serve.protocol import (
     DEFAULT_MAX_ELEMENTS,
     InferRequest,
@@ -129,7 +129,7 @@ def encode_infer_response(result: InferResponse) -> pb.ModelInferResponse:
 
 
 Gate = Callable[[str], "str | None"]
-_MAX_CALLERS = 4096
+_MAX_PEERS = 4096
 Call = TypeVar("Call", bound=Callable[..., Awaitable[Any]])
 
 
@@ -160,7 +160,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Our TCP ports: a loopback caller is the process at the other end of one of them.
         self.ports: set[int] = set()
         # Callers found by their peer address (a walk of /proc), while they hold the socket.
-        self._callers: dict[str, Caller] = {}
+        self._peers: dict[str, Peer] = {}
 
     async def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
         refusal = self._gate(model) if self._gate is not None else None
@@ -249,16 +249,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
         return json_format.ParseDict(report, pb.ModelStatisticsResponse())
 
-    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+    async def _peer(self, context: grpc.aio.ServicerContext) -> Peer:
         peer = context.peer()
-        caller = self._callers.get(peer)
+        caller = self._peers.get(peer)
         if caller is not None and caller.holds_socket():
             return caller
-        caller = await asyncio.to_thread(caller_of_grpc_peer, peer, self.ports)
+        caller = await asyncio.to_thread(peer_of_grpc, peer, self.ports)
         if caller is not None:
-            if len(self._callers) >= _MAX_CALLERS:
-                self._callers.clear()
-            self._callers[peer] = caller
+            if len(self._peers) >= _MAX_PEERS:
+                self._peers.clear()
+            self._peers[peer] = caller
         if caller is None:
             raise CallerUnknown(
                 "shared memory is the calling process's own, and this connection does not "
@@ -268,11 +268,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return caller
 
     async def _regions(self, context: grpc.aio.ServicerContext) -> Lookup:
-        return self.dataplane.shared_memory.lookup(await self._caller(context))
+        return self.dataplane.shared_memory.lookup(await self._peer(context))
 
     @_answers
     async def SystemSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
-        caller = await self._caller(context)
+        caller = await self._peer(context)
         region = await asyncio.to_thread(
             open_region, caller, request.name, request.key, request.offset, request.byte_size
         )
@@ -281,7 +281,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def SystemSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
-        caller = await self._caller(context)
+        caller = await self._peer(context)
         response = pb.SystemSharedMemoryStatusResponse()
         for region in self.dataplane.shared_memory.status(caller, request.name or None):
             response.regions[region["name"]].CopyFrom(
@@ -291,7 +291,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def SystemSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
-        caller = await self._caller(context)
+        caller = await self._peer(context)
         self.dataplane.shared_memory.unregister(caller, request.name or None)
         return pb.SystemSharedMemoryUnregisterResponse()
 

@@ -47,7 +47,7 @@ from nodecache.serve.protocol import (
     tensor_bytes,
 )
 from nodecache.serve.spec import ModelState
-from nodecache.serve.triton.routes import REGIONS_HEADER, caller_of
+from nodecache.serve.triton.routes import REGIONS_HEADER, peer_of
 from nodecache.serve.triton.routes import add_routes as add_triton_routes
 from nodecache.serve.triton.shm import SharedMemory, refs_of
 from nodecache.serve.triton.statistics import merge as merge_statistics
@@ -224,7 +224,7 @@ class PoolDataPlane:
             if path.endswith("/infer") and b"shared_memory_region" in body:  # cheap first
                 named = refs_of(_json_part(body, request.headers.get(HEADER_LENGTH)))
             if named:
-                caller_regions = self.shared_memory.lookup(await caller_of(request))
+                caller_regions = self.shared_memory.lookup(await peer_of(request))
                 headers.append(_regions_header(caller_regions, named))
             status, answer, payload = await self.pool.infer(name, method, target, body, headers)
         else:

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from nodecache.serve.callers import Caller, caller_at
 from nodecache.serve.errors import CallerUnknown, InvalidInput, Unimplemented
+from nodecache.serve.peers import Peer, peer_at
 from nodecache.serve.protocol import InferRequest, InferResponse
 from nodecache.serve.triton.shm import Lookup, SharedMemory, WorkerRegions, open_region
 
@@ -25,7 +25,7 @@ __all__ = [
     "WORKER_REGIONS",
     "TritonOperations",
     "add_routes",
-    "caller_of",
+    "peer_of",
     "regions_for",
 ]
 
@@ -54,15 +54,15 @@ class TritonOperations(Protocol):
 
 # Per connection (its aiohttp protocol): finding a TCP caller walks /proc, once. As with
 # SO_PEERCRED, the caller is who opened the connection.
-_CONNECTIONS: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
+_CONNECTIONS: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
 
 
-async def caller_of(request: web.Request) -> Caller:
+async def peer_of(request: web.Request) -> Peer:
     """The process that sent ``request`` (its socket's peer); 403 if the kernel cannot say."""
     caller = _CONNECTIONS.get(request.protocol)
     if caller is not None:
         return caller
-    caller = await asyncio.to_thread(caller_at, request.transport)
+    caller = await asyncio.to_thread(peer_at, request.transport)
     if caller is not None:
         _CONNECTIONS[request.protocol] = caller
     if caller is None:
@@ -83,7 +83,7 @@ async def regions_for(request: web.Request, dataplane: TritonOperations) -> Look
         except ValueError:
             raise InvalidInput(f"{REGIONS_HEADER} is not JSON") from None
         return regions.lookup(handles if isinstance(handles, dict) else {})
-    return dataplane.shared_memory.lookup(await caller_of(request))
+    return dataplane.shared_memory.lookup(await peer_of(request))
 
 
 def add_routes(app: web.Application, dataplane: TritonOperations) -> None:
@@ -97,7 +97,7 @@ def add_routes(app: web.Application, dataplane: TritonOperations) -> None:
         return web.json_response(report)
 
     async def shm_register(request: web.Request) -> web.Response:
-        caller = await caller_of(request)
+        caller = await peer_of(request)
         try:
             doc = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -112,12 +112,12 @@ def add_routes(app: web.Application, dataplane: TritonOperations) -> None:
         return web.json_response({})
 
     async def shm_unregister(request: web.Request) -> web.Response:
-        caller = await caller_of(request)
+        caller = await peer_of(request)
         dataplane.shared_memory.unregister(caller, request.match_info.get("region"))
         return web.json_response({})
 
     async def shm_status(request: web.Request) -> web.Response:
-        caller = await caller_of(request)
+        caller = await peer_of(request)
         regions = dataplane.shared_memory.status(caller, request.match_info.get("region"))
         return web.json_response(regions)
 

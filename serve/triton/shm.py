@@ -2,7 +2,7 @@
 memory (``/dev/shm/<key>``) that the caller created, instead of crossing the socket.
 
 A region is the caller's own: it is registered under the caller's scope (its pod, or its
-user outside pods: ``callers.Caller``), and its key is opened in the caller's own
+user outside pods: ``peers.Peer``), and its key is opened in the caller's own
 ``/dev/shm`` (through ``/proc/<pid>/root``), so one pod can neither name nor reach another
 pod's memory. Keys are single names (no ``/`` inside, no ``..``): nothing outside
 /dev/shm can be opened. Every offset and size is checked against the region before a byte
@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nodecache.serve.callers import Caller
 from nodecache.serve.errors import InvalidInput, excerpt
+from nodecache.serve.peers import Peer
 from nodecache.serve.protocol import InferRequest, InferResponse
 from nodecache.serve.tensors import DATATYPES, datatype_of, decode_tensor, encode_tensor
 
@@ -113,7 +113,7 @@ class Region:
     key: str
     offset: int
     byte_size: int
-    owner: Caller
+    owner: Peer
     fd: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -139,7 +139,7 @@ class Region:
         os.close(self.fd)
 
 
-def open_region(caller: Caller, name: Any, key: Any, offset: Any, byte_size: Any) -> Region:
+def open_region(caller: Peer, name: Any, key: Any, offset: Any, byte_size: Any) -> Region:
     """The caller's region, its file open and checked; blocking (a file in the caller's
     filesystem): call it from a thread, then ``SharedMemory.add`` it."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -193,14 +193,14 @@ class SharedMemory:
         if self._regions:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_later)
 
-    def unregister(self, caller: Caller, name: str | None) -> None:
+    def unregister(self, caller: Peer, name: str | None) -> None:
         """Forget the caller's region (or all of them); unknown names are no error, as in
         Triton. Workers notice by themselves (``WorkerRegions.sweep``)."""
         keys = [k for k in self._regions if k[0] == caller.scope and name in (None, k[1])]
         for key in keys:
             self._regions.pop(key).close()
 
-    def status(self, caller: Caller, name: str | None) -> list[dict[str, Any]]:
+    def status(self, caller: Peer, name: str | None) -> list[dict[str, Any]]:
         self.sweep()
         if name is not None:
             return [self.region(caller, name).status()]
@@ -208,11 +208,11 @@ class SharedMemory:
             r.status() for (scope, _), r in sorted(self._regions.items()) if scope == caller.scope
         ]
 
-    def lookup(self, caller: Caller) -> Callable[[str], Region]:
+    def lookup(self, caller: Peer) -> Callable[[str], Region]:
         """The caller's regions by name, for one request."""
         return lambda name: self.region(caller, name)
 
-    def region(self, caller: Caller, name: str) -> Region:
+    def region(self, caller: Peer, name: str) -> Region:
         region = self._regions.get((caller.scope, name))
         if region is None:
             raise InvalidInput(f"no shared memory region {excerpt(name)} is registered")
@@ -224,7 +224,7 @@ class SharedMemory:
             self._regions.pop(key).close()
 
 
-def _open_in(caller: Caller, file: str, key: str) -> int:
+def _open_in(caller: Peer, file: str, key: str) -> int:
     path = caller.root() / "dev" / "shm" / file
     try:
         return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -1,5 +1,5 @@
-"""Which process is calling: the kernel's word for it, never the caller's (for shared memory
-here, and for the namespace of a pod on the node socket in agent/kube/callers.py).
+"""Which process is calling (its peer): the kernel's word for it, never the caller's (for shared
+memory here, and for the namespace of a pod on the node socket in agent/kube/callers.py).
 
 Over a Unix socket the kernel says who is at the other end (SO_PEERCRED). Over TCP on
 loopback the caller is on this machine: its socket is found in ``/proc/net/tcp[6]`` and
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Caller", "caller_at", "caller_of_grpc_peer", "peer_pid", "pod_uid_of"]
+__all__ = ["Peer", "peer_at", "peer_of_grpc", "peer_pid", "pod_uid_of"]
 
 _POD_UID = re.compile(
     r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
@@ -29,7 +29,7 @@ _PROC = Path("/proc")
 
 
 @dataclass(frozen=True)
-class Caller:
+class Peer:
     """A calling process, as the kernel named it."""
 
     pid: int
@@ -74,20 +74,20 @@ def pod_uid_of(pid: int, proc_root: Path = _PROC) -> str | None:
     return match.group(1).replace("_", "-") if match else None
 
 
-def caller_at(transport: Any) -> Caller | None:
+def peer_at(transport: Any) -> Peer | None:
     """The process behind an aiohttp/asyncio transport, or None if the kernel cannot
     tell. Blocking (it may walk /proc): call it from a thread."""
     creds = _peer_credentials(transport)
     if creds is not None:
-        return _caller(*creds)
+        return _peer(*creds)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     peer, local = sock.getpeername(), sock.getsockname()
-    return _tcp_caller(peer[0], peer[1], local[1])
+    return _tcp_peer(peer[0], peer[1], local[1])
 
 
-def caller_of_grpc_peer(peer: str, ports: set[int]) -> Caller | None:
+def peer_of_grpc(peer: str, ports: set[int]) -> Peer | None:
     """The process behind a gRPC ``context.peer()`` (``ipv4:127.0.0.1:40000``,
     ``ipv6:[::1]:40000``) connected to one of our ``ports``. Blocking: from a thread."""
     kind, _, rest = peer.partition(":")
@@ -95,7 +95,7 @@ def caller_of_grpc_peer(peer: str, ports: set[int]) -> Caller | None:
         return None
     host, _, port = rest.rpartition(":")
     try:
-        return _tcp_caller(host.strip("[]"), int(port), None, ports)
+        return _tcp_peer(host.strip("[]"), int(port), None, ports)
     except ValueError:
         return None
 
@@ -109,12 +109,12 @@ def _peer_credentials(transport: Any) -> tuple[int, int] | None:
     return (pid, uid) if pid else None
 
 
-def _caller(pid: int, uid: int) -> Caller | None:
+def _peer(pid: int, uid: int) -> Peer | None:
     started = _start_time(pid)
     if started is None:
         return None
     pod = pod_uid_of(pid)
-    return Caller(pid, uid, started, f"pod:{pod}" if pod else f"uid:{uid}")
+    return Peer(pid, uid, started, f"pod:{pod}" if pod else f"uid:{uid}")
 
 
 def _start_time(pid: int) -> int | None:
@@ -132,9 +132,9 @@ def _start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
-def _tcp_caller(
+def _tcp_peer(
     host: str, port: int, server_port: int | None, ports: set[int] | None = None
-) -> Caller | None:
+) -> Peer | None:
     """The process owning the loopback TCP socket ``host:port`` (the caller's end)."""
     try:
         address = ipaddress.ip_address(host)
@@ -153,7 +153,7 @@ def _tcp_caller(
                 return None
             pid, fd = owner
             uid = _effective_uid(pid)
-            caller = None if uid is None else _caller(pid, uid)
+            caller = None if uid is None else _peer(pid, uid)
             return None if caller is None else replace(caller, socket=(fd, inode))
     return None
 
