@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from nodecache.agent.declarations import refuse_duplicate_versions
 from nodecache.agent.kube.api import (
     LOCAL_MODEL_CACHES,
     LOCAL_MODEL_NAMESPACE_CACHES,
@@ -204,6 +205,9 @@ class NodeFollower:
                 continue
             caches = {**self.caches.objects, **self.namespace_caches.objects}
             resolved = resolve(node, caches)
+            resolved.declarations, refused = refuse_duplicate_versions(resolved.declarations)
+            for key, reason in refused.items():  # reported under the entry's modelName
+                resolved.errors[resolved.origins.pop(key).split("/", 1)[1]] = reason
             self.generation = node["metadata"].get("generation")
             self.origins, self.errors = resolved.origins, resolved.errors
             self.access.clear()
