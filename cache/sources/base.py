@@ -14,11 +14,16 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import check_relative_path
 from nodecache.cache.uri import redact_uri
+
+if TYPE_CHECKING:  # fetch imports the sources
+    from nodecache.cache.budget import WriteBudget
+    from nodecache.cache.fetch import FetchedFile
 
 __all__ = [
     "RemoteFile",
@@ -112,6 +117,21 @@ class Source(ABC):
         Returns the offset reached. Raises on error; bytes already delivered stay delivered,
         so a retry continues from the offset the sink has seen.
         """
+
+    def unpack(
+        self,
+        folder: Path,
+        fetched: list[FetchedFile],
+        *,
+        file_mode: int,
+        budget: WriteBudget,
+        abort: threading.Event,
+    ) -> list[FetchedFile]:
+        """The model's files, made in ``folder`` from the ``fetched`` ones once every one
+        was verified. Most sources fetch the model's files themselves (returned as they are);
+        an image source unpacks its layers here, taking what it writes from ``budget`` and
+        stopping when ``abort`` is set. Blocking."""
+        return fetched
 
     def close(self) -> None:  # noqa: B027 - optional: most sources hold nothing to release
         """Release connections. Safe to call more than once."""
