@@ -7,11 +7,14 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from awscrt import checksums
 
-__all__ = ["CRCS", "Crc", "crc_from_base64"]
+__all__ = ["CRCS", "Crc", "CrcFold", "ReadBack", "crc_from_base64"]
+
+ReadBack = Callable[[Callable[[memoryview], None]], None]
+"""``read_back(feed)``: feed a part's bytes, already on disk, to ``feed`` in order."""
 
 
 @dataclass(frozen=True)
@@ -47,3 +50,34 @@ def crc_from_base64(name: str, value: str) -> tuple[str, int] | None:
     if crc is None or len(raw) != crc.bits // 8:
         return None
     return name, int.from_bytes(raw, "big")
+
+
+@dataclass
+class CrcFold:
+    """One file checked by the source's CRC: each part folds its own CRC as its bytes
+    arrive, in any order, and the parts' CRCs are joined in file order."""
+
+    crc: Crc
+    published: int
+    parts: dict[int, int] = field(default_factory=dict)
+    """CRC of each part received in this run, by part index."""
+    total: int = 0
+    """CRC of the file's prefix joined so far."""
+
+    def join(self, index: int, length: int, read_back: ReadBack) -> None:
+        """Join part ``index`` (``length`` bytes) after the prefix; a part kept from an
+        earlier run (its CRC unknown) is computed by ``read_back`` from disk, once."""
+        value = self.parts.pop(index, None)
+        if value is None:
+            state = [0]
+
+            def feed(chunk: memoryview) -> None:
+                state[0] = self.crc.update(chunk, state[0])
+
+            read_back(feed)
+            value = state[0]
+        self.total = self.crc.combine(self.total, value, length)
+
+    def outcome(self) -> tuple[str, str]:
+        """``(computed, published)`` as hex: equal when the file is intact."""
+        return self.crc.hex(self.total), self.crc.hex(self.published)

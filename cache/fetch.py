@@ -33,10 +33,9 @@ The options live in :mod:`nodecache.cache.options` and the retry loop in
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import hashlib
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -45,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from nodecache.cache.budget import WriteBudget
-from nodecache.cache.checksums import CRCS, Crc
-from nodecache.cache.errors import CacheError, InsufficientSpaceError, IntegrityError
+from nodecache.cache.checksums import CRCS, CrcFold
+from nodecache.cache.diskio import MAP_WINDOW, map_range, preallocate, pwrite_all, start_writeback
+from nodecache.cache.errors import CacheError, IntegrityError
 from nodecache.cache.journal import Journal
 from nodecache.cache.layout import JOURNAL_NAME
 from nodecache.cache.options import FetchOptions, MiB
@@ -68,32 +68,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_HASH_WINDOW = 16 * MiB
-"""Bytes mapped at a time when hashing parts back from the page cache."""
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-
-
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
 _WRITEBACK_STEP = 8 * MiB
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset+length)`` to disk now, without
-    waiting. Parts written back while later ones download leave little for the fsync
-    before publish to wait for (1 GiB of dirty pages is ~1 s of NVMe time at the end)."""
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -106,18 +81,6 @@ class FetchedFile:
     """None when the file was verified by the source's CRC instead (:attr:`checksum`)."""
     checksum: str | None = None
     """``<algorithm>:<hex>`` of the source's CRC the file was verified by, if any."""
-
-
-@dataclass
-class _CrcFold:
-    """A file verified by the source's CRC: one CRC per part, joined in file order."""
-
-    crc: Crc
-    published: int
-    parts: dict[int, int] = field(default_factory=dict)
-    """CRC of each part received in this run, by part index."""
-    total: int = 0
-    """CRC of the file's prefix joined so far."""
 
 
 @dataclass
@@ -149,7 +112,7 @@ class _FileJob:
     """Whether a thread is feeding the hashes (one at a time, in file order)."""
     sha256: Any = field(default_factory=hashlib.sha256)
     """None when the file is verified by the source's CRC (:attr:`crc`)."""
-    crc: _CrcFold | None = None
+    crc: CrcFold | None = None
     md5: Any = None
     git_sha1: Any = None
     """Git blob sha1 (header already fed), where the source publishes one."""
@@ -209,7 +172,7 @@ class Transfer:
             parts = [_Part(i, s, min(s + step, size)) for i, s in enumerate(range(0, size, step))]
         job = _FileJob(remote, self.folder / remote.path, parts, [False] * len(parts))
         if remote.crc and remote.crc[0] in CRCS and size is not None:
-            job.crc = _CrcFold(CRCS[remote.crc[0]], remote.crc[1])
+            job.crc = CrcFold(CRCS[remote.crc[0]], remote.crc[1])
             job.sha256 = None  # the CRC is the check: no sha256, MD5 or sha1 of every byte
             return job
         if self.options.verify_md5 and remote.md5:
@@ -259,7 +222,7 @@ class Transfer:
                 flags = os.O_RDWR | (0 if job.kept else os.O_TRUNC)
                 fd = create_file(job.dest, flags, self.file_mode)
                 if remote.size:
-                    _preallocate(fd, remote.size)
+                    preallocate(fd, remote.size)
             except OSError as exc:
                 if fd >= 0:
                     os.close(fd)
@@ -323,7 +286,7 @@ class Transfer:
             if budget is not None and reach > job.extent:
                 budget.take(reach - job.extent)  # raises before a byte past the allowance
                 job.extent = reach
-            _pwrite_all(job.fd, data, offset)
+            pwrite_all(job.fd, data, offset)
             if crc is not None:  # the part's bytes arrive once each, in order
                 state["crc"] = crc(data, state["crc"])
             elif stream and job.hash_pos == offset:
@@ -406,7 +369,9 @@ class Transfer:
                     part = job.parts[job.next_hash]
                 end = part.end if part.end is not None else job.written
                 if job.crc is not None:
-                    self._join_crc(job, part)
+                    read_back = functools.partial(self._hash_range, job, part.start, end)
+                    job.crc.join(part.index, end - part.start, read_back)
+                    job.hash_pos = end
                 elif job.hash_pos < end:  # the part's head may have been hashed as it arrived
                     self._hash_range(job, job.hash_pos, end)
                 with job.lock:
@@ -436,27 +401,10 @@ class Transfer:
                 raise self._mismatch(remote, name, got, published)
         return self._verified(job, FetchedFile(remote.path, size, sha256))
 
-    def _join_crc(self, job: _FileJob, part: _Part) -> None:
-        """Join the CRC of the next part in file order; a part resumed from an earlier run
-        (its CRC unknown) is read back from disk once."""
-        fold = job.crc
-        assert fold is not None and part.end is not None
-        value = fold.parts.pop(part.index, None)
-        if value is None:
-            state = [0]
-
-            def feed(chunk: memoryview) -> None:
-                state[0] = fold.crc.update(chunk, state[0])
-
-            self._hash_range(job, part.start, part.end, feed)
-            value = state[0]
-        fold.total = fold.crc.combine(fold.total, value, part.end - part.start)
-        job.hash_pos = part.end
-
     def _finish_crc(self, job: _FileJob, size: int) -> FetchedFile:
         remote, fold = job.remote, job.crc
         assert fold is not None
-        got, want = fold.crc.hex(fold.total), fold.crc.hex(fold.published)
+        got, want = fold.outcome()
         if got != want:
             raise self._mismatch(remote, fold.crc.name, got, want)
         checksum = f"{fold.crc.name}:{got}"
@@ -490,34 +438,22 @@ class Transfer:
             return
         if os.fstat(job.fd).st_size < end:  # a mapping past the end would fault (SIGBUS)
             raise IntegrityError(f"{job.remote.path!r}: file shorter than written")
-        window = max(self.options.chunk_size, _HASH_WINDOW)
-        pos = start
-        while pos < end:
-            if self.abort.is_set():
-                raise Aborted
-            base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            stop = min(end, base + window)
-            with mmap.mmap(
-                job.fd, stop - base, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=base
-            ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    chunk = view[pos - base : stop - base]
-                    if feed is not None:
-                        feed(chunk)
-                    else:
-                        job.sha256.update(chunk)
-                        if job.md5 is not None:
-                            job.md5.update(chunk)
-                        if job.git_sha1 is not None:
-                            job.git_sha1.update(chunk)
-                    chunk.release()
-                finally:
-                    view.release()
-            job.read_back += stop - pos
-            pos = stop
-            if feed is None:
-                job.hash_pos = pos
+        window = max(self.options.chunk_size, MAP_WINDOW)
+        map_range(job.fd, start, end, feed or self._hashes_of(job), window=window, abort=self.abort)
+        job.read_back += end - start
+        if feed is None:
+            job.hash_pos = end
+
+    @staticmethod
+    def _hashes_of(job: _FileJob) -> Callable[[memoryview], None]:
+        def feed(chunk: memoryview) -> None:
+            job.sha256.update(chunk)
+            if job.md5 is not None:
+                job.md5.update(chunk)
+            if job.git_sha1 is not None:
+                job.git_sha1.update(chunk)
+
+        return feed
 
     def _flush_loop(self) -> None:
         """Background: every ``journal_interval``, flush completed parts and record them."""
@@ -558,22 +494,3 @@ class Transfer:
                 job.result = self._finish_file(job)
             out.append(job.result)
         return out
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-
-
-def _preallocate(fd: int, size: int) -> None:
-    """Reserve ``size`` bytes so a full disk fails now, not half way through."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-            raise InsufficientSpaceError(
-                f"not enough disk space for a {size}-byte file", needed=size
-            ) from None
-        os.ftruncate(fd, max(size, os.fstat(fd).st_size))  # no fallocate on this filesystem
