@@ -41,6 +41,7 @@ __all__ = [
     "ProxySettings",
     "ReconcilerSettings",
     "StatusSettings",
+    "VerifySettings",
     "add_option",
     "add_options",
     "flags",
@@ -211,6 +212,14 @@ class NodeOptions:
     )  # fmt: skip
     serve: ServeSettings = nested(ServeSettings, SERVE_FLAGS)
     """What every model server runs with, in-process or in each worker."""
+    verify_on_start: str = option(
+        "quick",
+        "at start, check the cached models: quick compares each file's size with its "
+        "manifest; full also re-hashes every byte against the local digest recorded when it "
+        "was verified, and removes (then fetches again) any model whose bytes changed, "
+        "before serving it (default: %(default)s)",
+        choices=("quick", "full"),
+    )
     csi_endpoint: str | None = option(
         None,
         "serve the CSI node service (driver csi.nodecache.io: pods mount a model folder "
@@ -283,6 +292,17 @@ class StatusSettings:
 
 
 @dataclass(frozen=True)
+class VerifySettings:
+    """``nodecache verify``: which cache folder to re-check (the models are arguments)."""
+
+    cache_dir: Path = option(
+        STANDALONE_HOME / "cache",
+        "the cache folder, the same as the agent's --cache-dir (default: %(default)s)",
+        metavar="DIR", type=Path,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """``nodecache proxy``: one model of the node socket on TCP, for a KServe runtime."""
 
@@ -333,6 +353,7 @@ COMMANDS: dict[str, type] = {
     "reconciler": ReconcilerSettings,
     "status": StatusSettings,
     "proxy": ProxySettings,
+    "verify": VerifySettings,
 }
 """The commands whose settings live here (``prefetch`` is built in agent/prefetch.py)."""
 
