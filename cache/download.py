@@ -205,13 +205,16 @@ class _Run(Generic[T]):
         return await self.run(self.hooks.publish, fetched, source.resolved)
 
     def _unpack(self, source: Source, fetched: list[FetchedFile]) -> list[FetchedFile]:
-        """The model's files from the verified fetched ones (an image's layers unpacked),
-        within the download's allowance."""
+        """The model's files: the verified fetched ones, or what the source made of them
+        (an image's layers unpacked) within the download's allowance."""
         spec = self.spec
         budget = write_budget(spec.uri, 0, self.room, spec.max_bytes, self.hooks.limit_bytes)
-        return source.unpack(
-            spec.folder, fetched, file_mode=spec.file_mode, budget=budget, abort=self.abort_event
+        made = source.unpack(
+            spec.folder, file_mode=spec.file_mode, budget=budget, abort=self.abort_event
         )
+        if made is None:
+            return fetched
+        return [FetchedFile(f.path, f.size, f.sha256) for f in made]
 
     async def _reserve(self, files: list[RemoteFile]) -> WriteBudget | None:
         """Check the listing against the declared size and reserve its room in the store;

@@ -15,20 +15,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from nodecache.cache.budget import WriteBudget
 from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import check_relative_path
 from nodecache.cache.uri import redact_uri
-
-if TYPE_CHECKING:  # fetch imports the sources
-    from nodecache.cache.budget import WriteBudget
-    from nodecache.cache.fetch import FetchedFile
 
 __all__ = [
     "RemoteFile",
     "Sink",
     "Source",
+    "UnpackedFile",
     "finish_listing",
     "lookup_setting",
     "map_threads",
@@ -65,6 +63,16 @@ class RemoteFile:
     """``(algorithm, value)`` of a whole-object CRC the source publishes (``crc64nvme``,
     ``crc32c``, ``crc32``: S3 additional checksums, GCS crc32c): when set, the fetcher
     verifies the file by it instead of computing a sha256 or MD5 of every byte."""
+
+
+@dataclass(frozen=True)
+class UnpackedFile:
+    """A model file a source made from verified fetched files (an image layer's entry)."""
+
+    path: str
+    size: int
+    sha256: str
+    """Of the bytes written, computed as they were."""
 
 
 def lookup_setting(credentials: Mapping[str, str], *names: str) -> str | None:
@@ -119,19 +127,13 @@ class Source(ABC):
         """
 
     def unpack(
-        self,
-        folder: Path,
-        fetched: list[FetchedFile],
-        *,
-        file_mode: int,
-        budget: WriteBudget,
-        abort: threading.Event,
-    ) -> list[FetchedFile]:
-        """The model's files, made in ``folder`` from the ``fetched`` ones once every one
-        was verified. Most sources fetch the model's files themselves (returned as they are);
-        an image source unpacks its layers here, taking what it writes from ``budget`` and
-        stopping when ``abort`` is set. Blocking."""
-        return fetched
+        self, folder: Path, *, file_mode: int, budget: WriteBudget, abort: threading.Event
+    ) -> list[UnpackedFile] | None:
+        """Make the model's files in ``folder`` from the fetched ones, once every one was
+        verified; None where the fetched files are the model's (most sources). An image
+        source unpacks its layers here, taking what it writes from ``budget`` and stopping
+        when ``abort`` is set. Blocking."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional: most sources hold nothing to release
         """Release connections. Safe to call more than once."""

@@ -1,9 +1,12 @@
 """``oci://`` sources: model files stored as blobs of an OCI registry (distribution spec).
 
-Two kinds of artifact are read as files: a CNCF ModelPack (``artifactType``
+Three kinds of artifact: a CNCF ModelPack (``artifactType``
 ``application/vnd.cncf.model.manifest.v1+json``; each layer names its file in
-``org.cncf.model.filepath``) and an ORAS artifact (each layer named by
-``org.opencontainers.image.title``). The tag is resolved to a manifest digest once, when the
+``org.cncf.model.filepath``), an ORAS artifact (each layer named by
+``org.opencontainers.image.title``), and a KServe modelcar image: any other manifest none of
+whose layers carries a title annotation. Its layers must be tar or tar+gzip image layers;
+they are fetched as blobs, verified, and unpacked (only ``/models``) by :mod:`.modelcar`
+before the folder is published. The tag is resolved to a manifest digest once, when the
 source is listed (:attr:`OciSource.digest`); every blob is then read by that digest, so a
 tag moved during the download changes nothing. Blobs come through the shared ranged fetcher
 and are verified against their sha256 digest as the bytes arrive (``RemoteFile.sha256``).
@@ -19,13 +22,22 @@ import json
 import platform
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
+from nodecache.cache.budget import WriteBudget
 from nodecache.cache.errors import FetchError, IntegrityError
 from nodecache.cache.ociref import OciRef, is_loopback, parse_oci_uri
-from nodecache.cache.sources.base import RemoteFile, Sink, Source, finish_listing
+from nodecache.cache.sources.base import (
+    RemoteFile,
+    Sink,
+    Source,
+    UnpackedFile,
+    finish_listing,
+)
 from nodecache.cache.sources.errors import SourceHttpError
 from nodecache.cache.sources.httpclient import HttpRanges
+from nodecache.cache.sources.modelcar import LAYER_TYPES, LAYERS_DIR, Layer, unpack_layers
 from nodecache.cache.sources.ociauth import RegistryAuth, find_login
 from nodecache.cache.uri import redact_uri
 
@@ -50,7 +62,8 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 
 
 class OciSource(Source):
-    """``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``: a ModelPack or ORAS artifact."""
+    """``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``: a ModelPack, an ORAS
+    artifact or a modelcar image."""
 
     def __init__(self, uri: str, **kwargs: Any) -> None:
         super().__init__(uri, **kwargs)
@@ -63,6 +76,8 @@ class OciSource(Source):
         self.auth = RegistryAuth(self.ref.registry, self.ref.repository, login, self._call)
         self.digest: str | None = None
         """The manifest digest the reference resolved to (set by :meth:`list_files`)."""
+        self.layers: list[tuple[str, str, str]] | None = None
+        """A modelcar's layers (blob path, media type, digest) in order, once listed."""
         self._renew = threading.Lock()
 
     def close(self) -> None:
@@ -134,9 +149,53 @@ class OciSource(Source):
             manifest.get("artifactType") == MODELPACK_ARTIFACT
             or config.get("mediaType") == MODELPACK_CONFIG
         )
+        if not modelpack and not any(_title(layer) for layer in layers):
+            return self._layer_blobs(layers)
         key = MODELPACK_PATH if modelpack else TITLE
         files = [self._remote(layer, key) for layer in layers]
         return finish_listing(files, self.uri)
+
+    def _layer_blobs(self, layers: list[Any]) -> list[RemoteFile]:
+        """A modelcar's layers, to fetch into the partial folder's scratch blobs."""
+        where = redact_uri(self.uri)
+        files, self.layers = [], []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict):
+                raise FetchError(
+                    f"{where}: a layer of the manifest is not an object", permanent=True
+                )
+            digest, size = _digest_and_size(layer, f"layer {i}", where)
+            media = str(layer.get("mediaType") or "")
+            if media not in LAYER_TYPES:
+                hint = "; push it with gzip layers" if "zstd" in media else ""
+                raise FetchError(
+                    f"{where}: layer {digest[:19]} has media type {media!r}: neither a file "
+                    "with a title annotation (ORAS) nor a tar or tar+gzip image layer "
+                    f"(modelcar){hint}",
+                    permanent=True,
+                )
+            hexdigest = digest[len("sha256:") :]
+            path = f"{LAYERS_DIR}/{i:04d}-{hexdigest[:16]}"
+            files.append(RemoteFile(path, digest, size, etag=digest, sha256=hexdigest))
+            self.layers.append((path, media, digest))
+        return files
+
+    def unpack(
+        self, folder: Path, *, file_mode: int, budget: WriteBudget, abort: threading.Event
+    ) -> list[UnpackedFile] | None:
+        """A modelcar's verified layers unpacked into the model folder (only ``/models``);
+        None for the other kinds, whose fetched files are the model."""
+        if self.layers is None:
+            return None
+        layers = [Layer(folder / path, media, digest) for path, media, digest in self.layers]
+        return unpack_layers(
+            folder,
+            layers,
+            uri=redact_uri(self.uri),
+            file_mode=file_mode,
+            budget=budget,
+            abort=abort,
+        )
 
     def _remote(self, layer: Any, key: str) -> RemoteFile:
         where = redact_uri(self.uri)
@@ -146,8 +205,8 @@ class OciSource(Source):
         path = annotations.get(key) if isinstance(annotations, dict) else None
         if not isinstance(path, str) or not path:
             raise FetchError(
-                f"{where}: a layer has no {key} annotation; only ModelPack and ORAS "
-                "artifacts are supported (not image layers to unpack)",
+                f"{where}: a layer has no {key} annotation, which every layer of a "
+                "ModelPack or ORAS artifact carries to name its file",
                 permanent=True,
             )
         media = str(layer.get("mediaType") or "")
@@ -160,11 +219,7 @@ class OciSource(Source):
                 "supported yet: push the files themselves (modctl --raw, oras push FILE)",
                 permanent=True,
             )
-        digest, size = layer.get("digest"), layer.get("size")
-        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-            raise FetchError(f"{where}: layer {path!r} has no sha256 digest", permanent=True)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise FetchError(f"{where}: layer {path!r} has no valid size", permanent=True)
+        digest, size = _digest_and_size(layer, f"layer {path!r}", where)
         return RemoteFile(path, digest, size, etag=digest, sha256=digest[len("sha256:") :])
 
     # -- blobs ----------------------------------------------------------------------------
@@ -199,6 +254,22 @@ class OciSource(Source):
         status, resp, _ = self._call("HEAD", url, {"User-Agent": "nodecache"})
         if status == 401:
             self.auth.challenged(resp.getheader("WWW-Authenticate"), sent)
+
+
+def _title(layer: Any) -> bool:
+    """Whether a layer names its file (an ORAS artifact's layers all do)."""
+    annotations = layer.get("annotations") if isinstance(layer, dict) else None
+    return isinstance(annotations, dict) and bool(annotations.get(TITLE))
+
+
+def _digest_and_size(layer: dict[str, Any], name: str, where: str) -> tuple[str, int]:
+    """A layer's sha256 digest and size, checked."""
+    digest, size = layer.get("digest"), layer.get("size")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise FetchError(f"{where}: {name} has no sha256 digest", permanent=True)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FetchError(f"{where}: {name} has no valid size", permanent=True)
+    return digest, size
 
 
 def _registry_error(status: int, body: bytes, ref: OciRef) -> SourceHttpError:

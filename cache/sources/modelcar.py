@@ -1,0 +1,324 @@
+"""KServe modelcar images: ordinary image layers of which only ``/models`` becomes the model.
+
+A modelcar is an image built ``FROM`` some base with the model copied to ``/models``. Its
+layers (tar or tar+gzip) are fetched as blobs into a scratch folder of the partial download,
+each verified against its sha256 digest by the fetcher, and only then unpacked here, in
+order, as a container runtime would apply them: later layers overwrite earlier files, OCI
+whiteouts (``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` empties the folder of what earlier
+layers put there) are honoured under ``models/``, and everything outside ``models/`` is
+skipped. Each layer's blob is deleted once it is applied.
+
+Refused, naming the entry, before anything is published: absolute names and ``..``
+anywhere in a layer, device and fifo entries under ``models/``, and symbolic or hard links
+whose target is not under ``/models``. A symbolic link that stays inside becomes a hard link
+to its target file (the manifest lists regular files only); one to a folder or to nothing is
+dropped and logged. Bytes written are taken from the download's budget, so a gzip bomb stops
+at the model's allowance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+import tarfile
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from nodecache.cache.budget import WriteBudget
+from nodecache.cache.errors import FetchError
+from nodecache.cache.layout import JOURNAL_NAME, RESERVED_PREFIX, check_relative_path
+from nodecache.cache.perms import create_file, folder_mode, make_folder
+from nodecache.cache.sources.base import UnpackedFile
+
+__all__ = ["LAYERS_DIR", "LAYER_TYPES", "Layer", "unpack_layers"]
+
+log = logging.getLogger(__name__)
+
+LAYERS_DIR = RESERVED_PREFIX + "layers"
+"""Scratch folder of a partial download holding the fetched layer blobs."""
+LAYER_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar": "r|",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "r|gz",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "r|gz",
+}
+"""Layer media types unpacked, and the tarfile stream mode that reads each."""
+MODELS = "models"
+"""The folder of the image that is the model (KServe mounts the modelcar's ``/models``)."""
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+_CHUNK = 1 << 20
+_MAX_LINK_HOPS = 40
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer blob on disk, in the order the manifest applies it."""
+
+    path: Path
+    media_type: str
+    digest: str
+
+
+@dataclass
+class _Tree:
+    """The model folder as the layers applied so far left it."""
+
+    root: Path
+    uri: str
+    file_mode: int
+    budget: WriteBudget
+    files: dict[str, UnpackedFile] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    """Symbolic links (path -> target path, both relative to ``models/``), made at the end."""
+    written: set[str] = field(default_factory=set)
+    """Paths the layer being applied wrote (an opaque marker keeps them)."""
+
+    def refuse(self, entry: str, layer: Layer, why: str) -> FetchError:
+        return FetchError(
+            f"{self.uri}: layer {layer.digest[:19]} entry {entry!r} {why}; nothing was published",
+            permanent=True,
+        )
+
+    def stopped(self) -> FetchError:
+        """The download was stopped (cancelled) while unpacking: not the image's fault."""
+        return FetchError(f"{self.uri}: unpacking stopped")
+
+    def forget(self, rel: str) -> None:
+        """Drop what is recorded at ``rel`` and under it (files and links)."""
+        prefix = rel + "/" if rel else ""
+        for table in (self.files, self.links):
+            for key in [k for k in table if k == rel or k.startswith(prefix)]:
+                del table[key]
+
+    def remove(self, rel: str) -> None:
+        """Delete ``rel`` (file, folder or link) from disk and from the records."""
+        path = self.root / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        self.forget(rel)
+
+    def opaque(self, rel: str) -> None:
+        """Empty folder ``rel`` of everything earlier layers put in it."""
+        folder = self.root / rel
+        if folder.is_dir():
+            for child in os.listdir(folder):
+                child_rel = f"{rel}/{child}" if rel else child
+                if not rel and child.startswith(RESERVED_PREFIX):
+                    continue  # the journal and the layer blobs
+                if child_rel not in self.written:
+                    self.remove(child_rel)
+                elif (folder / child).is_dir():
+                    self.opaque(child_rel)
+        prefix = rel + "/" if rel else ""
+        for link in [k for k in self.links if k.startswith(prefix) and k not in self.written]:
+            del self.links[link]
+
+    def make_parents(self, rel: str) -> None:
+        """Folders up to ``rel``'s parent, replacing files an earlier layer had there."""
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            path = self.root / sub
+            if not path.is_dir():
+                if path.exists():
+                    self.remove(sub)
+                self.links.pop(sub, None)
+                make_folder(path, folder_mode(self.file_mode))
+
+    def clear_at(self, rel: str) -> None:
+        """Make way for a new entry at ``rel``."""
+        self.make_parents(rel)
+        path = self.root / rel
+        if path.exists():
+            self.remove(rel)
+        self.forget(rel)
+        self.written.add(rel)
+
+    def write(self, rel: str, data: IO[bytes], abort: threading.Event) -> None:
+        self.clear_at(rel)
+        digest, size = hashlib.sha256(), 0
+        fd = create_file(self.root / rel, os.O_WRONLY | os.O_TRUNC, self.file_mode)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := data.read(_CHUNK):
+                if abort.is_set():
+                    raise self.stopped()
+                self.budget.take(len(chunk))
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        self.files[rel] = UnpackedFile(rel, size, digest.hexdigest())
+
+    def hard_link(self, rel: str, target: str) -> None:
+        """``rel`` as another name of file ``target`` (same bytes, so the same digest)."""
+        self.clear_at(rel)
+        os.link(self.root / target, self.root / rel)
+        known = self.files[target]
+        self.files[rel] = UnpackedFile(rel, known.size, known.sha256)
+
+
+def unpack_layers(
+    folder: Path,
+    layers: list[Layer],
+    *,
+    uri: str,
+    file_mode: int,
+    budget: WriteBudget,
+    abort: threading.Event,
+) -> list[UnpackedFile]:
+    """Apply ``layers`` (verified blobs) in order into ``folder``; the model's files, sorted.
+
+    Blocking. Each blob is deleted once applied; whatever a killed earlier attempt left in
+    ``folder`` (other than the journal and the blobs) is removed first.
+    """
+    for entry in os.listdir(folder):
+        if entry not in (JOURNAL_NAME, LAYERS_DIR):
+            _remove_path(folder / entry)
+    tree = _Tree(folder, uri, file_mode, budget)
+    for layer in layers:
+        tree.written = set()
+        _apply(tree, layer, abort)
+        layer.path.unlink()
+    shutil.rmtree(folder / LAYERS_DIR, ignore_errors=True)
+    _make_links(tree)
+    if not tree.files:
+        raise FetchError(f"{uri}: the image has no files under /{MODELS}", permanent=True)
+    return sorted(tree.files.values(), key=lambda f: f.path)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _apply(tree: _Tree, layer: Layer, abort: threading.Event) -> None:
+    """Apply one layer's tar stream to the tree."""
+    try:
+        with (
+            open(layer.path, "rb") as blob,
+            tarfile.open(fileobj=blob, mode=LAYER_TYPES[layer.media_type]) as tar,
+        ):
+            for member in _members(tar):
+                if abort.is_set():
+                    raise tree.stopped()
+                _entry(tree, layer, tar, member, abort)
+    except (tarfile.TarError, zlib.error, EOFError) as exc:  # disk errors go up as they are
+        raise FetchError(
+            f"{tree.uri}: layer {layer.digest[:19]} is not a valid {layer.media_type} "
+            f"archive ({type(exc).__name__}: {str(exc)[:120]})",
+            permanent=True,
+        ) from None
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    while (member := tar.next()) is not None:
+        yield member
+
+
+def _entry(
+    tree: _Tree,
+    layer: Layer,
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    abort: threading.Event,
+) -> None:
+    """Apply one tar entry (skipped unless it is under ``models/``)."""
+    name = member.name
+    if name.startswith("/"):
+        raise tree.refuse(name, layer, "is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise tree.refuse(name, layer, "climbs out with '..'")
+    if parts == [_WHITEOUT + MODELS]:  # a later layer deleted /models itself
+        tree.opaque("")
+        return
+    if parts == [_OPAQUE]:
+        tree.opaque("")
+        return
+    if not parts or parts[0] != MODELS:
+        return
+    rel = "/".join(parts[1:])
+    base = parts[-1]
+    if base == _OPAQUE:
+        tree.opaque(posixpath.dirname(rel))
+        return
+    if base.startswith(_WHITEOUT):
+        gone = posixpath.join(posixpath.dirname(rel), base[len(_WHITEOUT) :])
+        check_relative_path(gone, tree.uri)
+        tree.remove(gone)
+        return
+    if member.ischr() or member.isblk() or member.isfifo():
+        raise tree.refuse(name, layer, "is a device or fifo")
+    if not rel:
+        return  # models/ itself
+    check_relative_path(rel, tree.uri)
+    if member.isdir():
+        path = tree.root / rel
+        if path.exists() and not path.is_dir():
+            tree.remove(rel)
+        tree.make_parents(rel)
+        make_folder(path, folder_mode(tree.file_mode))
+        tree.links.pop(rel, None)
+        tree.written.add(rel)
+    elif member.isreg():
+        data = tar.extractfile(member)
+        assert data is not None  # a regular member always has a stream
+        tree.write(rel, data, abort)
+    elif member.issym():
+        target = _inside(posixpath.join("/", *parts[:-1]), member.linkname)
+        if target is None:
+            raise tree.refuse(name, layer, f"is a link to {member.linkname!r}, outside /models")
+        tree.clear_at(rel)
+        tree.links[rel] = target
+    elif member.islnk():
+        target = _inside("/", member.linkname)
+        if target is None:
+            raise tree.refuse(name, layer, f"is a link to {member.linkname!r}, outside /models")
+        if target in tree.links:
+            tree.clear_at(rel)
+            tree.links[rel] = tree.links[target]
+        elif target in tree.files:
+            tree.hard_link(rel, target)
+        else:
+            raise tree.refuse(name, layer, f"is a hard link to {member.linkname!r}, not a file")
+    else:
+        raise tree.refuse(name, layer, f"has a tar entry type {member.type!r} we do not unpack")
+
+
+def _inside(folder: str, target: str) -> str | None:
+    """``target`` (relative to image folder ``folder``, or absolute) as a path under
+    ``/models`` relative to it, or None where it is not strictly inside."""
+    resolved = posixpath.normpath(posixpath.join(folder, target))
+    resolved = "/" + resolved.lstrip("/")  # normpath keeps a leading '//'
+    prefix = f"/{MODELS}/"
+    if not resolved.startswith(prefix) or resolved == prefix:
+        return None
+    return resolved[len(prefix) :]
+
+
+def _make_links(tree: _Tree) -> None:
+    """Each symbolic link to a file becomes a hard link to it; the others are dropped."""
+    for rel, first in sorted(tree.links.items()):
+        target = first
+        for _ in range(_MAX_LINK_HOPS):
+            if target not in tree.links:
+                break
+            target = tree.links[target]
+        if target in tree.files and not (tree.root / rel).exists():
+            tree.hard_link(rel, target)
+            continue
+        log.warning(
+            "%s: dropped symbolic link models/%s (its target is no file of /models)",
+            tree.uri,
+            rel,
+        )
