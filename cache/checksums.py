@@ -8,10 +8,20 @@ import base64
 import binascii
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from awscrt import checksums
 
-__all__ = ["CRCS", "Crc", "CrcFold", "ReadBack", "crc_from_base64"]
+__all__ = [
+    "CRCS",
+    "Crc",
+    "CrcFold",
+    "Published",
+    "ReadBack",
+    "checks_applied",
+    "crc_from_base64",
+    "describe_checks",
+]
 
 ReadBack = Callable[[Callable[[memoryview], None]], None]
 """``read_back(feed)``: feed a part's bytes, already on disk, to ``feed`` in order."""
@@ -81,3 +91,45 @@ class CrcFold:
     def outcome(self) -> tuple[str, str]:
         """``(computed, published)`` as hex: equal when the file is intact."""
         return self.crc.hex(self.total), self.crc.hex(self.published)
+
+
+class Published(Protocol):
+    """What a listed file publishes about its bytes (:class:`~.sources.base.RemoteFile`)."""
+
+    size: int | None
+    crc: tuple[str, int] | None
+    md5: str | None
+    sha256: str | None
+    git_sha1: str | None
+
+
+def checks_applied(remote: Published, verify_md5: bool = True) -> list[str]:
+    """The published checks the fetcher compares ``remote``'s bytes with, in one place for
+    the fetcher and for status: its CRC alone where it has one, else its MD5, sha256 and
+    git blob sha1 as published; none (``[]``) means size only."""
+    if remote.crc and remote.crc[0] in CRCS and remote.size is not None:
+        return [remote.crc[0]]
+    names = []
+    if verify_md5 and remote.md5:
+        names.append("MD5")
+    if remote.sha256:
+        names.append("sha256")
+    if remote.git_sha1 and remote.size is not None:
+        names.append("git blob sha1")
+    return names
+
+
+def describe_checks(files: list[Published], publisher: str) -> str:
+    """For status, how ``files`` are checked: e.g. ``crc64nvme published by S3``, or size
+    with the sha256 recorded at first download where ``publisher`` gives nothing."""
+    counts: dict[str, int] = {}
+    for f in files:
+        key = " + ".join(checks_applied(f)) or ""
+        counts[key] = counts.get(key, 0) + 1
+    parts = []
+    for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        what = (
+            f"{key} published by {publisher}" if key else "size; sha256 recorded at first download"
+        )
+        parts.append(what if len(counts) == 1 else f"{what} ({n} of {len(files)} files)")
+    return "; ".join(parts) or "nothing listed yet"
