@@ -28,6 +28,8 @@ from nodecache.agent.argtypes import (
     quantity,
     seconds,
 )
+from nodecache.cache.errors import InvalidSourceError
+from nodecache.cache.ociref import Mirror, parse_mirror
 from nodecache.cache.perms import DEFAULT_FILE_MODE
 from nodecache.serve.settings import ServeSettings
 from nodecache.serve.transport import TransportLimits
@@ -85,6 +87,14 @@ def nested(cls: type, flags: Mapping[str, Option] | None = None) -> Any:
 
 def _zero_is_off(value: int) -> int | None:
     return value or None
+
+
+def _registry_mirror(text: str) -> Mirror:
+    """``HOST=MIRROR``; a bad one is a usage error that says why."""
+    try:
+        return parse_mirror(text)
+    except InvalidSourceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 SECONDS = {"metavar": "SECONDS", "type": seconds}
@@ -220,6 +230,16 @@ class NodeOptions:
         "before serving it (default: %(default)s)",
         choices=("quick", "full"),
     )
+    registry_mirror: tuple[Mirror, ...] = option(
+        (),
+        "for oci:// models from registry HOST, try MIRROR first (a pull-through cache, "
+        "Spegel, Dragonfly: host[:port], https unless on loopback or written http://), e.g. "
+        "docker.io=127.0.0.1:30020; repeatable, mirrors tried in order, then HOST. Content "
+        "is fetched by digest and verified, so a mirror cannot change a model; a tag is "
+        "resolved at HOST, at a mirror only when HOST cannot be reached. HOST's credentials "
+        "never go to a mirror: give it its own docker config entry",
+        metavar="HOST=MIRROR", type=_registry_mirror, action="append", to_setting=tuple,
+    )  # fmt: skip
     csi_endpoint: str | None = option(
         None,
         "serve the CSI node service (driver csi.nodecache.io: pods mount a model folder "
@@ -417,6 +437,8 @@ def _add(parser: argparse.ArgumentParser, name: str, default: Any, how: Option) 
                            ("choices", how.choices), ("action", how.action))
         if value is not None
     }  # fmt: skip
+    if how.action == "append":  # argparse appends to the default it is given
+        default = list(default)
     parser.add_argument(_flag(name), default=default, help=how.help, **extra)
 
 

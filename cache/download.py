@@ -173,6 +173,7 @@ class _Run(Generic[T]):
                 chunk_size=opts.chunk_size,
                 timeout=opts.timeout,
                 credentials=spec.credentials,
+                registry_mirrors=opts.registry_mirrors,
             )
         )
         files: list[RemoteFile] = await self.run(

@@ -18,16 +18,21 @@ Loopback registries speak plain HTTP, as Docker allows; any other needs
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import logging
 import platform
 import re
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from nodecache.cache.budget import WriteBudget
 from nodecache.cache.errors import FetchError, IntegrityError
-from nodecache.cache.ociref import OciRef, is_loopback, parse_oci_uri
+from nodecache.cache.ociref import DOCKER_HUB, Mirror, OciRef, is_loopback, parse_oci_uri
 from nodecache.cache.sources.base import (
     RemoteFile,
     Sink,
@@ -35,7 +40,7 @@ from nodecache.cache.sources.base import (
     UnpackedFile,
     finish_listing,
 )
-from nodecache.cache.sources.errors import SourceHttpError
+from nodecache.cache.sources.errors import SourceHttpError, is_transient
 from nodecache.cache.sources.httpclient import HttpRanges
 from nodecache.cache.sources.modelcar import LAYER_TYPES, LAYERS_DIR, Layer, unpack_layers
 from nodecache.cache.sources.ociauth import RegistryAuth, find_login
@@ -59,13 +64,36 @@ _MAX_MANIFEST = 4 * 1024 * 1024
 """Largest manifest read (containerd's limit)."""
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+_MIRROR_FAILURES = (OSError, SourceHttpError, http.client.HTTPException)
+"""What a mirror may fail with before the next endpoint is tried (refused, 404, 5xx, a
+manifest whose bytes do not match its digest)."""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """One registry to ask for the repository: a mirror, or the registry the URI names."""
+
+    name: str
+    """``host[:port]``, for logs."""
+    base: str
+    """``scheme://host[:port]/v2/REPO``."""
+    query: str
+    """``?ns=HOST`` at a mirror (what containerd sends, so one mirror can serve many
+    registries); empty at the registry itself."""
+    auth: RegistryAuth
+    mirror: bool
+
+    def url(self, kind: str, reference: str) -> str:
+        return f"{self.base}/{kind}/{reference}{self.query}"
 
 
 class OciSource(Source):
     """``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``: a ModelPack, an ORAS
     artifact or a modelcar image."""
 
-    def __init__(self, uri: str, **kwargs: Any) -> None:
+    def __init__(self, uri: str, *, mirrors: Sequence[Mirror] = (), **kwargs: Any) -> None:
         super().__init__(uri, **kwargs)
         self.ref: OciRef = parse_oci_uri(uri)
         plain = (self.setting("plainHTTP") or "").strip().lower() in ("true", "1", "yes")
@@ -74,11 +102,29 @@ class OciSource(Source):
         self.http = HttpRanges(self.timeout, cafile=self.setting("REGISTRY_CA_BUNDLE"))
         login = find_login(self.ref.registry, self.credentials)
         self.auth = RegistryAuth(self.ref.registry, self.ref.repository, login, self._call)
+        self.mirrors = [self._mirror(m) for m in mirrors if m.registry == self.ref.registry]
+        """``--registry-mirror`` entries for this registry, in the order given."""
+        self.endpoints = [
+            *self.mirrors,
+            _Endpoint(self.ref.registry, self.base, "", self.auth, mirror=False),
+        ]
+        """Where content addressed by digest is asked for: each mirror, then the registry."""
+        self._blob_start: dict[str, int] = {}
+        """Per blob digest, the first endpoint not yet seen failing for it."""
         self.digest: str | None = None
         """The manifest digest the reference resolved to (set by :meth:`list_files`)."""
         self.layers: list[tuple[str, str, str]] | None = None
         """A modelcar's layers (blob path, media type, digest) in order, once listed."""
         self._renew = threading.Lock()
+
+    def _mirror(self, mirror: Mirror) -> _Endpoint:
+        """A mirror's endpoint, with its own login (the registry's is never sent there)."""
+        login = find_login(mirror.host, self.credentials)
+        auth = RegistryAuth(mirror.host, self.ref.repository, login, self._call)
+        namespace = "docker.io" if self.ref.registry == DOCKER_HUB else self.ref.registry
+        base = f"{mirror.url}/v2/{self.ref.repository}"
+        query = "?" + urlencode({"ns": namespace})
+        return _Endpoint(mirror.host, base, query, auth, mirror=True)
 
     def close(self) -> None:
         self.http.close()
@@ -94,14 +140,42 @@ class OciSource(Source):
     # -- manifests ------------------------------------------------------------------------
 
     def _get_manifest(self, reference: str) -> tuple[dict[str, Any], str]:
-        """The manifest ``reference`` names and its digest, checked against the bytes."""
-        url = f"{self.base}/manifests/{reference}"
+        """The manifest ``reference`` names and its digest, checked against the bytes.
+
+        By digest: from the first mirror that has it, else the registry (the digest makes
+        any answer safe). By tag: from the registry, which owns the tag; a mirror resolves
+        it only when the registry cannot answer at all (refused, timeout, 5xx), never when
+        it answered 404 or 401.
+        """
+        by_digest = reference.startswith("sha256:")
+        registry = self.endpoints[-1]
+        if by_digest:
+            for mirror in self.mirrors:
+                try:
+                    return self._manifest_at(mirror, reference)
+                except _MIRROR_FAILURES as exc:
+                    _passed_over(mirror, exc)
+            return self._manifest_at(registry, reference)
+        try:
+            return self._manifest_at(registry, reference)
+        except _MIRROR_FAILURES as exc:
+            if not self.mirrors or not is_transient(exc):
+                raise
+            for mirror in self.mirrors:
+                try:
+                    return self._manifest_at(mirror, reference)
+                except _MIRROR_FAILURES as failure:
+                    _passed_over(mirror, failure)
+            raise
+
+    def _manifest_at(self, where: _Endpoint, reference: str) -> tuple[dict[str, Any], str]:
+        url = where.url("manifests", reference)
         for _ in range(3):
-            sent = self.auth.headers()
+            sent = where.auth.headers()
             headers = {"Accept": _ACCEPT, "User-Agent": "nodecache", **sent}
             status, resp, body = self._call("GET", url, headers)
             if status == 401:
-                self.auth.challenged(resp.getheader("WWW-Authenticate"), sent.get("Authorization"))
+                where.auth.challenged(resp.getheader("WWW-Authenticate"), sent.get("Authorization"))
                 continue
             break
         if status != 200:
@@ -224,13 +298,39 @@ class OciSource(Source):
 
     # -- blobs ----------------------------------------------------------------------------
 
-    def _sign(self, method: str, url: str) -> dict[str, str]:
-        return self.auth.headers()
-
     def read_range(self, remote: RemoteFile, start: int, end: int | None, sink: Sink) -> int:
-        url = f"{self.base}/blobs/{remote.url}"
+        """From the first endpoint that has the blob: a mirror that fails before sending a
+        byte is passed over (for this blob, from then on); one that fails after some bytes
+        is retried like any source."""
+        with self._renew:
+            first = self._blob_start.get(remote.url, 0)
+        for index in range(first, len(self.endpoints)):
+            where = self.endpoints[index]
+            sent = 0
+
+            def counting(offset: int, data: memoryview) -> None:
+                nonlocal sent
+                sent += len(data)
+                sink(offset, data)
+
+            try:
+                return self._read_at(where, remote, start, end, counting)
+            except _MIRROR_FAILURES as exc:
+                if not where.mirror or sent:
+                    raise
+                _passed_over(where, exc)
+                with self._renew:
+                    self._blob_start[remote.url] = max(
+                        self._blob_start.get(remote.url, 0), index + 1
+                    )
+        raise AssertionError("unreachable: the registry itself raises")
+
+    def _read_at(
+        self, where: _Endpoint, remote: RemoteFile, start: int, end: int | None, sink: Sink
+    ) -> int:
+        url = where.url("blobs", remote.url)
         for attempt in range(2):
-            sent = self.auth.headers().get("Authorization")
+            sent = where.auth.headers().get("Authorization")
             try:
                 return self.http.get(
                     url,
@@ -238,7 +338,7 @@ class OciSource(Source):
                     end,
                     sink,
                     chunk_size=self.chunk_size,
-                    sign=self._sign,
+                    sign=lambda _method, _url: where.auth.headers(),
                     size=remote.size,
                 )
             except SourceHttpError as exc:
@@ -246,14 +346,18 @@ class OciSource(Source):
                 if exc.status != 401 or attempt:
                     raise
                 with self._renew:
-                    self._challenge_blob(url, sent)
+                    self._challenge_blob(where, url, sent)
         raise AssertionError("unreachable")
 
-    def _challenge_blob(self, url: str, sent: str | None) -> None:
+    def _challenge_blob(self, where: _Endpoint, url: str, sent: str | None) -> None:
         """Fetch the blob's challenge (a ``HEAD``) and renew the credentials from it."""
         status, resp, _ = self._call("HEAD", url, {"User-Agent": "nodecache"})
         if status == 401:
-            self.auth.challenged(resp.getheader("WWW-Authenticate"), sent)
+            where.auth.challenged(resp.getheader("WWW-Authenticate"), sent)
+
+
+def _passed_over(mirror: _Endpoint, exc: BaseException) -> None:
+    log.info("registry mirror %s failed (%s); trying the next", mirror.name, type(exc).__name__)
 
 
 def _title(layer: Any) -> bool:
