@@ -13,17 +13,25 @@ device memory first, between warm.minReplicas and warm.maxReplicas: warm.replica
 hand or an HPA through /scale) if present, else raised while the reported request rate per
 warm copy exceeds warm.targetRequestsPerSecond and lowered while the model is idle.
 
+Versions (:mod:`nodecache.agent.kube.versions`): caches serving one name in one scope are
+placed on the nodes that hold the name's other versions first, when they fit there; a
+cache repeating a version an older one serves is not placed (DuplicateVersion). Each
+version's own count above is its demand; the name's warm copies (the sum of its versions'
+demands) are shared by traffic weight (plus mirror percent), at least minReplicas each, and
+a version's warm copies go first where the name's bigger versions are warm.
+
 A pass runs in named phases over one :class:`Cluster`: observe (index the inputs and count
-the copies in place), then per cache, oldest first, keep or place its disk copies, choose
-the warm ones and write its status (each cache's placement takes room the next ones see),
-then the node specs and group statuses. Condition reasons live in
-:mod:`nodecache.agent.kube.conditions`.
+the copies in place), then per cache, oldest first, keep or place its disk copies (each
+cache's placement takes room the next ones see), then per cache, biggest share of its name
+first, choose the warm ones and write its status, then the node specs and group statuses.
+Condition reasons live in :mod:`nodecache.agent.kube.conditions`.
 """
 
 from __future__ import annotations
 
 import datetime
 import heapq
+import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +48,7 @@ from nodecache.agent.kube.conditions import (
     group_conditions,
     transitions,
 )
+from nodecache.agent.kube.versions import Versions, warm_by_share, warm_demand
 
 __all__ = [
     "FINALIZER",
@@ -153,15 +162,23 @@ def plan(
     )  # fmt: skip
     # LocalModelNodes whose Node is gone are garbage; their copies move with the plan below.
     out = Plan(delete_nodes=sorted(n for n in cluster.local if n not in cluster.node_names))
+    live = [c for c in ordered if not c["metadata"].get("deletionTimestamp")]
+    versions = Versions.index(live)
+    placements: list[_Placement] = []
     for cache in ordered:
         key = cache_key(cache)
         if cache["metadata"].get("deletionTimestamp"):
             _forget(cluster, model_name(key))
             if FINALIZER in (cache["metadata"].get("finalizers") or []):
                 out.release.append(key)
-            continue
-        status = _place(cluster, cache)
-        out.cache_status[key] = status
+        elif model_name(key) in versions.refused:
+            _forget(cluster, model_name(key))
+            out.cache_status[key] = _refused_status(cluster, cache, versions)
+        else:
+            placements.append(_place_copies(cluster, cache, versions))
+    _choose_warm(cluster, placements, versions, out.cache_status)
+    for cache in live:
+        status = out.cache_status[cache_key(cache)]
         out.events += transitions(cache, cache.get("status") or {}, status)
     out.node_specs = _node_specs(cluster)
     out.group_status = {g: _group_status(cluster, g) for g in cluster.members}
@@ -281,8 +298,21 @@ def _forget(cluster: Cluster, name: str) -> None:
         cluster.nodes[node_name].used -= cluster.sizes[name]
 
 
-def _place(cluster: Cluster, cache: JSON) -> JSON:
-    """Disk copies, then warm copies, then the cache's status."""
+@dataclass
+class _Placement:
+    """One cache after its disk copies are placed: what its warm copies and status need."""
+
+    cache: JSON
+    name: str  # modelName
+    copies: list[_Node]  # disk copies on Ready nodes
+    ready: int  # Ready nodes in its groups
+    wanted: int  # disk copies asked for
+    demand: int  # warm copies its own policy and load ask for
+
+
+def _place_copies(cluster: Cluster, cache: JSON, versions: Versions) -> _Placement:
+    """Keep the copies in place, add the missing ones (where the name's other versions are
+    first), and work out the warm copies the cache's own policy and load ask for."""
     spec = cache["spec"]
     name = model_name(cache_key(cache))
     candidates: dict[str, _Node] = {}
@@ -293,17 +323,46 @@ def _place(cluster: Cluster, cache: JSON) -> JSON:
     wanted = spec.get("replicas")
     wanted = len(ready) if wanted is None else wanted
     copies = _keep_copies(cluster, name, spec["sourceModelUri"], candidates, wanted)
-    _add_copies(cluster, name, spec["sourceModelUri"], ready, copies, wanted)
-    target = _warm_target(cache, spec.get("warm") or {}, copies, name)
-    _mark_warm(cluster, name, copies, target)
+    siblings = versions.siblings(name)
+    _add_copies(cluster, name, spec["sourceModelUri"], ready, copies, wanted, siblings)
+    rate = sum(float((n.models.get(name) or {}).get("requestsPerSecond") or 0) for n in copies)
+    last = (cache.get("status") or {}).get("warm") or {}
+    demand = warm_demand(spec.get("warm") or {}, last, len(copies), rate)
+    return _Placement(cache, name, copies, len(ready), wanted, demand)
+
+
+def _choose_warm(
+    cluster: Cluster, placements: list[_Placement], versions: Versions, out: dict[Any, JSON]
+) -> None:
+    """Each version's share of its name's warm copies, biggest share first, so that the
+    smaller versions' warm copies join the bigger ones' nodes; then each cache's status."""
+    name_demand: dict[tuple[str, str], int] = {}
+    for p in placements:
+        slot = versions.of[p.name].slot
+        name_demand[slot] = name_demand.get(slot, 0) + p.demand
+    for p in sorted(placements, key=lambda p: -versions.share(p.name)):
+        policy = p.cache["spec"].get("warm") or {}
+        target = warm_by_share(
+            p.demand,
+            versions.share(p.name),
+            name_demand[versions.of[p.name].slot],
+            policy,
+            len(p.copies),
+        )
+        _mark_warm(cluster, p.name, p.copies, target, versions.siblings(p.name))
+        out[cache_key(p.cache)] = _status(cluster, p, target, versions)
+
+
+def _status(cluster: Cluster, p: _Placement, target: int, versions: Versions) -> JSON:
+    spec, name, copies = p.cache["spec"], p.name, p.copies
     holding = {*(n.name for n in copies), *(n for n in cluster.holders.get(name, [])
                                              if name in cluster.specs[n])}  # fmt: skip
     failed = [n for n in copies if n.state(name) == "Error"]
     facts = CopyFacts(
         node_groups=spec["nodeGroups"],
         missing=[g for g in spec["nodeGroups"] if g not in cluster.groups],
-        ready_nodes=len(ready),
-        wanted=wanted,
+        ready_nodes=p.ready,
+        wanted=p.wanted,
         placed=len(copies),
         available=sum(1 for n in copies if n.state(name) in ON_DISK),
         warm=sum(1 for n in copies if n.state(name) == "Warm"),
@@ -312,10 +371,46 @@ def _place(cluster: Cluster, cache: JSON) -> JSON:
         failed=[(n.name, n.models.get(name, {}).get("error", "unknown error")) for n in failed],
     )
     return {
-        **generation(cache),
+        **generation(p.cache),
         "nodeStatus": {n: cluster.nodes[n].state(name) or "Pending" for n in sorted(holding)},
+        "serving": versions.status(name),
+        "nodeServing": _node_serving(cluster, name, holding),
         "copies": {"available": facts.available, "total": facts.placed, "failed": len(failed)},
-        "warm": {"replicas": facts.warm, "desired": target, "selector": SCALE_SELECTOR},
+        "warm": {
+            "replicas": facts.warm,
+            "desired": target,
+            "demand": p.demand,
+            "selector": SCALE_SELECTOR,
+        },
+        "conditions": cache_conditions(p.cache.get("status") or {}, facts, cluster.now),
+    }
+
+
+def _node_serving(cluster: Cluster, name: str, holding: Iterable[str]) -> JSON:
+    """The name, version and weights each holding node's agent reports it applies now."""
+    out: JSON = {}
+    for n in sorted(holding):
+        serving = (cluster.nodes[n].models.get(name) or {}).get("serving")
+        if isinstance(serving, dict):
+            out[n] = serving
+    return out
+
+
+def _refused_status(cluster: Cluster, cache: JSON, versions: Versions) -> JSON:
+    """A cache repeating a served version: nothing placed, and a condition that says why."""
+    spec = cache["spec"]
+    name = model_name(cache_key(cache))
+    facts = CopyFacts(
+        node_groups=spec["nodeGroups"], missing=[], ready_nodes=0, wanted=0, placed=0,
+        available=0, warm=0, size=cluster.sizes[name], silent=[], failed=[],
+        conflict=versions.refused[name],
+    )  # fmt: skip
+    return {
+        **generation(cache),
+        "nodeStatus": {},
+        "serving": versions.status(name),
+        "copies": {"available": 0, "total": 0, "failed": 0},
+        "warm": {"replicas": 0, "desired": 0, "demand": 0, "selector": SCALE_SELECTOR},
         "conditions": cache_conditions(cache.get("status") or {}, facts, cluster.now),
     }
 
@@ -349,26 +444,41 @@ def _add_copies(
     ready: dict[str, _Node],
     copies: list[_Node],
     wanted: int,
+    siblings: list[str],
 ) -> None:
-    """New copies, up to ``wanted``, on the Ready nodes with the most room that fit it."""
+    """New copies, up to ``wanted``, on the Ready nodes that fit it: those holding the
+    most of the name's other versions first, then those with the most room."""
     short = wanted - len(copies)
     if short <= 0:
         return
     size = cluster.sizes[name]
     placed = {n.name for n in copies}
     fits = (n for n in ready.values() if n.name not in placed and n.room() >= size)
-    for info in heapq.nsmallest(short, fits, key=lambda n: (-n.room(), n.name)):
+
+    def together(n: _Node) -> int:
+        here = itertools.chain(cluster.specs[n.name], cluster.current.get(n.name, ()))
+        return len(set(siblings).intersection(here))
+
+    for info in heapq.nsmallest(short, fits, key=lambda n: (-together(n), -n.room(), n.name)):
         info.take(size)
         cluster.specs[info.name][name] = {"modelName": name, "sourceModelUri": uri}
         copies.append(info)
 
 
-def _mark_warm(cluster: Cluster, name: str, copies: list[_Node], target: int) -> None:
-    """``target`` disk copies are warm: those warm now first, then most free device memory."""
+def _mark_warm(
+    cluster: Cluster, name: str, copies: list[_Node], target: int, siblings: list[str]
+) -> None:
+    """``target`` disk copies are warm: those warm now first, then where another version of
+    the name was just chosen warm, then those warm already, then most free device memory."""
+
+    def sibling_warm(n: _Node) -> bool:
+        return any(cluster.specs[n.name].get(s, {}).get("warm") for s in siblings)
+
     chosen = sorted(
         copies,
         key=lambda n: (
             not cluster.current.get(n.name, {}).get(name, {}).get("warm", False),
+            not sibling_warm(n),
             n.state(name) != "Warm",
             -n.device_free,
             n.name,
@@ -376,26 +486,6 @@ def _mark_warm(cluster: Cluster, name: str, copies: list[_Node], target: int) ->
     )[:target]
     for info in copies:
         cluster.specs[info.name][name]["warm"] = info in chosen
-
-
-def _warm_target(cache: JSON, policy: JSON, copies: list[_Node], name: str) -> int:
-    if not policy:
-        return len(copies)  # no policy: every disk copy is also warm
-    low = policy.get("minReplicas", 0)
-    high = policy.get("maxReplicas", len(copies))
-    if "replicas" in policy:  # set by hand or by an HPA through /scale
-        desired = policy["replicas"]
-    else:
-        desired = ((cache.get("status") or {}).get("warm") or {}).get("desired", low)
-        rate = sum(float((n.models.get(name) or {}).get("requestsPerSecond") or 0) for n in copies)
-        per_copy = policy.get("targetRequestsPerSecond")
-        # Per copy of the *desired* count: a copy on its way already counts, so passes that
-        # see the same report do not keep adding. Lower only well below target (hysteresis).
-        if per_copy and rate / max(1, desired) > per_copy:
-            desired += 1
-        elif rate == 0 or (per_copy and desired > 1 and rate / (desired - 1) < per_copy / 2):
-            desired -= 1
-    return max(0, min(len(copies), max(low, min(high, desired))))
 
 
 # -- nodes and groups --------------------------------------------------------------------
