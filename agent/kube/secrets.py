@@ -26,6 +26,7 @@ from typing import Any
 from nodecache.agent.declarations import ModelDeclaration
 from nodecache.agent.kube.api import SECRETS, Kube
 from nodecache.agent.kube.errors import ApiError
+from nodecache.cache.errors import FetchError
 
 __all__ = ["STORAGE_CONFIG", "CredentialsError", "SecretCredentials", "storage_config_names"]
 
@@ -51,8 +52,13 @@ _KSERVE_NAMES = {
 }
 
 
-class CredentialsError(Exception):
-    """A Secret a cache names cannot be read; the message says what to do, never a value."""
+class CredentialsError(FetchError):
+    """A Secret a cache names cannot be read; the message says what to do, never a value.
+    A fetch error that waits for someone to act (create the Secret, bind the role), so the
+    model shows it as its error and retries with backoff like any failed fetch."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, permanent=True)
 
 
 def storage_config_names(entry: Mapping[str, Any]) -> dict[str, str]:
