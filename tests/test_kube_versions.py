@@ -1,5 +1,5 @@
-"""Placement of the versions of a served name, from plain dicts: together on nodes, warm copies
-by traffic share, a repeated version refused with a condition."""
+"""Placement of the versions of a served name, from plain dicts: together on nodes, warm
+together while they take requests, a repeated version refused with a condition."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from test_kube_placement import GI, cache, condition, group, lmn, node, placed
 
 from nodecache.agent.kube.placement import plan
-from nodecache.agent.kube.versions import warm_by_share
+from nodecache.agent.kube.versions import warm_with_name
 
 
 def version(
@@ -56,15 +56,17 @@ def test_a_new_version_goes_where_the_names_other_versions_are() -> None:
     assert [n for n in sorted(on) if "v2" in on[n]] == ["n2", "n3"], on
 
 
-def test_warm_copies_follow_each_versions_share_of_the_traffic() -> None:
-    """Ten nodes hold both versions; the name asks for ten warm copies in all."""
+def test_versions_taking_requests_are_warm_together_the_others_at_their_minimum() -> None:
+    """Ten nodes hold both versions; the name's load asks for eight warm copies in all.
+    A node splits the name's requests among the versions warm on it, so a canary warm on
+    fewer nodes than its name would take less than its weight says."""
     nodes = [node(f"n{i}") for i in range(10)]
 
     def versions(t1: int, t2: int, mirror: int = 0) -> list[Any]:
         v1 = version("v1", "fraud", "1", traffic=t1, warm={"minReplicas": 1})
         v2 = version("v2", "fraud", "2", traffic=t2, mirror=mirror, warm={"minReplicas": 1})
-        v1["status"] = {"warm": {"demand": 8}}  # their own load's asks: 8 + 2 = 10
-        v2["status"] = {"warm": {"demand": 2}}
+        v1["status"] = {"warm": {"demand": 7}}  # their own loads' asks: 7 + 1
+        v2["status"] = {"warm": {"demand": 1}}
         return [v1, v2]
 
     # v1 is warm on n0..n7 now; most free GPU memory is on the highest-numbered nodes.
@@ -79,15 +81,16 @@ def test_warm_copies_follow_each_versions_share_of_the_traffic() -> None:
         return v1, v2
 
     p = plan(versions(90, 10), [group()], nodes, reports)
-    assert desired(p) == (9, 1)
-    (canary,) = warm_nodes(p, "v2")
-    assert canary in warm_nodes(p, "v1"), "the canary is warm where the name is warm"
-    assert p.cache_status[("", "v2")]["warm"]["demand"] == 2  # its own ask, kept for next time
-    assert desired(plan(versions(50, 50), [group()], nodes, reports)) == (5, 5)
-    assert desired(plan(versions(0, 100), [group()], nodes, reports)) == (1, 10)  # v1: its min
-    assert desired(plan(versions(100, 0), [group()], nodes, reports)) == (10, 1)
-    # A shadow version at traffic 0 receives half the name's requests as copies.
-    assert desired(plan(versions(100, 0, mirror=50), [group()], nodes, reports)) == (10, 5)
+    assert desired(p) == (8, 8)
+    assert warm_nodes(p, "v2") == warm_nodes(p, "v1") == [f"n{i}" for i in range(8)]
+    assert p.cache_status[("", "v2")]["warm"]["demand"] == 1  # its own ask, kept for next time
+    p = plan(versions(0, 100), [group()], nodes, reports)
+    assert desired(p) == (1, 8)  # v1 serves only pinned requests now: its minReplicas
+    assert warm_nodes(p, "v2") == [f"n{i}" for i in range(8)], "where the name is warm now"
+    assert set(warm_nodes(p, "v1")) <= set(warm_nodes(p, "v2"))
+    assert desired(plan(versions(100, 0), [group()], nodes, reports)) == (8, 1)
+    # A shadow at traffic 0 gets copies of the name's requests wherever the name is warm.
+    assert desired(plan(versions(100, 0, mirror=50), [group()], nodes, reports)) == (8, 8)
 
 
 def test_one_version_keeps_every_warm_copy_it_asks_for() -> None:
@@ -100,13 +103,12 @@ def test_one_version_keeps_every_warm_copy_it_asks_for() -> None:
     assert p.cache_status[("", "a")]["warm"]["desired"] == 0  # traffic 0: minReplicas only
 
 
-def test_warm_by_share_rounds_up_and_keeps_explicit_replicas() -> None:
-    assert warm_by_share(2, 0.1, 30, {}, copies=10) == 3  # 0.1 * 30 is 3, not 4
-    assert warm_by_share(1, 0.05, 10, {}, copies=10) == 1  # a share is never left cold
-    assert warm_by_share(1, 0.0, 10, {"minReplicas": 2}, copies=10) == 2
-    assert warm_by_share(9, 0.9, 20, {"maxReplicas": 4}, copies=10) == 4
-    assert warm_by_share(9, 0.9, 20, {}, copies=3) == 3  # not more than its disk copies
-    assert warm_by_share(4, 0.1, 20, {"replicas": 4}, copies=10) == 4  # an HPA decides
+def test_warm_with_name_clamps_and_keeps_explicit_replicas() -> None:
+    assert warm_with_name(2, True, 6, {}, copies=10) == 6
+    assert warm_with_name(2, False, 6, {"minReplicas": 2}, copies=10) == 2
+    assert warm_with_name(9, True, 20, {"maxReplicas": 4}, copies=10) == 4
+    assert warm_with_name(9, True, 20, {}, copies=3) == 3  # not more than its disk copies
+    assert warm_with_name(4, True, 20, {"replicas": 4}, copies=10) == 4  # an HPA decides
 
 
 def test_a_repeated_version_is_refused_with_a_condition_and_not_placed() -> None:

@@ -16,9 +16,10 @@ warm copy exceeds warm.targetRequestsPerSecond and lowered while the model is id
 Versions (:mod:`nodecache.agent.kube.versions`): caches serving one name in one scope are
 placed on the nodes that hold the name's other versions first, when they fit there; a
 cache repeating a version an older one serves is not placed (DuplicateVersion). Each
-version's own count above is its demand; the name's warm copies (the sum of its versions'
-demands) are shared by traffic weight (plus mirror percent), at least minReplicas each, and
-a version's warm copies go first where the name's bigger versions are warm.
+version's own count above is its demand. A node splits a name's requests among the versions
+warm on it, so every version taking requests (traffic or mirror above 0) is warm on the same
+nodes, as many as its name's versions demand together; a version at traffic 0 keeps its
+minReplicas, on those nodes first.
 
 A pass runs in named phases over one :class:`Cluster`: observe (index the inputs and count
 the copies in place), then per cache, oldest first, keep or place its disk copies (each
@@ -48,7 +49,7 @@ from nodecache.agent.kube.conditions import (
     group_conditions,
     transitions,
 )
-from nodecache.agent.kube.versions import Versions, warm_by_share, warm_demand
+from nodecache.agent.kube.versions import Versions, warm_demand, warm_with_name
 
 __all__ = [
     "FINALIZER",
@@ -334,17 +335,17 @@ def _place_copies(cluster: Cluster, cache: JSON, versions: Versions) -> _Placeme
 def _choose_warm(
     cluster: Cluster, placements: list[_Placement], versions: Versions, out: dict[Any, JSON]
 ) -> None:
-    """Each version's share of its name's warm copies, biggest share first, so that the
-    smaller versions' warm copies join the bigger ones' nodes; then each cache's status."""
+    """Each version's warm copies, biggest share of its name first, so that the others'
+    warm copies join the nodes it chose; then each cache's status."""
     name_demand: dict[tuple[str, str], int] = {}
     for p in placements:
         slot = versions.of[p.name].slot
         name_demand[slot] = name_demand.get(slot, 0) + p.demand
     for p in sorted(placements, key=lambda p: -versions.share(p.name)):
         policy = p.cache["spec"].get("warm") or {}
-        target = warm_by_share(
+        target = warm_with_name(
             p.demand,
-            versions.share(p.name),
+            versions.serves(p.name),
             name_demand[versions.of[p.name].slot],
             policy,
             len(p.copies),
@@ -374,7 +375,12 @@ def _status(cluster: Cluster, p: _Placement, target: int, versions: Versions) ->
         **generation(p.cache),
         "nodeStatus": {n: cluster.nodes[n].state(name) or "Pending" for n in sorted(holding)},
         "serving": versions.status(name),
-        "nodeServing": _node_serving(cluster, name, holding),
+        # What each node's agent applies now: a weight change reaches every node in turn.
+        "nodeServing": {
+            n: serving
+            for n in sorted(holding)
+            if isinstance(serving := (cluster.nodes[n].models.get(name) or {}).get("serving"), dict)
+        },
         "copies": {"available": facts.available, "total": facts.placed, "failed": len(failed)},
         "warm": {
             "replicas": facts.warm,
@@ -384,16 +390,6 @@ def _status(cluster: Cluster, p: _Placement, target: int, versions: Versions) ->
         },
         "conditions": cache_conditions(p.cache.get("status") or {}, facts, cluster.now),
     }
-
-
-def _node_serving(cluster: Cluster, name: str, holding: Iterable[str]) -> JSON:
-    """The name, version and weights each holding node's agent reports it applies now."""
-    out: JSON = {}
-    for n in sorted(holding):
-        serving = (cluster.nodes[n].models.get(name) or {}).get("serving")
-        if isinstance(serving, dict):
-            out[n] = serving
-    return out
 
 
 def _refused_status(cluster: Cluster, cache: JSON, versions: Versions) -> JSON:
@@ -468,17 +464,23 @@ def _add_copies(
 def _mark_warm(
     cluster: Cluster, name: str, copies: list[_Node], target: int, siblings: list[str]
 ) -> None:
-    """``target`` disk copies are warm: those warm now first, then where another version of
-    the name was just chosen warm, then those warm already, then most free device memory."""
+    """``target`` disk copies are warm: where another version of the name was just chosen
+    warm first (a node splits the name's requests among its own warm versions), then where
+    the name (this version or another) is warm now, then those loaded already, then most
+    free device memory."""
 
-    def sibling_warm(n: _Node) -> bool:
+    def chosen_for(n: _Node) -> bool:
         return any(cluster.specs[n.name].get(s, {}).get("warm") for s in siblings)
+
+    def warm_now(n: _Node) -> bool:
+        now = cluster.current.get(n.name, {})
+        return any(now.get(m, {}).get("warm", False) for m in (name, *siblings))
 
     chosen = sorted(
         copies,
         key=lambda n: (
-            not cluster.current.get(n.name, {}).get(name, {}).get("warm", False),
-            not sibling_warm(n),
+            not chosen_for(n),
+            not warm_now(n),
             n.state(name) != "Warm",
             -n.device_free,
             n.name,

@@ -6,17 +6,16 @@ cluster), each as a version with a traffic weight and a mirror percent. Placemen
 three things from that, all decided here from plain dicts: which caches repeat a version
 an older cache already serves (refused: a CRD cannot see across objects), which caches are
 the other versions of a name (placed on the same nodes), and each version's share of the
-name's requests (its warm copies follow it). Pure, like :mod:`placement`.
+name's requests. Pure, like :mod:`placement`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Version", "Versions", "version_of", "warm_by_share", "warm_demand"]
+__all__ = ["Version", "Versions", "version_of", "warm_demand", "warm_with_name"]
 
 JSON = dict[str, Any]
 DEFAULT_VERSION = "1"
@@ -105,6 +104,10 @@ class Versions:
         name's weights, plus the copies it receives as a mirror."""
         return self._traffic_share(model) + self.of[model].mirror / 100
 
+    def serves(self, model: str) -> bool:
+        """Whether the version takes requests that name no version (or copies of them)."""
+        return self.share(model) > 0
+
     def _traffic_share(self, model: str) -> float:
         v = self.of[model]
         total = sum(o.traffic for o in self.served.get(v.slot, []))
@@ -127,17 +130,20 @@ def _kind(v: Version) -> str:
     return "LocalModelNamespaceCache" if v.scope else "LocalModelCache"
 
 
-def warm_by_share(demand: int, share: float, name_demand: int, policy: JSON, copies: int) -> int:
-    """A version's warm copies: its ``share`` of the warm copies its name asks for
-    (``name_demand``, the sum of its versions' own demands), rounded up so that a version
-    taking requests is never left cold while its name is warm anywhere, and at least its
-    minReplicas; a count set through warm.replicas (by hand or an HPA) is kept as asked.
-    The name's only version at full traffic gets exactly its own ``demand``."""
+def warm_with_name(demand: int, serves: bool, name_demand: int, policy: JSON, copies: int) -> int:
+    """A version's warm copies. A node routes a name's unpinned requests among the versions
+    warm *on that node* (warm ones first, so that a version still loading takes none), so a
+    version that takes requests (``serves``: traffic or mirror above 0) must be warm wherever
+    its name is, or its share is silently lost on the other nodes: it gets the warm copies
+    its whole name asks for (``name_demand``, the sum of its versions' own demands, as
+    the name's load is the sum of theirs). A version at traffic 0 serves only pinned
+    requests: its minReplicas. A count set through warm.replicas (by hand or an HPA) is
+    kept as asked. The name's only version gets exactly its own ``demand``, as before."""
     if "replicas" in policy:
         return demand
     low = policy.get("minReplicas", 0)
     high = policy.get("maxReplicas", copies)
-    wanted = math.ceil(round(name_demand * share, 9))  # 0.1 * 30 is 3, not 4
+    wanted = name_demand if serves else 0
     return max(0, min(copies, max(low, min(high, wanted))))
 
 
