@@ -15,6 +15,7 @@ from collections.abc import Mapping
 __all__ = [
     "CONTROL_ANSWERS",
     "RELAYED_ANSWERS",
+    "Forbidden",
     "InvalidInput",
     "MethodNotAllowed",
     "ModelLoadError",
@@ -91,6 +92,12 @@ class ServerOverloaded(ServeError):
     retry_after = 1.0
 
 
+class Forbidden(ServeError):
+    """The model is another namespace's, or closed to the caller's (403)."""
+
+    status, grpc_code = 403, "PERMISSION_DENIED"
+
+
 class ModelLoadError(ServeError):
     """The model's files are on disk but the runtime could not load them (500)."""
 
@@ -123,6 +130,7 @@ class MethodNotAllowed(ServeError):
 CONTROL_ANSWERS: Mapping[int, type[ServeError]] = {503: NoRoom, 404: ModelNotFound}
 RELAYED_ANSWERS: Mapping[int, type[ServeError]] = {
     404: ModelNotFound,
+    403: Forbidden,
     400: InvalidInput,
     413: InvalidInput,
     503: WorkerUnavailable,

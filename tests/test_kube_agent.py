@@ -157,14 +157,19 @@ def test_resolve_maps_entries_to_caches() -> None:
     uri = "s3://bucket/m/"
     caches = {
         ("", "a"): cache_object("a", uri),
-        ("team", "b"): {**cache_object("b", uri), "kind": "LocalModelNamespaceCache"},
+        ("team", "b"): {
+            **cache_object("b", uri),
+            "kind": "LocalModelNamespaceCache",
+            "metadata": {"name": "b", "namespace": "team"},
+        },
         ("", "bad"): cache_object("bad", "ftp://x/"),
     }
     entries = [{"modelName": m, "sourceModelUri": uri} for m in ("a", "team/b", "bad", "none")]
     node = {"metadata": {"name": "n"}, "spec": {"localModels": entries}}
     out = resolve(node, caches)
-    assert set(out.declarations) == {"a", "b"}
-    assert out.origins == {"a": "LocalModelCache/a", "b": "LocalModelNamespaceCache/team/b"}
+    # A namespaced cache is keyed by its namespace on the node: two namespaces' "b" coexist.
+    assert set(out.declarations) == {"a", "team/b"}
+    assert out.origins == {"a": "LocalModelCache/a", "team/b": "LocalModelNamespaceCache/team/b"}
     assert "sourceModelUri" in out.errors["bad"] and "not found" in out.errors["none"]
     assert not out.complete
     assert resolve(None, caches).complete is False

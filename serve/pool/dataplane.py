@@ -10,6 +10,7 @@ cross as raw tensor bytes (the binary tensor data extension: no JSON on that hop
 from __future__ import annotations
 
 import json
+from random import random
 from typing import Any
 from urllib.parse import quote
 
@@ -18,21 +19,20 @@ from multidict import CIMultiDict
 
 from nodecache.serve.dataplane import (
     EXTENSIONS,
-    MODEL_VERSION,
     SERVER_NAME,
     SERVER_VERSION,
-    VERSION_PATTERN,
     Catalog,
+    check_version,
 )
 from nodecache.serve.errors import (
     RELAYED_ANSWERS,
-    InvalidInput,
     MethodNotAllowed,
     ModelNotFound,
     ModelNotReady,
     answered,
 )
-from nodecache.serve.http import PROTOCOL_HEADER, error_middleware
+from nodecache.serve.http import PROTOCOL_HEADER, caller_of, error_middleware
+from nodecache.serve.mirror import Mirror, Outputs
 from nodecache.serve.pool.pool import Answer, WorkerPool
 from nodecache.serve.protocol import (
     HEADER_LENGTH,
@@ -43,6 +43,7 @@ from nodecache.serve.protocol import (
     sized_work,
     tensor_bytes,
 )
+from nodecache.serve.routing import Caller, Route, Router, nobody
 from nodecache.serve.spec import ModelState
 
 __all__ = ["PoolDataPlane", "build_router_app"]
@@ -57,16 +58,10 @@ _INDEX_STATES = {ModelState.WARM: "READY", ModelState.LOADING: "LOADING"}
 _MAX_BODY = 64 * 1024 * 1024
 
 
-def _model_path(name: str, version: str | None) -> str:
-    """``/v2/models/NAME[/versions/V]`` for a declared name and a version that can only be
-    a version: nothing a gRPC caller puts in ``model_version`` can leave the path."""
-    if version is None or version == "":
-        return f"/v2/models/{quote(name, safe='')}"
-    if not VERSION_PATTERN.fullmatch(version):
-        raise InvalidInput(
-            f"model version {version[:70]!r} is not a version ([A-Za-z0-9._-], at most 64)"
-        )
-    return f"/v2/models/{quote(name, safe='')}/versions/{version}"
+def _model_path(key: str) -> str:
+    """``/v2/models/KEY`` of the model that answers: a worker serves each model under its
+    key (quoted: a namespaced key holds a "/"), in the version the agent chose."""
+    return f"/v2/models/{quote(key, safe='')}"
 
 
 def _raise_for(answer: Answer) -> None:
@@ -82,49 +77,80 @@ def _raise_for(answer: Answer) -> None:
     raise answered(status, message, RELAYED_ANSWERS)
 
 
+def _header(answer: Answer, name: str) -> str | None:
+    return next((v for k, v in answer[1] if k.lower() == name.lower()), None)
+
+
+async def _decoded(answer: Answer) -> Outputs:
+    """The outputs of a worker's 200 answer to an OIP v2 inference."""
+    _raise_for(answer)
+    length = _header(answer, HEADER_LENGTH)
+    result = await sized_work(
+        len(answer[2]), decode_response, answer[2], int(length) if length else None
+    )
+    return result.outputs
+
+
 class PoolDataPlane:
     """The OIP operations over a pool, for the REST router and the gRPC servicer alike."""
 
-    def __init__(self, pool: WorkerPool, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        catalog: Catalog,
+        router: Router | None = None,
+        mirror: Mirror | None = None,
+    ) -> None:
         self.pool = pool
         self.catalog = catalog
+        self.router = router or Router()
+        self.mirror = mirror or Mirror()
 
-    def check(self, name: str, version: str | None = None) -> None:
-        """The same 404s, 503s and 400s for names and versions as in-process."""
-        if not self.pool.has(name):
-            reason = self.catalog.not_ready_reason(name)
-            if reason is None:
-                raise ModelNotFound(name)
-            raise ModelNotReady(f"model '{name}' is not ready: {reason}")
-        if version:
-            _model_path(name, version)  # refuses what cannot be a version
-            if version != MODEL_VERSION:
-                raise ModelNotFound(name, version)
+    def _state_of(self, key: str) -> ModelState | None:
+        if not self.pool.has(key):
+            return None
+        state = (self.pool.describe(key) or {}).get("state")
+        return ModelState(state) if state in _STATES else ModelState.DOWNLOADED
+
+    def resolve(self, name: str, version: str | None, caller: Caller) -> Route:
+        """The same 404s, 503s and 400s for names and versions as in-process, and the
+        version that answers (chosen by weight when none is named)."""
+        check_version(version)
+        return self.router.table.choose(name, version, caller, self._state_of, random())
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    def model_ready(self, name: str, version: str | None = None) -> bool:
-        self.check(name, version)
-        seen = self.pool.describe(name) or {}
-        return seen.get("state") != ModelState.ERROR
+    def model_ready(self, name: str, version: str | None = None, caller: Caller = nobody) -> bool:
+        route = self.resolve(name, version, caller)
+        return self._state_of(route.key) != ModelState.ERROR
 
-    def index(self) -> list[dict[str, Any]]:
-        """The repository index: the pool's models, then declared ones not registered."""
+    def index(self, caller: Caller = nobody) -> list[dict[str, Any]]:
+        """The repository index: every version the caller may use, by served name."""
         entries = []
-        for name in self.pool.names():
-            seen = self.pool.describe(name) or {}
-            state = _INDEX_STATES.get(seen.get("state", ""), "UNAVAILABLE")
-            entries.append({"name": name, "version": MODEL_VERSION, "state": state,
-                            "reason": seen.get("error") or ""})  # fmt: skip
-        entries.extend(self.catalog.index())
-        return sorted(entries, key=lambda e: e["name"])
+        for route in self.router.table.visible(caller):
+            seen = self.pool.describe(route.key) if self.pool.has(route.key) else None
+            if seen is None:
+                state, reason = "UNAVAILABLE", self.catalog.not_ready_reason(route.key) or ""
+            else:
+                state = _INDEX_STATES.get(seen.get("state", ""), "UNAVAILABLE")
+                reason = seen.get("error") or ""
+            entries.append({"name": route.name, "version": route.version, "state": state,
+                            "reason": reason})  # fmt: skip
+        return entries
 
-    async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        self.check(name, version)
-        answer = await self.pool.ask_home(name, "GET", _model_path(name, version), b"", [])
+    def _versions(self, name: str, caller: Caller) -> list[str]:
+        return [r.version for r in self.router.table.versions(name, caller)]
+
+    async def model_metadata(
+        self, name: str, version: str | None = None, caller: Caller = nobody
+    ) -> dict[str, Any]:
+        check_version(version)
+        key = self.router.table.main(name, version, caller, self._state_of).key
+        answer = await self.pool.ask_home(key, "GET", _model_path(key), b"", [])
         _raise_for(answer)
         doc: dict[str, Any] = json.loads(answer[2])
+        doc["versions"] = self._versions(name, caller)
         return doc
 
     async def infer(
@@ -134,50 +160,127 @@ class PoolDataPlane:
         version: str | None = None,
         *,
         protocol: str = "grpc",
+        caller: Caller = nobody,
     ) -> InferResponse:
-        self.check(name, version)
-        path = _model_path(name, version) + "/infer"
+        check_version(version)
+        self.router.table.versions(name, caller)  # 404 before any encoding
         size = tensor_bytes(request.inputs)
         body, json_length = await sized_work(size, encode_request, request, binary=True)
         headers = [(PROTOCOL_HEADER, protocol), (HEADER_LENGTH, str(json_length))]
-        answer = await self.pool.infer(name, "POST", path, body, headers)
+        # Chosen with no await before the relay counts it: a version being removed is
+        # drained of exactly the requests it was given.
+        route = self.resolve(name, version, caller)
+        answer = await self.pool.infer(
+            route.key, "POST", _model_path(route.key) + "/infer", body, headers
+        )
         _raise_for(answer)
-        length = next((v for k, v in answer[1] if k.lower() == HEADER_LENGTH.lower()), None)
+        if version is None:
+            self._mirror(name, route, caller, body, headers, answer)
+        length = _header(answer, HEADER_LENGTH)
         result = await sized_work(
             len(answer[2]), decode_response, answer[2], int(length) if length else None
         )
-        result.model_name = name
-        return result
+        return result  # the worker names the served name and version
 
-    async def load(self, name: str) -> None:
-        await self.pool.load(name, evict=True)
+    def _mirror(
+        self,
+        name: str,
+        primary: Route,
+        caller: Caller,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        answer: Answer,
+    ) -> None:
+        """Copies of an answered OIP v2 inference to the name's mirrors; compared later."""
+        table = self.router.table
+        if answer[0] != 200 or not table.has_mirrors(name):
+            return
+        mirrored = [(k, v) for k, v in headers if k != PROTOCOL_HEADER] + [
+            (PROTOCOL_HEADER, "mirror")
+        ]
+        for route in table.mirrors(name, primary, caller, random):
+            path = _model_path(route.key) + "/infer"
 
-    async def unload(self, name: str) -> None:
-        self.check(name)
-        await self.pool.unload(name)
+            async def send(key: str = route.key, path: str = path) -> Outputs:
+                if not self.pool.has(key):
+                    raise ModelNotFound(key)
+                return await _decoded(await self.pool.infer(key, "POST", path, body, mirrored))
+
+            self.mirror.offer(route, send, lambda: _decoded(answer))
+
+    def _keys(self, name: str, caller: Caller) -> list[str]:
+        keys = [r.key for r in self.router.table.versions(name, caller) if self.pool.has(r.key)]
+        if not keys:
+            raise ModelNotReady(f"no version of model '{name}' is ready yet")
+        return keys
+
+    async def load(self, name: str, caller: Caller = nobody) -> None:
+        for key in self._keys(name, caller):
+            await self.pool.load(key, evict=True)
+
+    async def unload(self, name: str, caller: Caller = nobody) -> None:
+        for key in self._keys(name, caller):
+            await self.pool.unload(key)
 
     async def forward(self, request: web.Request, name: str) -> web.Response:
-        """A REST request about a model, to the worker that should answer it.
+        """A REST request about a served name, to the worker of the version that answers.
 
-        The target goes as the caller sent it (``raw_path``: the worker's router decodes
-        it exactly as ours did), with only the headers the OIP routes read. HEAD goes as
-        GET, whose body aiohttp then leaves out. Inference goes to the least busy copy;
-        everything else (metadata, repository load and unload) to the model's home."""
-        self.check(name)  # 404 before reading a body for an unknown model
+        The target is rewritten to the chosen model's key (the worker knows no versions;
+        its answers carry the served name and version themselves), with only the headers
+        the OIP routes read. HEAD goes as GET, whose body aiohttp then leaves out.
+        Inference goes to the least busy copy; everything else (metadata, repository load
+        and unload) to the model's home."""
+        caller = caller_of(request)
+        self.router.table.versions(name, caller)  # 404 before reading a body
         method = "GET" if request.method == "HEAD" else request.method
         if method not in ("GET", "POST"):
             raise MethodNotAllowed(f"method {request.method[:16]} is not allowed here")
+        version, rest = _split(request)
+        check_version(version)
+        if rest == "/ready" or (request.path.startswith("/v1/") and method == "GET"):
+            ready = self.model_ready(name, version, caller)
+            if ready or request.path.startswith("/v1/"):
+                return web.json_response({"name": name, "ready": ready})
+            return web.json_response({"error": f"model '{name}' is not ready"}, status=400)
+        if rest in ("/load", "/unload"):
+            await (self.load if rest == "/load" else self.unload)(name, caller)
+            return web.json_response({})
+        if method == "GET" and rest == "":
+            return web.json_response(await self.model_metadata(name, version, caller))
         body = await request.read()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() in _REQUEST_HEADERS]
-        path, target = request.path, request.raw_path
-        if path.endswith(("/infer", ":predict")):
-            status, answer, payload = await self.pool.infer(name, method, target, body, headers)
-        else:
-            if path.endswith("/unload"):
-                await self.pool.drop_copies(name, "the model was unloaded")
-            status, answer, payload = await self.pool.ask_home(name, method, target, body, headers)
+        route = self.resolve(name, version, caller)  # no await until the relay counts it
+        target = _target(request, route.key, rest)
+        status, answer, payload = await self.pool.infer(route.key, method, target, body, headers)
+        if version is None and rest == "/infer":
+            self._mirror(name, route, caller, body, headers, (status, answer, payload))
         out = CIMultiDict((k, v) for k, v in answer if k.lower() in _ANSWER_HEADERS)
         return web.Response(body=payload, status=status, headers=out)
+
+
+_STATES = frozenset(state.value for state in ModelState)
+
+
+def _split(request: web.Request) -> tuple[str | None, str]:
+    """(the version a request names, what follows the name and version in its path)."""
+    if request.path.startswith("/v2/repository/"):
+        return None, "/" + request.match_info["verb"]
+    tail = request.match_info.get("tail", "")
+    if tail.startswith("/versions/"):
+        version, _, rest = tail[len("/versions/") :].partition("/")
+        if ":" in version and request.path.startswith("/v1/"):  # /v1/.../versions/V:predict
+            version, _, verb = version.partition(":")
+            rest = ":" + verb
+        return version, ("/" + rest if rest and not rest.startswith(":") else rest)
+    return None, tail
+
+
+def _target(request: web.Request, key: str, rest: str) -> str:
+    """The worker's target: the same operation on the chosen model, query kept."""
+    quoted = quote(key, safe="")
+    base = f"/v1/models/{quoted}" if request.path.startswith("/v1/") else f"/v2/models/{quoted}"
+    query = request.raw_path.partition("?")[2]
+    return base + rest + (f"?{query}" if query else "")
 
 
 def build_router_app(dataplane: PoolDataPlane) -> web.Application:
@@ -195,15 +298,17 @@ def build_router_app(dataplane: PoolDataPlane) -> web.Application:
     async def model(request: web.Request) -> web.Response:
         return await dataplane.forward(request, request.match_info["name"])
 
-    async def index(_: web.Request) -> web.Response:
-        return web.json_response(dataplane.index())
+    async def index(request: web.Request) -> web.Response:
+        return web.json_response(dataplane.index(caller_of(request)))
 
     app = web.Application(middlewares=[error_middleware], client_max_size=_MAX_BODY)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", metadata)
     app.router.add_route("*", "/v2/models/{name}{tail:(/.*)?}", model)
-    app.router.add_route("*", r"/v1/models/{name:[^/:]+}{tail:(:predict)?}", model)
+    app.router.add_route(
+        "*", r"/v1/models/{name:[^/:]+}{tail:(?:/versions/[^/:]+)?(?::predict)?}", model
+    )
     app.router.add_post("/v2/repository/index", index)
     app.router.add_post("/v2/repository/models/{name}/{verb:load|unload}", model)
     return app
