@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubefake.schema import load_crds, validate_object
 from test_kube_placement import GI, cache, condition, group, lmn, node, placed
 
+from nodecache.agent.kube.nodestatus import node_status
 from nodecache.agent.kube.placement import plan
 from nodecache.agent.kube.versions import warm_with_name
 
@@ -166,3 +168,23 @@ def test_status_reports_the_version_its_share_and_what_each_node_applies() -> No
     assert p.cache_status[("", "a")]["serving"] == {
         "name": "a", "version": "1", "traffic": 100, "mirror": 0, "share": 100,
         "versions": ["1"]}  # fmt: skip
+
+
+def test_node_status_reports_the_serving_each_model_has_on_the_node() -> None:
+    """The LocalModelNode shows each model's served name, version and weights as the agent
+    applies them; placement copies that into each cache's status.nodeServing."""
+    serving = {"name": "fraud", "version": "2", "traffic": 10, "mirror": 0, "extra": "dropped"}
+    agent = {"models": [{"name": "fraud-v2", "state": "Warm", "serving": serving},
+                        {"name": "old", "state": "Warm"}]}  # fmt: skip
+    status = node_status(
+        agent,
+        disk={"total": 100, "free": 40},
+        origins={"fraud-v2": "LocalModelCache/fraud-v2", "old": "LocalModelCache/old"},
+        errors={},
+    )
+    models = status["modelStatus"]
+    assert models["fraud-v2"]["serving"] == {"name": "fraud", "version": "2", "traffic": 10,
+                                             "mirror": 0}  # fmt: skip
+    assert "serving" not in models["old"]  # an agent that does not say: nothing made up
+    schema = load_crds()["localmodelnodes"].schema
+    assert validate_object(schema, {"status": status}) == []
