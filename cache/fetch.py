@@ -260,10 +260,10 @@ class Transfer:
             raise Aborted
         self._open(job)
         remote = job.remote
-        state = {"pos": part.start, "written_back": part.start, "crc": 0}
+        state = {"pos": part.start, "written_back": part.start}
         local = [new_hash()]  # the part's own xxh3-128, folded as its bytes arrive
         fold = job.checks.crc
-        crc = fold.crc.update if fold is not None and part.end is not None else None
+        crc = fold.for_part(part.start, part.end) if fold and part.end is not None else None
         writeback = self.options.fsync
         # Bytes of a bounded part arrive once each, in order: the part at the hash frontier
         # feeds them to the hashes straight from the receive buffer (no read-back). A part
@@ -286,7 +286,7 @@ class Transfer:
             pwrite_all(job.fd, data, offset)
             local[0].update(data)
             if crc is not None:  # the part's bytes arrive once each, in order
-                state["crc"] = crc(data, state["crc"])
+                crc.update(data)
             elif stream and job.hash_pos == offset:
                 self._hash_arriving(job, offset, data)
             state["pos"] = pos = offset + len(data)
@@ -321,9 +321,9 @@ class Transfer:
                     f"{remote.path!r} of {redact_uri(self.source.uri)}: received {end} bytes, "
                     f"the source says {remote.size}"
                 )
-        self._complete(job, part, local[0].hexdigest(), state["crc"] if crc else None)
+        self._complete(job, part, local[0].hexdigest(), crc.values if crc else None)
 
-    def _complete(self, job: _FileJob, part: _Part, local: str, crc: int | None) -> None:
+    def _complete(self, job: _FileJob, part: _Part, local: str, crc: list[int] | None) -> None:
         with job.lock:
             if crc is not None and job.checks.crc is not None:
                 job.checks.crc.parts[part.index] = crc
@@ -393,7 +393,8 @@ class Transfer:
         if checks.crc is not None:
             checks.crc.join(
                 part.index,
-                end - part.start,
+                part.start,
+                end,
                 lambda feed: self._hash_range(job, part.start, end, also_local(feed)),
             )
         elif job.hash_pos < end:  # the part's head may have been hashed as it arrived

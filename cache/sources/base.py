@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nodecache.cache.budget import WriteBudget
+from nodecache.cache.checksums import CompositeCrc
 from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import check_relative_path
 from nodecache.cache.uri import redact_uri
@@ -63,6 +64,12 @@ class RemoteFile:
     """``(algorithm, value)`` of a whole-object CRC the source publishes (``crc64nvme``,
     ``crc32c``, ``crc32``: S3 additional checksums, GCS crc32c): when set, the fetcher
     verifies the file by it instead of computing a sha256 or MD5 of every byte."""
+    composite: CompositeCrc | None = None
+    """An S3 COMPOSITE checksum (a multipart upload's CRC of its parts' CRCs) with the
+    upload parts' sizes: verified per upload part, then as the composite."""
+    digest: tuple[str, str] | None = None
+    """``(algorithm, hex)`` of a whole-object hash that cannot be joined from parts
+    (S3 ``xxhash3``, ``xxhash64``, ``xxhash128``, ``sha1``): folded in file order."""
 
 
 @dataclass(frozen=True)
