@@ -367,3 +367,52 @@ def test_versions_of_a_name_and_a_repeated_version(
         reconciler.stop()
     assert fake_api.pruned == [], "a status field the CRD schema does not have"
     assert denied_calls(fake_api) == []
+
+
+def test_a_canary_on_real_agents_is_warm_with_its_name_and_reports_each_nodes_weights(
+    cluster: dict[str, Any],
+    crs: client.CustomObjectsApi,
+    mlp_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Version 2 of `mlp` joins version 1 at traffic 10: both warm on the same node, each
+    node's applied weights in the cache's status, and the node answers from both."""
+    v2_dir = tmp_path / "mlp-v2"
+    v2_dir.mkdir()
+    (v2_dir / "model.onnx").write_bytes((mlp_dir / "model.onnx").read_bytes())
+    for name, folder, version, traffic in (
+        ("mlp-v1", mlp_dir, "1", 90),
+        ("mlp-v2", v2_dir, "2", 10),
+    ):
+        crs.create_cluster_custom_object(G, V, "localmodelcaches", {
+            "metadata": {"name": name},
+            "spec": {"sourceModelUri": folder.as_uri(), "modelSize": "1Mi", "nodeGroups": ["cpu"],
+                     "replicas": 1, "warm": {"minReplicas": 1, "maxReplicas": 1},
+                     "serving": {"name": "mlp", "version": version, "traffic": traffic}},
+        })  # fmt: skip
+
+    def applied() -> dict[str, Any]:
+        return cache_status(crs, "mlp-v2").get("nodeServing") or {}
+
+    weights = {"name": "mlp", "version": "2", "traffic": 10, "mirror": 0}
+    wait_for(lambda: list(applied().values()) == [weights], what="v2's weights")
+    (node_name,) = applied()
+    for name in ("mlp-v1", "mlp-v2"):  # placed together, and the canary warm with its name
+        wait_for(lambda n=name: cache_status(crs, n)["nodeStatus"] == {node_name: "Warm"},
+                 what=f"{name} warm on {node_name}")  # fmt: skip
+    lmn = crs.get_cluster_custom_object(G, V, "localmodelnodes", node_name)
+    assert lmn["status"]["modelStatus"]["mlp-v1"]["serving"]["traffic"] == 90
+    agent = cluster["agents"][node_name]
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                        "data": [0.5] * 64}]}  # fmt: skip
+    versions = set()
+    for _ in range(200):
+        code, answer = agent.request("POST", "/v2/models/mlp/infer", body)
+        assert code == 200, answer
+        versions.add(answer["model_version"])
+    assert versions == {"1", "2"}
+
+    # The weights move; each node's status catches up.
+    crs.patch_cluster_custom_object(G, V, "localmodelcaches", "mlp-v2",
+                                    {"spec": {"serving": {"traffic": 100}}})  # fmt: skip
+    wait_for(lambda: applied()[node_name]["traffic"] == 100, what="the node applies 100")
