@@ -279,10 +279,12 @@ class NodeAgent:
             route = self.router.table.route(name)
             entry: dict[str, Any] = {
                 "name": name,
-                "servedName": route.name if route else name,
-                "version": route.version if route else "1",
-                "traffic": route.traffic if route else 100,
-                "mirror": route.mirror if route else 0,
+                "serving": {
+                    "name": route.name if route else name,
+                    "version": route.version if route else "1",
+                    "traffic": route.traffic if route else 100,
+                    "mirror": route.mirror if route else 0,
+                },
                 "state": str(status.state),
                 "source": redact_uri(status.source_uri),  # a presigned query is a credential
                 "declaredIn": status.declared_in,

@@ -133,7 +133,12 @@ def test_weights_split_unpinned_requests_and_pins_reach_their_version(
         ("fraud", n, "READY") for n in weights
     ]
     entry = agent.model("fraud-v2")
-    assert entry and (entry["servedName"], entry["version"], entry["traffic"]) == ("fraud", "2", 30)
+    assert entry and entry["serving"] == {
+        "name": "fraud",
+        "version": "2",
+        "traffic": 30,
+        "mirror": 0,
+    }
 
     async def grpc_pinned() -> list[tuple[str, float]]:
         socket = agent.socket_dir / "nodecache-grpc.sock"

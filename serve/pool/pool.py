@@ -114,6 +114,7 @@ class WorkerPool:
         await self._refresh(worker)
 
     async def unregister(self, name: str) -> None:
+        await self._drained(name)
         await self.drop_copies(name, "the model was removed")
         worker = self.table.homes.pop(name, None)
         if worker is None:
@@ -123,6 +124,16 @@ class WorkerPool:
             await self.client(worker).unregister(name)
             await self._refresh(worker)
         worker.models.pop(name, None)
+
+    async def _drained(self, name: str, timeout: float = 30.0) -> None:
+        """Until no request for ``name`` is on its way from here to a worker: one relayed
+        an instant before the model leaves its worker would find it gone (404). The agent
+        stops routing to the model first, so this ends."""
+        deadline = time.monotonic() + timeout
+        while any(w.inflight.get(name) for w in self.table.workers):
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.005)
 
     async def unload(self, name: str) -> None:
         worker = self.home(name)
