@@ -359,3 +359,50 @@ def test_no_layer_writes_outside_the_folder_or_leaves_a_link(
     for f in files:
         data = (model / f.path).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (f.size, f.sha256)
+
+
+def _unpack(tmp_path: Path, layers: list[bytes]) -> dict[str, bytes]:
+    """``layers`` (plain tars) applied by the unpacker alone; the model's files."""
+    model = tmp_path / "model"
+    (model / LAYERS_DIR).mkdir(parents=True)
+    blobs = []
+    for i, data in enumerate(layers):
+        (model / LAYERS_DIR / str(i)).write_bytes(data)
+        blobs.append(Layer(model / LAYERS_DIR / str(i), OCI_TAR, f"sha256:{i:064d}"))
+    budget = WriteBudget(1 << 20, lambda: SizeLimitError("too big"))
+    unpack_layers(
+        model, blobs, uri="oci://x/y:z", file_mode=0o640, budget=budget, abort=threading.Event()
+    )
+    assert not (model / LAYERS_DIR).exists()
+    return read_model(model)
+
+
+def test_an_opaque_marker_keeps_what_its_own_layer_wrote(tmp_path: Path) -> None:
+    lower = layer([reg("models/old/a", b"lower"), reg("models/top", b"lower")], gzipped=False)
+    upper = layer(
+        [
+            reg("models/new/b", b"upper"),  # no folder entry before it, as some builders write
+            reg("models/old/c", b"upper"),
+            reg("models/.wh..wh..opq", b""),
+        ],
+        gzipped=False,
+    )
+
+    assert _unpack(tmp_path, [lower, upper]) == {"new/b": b"upper", "old/c": b"upper"}
+
+
+def test_a_later_layer_replaces_files_folders_and_links(tmp_path: Path) -> None:
+    lower = layer(
+        [reg("models/x", b"file"), reg("models/d/in", b"in"), link("models/l", "x")],
+        gzipped=False,
+    )
+    upper = layer(
+        [reg("models/x/now-a-folder", b"1"), reg("models/d", b"now a file"), reg("models/l", b"2")],
+        gzipped=False,
+    )
+
+    assert _unpack(tmp_path, [lower, upper]) == {
+        "x/now-a-folder": b"1",
+        "d": b"now a file",
+        "l": b"2",
+    }

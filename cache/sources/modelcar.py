@@ -128,6 +128,7 @@ class _Tree:
         for i in range(1, len(parts) + 1):
             sub = "/".join(parts[:i])
             path = self.root / sub
+            self.written.add(sub)  # this layer has it: an opaque marker keeps it
             if not path.is_dir():
                 if path.exists():
                     self.remove(sub)
@@ -221,8 +222,10 @@ def _apply(tree: _Tree, layer: Layer, abort: threading.Event) -> None:
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The entries of a streamed tar, none kept once read (a base layer may have 10^5)."""
     while (member := tar.next()) is not None:
         yield member
+        tar.members.clear()
 
 
 def _entry(
