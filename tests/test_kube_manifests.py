@@ -245,6 +245,23 @@ def test_examples_are_valid_and_parse_like_standalone_declarations() -> None:
     assert parsed.warm.max_replicas == 4
 
 
+def test_rollout_example_is_three_versions_of_one_name() -> None:
+    """docs/ROLLOUTS.md's manifests: valid, parsed alike standalone, none refused."""
+    from nodecache.agent.declarations import refuse_duplicate_versions
+
+    crds = {c.kind: c for c in load_crds().values()}
+    text = (EXAMPLES / "rollout.yaml").read_text()
+    for doc in (d for d in yaml.safe_load_all(text) if d):
+        assert prune(crds[doc["kind"]].schema, doc) == doc
+        assert validate_object(crds[doc["kind"]].schema, doc) == []
+    parsed = parse_declarations(text)
+    kept, refused = refuse_duplicate_versions({d.key: d for d in parsed})
+    assert refused == {} and len(kept) == 3
+    served = sorted((d.serving.name, d.serving.version, d.serving.traffic, d.serving.mirror)
+                    for d in parsed)  # fmt: skip
+    assert served == [("fraud", "1", 90, 0), ("fraud", "2", 10, 0), ("fraud", "3", 0, 50)]
+
+
 # -- CEL rules, evaluated like the apiserver: self bound to the field, oldSelf on updates --
 
 
