@@ -31,6 +31,7 @@ BINARY = CACHE / "usr" / "bin" / "docker-registry"
 USER, PASSWORD = "puller", "registry-pw-never-shown"
 TITLE = "org.opencontainers.image.title"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 OCI_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -176,6 +177,25 @@ class Registry:
             ],
         }
         return self.put_manifest(repo, tag, manifest, media_type=kind)
+
+    def push_index(self, target: str, platforms: dict[str, str]) -> str:
+        """An image index at ``target`` of images already pushed (architecture -> tag),
+        each entry ``linux/<architecture>``. Returns its digest."""
+        repo, _, tag = target.partition(":")
+        entries = []
+        for arch, ref in platforms.items():
+            status, headers, body = self.request(
+                "GET", f"/v2/{repo}/manifests/{ref}", headers={"Accept": MANIFEST}
+            )
+            assert status == 200, (status, body)
+            entries.append({
+                "mediaType": MANIFEST,
+                "digest": headers["Docker-Content-Digest"],
+                "size": len(body),
+                "platform": {"architecture": arch, "os": "linux"},
+            })  # fmt: skip
+        index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": entries}
+        return self.put_manifest(repo, tag, index, media_type=INDEX)
 
     def push(
         self,

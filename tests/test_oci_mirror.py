@@ -95,6 +95,19 @@ async def test_dead_and_empty_mirrors_fall_through_to_the_registry(
     assert model_bytes(by_digest) == model_bytes(by_tag) == A
 
 
+async def test_a_blob_the_mirror_lacks_comes_from_the_registry(
+    tmp_path: Path, pair: tuple[Registry, Registry]
+) -> None:
+    upstream, mirror = pair
+    manifest, digest = mirror.manifest(REPO, "v1")
+    mirror.blob_file(manifest["layers"][0]["digest"]).unlink()  # a partial pull-through cache
+    store = store_with(tmp_path, f"{upstream.host}={mirror.host}")
+
+    model = await store.fetch(f"oci://{upstream.host}/{REPO}@{digest}")
+
+    assert model_bytes(model) == A
+
+
 async def test_a_tag_is_the_registrys_unless_it_cannot_answer(
     tmp_path: Path, pair: tuple[Registry, Registry]
 ) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import tarfile
 import threading
 from pathlib import Path
@@ -168,6 +169,28 @@ async def test_a_docker_schema2_image_by_digest(
     model = await store.fetch(f"oci://{oci_registry.host}/{repo}@{digest}")
 
     assert read_model(model.path) == {"model.onnx": onnx}
+
+
+async def test_an_image_index_gives_this_machines_modelcar(
+    tmp_path: Path, oci_registry: Registry, onnx: bytes
+) -> None:
+    repo = _repo("index")
+    here = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    other = "s390x"
+    oci_registry.push_image(
+        f"{repo}:{here}", [(layer([reg("models/model.onnx", onnx)]), OCI_TAR_GZIP)]
+    )
+    oci_registry.push_image(f"{repo}:{other}", [(layer([reg("models/other", b"x")]), OCI_TAR_GZIP)])
+    index = oci_registry.push_index(f"{repo}:v1", {other: other, here: here})
+    oci_registry.push_index(f"{repo}:elsewhere", {other: other})
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+
+    model = await store.fetch(f"oci://{oci_registry.host}/{repo}:v1")
+    assert read_model(model.path) == {"model.onnx": onnx}
+    assert model.resolved == index  # the index's digest: what the tag named
+    with pytest.raises(FetchError, match=f"no linux/{here} manifest") as info:
+        await store.fetch(f"oci://{oci_registry.host}/{repo}:elsewhere")
+    assert info.value.permanent
 
 
 @pytest.mark.parametrize(
