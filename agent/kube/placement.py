@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime
 import heapq
-import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -451,9 +450,9 @@ def _add_copies(
     placed = {n.name for n in copies}
     fits = (n for n in ready.values() if n.name not in placed and n.room() >= size)
 
-    def together(n: _Node) -> int:
-        here = itertools.chain(cluster.specs[n.name], cluster.current.get(n.name, ()))
-        return len(set(siblings).intersection(here))
+    def together(n: _Node) -> int:  # of the name's few versions, not the node's many models
+        here, now = cluster.specs[n.name], cluster.current.get(n.name, {})
+        return sum(1 for s in siblings if s in here or s in now)
 
     for info in heapq.nsmallest(short, fits, key=lambda n: (-together(n), -n.room(), n.name)):
         info.take(size)
