@@ -111,6 +111,7 @@ class OciSource(Source):
         """Where content addressed by digest is asked for: each mirror, then the registry."""
         self._blob_start: dict[str, int] = {}
         """Per blob digest, the first endpoint not yet seen failing for it."""
+        self._start_lock = threading.Lock()
         self.digest: str | None = None
         """The manifest digest the reference resolved to (set by :meth:`list_files`)."""
         self.layers: list[tuple[str, str, str]] | None = None
@@ -302,7 +303,7 @@ class OciSource(Source):
         """From the first endpoint that has the blob: a mirror that fails before sending a
         byte is passed over (for this blob, from then on); one that fails after some bytes
         is retried like any source."""
-        with self._renew:
+        with self._start_lock:
             first = self._blob_start.get(remote.url, 0)
         for index in range(first, len(self.endpoints)):
             where = self.endpoints[index]
@@ -313,13 +314,13 @@ class OciSource(Source):
                 sent += len(data)
                 sink(offset, data)
 
-            try:
-                return self._read_at(where, remote, start, end, counting)
+            try:  # the registry itself: bytes straight to the sink, its errors raised
+                return self._read_at(where, remote, start, end, counting if where.mirror else sink)
             except _MIRROR_FAILURES as exc:
                 if not where.mirror or sent:
                     raise
                 _passed_over(where, exc)
-                with self._renew:
+                with self._start_lock:
                     self._blob_start[remote.url] = max(
                         self._blob_start.get(remote.url, 0), index + 1
                     )
