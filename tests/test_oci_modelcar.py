@@ -6,12 +6,15 @@ also driven by Hypothesis with arbitrary entry names and kinds."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
 import json
 import os
 import platform
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -29,8 +32,9 @@ from oci_registry import (  # noqa: F401 - the fixture
     registry_fixture,
 )
 from support import SMALL, Agent, declaration
+from test_source_resume import CHILD, COMPLETE_BEFORE_KILL, OPTIONS, bytes_read  # noqa: F401
 
-from nodecache.cache import MANIFEST_NAME, FetchError, IntegrityError, ModelStore
+from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
 from nodecache.cache.budget import WriteBudget
 from nodecache.cache.errors import SizeLimitError
 from nodecache.cache.sources.modelcar import LAYERS_DIR, Layer, unpack_layers
@@ -429,3 +433,29 @@ def test_a_later_layer_replaces_files_folders_and_links(tmp_path: Path) -> None:
         "d": b"now a file",
         "l": b"2",
     }
+
+
+def test_a_killed_modelcar_fetch_resumes_its_layers(
+    tmp_path: Path,
+    oci_registry: Registry,
+    bytes_read: list[int],  # noqa: F811 - the fixture
+) -> None:
+    weights = os.urandom(1 << 20)  # random: the gzip layer is as large, many parts
+    repo = _repo("resume")
+    layers = [(BASE, OCI_TAR_GZIP), (layer([reg("models/weights.bin", weights)]), OCI_TAR_GZIP)]
+    oci_registry.push_image(f"{repo}:v1", layers)
+    uri = f"oci://{oci_registry.host}/{repo}:v1"
+    root = tmp_path / "cache"
+    script = CHILD.format(complete=COMPLETE_BEFORE_KILL, options=OPTIONS)
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(root), uri], capture_output=True, timeout=120
+    )
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+
+    store = ModelStore(root, options=FetchOptions(**OPTIONS))
+    store.scan()
+    assert store.lookup(uri) is None
+    model = asyncio.run(store.fetch(uri))
+
+    assert read_model(model.path) == {"weights.bin": weights}
+    assert sum(bytes_read) < sum(len(data) for data, _ in layers)  # kept parts not read again
