@@ -1,6 +1,9 @@
 """KServe modelcar images: ordinary image layers of which only ``/models`` becomes the model.
 
-A modelcar is an image built ``FROM`` some base with the model copied to ``/models``. Its
+A modelcar is an image built ``FROM`` some base with the model copied to ``/models``. The
+OCI source takes a manifest for one when it is no ModelPack and none of its layers carries an
+``org.opencontainers.image.title`` annotation (every ORAS layer does); then every layer must
+have one of :data:`LAYER_TYPES` (zstd and other types are refused before any download). Its
 layers (tar or tar+gzip) are fetched as blobs into a scratch folder of the partial download,
 each verified against its sha256 digest by the fetcher, and only then unpacked here, in
 order, as a container runtime would apply them: later layers overwrite earlier files, OCI

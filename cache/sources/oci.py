@@ -11,8 +11,17 @@ source is listed (:attr:`OciSource.digest`); every blob is then read by that dig
 tag moved during the download changes nothing. Blobs come through the shared ranged fetcher
 and are verified against their sha256 digest as the bytes arrive (``RemoteFile.sha256``).
 
+Registry mirrors (``--registry-mirror HOST=MIRROR``: a pull-through cache, Spegel,
+Dragonfly) are asked first, in order, for whatever is addressed by digest: a digest-pinned
+manifest, an index's child, every blob; the digest check makes any mirror's answer safe. A
+mirror that is refused or answers 404, 401 or 5xx (for a blob: before its first byte) is
+passed over. A tag is resolved at HOST, which owns it; at a mirror only when HOST cannot
+answer at all (refused, timeout, 5xx), never after HOST's own 404 or 401. containerd
+resolves tags at mirrors too; we keep the tag's authority where it lives while HOST is up.
+
 Loopback registries speak plain HTTP, as Docker allows; any other needs
-``plainHTTP: "true"`` in the cache's storage parameters. Credentials: :mod:`.ociauth`.
+``plainHTTP: "true"`` in the cache's storage parameters. Credentials: :mod:`.ociauth`; a
+mirror gets its own login from the docker config, never HOST's.
 """
 
 from __future__ import annotations
