@@ -87,8 +87,8 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
     node.app.middlewares.append(caller_middleware(identity))
     # gRPC cannot name its caller's pod: it sees only the cluster's open names.
     node.grpc_gate = lambda model: grpc_refusal(node.router, model)
-    # CSI mounts follow the same namespace rule, from kubelet's podInfoOnMount.
-    node.node_name, node.csi_access = options.node_name, follower.access.get
+    # CSI mounts resolve names with the same routing, for kubelet's podInfoOnMount namespace.
+    node.node_name = options.node_name
     await node.start(mode="cluster", node=options.node_name)
     task = asyncio.create_task(follower.run())
     try:

@@ -69,10 +69,8 @@ class NodeServices:
         # Who may call a model over gRPC, which cannot tell who the caller is: a model
         # name -> a refusal reason (None: allowed). Set before start() to restrict.
         self.grpc_gate: Callable[[str], str | None] | None = None
-        # For the CSI service (--csi-endpoint): this node's name, and a model's allowed
-        # namespaces (None: all), the same rule the node socket applies. Set before start().
+        # For the CSI service (--csi-endpoint): this node's name. Set before start().
         self.node_name = os.environ.get("NODE_NAME") or socket.gethostname()
-        self.csi_access: Callable[[str], frozenset[str] | None] = lambda _: None
         self.csi: CsiServer | None = None
         # Which model answers a served name: the agent writes it, the dataplanes read it.
         self.router = Router()
@@ -208,7 +206,6 @@ class NodeServices:
             node_name=self.node_name,
             socket_dir=self.options.socket_dir,
             state_dir=self.options.cache_dir / "csi",
-            access=self.csi_access,
         )
         try:
             server = CsiServer(backend, endpoint)

@@ -63,7 +63,8 @@ class Volumes:
             for volume in list(self.state.volumes.values()):
                 if await asyncio.to_thread(is_mount_point, Path(volume.target)):
                     if volume.model is not None:
-                        self.backend.pin(volume.volume_id, volume.model)
+                        namespace = volume.pod.partition("/")[0]
+                        self.backend.pin(volume.volume_id, volume.model, namespace)
                     log.info(
                         "csi: found %s of pod %s at %s", _what(volume), volume.pod, volume.target
                     )
@@ -119,13 +120,13 @@ class Volumes:
         name = request.model
         path = self._resolve(name, request.namespace)
         if path is not None:
-            self.backend.pin(request.volume_id, name)
+            self.backend.pin(request.volume_id, name, request.namespace)
             # Resolved again under the pin: an eviction may have run in between.
             path = self._resolve(name, request.namespace)
             if path is not None:
                 return path
             self.backend.unpin(request.volume_id)
-        progress = self.backend.start_fetch(name)
+        progress = self.backend.start_fetch(name, request.namespace)
         raise RequestError(grpc.StatusCode.UNAVAILABLE, f"fetching {name}: {progress}")
 
     def _resolve(self, name: str, namespace: str) -> Path | None:
