@@ -8,7 +8,8 @@ from typing import Any
 from kubefake.schema import load_crds, validate_object
 from test_kube_placement import GI, cache, condition, group, lmn, node, placed
 
-from nodecache.agent.kube.nodestatus import node_status
+from nodecache.agent.declarations import refuse_duplicate_versions
+from nodecache.agent.kube.nodestatus import node_status, resolve
 from nodecache.agent.kube.placement import plan
 from nodecache.agent.kube.versions import warm_with_name
 
@@ -188,3 +189,20 @@ def test_node_status_reports_the_serving_each_model_has_on_the_node() -> None:
     assert "serving" not in models["old"]  # an agent that does not say: nothing made up
     schema = load_crds()["localmodelnodes"].schema
     assert validate_object(schema, {"status": status}) == []
+
+
+def test_the_node_refuses_the_same_cache_as_placement() -> None:
+    """Two caches collide on one version (an edit, for a pass before the reconciler
+    unplaces one): the node keeps the older, as placement does, whatever their names."""
+    older = created(version("zz-fraud", "fraud", "2"), "2026-01-01T00:00:00Z")
+    newer = created(version("aa-fraud", "fraud", "2"), "2026-02-01T00:00:00Z")
+    caches = {("", "zz-fraud"): older, ("", "aa-fraud"): newer}
+    for obj in caches.values():
+        obj["apiVersion"] = "nodecache.io/v1alpha1"  # as the API server returns them
+    node_spec = {"spec": {"localModels": [
+        {"modelName": m, "sourceModelUri": f"s3://bucket/{m}/"} for m in ("aa-fraud", "zz-fraud")
+    ]}}  # fmt: skip
+    kept, refused = refuse_duplicate_versions(resolve(node_spec, caches).declarations)
+    assert list(kept) == ["zz-fraud"] and list(refused) == ["aa-fraud"]
+    p = plan([newer, older], [group()], [node("n1")], [])
+    assert placed(p) == {"n1": ["zz-fraud"]}

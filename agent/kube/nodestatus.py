@@ -63,9 +63,13 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
 
     A ``modelName`` of ``ns/name`` names a LocalModelNamespaceCache, a bare name a
     LocalModelCache. The model answers on the socket under the cache's own name.
+    Declarations come oldest cache first, the reconciler's order: of two caches serving one
+    version of a name, both refuse the newer (placement leaves it off every node, but an
+    edit can make two collide on a node for a pass).
     """
     out = Resolved({}, {}, {}, complete=node is not None)
-    for entry in ((node or {}).get("spec") or {}).get("localModels") or []:
+    entries = ((node or {}).get("spec") or {}).get("localModels") or []
+    for entry in sorted(entries, key=lambda e: _created(e["modelName"], caches)):
         model_name = entry["modelName"]
         namespace, _, name = model_name.rpartition("/")
         obj = caches.get((namespace, name))
@@ -93,6 +97,13 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
             frozenset([namespace]) if namespace else frozenset(allowed) if allowed else None
         )
     return out
+
+
+def _created(model_name: str, caches: dict[tuple[str, str], JSON]) -> tuple[str, str, str]:
+    """(creationTimestamp, namespace, name) of a modelName's cache: placement's order."""
+    namespace, _, name = model_name.rpartition("/")
+    meta = (caches.get((namespace, name)) or {}).get("metadata") or {}
+    return meta.get("creationTimestamp") or "", namespace, name
 
 
 class RequestRates:
