@@ -215,7 +215,7 @@ class _Run(Generic[T]):
         )
         if made is None:
             return fetched
-        return [FetchedFile(f.path, f.size, f.sha256) for f in made]
+        return [FetchedFile(f.path, f.size, f.sha256, local=f.local) for f in made]
 
     async def _reserve(self, files: list[RemoteFile]) -> WriteBudget | None:
         """Check the listing against the declared size and reserve its room in the store;

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,9 @@ from test_source_resume import CHILD, COMPLETE_BEFORE_KILL, OPTIONS, bytes_read 
 from nodecache.cache import MANIFEST_NAME, FetchError, FetchOptions, IntegrityError, ModelStore
 from nodecache.cache.budget import WriteBudget
 from nodecache.cache.errors import SizeLimitError
+from nodecache.cache.sources import modelcar
 from nodecache.cache.sources.modelcar import LAYERS_DIR, Layer, unpack_layers
+from nodecache.cache.verify import verify_model
 
 
 def layer(entries: list[tuple[str, bytes, bytes | str]], *, gzipped: bool = True) -> bytes:
@@ -158,6 +161,28 @@ async def test_a_modelcar_keeps_only_models_with_layers_applied_in_order(
     manifest = json.loads((model.path / MANIFEST_NAME).read_text())
     assert manifest["resolved"] == digest
     assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+async def test_nodecache_verify_rechecks_an_unpacked_modelcar(
+    tmp_path: Path, oci_registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelcar, "LOCAL_CHUNK", 64 * 1024)  # several chunks per file
+    weights = os.urandom(200_000)
+    repo = _repo("verify")
+    models = layer([reg("models/w.bin", weights), link("models/same.bin", "w.bin")])
+    oci_registry.push_image(f"{repo}:v1", [(models, OCI_TAR_GZIP)])
+    model = await ModelStore(tmp_path / "cache", options=SMALL).fetch(
+        f"oci://{oci_registry.host}/{repo}:v1"
+    )
+    with ThreadPoolExecutor(2) as pool:
+        assert verify_model(model, pool).ok
+
+        with open(model.path / "w.bin", "r+b") as f:  # one flipped byte, in the third chunk
+            f.seek(150_000)
+            f.write(bytes([weights[150_000] ^ 1]))
+        verdict = verify_model(model, pool)
+
+    assert set(verdict.corrupt) == {(p, 131072, 196608) for p in ("same.bin", "w.bin")}
 
 
 async def test_a_docker_schema2_image_by_digest(

@@ -21,6 +21,7 @@ from nodecache.cache.budget import WriteBudget
 from nodecache.cache.checksums import CompositeCrc
 from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import check_relative_path
+from nodecache.cache.localdigest import LocalDigest
 from nodecache.cache.uri import redact_uri
 
 __all__ = [
@@ -80,6 +81,8 @@ class UnpackedFile:
     size: int
     sha256: str
     """Of the bytes written, computed as they were."""
+    local: LocalDigest
+    """Its fast local digest, folded in the same pass (for ``nodecache verify``)."""
 
 
 def lookup_setting(credentials: Mapping[str, str], *names: str) -> str | None:

@@ -30,13 +30,14 @@ import tarfile
 import threading
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
 from nodecache.cache.budget import WriteBudget
 from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import JOURNAL_NAME, RESERVED_PREFIX, check_relative_path
+from nodecache.cache.localdigest import LocalDigest, new_hash
 from nodecache.cache.perms import create_file, folder_mode, make_folder
 from nodecache.cache.sources.base import UnpackedFile
 
@@ -57,6 +58,8 @@ MODELS = "models"
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _CHUNK = 1 << 20
+LOCAL_CHUNK = 32 << 20
+"""Bytes per chunk of an unpacked file's local digest (the fetcher's default part size)."""
 _MAX_LINK_HOPS = 40
 
 
@@ -67,6 +70,32 @@ class Layer:
     path: Path
     media_type: str
     digest: str
+
+
+class _LocalFold:
+    """A file's local digest as its bytes are written: one xxh3-128 per
+    :data:`LOCAL_CHUNK` (one for the whole file when it is no larger)."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self.current = new_hash()
+        self.filled = 0
+
+    def update(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), LOCAL_CHUNK - self.filled)
+            self.current.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == LOCAL_CHUNK:
+                self.digests.append(self.current.hexdigest())
+                self.current, self.filled = new_hash(), 0
+
+    def finish(self, size: int) -> LocalDigest:
+        if self.filled or not self.digests:
+            self.digests.append(self.current.hexdigest())
+        return LocalDigest(LOCAL_CHUNK if size > LOCAL_CHUNK else 0, tuple(self.digests))
 
 
 @dataclass
@@ -149,7 +178,7 @@ class _Tree:
 
     def write(self, rel: str, data: IO[bytes], abort: threading.Event) -> None:
         self.clear_at(rel)
-        digest, size = hashlib.sha256(), 0
+        digest, local, size = hashlib.sha256(), _LocalFold(), 0
         fd = create_file(self.root / rel, os.O_WRONLY | os.O_TRUNC, self.file_mode)
         with os.fdopen(fd, "wb") as out:
             while chunk := data.read(_CHUNK):
@@ -157,16 +186,16 @@ class _Tree:
                     raise self.stopped()
                 self.budget.take(len(chunk))
                 digest.update(chunk)
+                local.update(chunk)
                 out.write(chunk)
                 size += len(chunk)
-        self.files[rel] = UnpackedFile(rel, size, digest.hexdigest())
+        self.files[rel] = UnpackedFile(rel, size, digest.hexdigest(), local.finish(size))
 
     def hard_link(self, rel: str, target: str) -> None:
         """``rel`` as another name of file ``target`` (same bytes, so the same digest)."""
         self.clear_at(rel)
         os.link(self.root / target, self.root / rel)
-        known = self.files[target]
-        self.files[rel] = UnpackedFile(rel, known.size, known.sha256)
+        self.files[rel] = replace(self.files[target], path=rel)
 
 
 def unpack_layers(
