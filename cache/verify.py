@@ -61,7 +61,7 @@ class Verdict:
             return f"{name}: corrupt: {where}{more}"
         if self.unchecked:
             shown = ", ".join(self.unchecked[:5])
-            return f"{name}: no local digest recorded for {shown} (fetched by an older version)"
+            return f"{name}: no local digest recorded for {shown}"
         return f"{name}: ok ({len(self.model.files)} files, {self.bytes_hashed} bytes)"
 
 

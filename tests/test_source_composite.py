@@ -102,6 +102,32 @@ async def test_s3_composite_crc_is_checked_per_upload_part(
     assert "sha256" not in entry
 
 
+async def test_s3_upload_parts_from_head_part_number_when_attributes_are_refused(
+    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store (or a policy) that refuses GetObjectAttributes: the layout comes from one
+    HEAD ``?partNumber=N`` per upload part, and the composite is checked all the same."""
+    data = os.urandom(sum(UPLOAD))
+    upload_multipart(s3, "composite-head/weights.bin", data, "CRC32C")
+    real = S3Source._call
+    asked: list[str] = []
+
+    def refusing(self: S3Source, method: str, key: str, query: str = "", extra: Any = None) -> Any:
+        asked.append(f"{method} ?{query}")
+        if query.startswith("attributes"):
+            return 501, None, b"<Error><Code>NotImplemented</Code></Error>"
+        return real(self, method, key, query, extra)
+
+    monkeypatch.setattr(S3Source, "_call", refusing)
+    model = await ModelStore(tmp_path / "cache", options=OPTIONS).fetch(
+        f"s3://{s3.bucket}/composite-head/weights.bin"
+    )
+    assert (model.path / "weights.bin").read_bytes() == data
+    entry = manifest_entry(model.path, "weights.bin")
+    assert entry["checksum"] == f"crc32c:{composite(data, awscrt.crc32c)}"
+    assert [a for a in asked if "partNumber" in a] == [f"HEAD ?partNumber={n}" for n in (1, 2, 3)]
+
+
 async def test_s3_composite_catches_a_flipped_byte(
     tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
