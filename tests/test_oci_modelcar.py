@@ -379,9 +379,14 @@ _ENTRY = st.tuples(_NAME, _KIND, _TARGET)
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(layers=st.lists(st.lists(_ENTRY, max_size=6), min_size=1, max_size=3))
+@given(
+    layers=st.lists(st.lists(_ENTRY, max_size=6), min_size=1, max_size=3),
+    within=st.sampled_from(["models", ""]),  # a modelcar's /models, a ModelPack's archives
+)
 def test_no_layer_writes_outside_the_folder_or_leaves_a_link(
-    tmp_path_factory: pytest.TempPathFactory, layers: list[list[tuple[str, bytes, str]]]
+    tmp_path_factory: pytest.TempPathFactory,
+    layers: list[list[tuple[str, bytes, str]]],
+    within: str,
 ) -> None:
     root = tmp_path_factory.mktemp("unpack")
     model = root / "model"
@@ -399,7 +404,7 @@ def test_no_layer_writes_outside_the_folder_or_leaves_a_link(
     try:
         files = unpack_layers(
             model, blobs, uri="oci://x/y:z", file_mode=0o640, budget=budget,
-            abort=threading.Event(),
+            abort=threading.Event(), within=within,
         )  # fmt: skip
     except FetchError as exc:
         assert exc.permanent

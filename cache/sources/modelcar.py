@@ -1,4 +1,4 @@
-"""KServe modelcar images: ordinary image layers of which only ``/models`` becomes the model.
+"""Image and archive layers unpacked into a model folder: KServe modelcars, tar ModelPacks.
 
 A modelcar is an image built ``FROM`` some base with the model copied to ``/models``. The
 OCI source takes a manifest for one when it is no ModelPack and none of its layers carries an
@@ -10,6 +10,10 @@ order, as a container runtime would apply them: later layers overwrite earlier f
 whiteouts (``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` empties the folder of what earlier
 layers put there) are honoured under ``models/``, and everything outside ``models/`` is
 skipped. Each layer's blob is deleted once it is applied.
+
+A CNCF ModelPack whose layers are tar archives (what ``modctl build`` writes unless told
+``--raw``) goes through the same unpacker, each archive's paths relative to the model folder
+(no ``models/`` to strip).
 
 Refused, naming the entry, before anything is published: absolute names and ``..``
 anywhere in a layer, device and fifo entries under ``models/``, and symbolic or hard links
@@ -41,7 +45,7 @@ from nodecache.cache.localdigest import LocalDigest, new_hash
 from nodecache.cache.perms import create_file, folder_mode, make_folder
 from nodecache.cache.sources.base import UnpackedFile
 
-__all__ = ["LAYERS_DIR", "LAYER_TYPES", "Layer", "unpack_layers"]
+__all__ = ["LAYERS_DIR", "LAYER_TYPES", "MODELS", "Layer", "tar_mode", "unpack_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,9 @@ LAYER_TYPES = {
     "application/vnd.oci.image.layer.v1.tar+gzip": "r|gz",
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "r|gz",
 }
-"""Layer media types unpacked, and the tarfile stream mode that reads each."""
+"""Image layer media types unpacked, and the tarfile stream mode that reads each."""
+MODELPACK_LAYER = "application/vnd.cncf.model."
+"""What every ModelPack layer media type starts with (``...weight.v1.tar``, ``.raw``...)."""
 MODELS = "models"
 """The folder of the image that is the model (KServe mounts the modelcar's ``/models``)."""
 _WHITEOUT = ".wh."
@@ -70,6 +76,25 @@ class Layer:
     path: Path
     media_type: str
     digest: str
+
+    @property
+    def mode(self) -> str:
+        mode = tar_mode(self.media_type)
+        assert mode is not None, "only tar layers are listed for unpacking"
+        return mode
+
+
+def tar_mode(media_type: str) -> str | None:
+    """The tarfile stream mode reading a layer of ``media_type``; None for anything but an
+    uncompressed or gzip tar (a ModelPack ``.raw`` file, zstd, unknown types)."""
+    if media_type in LAYER_TYPES:
+        return LAYER_TYPES[media_type]
+    if media_type.startswith(MODELPACK_LAYER):
+        if media_type.endswith(".tar"):
+            return "r|"
+        if media_type.endswith(".tar+gzip"):
+            return "r|gz"
+    return None
 
 
 class _LocalFold:
@@ -106,6 +131,8 @@ class _Tree:
     uri: str
     file_mode: int
     budget: WriteBudget
+    within: str
+    """The archives' folder that is the model: ``models`` (a modelcar), or ``""`` (all)."""
     files: dict[str, UnpackedFile] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
     """Symbolic links (path -> target path, both relative to ``models/``), made at the end."""
@@ -117,6 +144,14 @@ class _Tree:
             f"{self.uri}: layer {layer.digest[:19]} entry {entry!r} {why}; nothing was published",
             permanent=True,
         )
+
+    @property
+    def inside(self) -> str:
+        return f"under /{self.within}" if self.within else "in the model folder"
+
+    @property
+    def outside(self) -> str:
+        return f"outside /{self.within}" if self.within else "outside the model folder"
 
     def stopped(self) -> FetchError:
         """The download was stopped (cancelled) while unpacking: not the image's fault."""
@@ -206,8 +241,10 @@ def unpack_layers(
     file_mode: int,
     budget: WriteBudget,
     abort: threading.Event,
+    within: str = MODELS,
 ) -> list[UnpackedFile]:
     """Apply ``layers`` (verified blobs) in order into ``folder``; the model's files, sorted.
+    Only what the archives hold under ``within`` is kept (everything where it is ``""``).
 
     Blocking. Each blob is deleted once applied; whatever a killed earlier attempt left in
     ``folder`` (other than the journal and the blobs) is removed first.
@@ -215,7 +252,7 @@ def unpack_layers(
     for entry in os.listdir(folder):
         if entry not in (JOURNAL_NAME, LAYERS_DIR):
             _remove_path(folder / entry)
-    tree = _Tree(folder, uri, file_mode, budget)
+    tree = _Tree(folder, uri, file_mode, budget, within)
     for layer in layers:
         tree.written = set()
         _apply(tree, layer, abort)
@@ -223,7 +260,7 @@ def unpack_layers(
     shutil.rmtree(folder / LAYERS_DIR, ignore_errors=True)
     _make_links(tree)
     if not tree.files:
-        raise FetchError(f"{uri}: the image has no files under /{MODELS}", permanent=True)
+        raise FetchError(f"{uri}: the layers hold no files {tree.inside}", permanent=True)
     return sorted(tree.files.values(), key=lambda f: f.path)
 
 
@@ -239,7 +276,7 @@ def _apply(tree: _Tree, layer: Layer, abort: threading.Event) -> None:
     try:
         with (
             open(layer.path, "rb") as blob,
-            tarfile.open(fileobj=blob, mode=LAYER_TYPES[layer.media_type]) as tar,
+            tarfile.open(fileobj=blob, mode=layer.mode) as tar,
         ):
             for member in _members(tar):
                 if abort.is_set():
@@ -267,22 +304,20 @@ def _entry(
     member: tarfile.TarInfo,
     abort: threading.Event,
 ) -> None:
-    """Apply one tar entry (skipped unless it is under ``models/``)."""
+    """Apply one tar entry (skipped unless it is under ``tree.within``)."""
     name = member.name
     if name.startswith("/"):
         raise tree.refuse(name, layer, "is an absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise tree.refuse(name, layer, "climbs out with '..'")
-    if parts == [_WHITEOUT + MODELS]:  # a later layer deleted /models itself
-        tree.opaque("")
+    within = [tree.within] if tree.within else []
+    if parts == [_OPAQUE] or (within and parts == [_WHITEOUT + tree.within]):
+        tree.opaque("")  # a later layer deleted all of it
         return
-    if parts == [_OPAQUE]:
-        tree.opaque("")
+    if not parts or parts[: len(within)] != within:
         return
-    if not parts or parts[0] != MODELS:
-        return
-    rel = "/".join(parts[1:])
+    rel = "/".join(parts[len(within) :])
     base = parts[-1]
     if base == _OPAQUE:
         tree.opaque(posixpath.dirname(rel))
@@ -310,15 +345,15 @@ def _entry(
         assert data is not None  # a regular member always has a stream
         tree.write(rel, data, abort)
     elif member.issym():
-        target = _inside(posixpath.join("/", *parts[:-1]), member.linkname)
+        target = _inside(posixpath.join("/", *parts[:-1]), member.linkname, tree.within)
         if target is None:
-            raise tree.refuse(name, layer, f"is a link to {member.linkname!r}, outside /models")
+            raise tree.refuse(name, layer, f"is a link to {member.linkname!r}, {tree.outside}")
         tree.clear_at(rel)
         tree.links[rel] = target
     elif member.islnk():
-        target = _inside("/", member.linkname)
+        target = _inside("/", member.linkname, tree.within)
         if target is None:
-            raise tree.refuse(name, layer, f"is a link to {member.linkname!r}, outside /models")
+            raise tree.refuse(name, layer, f"is a link to {member.linkname!r}, {tree.outside}")
         if target in tree.links:
             tree.clear_at(rel)
             tree.links[rel] = tree.links[target]
@@ -330,12 +365,12 @@ def _entry(
         raise tree.refuse(name, layer, f"has a tar entry type {member.type!r} we do not unpack")
 
 
-def _inside(folder: str, target: str) -> str | None:
-    """``target`` (relative to image folder ``folder``, or absolute) as a path under
-    ``/models`` relative to it, or None where it is not strictly inside."""
+def _inside(folder: str, target: str, within: str) -> str | None:
+    """``target`` (relative to archive folder ``folder``, or absolute) as a path relative
+    to ``/within``, or None where it is not strictly inside."""
     resolved = posixpath.normpath(posixpath.join(folder, target))
     resolved = "/" + resolved.lstrip("/")  # normpath keeps a leading '//'
-    prefix = f"/{MODELS}/"
+    prefix = f"/{within}/" if within else "/"
     if not resolved.startswith(prefix) or resolved == prefix:
         return None
     return resolved[len(prefix) :]
@@ -353,7 +388,5 @@ def _make_links(tree: _Tree) -> None:
             tree.hard_link(rel, target)
             continue
         log.warning(
-            "%s: dropped symbolic link models/%s (its target is no file of /models)",
-            tree.uri,
-            rel,
+            "%s: dropped symbolic link %s (its target is no file %s)", tree.uri, rel, tree.inside
         )

@@ -1,15 +1,17 @@
 """``oci://`` sources: model files stored as blobs of an OCI registry (distribution spec).
 
 Three kinds of artifact: a CNCF ModelPack (``artifactType``
-``application/vnd.cncf.model.manifest.v1+json``; each layer names its file in
-``org.cncf.model.filepath``), an ORAS artifact (each layer named by
-``org.opencontainers.image.title``), and a KServe modelcar image: any other manifest none of
-whose layers carries a title annotation. Its layers must be tar or tar+gzip image layers;
-they are fetched as blobs, verified, and unpacked (only ``/models``) by :mod:`.modelcar`
-before the folder is published. The tag is resolved to a manifest digest once, when the
-source is listed (:attr:`OciSource.digest`); every blob is then read by that digest, so a
-tag moved during the download changes nothing. Blobs come through the shared ranged fetcher
-and are verified against their sha256 digest as the bytes arrive (``RemoteFile.sha256``).
+``application/vnd.cncf.model.manifest.v1+json``; each ``.raw`` layer is the file its
+``org.cncf.model.filepath`` names, or every layer is a ``.tar[+gzip]`` archive of paths
+relative to the model, as ``modctl`` builds by default), an ORAS artifact (each layer named
+by ``org.opencontainers.image.title``), and a KServe modelcar image: any other manifest none
+of whose layers carries a title annotation. Its layers must be tar or tar+gzip image layers.
+Archive layers are fetched as blobs, verified, and unpacked (a modelcar's ``/models`` only)
+by :mod:`.modelcar` before the folder is published. The tag is resolved to a manifest digest
+once, when the source is listed (:attr:`OciSource.digest`); every blob is then read by that
+digest, so a tag moved during the download changes nothing. Blobs come through the shared
+ranged fetcher and are verified against their sha256 digest as the bytes arrive
+(``RemoteFile.sha256``).
 
 Registry mirrors (``--registry-mirror HOST=MIRROR``: a pull-through cache, Spegel,
 Dragonfly) are asked first, in order, for whatever is addressed by digest: a digest-pinned
@@ -51,7 +53,7 @@ from nodecache.cache.sources.base import (
 )
 from nodecache.cache.sources.errors import SourceHttpError, is_transient
 from nodecache.cache.sources.httpclient import HttpRanges
-from nodecache.cache.sources.modelcar import LAYER_TYPES, LAYERS_DIR, Layer, unpack_layers
+from nodecache.cache.sources.modelcar import LAYERS_DIR, MODELS, Layer, tar_mode, unpack_layers
 from nodecache.cache.sources.ociauth import RegistryAuth, find_login
 from nodecache.cache.uri import redact_uri
 
@@ -124,7 +126,10 @@ class OciSource(Source):
         self.digest: str | None = None
         """The manifest digest the reference resolved to (set by :meth:`list_files`)."""
         self.layers: list[tuple[str, str, str]] | None = None
-        """A modelcar's layers (blob path, media type, digest) in order, once listed."""
+        """Layers to unpack (blob path, media type, digest) in order, once listed: a
+        modelcar's, or a ModelPack's tar archives."""
+        self.within = MODELS
+        """The archives' folder that is the model (``models``; ``""`` for a ModelPack)."""
         self._renew = threading.Lock()
 
     def _mirror(self, mirror: Mirror) -> _Endpoint:
@@ -233,29 +238,37 @@ class OciSource(Source):
             manifest.get("artifactType") == MODELPACK_ARTIFACT
             or config.get("mediaType") == MODELPACK_CONFIG
         )
+        if modelpack and any(".tar" in _media(layer) for layer in layers):
+            return self._layer_blobs(layers, within="")
         if not modelpack and not any(_title(layer) for layer in layers):
-            return self._layer_blobs(layers)
+            return self._layer_blobs(layers, within=MODELS)
         key = MODELPACK_PATH if modelpack else TITLE
         files = [self._remote(layer, key) for layer in layers]
         return finish_listing(files, self.uri)
 
-    def _layer_blobs(self, layers: list[Any]) -> list[RemoteFile]:
-        """A modelcar's layers, to fetch into the partial folder's scratch blobs."""
+    def _layer_blobs(self, layers: list[Any], *, within: str) -> list[RemoteFile]:
+        """Archive layers (a modelcar's, a tar ModelPack's), to fetch into the partial
+        folder's scratch blobs and unpack: what is under ``within`` is the model."""
         where = redact_uri(self.uri)
-        files, self.layers = [], []
+        files, self.layers, self.within = [], [], within
         for i, layer in enumerate(layers):
             if not isinstance(layer, dict):
                 raise FetchError(
                     f"{where}: a layer of the manifest is not an object", permanent=True
                 )
             digest, size = _digest_and_size(layer, f"layer {i}", where)
-            media = str(layer.get("mediaType") or "")
-            if media not in LAYER_TYPES:
+            media = _media(layer)
+            if tar_mode(media) is None:
                 hint = "; push it with gzip layers" if "zstd" in media else ""
+                what = (
+                    "every layer of a ModelPack with archives must be a tar or tar+gzip "
+                    "archive (or every layer a raw file: modctl --raw)"
+                    if not within
+                    else "neither a file with a title annotation (ORAS) nor a tar or "
+                    "tar+gzip image layer (modelcar)"
+                )
                 raise FetchError(
-                    f"{where}: layer {digest[:19]} has media type {media!r}: neither a file "
-                    "with a title annotation (ORAS) nor a tar or tar+gzip image layer "
-                    f"(modelcar){hint}",
+                    f"{where}: layer {digest[:19]} has media type {media!r}: {what}{hint}",
                     permanent=True,
                 )
             hexdigest = digest[len("sha256:") :]
@@ -279,6 +292,7 @@ class OciSource(Source):
             file_mode=file_mode,
             budget=budget,
             abort=abort,
+            within=self.within,
         )
 
     def _remote(self, layer: Any, key: str) -> RemoteFile:
@@ -293,14 +307,13 @@ class OciSource(Source):
                 "ModelPack or ORAS artifact carries to name its file",
                 permanent=True,
             )
-        media = str(layer.get("mediaType") or "")
-        # ORAS names plain files ``...layer.v1.tar`` too: only its unpack annotation marks an
-        # archive. ModelPack says it in the media type (``.raw`` or ``.tar[+gzip|+zstd]``).
-        archive = ".tar" in media if key == MODELPACK_PATH else False
-        if archive or annotations.get(_ORAS_UNPACK) == "true":
+        # ORAS names plain files ``...layer.v1.tar`` too: only its unpack annotation marks
+        # an archive (a folder pushed whole). A ModelPack's archives never come here.
+        if annotations.get(_ORAS_UNPACK) == "true":
             raise FetchError(
-                f"{where}: layer {path!r} is an archive ({media}); unpacking is not "
-                "supported yet: push the files themselves (modctl --raw, oras push FILE)",
+                f"{where}: layer {path!r} is an archive of a folder ({_media(layer)}); "
+                "unpacking ORAS folders is not supported yet: push the files themselves "
+                "(oras push FILE ...)",
                 permanent=True,
             )
         digest, size = _digest_and_size(layer, f"layer {path!r}", where)
@@ -368,6 +381,10 @@ class OciSource(Source):
 
 def _passed_over(mirror: _Endpoint, exc: BaseException) -> None:
     log.info("registry mirror %s failed (%s); trying the next", mirror.name, type(exc).__name__)
+
+
+def _media(layer: Any) -> str:
+    return str(layer.get("mediaType") or "") if isinstance(layer, dict) else ""
 
 
 def _title(layer: Any) -> bool:
