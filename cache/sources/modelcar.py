@@ -13,7 +13,7 @@ skipped. Each layer's blob is deleted once it is applied.
 
 A CNCF ModelPack whose layers are tar archives (what ``modctl build`` writes unless told
 ``--raw``) goes through the same unpacker, each archive's paths relative to the model folder
-(no ``models/`` to strip).
+(no ``models/`` to strip; below, read "the model folder" for ``/models``).
 
 Refused, naming the entry, before anything is published: absolute names and ``..``
 anywhere in a layer, device and fifo entries under ``models/``, and symbolic or hard links
