@@ -111,7 +111,10 @@ class DataPlane:
         if self.router is None:
             self._check(name, version)
             return name, None
-        route = self.router.table.choose(name, version, caller, self._state_of, random())
+        table = self.router.table
+        route = table.choose(
+            name, version, caller, self._state_of, random(), self.catalog.not_ready_reason
+        )
         return route.key, route
 
     def admit(self, name: str, caller: Caller) -> None:

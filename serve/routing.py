@@ -115,6 +115,7 @@ class RoutingTable:
         caller: Caller,
         state_of: StateOf,
         draw: float,
+        reason_of: Callable[[str], str | None] = lambda _: None,
     ) -> Route:
         """The version that answers: the pinned one, else a weighted pick (``draw`` in
         [0, 1)) among the warm versions with traffic, else among the registered ones."""
@@ -123,9 +124,18 @@ class RoutingTable:
             for route in versions:
                 if route.version == version:
                     if state_of(route.key) is None:
-                        raise ModelNotReady(f"version {version} of model '{name}' is not ready")
+                        raise ModelNotReady(
+                            f"version {version} of model '{name}' is not ready"
+                            + _because(reason_of(route.key))
+                        )
                     return route
             raise ModelNotFound(name, version)
+        if len(versions) == 1 and versions[0].traffic > 0:  # the common case, kept cheap
+            if state_of(versions[0].key) is None:
+                raise ModelNotReady(
+                    f"model '{name}' is not ready" + _because(reason_of(versions[0].key))
+                )
+            return versions[0]
         weighted = [r for r in versions if r.traffic > 0]
         if not weighted:
             raise ModelNotReady(
@@ -136,7 +146,8 @@ class RoutingTable:
         warm = [r for r, s in zip(weighted, states, strict=True) if s == ModelState.WARM]
         pool = warm or [r for r, s in zip(weighted, states, strict=True) if s is not None]
         if not pool:
-            raise ModelNotReady(f"no version of model '{name}' is ready yet")
+            reasons = "; ".join(f"{r.version}: {reason_of(r.key) or 'Pending'}" for r in weighted)
+            raise ModelNotReady(f"no version of model '{name}' is ready yet ({reasons})")
         return pick(pool, draw)
 
     def main(self, name: str, version: str | None, caller: Caller, state_of: StateOf) -> Route:
@@ -174,6 +185,10 @@ class RoutingTable:
             candidates = own or self._scopes.get((None, name), ())
             shown.extend(r for r in candidates if r.admits(namespace))
         return shown
+
+
+def _because(reason: str | None) -> str:
+    return f": {reason}" if reason else ""
 
 
 def pick(routes: list[Route], draw: float) -> Route:

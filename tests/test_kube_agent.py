@@ -408,6 +408,9 @@ def test_two_namespaces_each_reach_their_own_cache_of_one_name(
             assert names == ({f"{ns}/fraud"} if ns != "other" else {"fraud"})
         as_pod_of("team-a")
         assert fraud() == 1.0
+        # The node's own key of another namespace's cache is no name a caller can use.
+        code, _ = agent.request("POST", "/v2/models/team-b%2Ffraud/infer", VERSIONED_BODY)
+        assert code == 404
         # gRPC cannot tell the caller's pod: it reaches the cluster's cache, as any non-pod.
         channel = grpc.insecure_channel(f"unix:{agent.socket.parent / 'nodecache-grpc.sock'}")
         with channel:

@@ -128,6 +128,9 @@ def test_weights_split_unpinned_requests_and_pins_reach_their_version(
     assert code == 404 and "version '9' not found" in err["error"]
     code, err = agent.request("POST", "/v2/models/fraud-v1/infer", BODY)
     assert code == 404  # a declaration's own name is not a served name when serving names one
+    for bad in ("v" * 65, "a%20b", "a%2Fb"):  # not a version: refused, never a path
+        code, err = agent.request("POST", f"/v2/models/fraud/versions/{bad}/infer", BODY)
+        assert code == 400 and "is not 1 to 64" in err["error"], (bad, err)
     code, index = agent.request("POST", "/v2/repository/index", {})
     assert [(e["name"], e["version"], e["state"]) for e in index] == [
         ("fraud", n, "READY") for n in weights
@@ -151,6 +154,9 @@ def test_weights_split_unpinned_requests_and_pins_reach_their_version(
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.ModelInfer(grpc_request("9"))
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.ModelInfer(grpc_request("../2"))
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             return answers
 
     assert asyncio.run(grpc_pinned()) == [(n, float(n)) for n in weights]

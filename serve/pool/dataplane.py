@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from random import random
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -116,7 +116,9 @@ class PoolDataPlane:
         """The same 404s, 503s and 400s for names and versions as in-process, and the
         version that answers (chosen by weight when none is named)."""
         check_version(version)
-        return self.router.table.choose(name, version, caller, self._state_of, random())
+        return self.router.table.choose(
+            name, version, caller, self._state_of, random(), self.catalog.not_ready_reason
+        )
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
@@ -262,17 +264,24 @@ _STATES = frozenset(state.value for state in ModelState)
 
 
 def _split(request: web.Request) -> tuple[str | None, str]:
-    """(the version a request names, what follows the name and version in its path)."""
+    """(the version a request names, what follows the name and version in its path), read
+    from the raw path: a decoded "%2F" in a version must not move the split."""
     if request.path.startswith("/v2/repository/"):
         return None, "/" + request.match_info["verb"]
-    tail = request.match_info.get("tail", "")
-    if tail.startswith("/versions/"):
-        version, _, rest = tail[len("/versions/") :].partition("/")
-        if ":" in version and request.path.startswith("/v1/"):  # /v1/.../versions/V:predict
-            version, _, verb = version.partition(":")
-            rest = ":" + verb
-        return version, ("/" + rest if rest and not rest.startswith(":") else rest)
-    return None, tail
+    raw = request.raw_path.partition("?")[0]
+    v1 = raw.startswith("/v1/")
+    after = raw[len("/v1/models/") :]  # both prefixes are as long
+    cut = min((i for i in (after.find("/"), after.find(":") if v1 else -1) if i >= 0), default=-1)
+    tail = after[cut:] if cut >= 0 else ""
+    if not tail.startswith("/versions/"):
+        return None, tail
+    version, rest = tail[len("/versions/") :], ""
+    for separator in (":", "/") if v1 else ("/",):
+        if separator in version:
+            version, sep, rest = version.partition(separator)
+            rest = sep + rest
+            break
+    return unquote(version), rest
 
 
 def _target(request: web.Request, key: str, rest: str) -> str:
