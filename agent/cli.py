@@ -148,14 +148,11 @@ def _run_agent(settings: AgentSettings) -> int:
 
 
 def _reconciler(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from nodecache.agent.kube.reconciler import ReconcilerOptions, run_reconciler
+    from nodecache.agent.kube.reconciler import run_reconciler
 
     settings = from_arguments(ReconcilerSettings, args)
     setup_logging(settings.log_format, settings.log_level)
-    chosen = {k: v for k, v in asdict(settings).items() if k not in ("log_format", "log_level")}
-    asyncio.run(run_reconciler(ReconcilerOptions(**chosen)))
+    asyncio.run(run_reconciler(settings.reconciler))
     return 0
 
 

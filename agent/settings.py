@@ -41,6 +41,7 @@ __all__ = [
     "NodeOptions",
     "Option",
     "ProxySettings",
+    "ReconcilerOptions",
     "ReconcilerSettings",
     "StatusSettings",
     "VerifySettings",
@@ -273,8 +274,9 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
-class ReconcilerSettings:
-    """``nodecache reconciler``: what its command line sets of the reconciler's options."""
+class ReconcilerOptions:
+    """What the reconciler (:mod:`nodecache.agent.kube.reconciler`) runs with, stated here
+    and nowhere else: ``--help`` reads these defaults without loading the kubernetes client."""
 
     kubeconfig: Path | None = option(
         None, "default: in-cluster, else $KUBECONFIG, else ~/.kube/config",
@@ -296,6 +298,30 @@ class ReconcilerSettings:
         metavar="PORT", type=port, to_setting=_zero_is_off,
     )  # fmt: skip
     metrics_host: str = option("0.0.0.0", "(default: %(default)s)", metavar="HOST")
+    limits: TransportLimits = nested(TransportLimits, LIMIT_FLAGS)
+    """Of the metrics port: it listens on every address by default."""
+    resync_interval: float = 30.0
+    """A pass runs at least this often, with or without changes."""
+    agent_timeout: float = 120.0
+    """An agent silent (no LocalModelNode heartbeat) this long: its copies count as Unknown."""
+    min_pass_interval: float = 1.0
+    """Passes start at most this often: at 5,000 nodes the agents' status writes alone
+    would otherwise keep one pass running after another."""
+    watch_timeout: float = 300.0
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    write_concurrency: int = 16
+    """API writes in flight at once during a pass (placing 5,000 nodes at the first pass)."""
+    event_namespace: str = "default"
+    """Where events about cluster-scoped caches go (kubectl describe finds them there)."""
+
+
+@dataclass(frozen=True)
+class ReconcilerSettings:
+    """``nodecache reconciler``: the reconciler's options (those with a flag) and its logs."""
+
+    reconciler: ReconcilerOptions = nested(ReconcilerOptions)
     log_format: str = field(default="text", metadata={OPTION: LOG_FORMAT})
     log_level: str = field(default="info", metadata={OPTION: LOG_LEVEL})
 
