@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from nodecache.serve.devices import Device
 from nodecache.serve.errors import InvalidInput, ModelNotFound, ServeError, WorkerUnavailable
+from nodecache.serve.metrics import forget_model
 from nodecache.serve.pool import policy
 from nodecache.serve.pool.client import WorkerClient
 from nodecache.serve.pool.messages import Load
@@ -124,6 +125,7 @@ class WorkerPool:
             await self.client(worker).unregister(name)
             await self._refresh(worker)
         worker.models.pop(name, None)
+        forget_model(name)  # what this process counts of it (its mirror copies)
 
     async def _drained(self, name: str, timeout: float = 30.0) -> None:
         """Until no request for ``name`` is on its way from here to a worker: one relayed
