@@ -40,8 +40,7 @@ class Verdict:
     """``(path, start, end)`` of each chunk whose bytes differ from its digest (or that
     could not be read: a file shorter than recorded, gone, unreadable)."""
     unchecked: tuple[str, ...] = ()
-    """Files with no local digest recorded (a manifest older than local digests, or files
-    a source made after the fetch, such as an image's unpacked layers)."""
+    """Files with no local digest recorded (a manifest written before local digests)."""
     bytes_hashed: int = 0
     gone: bool = False
     """The model was removed while it was checked (by an agent evicting it)."""
