@@ -263,13 +263,6 @@ class NodeAgent:
             return f"Error: {status.error} (next retry in {_seconds_until(status.next_retry)})"
         return str(status.state)
 
-    def index(self) -> list[dict[str, Any]]:
-        return [
-            {"name": name, "state": "UNAVAILABLE", "reason": self.not_ready_reason(name) or ""}
-            for name in self._status
-            if self.host.describe(name) is None
-        ]
-
     def status(self, shown: Callable[[str], bool] | None = None) -> dict[str, Any]:
         """Every model's status (only those ``shown`` says of a key, if given)."""
         models = []

@@ -67,16 +67,10 @@ class Catalog(Protocol):
     def not_ready_reason(self, name: str) -> str | None:
         """Why a declared model cannot answer yet, or None if it is not declared."""
 
-    def index(self) -> list[dict[str, Any]]:
-        """Repository-index entries for declared models that are not registered."""
-
 
 class _NoCatalog:
     def not_ready_reason(self, name: str) -> str | None:
         return None
-
-    def index(self) -> list[dict[str, Any]]:
-        return []
 
 
 class DataPlane:
@@ -328,7 +322,6 @@ class DataPlane:
                  "reason": m.error or ""}
                 for m in self.repository.models()
             ]  # fmt: skip
-            entries.extend(self.catalog.index())
             return sorted(entries, key=lambda e: e["name"])
         index = []
         for route in self.router.table.visible(caller):
