@@ -373,7 +373,9 @@ def _serving(where: str, name: str, raw: Any) -> Serving:
             f"{where}.name must be a lowercase DNS name (a-z, 0-9, '-', '.'), got {_quote(served)}"
         )
     version = raw.get("version", "1")
-    if not isinstance(version, str) or not _VERSION.match(version):
+    # "." and ".." fit the pattern but clients rewrite them out of /versions/../infer: such a
+    # version could never be pinned over REST (the CRD refuses them too).
+    if not isinstance(version, str) or not _VERSION.match(version) or version in (".", ".."):
         raise DeclarationError(
             f"{where}.version must be a string of 1 to 64 of A-Z a-z 0-9 . _ - "
             f'(quote numbers: "2"), got {_quote(version)}'

@@ -135,6 +135,8 @@ def test_serving_fields() -> None:
         ("{version: 2}", r"spec.serving.version must be a string .*quote numbers"),
         ("{version: ''}", "spec.serving.version must be"),
         ("{version: a/b}", "spec.serving.version must be"),
+        ("{version: '..'}", "spec.serving.version must be"),
+        ("{version: '.'}", "spec.serving.version must be"),
         ("{version: " + "v" * 65 + "}", "spec.serving.version must be"),
         ("{traffic: -1}", "traffic must be an integer >= 0"),
         ("{traffic: '10'}", "traffic must be an integer >= 0"),
