@@ -519,12 +519,13 @@ def main() -> int:
         f"{tool}'s process start (interpreter + imports) {wall:.2f}s, {cpu:.2f} CPU-s"
         for tool, (wall, cpu) in startup.items()
     )
+    each = [float(r.load.split()[0]) for r in results]
+    loads = f"{min(each):.1f}-{max(each):.1f}" if each else "n/a"
     header = (
         f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"source {args.source}{' ' + args.checksum if args.checksum else ''}, "
         f"page cache {'dropped' if cold else 'NOT dropped'} before each run, "
-        f"load average now {loadavg()} (at each run: "
-        f"{', '.join(sorted({r.load.split()[0] for r in results}))}); "
+        f"load average now {loadavg()} (1-minute, over the runs: {loads}); "
         f"{started or 'ours not run'}, included in its times"
     )
     if peer := describe_peer(args.source):
