@@ -72,6 +72,7 @@ class NodeServices:
         # For the CSI service (--csi-endpoint): this node's name. Set before start().
         self.node_name = os.environ.get("NODE_NAME") or socket.gethostname()
         self.csi: CsiServer | None = None
+        self._csi_key: Callable[[str, str], str] | None = None
         # Which model answers a served name: the agent writes it, the dataplanes read it.
         self.router = Router()
         # Set by create():
@@ -124,7 +125,7 @@ class NodeServices:
         visible = {route.key for route in self.router.table.visible(caller_of(request))}
         status = self.agent.status(shown=visible.__contains__)
         if self.csi is not None:  # pods holding each model mounted
-            mounts = self.csi.volumes.mounts()
+            mounts = self.csi.volumes.mounts(self._csi_key)
             for model in status["models"]:
                 model["mounts"] = mounts.get(model["name"], 0)
         return web.json_response(status)
@@ -207,6 +208,7 @@ class NodeServices:
             socket_dir=self.options.socket_dir,
             state_dir=self.options.cache_dir / "csi",
         )
+        self._csi_key = backend.model_key
         try:
             server = CsiServer(backend, endpoint)
         except ValueError as exc:

@@ -201,6 +201,7 @@ def test_a_model_volume_resolves_a_served_name_as_the_socket_does(
     request = node.kubelet.request({"model": "fraud"})
     node.publish(request)
     assert (Path(request.target_path) / "notes.txt").read_text() == "version 2"
+    assert (node.mounts("fraud-v2"), node.mounts("fraud-v1")) == (1, 0)
     node.unpublish(request)
     code, _ = node.refused(node.kubelet.request({"model": "fraud-v1"}))
     assert code == grpc.StatusCode.NOT_FOUND  # a declaration's name is not a served name

@@ -78,6 +78,14 @@ class NodeCsiBackend:
             raise PermissionDenied(name) from None
         return max(routes, key=lambda r: r.traffic).key
 
+    def model_key(self, name: str, namespace: str) -> str:
+        """The node's key of what ``name`` means to a pod of ``namespace`` now (``name``
+        itself when it means nothing any more: a volume outliving its declaration)."""
+        try:
+            return self._key(name, namespace)
+        except (NotFound, PermissionDenied):
+            return name
+
     def resolve(self, name: str, namespace: str) -> Path | None:
         decl = self.agent.declaration(self._key(name, namespace))
         if decl is None:

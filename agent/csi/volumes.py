@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -77,9 +78,16 @@ class Volumes:
                         volume.target,
                     )
 
-    def mounts(self) -> dict[str, int]:
-        """Mounts per model, for the agent's status."""
-        return dict(Counter(v.model for v in self.state.volumes.values() if v.model))
+    def mounts(self, key_of: Callable[[str, str], str] | None = None) -> dict[str, int]:
+        """Mounts per model, for the agent's status: per name the pods asked for, or per
+        ``key_of(name, pod namespace)`` (the model a served name meant for the pod)."""
+        return dict(
+            Counter(
+                key_of(v.model, v.pod.partition("/")[0]) if key_of else v.model
+                for v in self.state.volumes.values()
+                if v.model
+            )
+        )
 
     async def publish(self, request: Publish) -> None:
         """Mount what ``request`` asks for at its target, or raise RequestError."""
