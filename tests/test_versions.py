@@ -285,6 +285,13 @@ def test_mirrors_get_copies_compared_never_answers(
         > 0
     )
     assert sample(port, "nodecache_mirror_divergent_total", model="same", version="1b") == 0
+    # V1 requests are mirrored too (Binomial(100, 0.5) more copies: 50 give or take 20).
+    before = copies("other", "2")
+    for _ in range(100):
+        code, doc = agent.request("POST", "/v1/models/fraud:predict", {"instances": [1.0]})
+        assert (code, doc) == (200, {"predictions": [1.0]})
+    wait_for(lambda: copies("other", "2") >= before + 30, what="V1 copies")
+    assert copies("other", "2") <= before + 70
     # The mirrors' own runs are counted apart from the callers' requests.
     mirrored = {"model": "other", "version": "2", "protocol": "mirror", "code": "200"}
     assert sample(port, "nodecache_requests_total", **mirrored) > 0

@@ -14,6 +14,7 @@ from random import random
 from typing import Any
 from urllib.parse import quote, unquote
 
+import numpy as np
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -89,6 +90,13 @@ async def _decoded(answer: Answer) -> Outputs:
         len(answer[2]), decode_response, answer[2], int(length) if length else None
     )
     return result.outputs
+
+
+async def _predictions(answer: Answer) -> Outputs:
+    """The predictions of a worker's 200 answer to a V1 ``:predict``, as one output."""
+    _raise_for(answer)
+    doc = await sized_work(len(answer[2]), json.loads, answer[2])
+    return {"predictions": np.asarray(doc["predictions"])}
 
 
 class PoolDataPlane:
@@ -192,23 +200,28 @@ class PoolDataPlane:
         body: bytes,
         headers: list[tuple[str, str]],
         answer: Answer,
+        *,
+        v1: bool = False,
     ) -> None:
-        """Copies of an answered OIP v2 inference to the name's mirrors; compared later."""
+        """Copies of an answered inference (OIP v2, or V1 ``:predict``) to the name's
+        mirrors, sent as the caller sent it; the answers are compared later."""
         table = self.router.table
         if answer[0] != 200 or not table.has_mirrors(name):
             return
         mirrored = [(k, v) for k, v in headers if k != PROTOCOL_HEADER] + [
             (PROTOCOL_HEADER, "mirror")
         ]
+        decode = _predictions if v1 else _decoded
         for route in table.mirrors(name, primary, caller, random):
-            path = _model_path(route.key) + "/infer"
+            quoted = quote(route.key, safe="")
+            path = f"/v1/models/{quoted}:predict" if v1 else _model_path(route.key) + "/infer"
 
             async def send(key: str = route.key, path: str = path) -> Outputs:
                 if not self.pool.has(key):
                     raise ModelNotFound(key)
-                return await _decoded(await self.pool.infer(key, "POST", path, body, mirrored))
+                return await decode(await self.pool.infer(key, "POST", path, body, mirrored))
 
-            self.mirror.offer(route, send, lambda: _decoded(answer))
+            self.mirror.offer(route, send, lambda: decode(answer))
 
     def _keys(self, name: str, caller: Caller) -> list[str]:
         keys = [r.key for r in self.router.table.versions(name, caller) if self.pool.has(r.key)]
@@ -254,8 +267,9 @@ class PoolDataPlane:
         route = self.resolve(name, version, caller)  # no await until the relay counts it
         target = _target(request, route.key, rest)
         status, answer, payload = await self.pool.infer(route.key, method, target, body, headers)
-        if version is None and rest == "/infer":
-            self._mirror(name, route, caller, body, headers, (status, answer, payload))
+        if version is None and rest in ("/infer", ":predict"):
+            relayed = (status, answer, payload)
+            self._mirror(name, route, caller, body, headers, relayed, v1=rest == ":predict")
         out = CIMultiDict((k, v) for k, v in answer if k.lower() in _ANSWER_HEADERS)
         return web.Response(body=payload, status=status, headers=out)
 
