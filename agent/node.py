@@ -20,6 +20,7 @@ from nodecache.agent.declarations import ModelDeclaration
 from nodecache.cache import CacheError, ModelStore, redact_uri
 from nodecache.serve.errors import NoRoom, ServeError
 from nodecache.serve.host import ModelHost
+from nodecache.serve.metrics import forget_model
 from nodecache.serve.routing import Route, Router
 from nodecache.serve.runtimes import UnsupportedFormat, detect_format
 from nodecache.serve.spec import ModelPolicy, ModelSpec, ModelState
@@ -84,9 +85,14 @@ class NodeAgent:
         ``access``: a cluster cache's allowed namespaces, by key."""
         origins = origins or {}
         self.declaration_errors = dict(errors or {})
+        served_before = {route.name for route in self.router.table.routes}
         self.router.update(
             _route(key, decl, (access or {}).get(key)) for key, decl in declarations.items()
         )
+        # Requests refused before a version was chosen are counted under the served name.
+        served_now = {route.name for route in self.router.table.routes}
+        for name in served_before - served_now - set(declarations):
+            forget_model(name)
         previous, self._desired = self._desired, dict(declarations)
         # What is declared is never evicted to make room on disk; leftovers may be.
         self.store.protect(d.source_uri for d in declarations.values())
