@@ -166,3 +166,24 @@ def test_an_oversized_request_head_is_refused(reconciler: Reconciler) -> None:
     assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), head
     assert reason.startswith(b"Got more than 8190 bytes"), reason[:100]
     still_serving(reconciler)
+
+
+def test_a_metrics_port_in_use_ends_the_reconciler_with_one_line(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with FakeApiServer() as fake:
+            done = subprocess.run(
+                [sys.executable, "-m", "nodecache.agent.cli", "reconciler",
+                 "--kubeconfig", str(fake.write_kubeconfig(tmp_path / "kubeconfig")),
+                 "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+                cwd=ROOT, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+    finally:
+        taken.close()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"nodecache: metrics port {port} is in use"), last
+    assert last.endswith("; pass --metrics-port"), last

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import logging
 import socket
 import uuid
@@ -53,7 +54,11 @@ async def run_reconciler(options: ReconcilerOptions, *, stop: asyncio.Event | No
     on_stop_signal(stop)
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
     reconciler = Reconciler(kube, options)
-    health = await _start_health(options, reconciler)
+    try:
+        health = await _start_health(options, reconciler)
+    except BaseException:
+        kube.api.close()
+        raise
     task = asyncio.create_task(reconciler.run())
     log.info("reconciler started", extra={"identity": reconciler.elector.identity})
     try:
@@ -302,5 +307,13 @@ async def _start_health(options: ReconcilerOptions, reconciler: Reconciler) -> N
         tcp_port=options.metrics_port,
         limits=options.limits,
     )
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # one line for the operator, not a traceback
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        port = options.metrics_port
+        raise SystemExit(
+            f"nodecache: metrics port {port} is in use ({exc.strerror}); pass --metrics-port"
+        ) from None
     return server
