@@ -295,3 +295,21 @@ def test_mirrors_get_copies_compared_never_answers(
     # The mirrors' own runs are counted apart from the callers' requests.
     mirrored = {"model": "other", "version": "2", "protocol": "mirror", "code": "200"}
     assert sample(port, "nodecache_requests_total", **mirrored) > 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_serving_edit_reroutes_without_a_reload(
+    agent: Agent, tmp_path: Path, workers: int
+) -> None:
+    start(agent, workers)
+    folder = model(tmp_path, 1)
+    version(agent, "fraud-v1", folder, "1", 100)
+    agent.wait_state("fraud-v1", "Warm")
+    assert answer(agent) == ("1", 1.0)
+    version(agent, "fraud-v1", folder, "1.0.1", 100)  # the same files, renamed
+    wait_for(lambda: answer(agent)[0] == "1.0.1", timeout=10, what="the new version name")
+    assert answer(agent, "/v2/models/fraud/versions/1.0.1/infer") == ("1.0.1", 1.0)
+    code, _ = agent.request("POST", "/v2/models/fraud/versions/1/infer", BODY)
+    assert code == 404
+    entry = agent.model("fraud-v1")
+    assert entry is not None and entry["loads"] == 1  # neither fetched nor loaded again

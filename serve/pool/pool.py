@@ -147,8 +147,12 @@ class WorkerPool:
         worker = self.table.homes.get(name)
         if worker is None:
             return
-        worker.registrations[name] = worker.registrations[name].with_policy(policy)
+        old = worker.registrations[name]
+        worker.registrations[name] = old.with_policy(policy)
         await self.client(worker).set_policy(name, policy)
+        if (old.served_name, old.version) != (policy.served_name, policy.version):
+            # Copies answer with the name and version they were made with: made again.
+            await self.drop_copies(name, "its served name or version changed")
 
     def describe(self, name: str) -> dict[str, Any] | None:
         return policy.describe(self.table, name)
