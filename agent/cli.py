@@ -18,6 +18,7 @@ from nodecache.agent.settings import (
     ProxySettings,
     ReconcilerSettings,
     StatusSettings,
+    VerifySettings,
     add_options,
     from_arguments,
 )
@@ -65,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
         'csi.nodecache.io volume with socket: "true".',
     )
     add_options(proxy, ProxySettings)
+    verify = commands.add_parser(
+        "verify",
+        help="re-check cached models against the digests recorded when they were verified",
+        description="Re-hash every file of the named cached models (all when none is named) "
+        "against the local digest recorded when it was verified against its source, at "
+        "memory bandwidth, and print one line per model. Read-only, safe while an agent "
+        "runs. Exit status: 0 all ok, 1 a model is corrupt or has no local digest, 2 bad "
+        "arguments or no such model.",
+    )
+    verify.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="a model's folder name under models/, its readable part, or its source URI",
+    )
+    add_options(verify, VerifySettings)
     prefetch.add_parser(commands)
     return parser
 
@@ -87,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return _reconciler(args)
     if args.command == "proxy":
         return _proxy(args)
+    if args.command == "verify":
+        return _verify(args)
     return _status(args)
 
 
@@ -129,14 +148,11 @@ def _run_agent(settings: AgentSettings) -> int:
 
 
 def _reconciler(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from nodecache.agent.kube.reconciler import ReconcilerOptions, run_reconciler
+    from nodecache.agent.kube.reconciler import run_reconciler
 
     settings = from_arguments(ReconcilerSettings, args)
     setup_logging(settings.log_format, settings.log_level)
-    chosen = {k: v for k, v in asdict(settings).items() if k not in ("log_format", "log_level")}
-    asyncio.run(run_reconciler(ReconcilerOptions(**chosen)))
+    asyncio.run(run_reconciler(settings.reconciler))
     return 0
 
 
@@ -154,6 +170,28 @@ def _proxy(args: argparse.Namespace) -> int:
         print(f"nodecache proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nodecache.cache.verify import default_threads, find_models, verify_model
+
+    settings = from_arguments(VerifySettings, args)
+    if not (settings.cache_dir / "models").is_dir():
+        print(f"nodecache verify: no cache at {settings.cache_dir}", file=sys.stderr)
+        return 2
+    models, unknown = find_models(settings.cache_dir, args.names)
+    if unknown:
+        print(f"nodecache verify: no such cached model: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    status = 0
+    with ThreadPoolExecutor(default_threads(), "nodecache-verify") as pool:
+        for model in models:
+            verdict = verify_model(model, pool)
+            print(verdict.describe(), flush=True)
+            status = status if verdict.ok else 1
+    return status
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from nodecache.agent.declarations import refuse_duplicate_versions
 from nodecache.agent.kube.api import (
     LOCAL_MODEL_CACHES,
     LOCAL_MODEL_NAMESPACE_CACHES,
@@ -25,7 +26,7 @@ from nodecache.agent.kube.api import (
     Kube,
     connect,
 )
-from nodecache.agent.kube.callers import CallerIdentity, namespace_guard
+from nodecache.agent.kube.callers import CallerIdentity, caller_middleware
 from nodecache.agent.kube.errors import ApiError
 from nodecache.agent.kube.labels import desired_labels, is_ours, label_patch, with_node_labels
 from nodecache.agent.kube.nodestatus import (
@@ -38,7 +39,9 @@ from nodecache.agent.kube.nodestatus import (
 from nodecache.agent.kube.watching import Informer
 from nodecache.agent.node import NodeAgent
 from nodecache.agent.services import NodeOptions, NodeServices
+from nodecache.serve.errors import Forbidden, ServeError
 from nodecache.serve.loop import on_stop_signal
+from nodecache.serve.routing import Router, nobody
 
 __all__ = ["ClusterOptions", "run_cluster"]
 
@@ -78,18 +81,14 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
     node = await NodeServices.create(options.node)
     follower = NodeFollower(kube, node.agent, options, counts=node.request_counts)
-    # Namespaced models answer only to their namespace's pods (added before the app freezes).
+    # Names resolve per caller's namespace: a namespaced cache answers only its namespace's
+    # pods, and shadows a cluster cache of its name for them (added before the app freezes).
     identity = CallerIdentity(follower.pods, options.proc_root)
-    node.app.middlewares.append(namespace_guard(follower.access.get, identity))
-    # gRPC cannot name its caller's pod: namespaced models answer only over HTTP.
-    node.grpc_gate = lambda model: (
-        f"model {model} is restricted to some namespaces; call it on the HTTP node socket, "
-        "where the caller's pod can be identified"
-        if follower.access.get(model) is not None
-        else None
-    )
-    # CSI mounts follow the same namespace rule, from kubelet's podInfoOnMount.
-    node.node_name, node.csi_access = options.node_name, follower.access.get
+    node.app.middlewares.append(caller_middleware(identity))
+    # gRPC cannot name its caller's pod: it sees only the cluster's open names.
+    node.grpc_gate = lambda model: grpc_refusal(node.router, model)
+    # CSI mounts resolve names with the same routing, for kubelet's podInfoOnMount namespace.
+    node.node_name = options.node_name
     await node.start(mode="cluster", node=options.node_name)
     task = asyncio.create_task(follower.run())
     try:
@@ -204,19 +203,37 @@ class NodeFollower:
                 continue
             caches = {**self.caches.objects, **self.namespace_caches.objects}
             resolved = resolve(node, caches)
+            resolved.declarations, refused = refuse_duplicate_versions(resolved.declarations)
+            for key, reason in refused.items():  # reported under the entry's modelName
+                resolved.errors[resolved.origins.pop(key).split("/", 1)[1]] = reason
             self.generation = node["metadata"].get("generation")
             self.origins, self.errors = resolved.origins, resolved.errors
             self.access.clear()
             self.access.update(resolved.access)
             if (resolved.declarations, resolved.errors) != applied:
                 await self.agent.apply(
-                    resolved.declarations, origins=resolved.origins, errors=resolved.errors
+                    resolved.declarations,
+                    origins=resolved.origins,
+                    errors=resolved.errors,
+                    access=resolved.access,
                 )
                 applied = (resolved.declarations, resolved.errors)
             if resolved.complete and not collected:
                 await self.agent.collect_garbage()  # leftovers from before a restart
                 collected = True
             self.status.wake.set()
+
+
+def grpc_refusal(router: Router, name: str) -> str | None:
+    """Why a gRPC call for ``name`` is refused: gRPC cannot tell the caller's pod, so a
+    name no open cluster cache serves is refused, with where to call it instead."""
+    try:
+        router.table.versions(name, nobody)
+    except Forbidden as exc:
+        return f"{exc}; call it on the HTTP node socket, where the caller's pod is identified"
+    except ServeError:
+        return None  # unknown names get their 404 from the dataplane
+    return None
 
 
 class NodeLabeler:

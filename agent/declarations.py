@@ -22,9 +22,11 @@ __all__ = [
     "MAX_VALUES",
     "DeclarationError",
     "ModelDeclaration",
+    "Serving",
     "WarmPolicy",
     "parse_declarations",
     "parse_object",
+    "refuse_duplicate_versions",
 ]
 
 API_VERSION = "nodecache.io/v1alpha1"
@@ -32,6 +34,7 @@ KINDS = ("LocalModelCache",)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
+_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # libyaml's safe loader where PyYAML was built with it: a 1 MiB file parses in well under a
 # second instead of several.
@@ -69,6 +72,20 @@ class WarmPolicy:
 
 
 @dataclass(frozen=True)
+class Serving:
+    """How a model answers on the node socket: several declarations may serve one name,
+    each as a version, and share its unpinned requests by weight."""
+
+    name: str
+    """The served name (``/v2/models/NAME``); default the declaration's metadata.name."""
+    version: str = "1"
+    traffic: int = 100
+    """Relative weight among the ready versions of the name; 0: only pinned requests."""
+    mirror: int = 0
+    """Percent of the name's unpinned requests also sent here, answers discarded."""
+
+
+@dataclass(frozen=True)
 class ModelDeclaration:
     name: str
     source_uri: str
@@ -84,6 +101,20 @@ class ModelDeclaration:
     # node; None (standalone) means: warm when it fits, else on the first request.
     keep_warm: bool | None = None
     storage: dict[str, Any] | None = field(default=None, compare=False)
+    # None: serves as metadata.name, version "1", all of the name's traffic.
+    serving: Serving = None  # type: ignore[assignment]  # filled in by __post_init__
+    namespace: str | None = None
+    """A LocalModelNamespaceCache's namespace: it answers only to that namespace's pods."""
+
+    def __post_init__(self) -> None:
+        if self.serving is None:
+            object.__setattr__(self, "serving", Serving(self.name))
+
+    @property
+    def key(self) -> str:
+        """The model's name on this node (store, host, status): unique even when two
+        namespaces declare the same name."""
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
     def same_model(self, other: ModelDeclaration) -> bool:
         """Whether ``other`` can keep this model's disk copy and loaded runtime."""
@@ -156,6 +187,13 @@ def _parse_one(doc: Any, index: int, kinds: tuple[str, ...] = KINDS) -> ModelDec
             f"{where}: metadata.name must be a lowercase DNS name "
             f"(a-z, 0-9, '-', '.'), got {_quote(name)}"
         )
+    namespace = metadata.get("namespace") if doc["kind"] == "LocalModelNamespaceCache" else None
+    if doc["kind"] == "LocalModelNamespaceCache" and (
+        not isinstance(namespace, str) or not _NAME.match(namespace)
+    ):
+        raise DeclarationError(
+            f"{where}: a LocalModelNamespaceCache needs metadata.namespace, got {_quote(namespace)}"
+        )
     where = f"{doc['kind']} '{name}'"
     spec = doc.get("spec")
     if not isinstance(spec, dict):
@@ -171,7 +209,33 @@ def _parse_one(doc: Any, index: int, kinds: tuple[str, ...] = KINDS) -> ModelDec
         replicas=_optional_int(where, spec, "replicas", minimum=0),
         batching=_batching(where, spec.get("batching")),
         storage=spec.get("storage"),
+        serving=_serving(where, name, spec.get("serving")),
+        namespace=namespace,
     )
+
+
+def refuse_duplicate_versions(
+    declarations: dict[str, ModelDeclaration],
+) -> tuple[dict[str, ModelDeclaration], dict[str, str]]:
+    """The declarations without those that repeat an earlier one's (namespace, served
+    name, version), and why each of those is refused (by key). Earlier in ``declarations``
+    wins: the one already serving, since both modes keep their order stable."""
+    kept: dict[str, ModelDeclaration] = {}
+    refused: dict[str, str] = {}
+    first: dict[tuple[str | None, str, str], str] = {}
+    for key, decl in declarations.items():
+        serving = decl.serving
+        slot = (decl.namespace, serving.name, serving.version)
+        holder = first.setdefault(slot, key)
+        if holder != key:
+            scope = f"namespace {decl.namespace}" if decl.namespace else "the cluster scope"
+            refused[key] = (
+                f"version {serving.version!r} of {serving.name!r} is already served by "
+                f"{holder} in {scope}; give this one another spec.serving.version"
+            )
+            continue
+        kept[key] = decl
+    return kept, refused
 
 
 def _source_uri(where: str, spec: dict[str, Any]) -> str:
@@ -295,6 +359,32 @@ def _batching(where: str, raw: Any) -> tuple[int, float] | None:
 def _seconds(duration: str) -> float:
     units = {"us": 1e-6, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
     return sum(float(n) * units[u] for n, u in _DURATION_PART.findall(duration))
+
+
+def _serving(where: str, name: str, raw: Any) -> Serving:
+    if raw is None:
+        return Serving(name)
+    if not isinstance(raw, dict):
+        raise DeclarationError(f"{where}: spec.serving must be a mapping")
+    where = f"{where}: spec.serving"
+    served = raw.get("name", name)
+    if not isinstance(served, str) or not _NAME.match(served):
+        raise DeclarationError(
+            f"{where}.name must be a lowercase DNS name (a-z, 0-9, '-', '.'), got {_quote(served)}"
+        )
+    version = raw.get("version", "1")
+    # "." and ".." fit the pattern but clients rewrite them out of /versions/../infer: such a
+    # version could never be pinned over REST (the CRD refuses them too).
+    if not isinstance(version, str) or not _VERSION.match(version) or version in (".", ".."):
+        raise DeclarationError(
+            f"{where}.version must be a string of 1 to 64 of A-Z a-z 0-9 . _ - "
+            f'(quote numbers: "2"), got {_quote(version)}'
+        )
+    traffic = _optional_int(where, raw, "traffic", minimum=0)
+    mirror = _optional_int(where, raw, "mirror", minimum=0)
+    if mirror is not None and mirror > 100:
+        raise DeclarationError(f"{where}: mirror is a percent (0 to 100), got {mirror}")
+    return Serving(served, version, 100 if traffic is None else traffic, mirror or 0)
 
 
 def _warm(where: str, raw: Any) -> WarmPolicy:

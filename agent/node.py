@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from nodecache.agent.declarations import ModelDeclaration
 from nodecache.cache import CacheError, ModelStore, redact_uri
 from nodecache.serve.errors import NoRoom, ServeError
 from nodecache.serve.host import ModelHost
+from nodecache.serve.metrics import forget_model
+from nodecache.serve.routing import Route, Router
 from nodecache.serve.runtimes import UnsupportedFormat, detect_format
 from nodecache.serve.spec import ModelPolicy, ModelSpec, ModelState
 
@@ -53,9 +56,11 @@ class NodeAgent:
         *,
         retry_base: float = 1.0,
         retry_max: float = 300.0,
+        router: Router | None = None,
     ) -> None:
         self.store = store
         self.host = host
+        self.router = router or Router()
         self._retry = (retry_base, retry_max)
         self._desired: dict[str, ModelDeclaration] = {}
         self._status: dict[str, ModelStatus] = {}
@@ -71,10 +76,23 @@ class NodeAgent:
         *,
         origins: dict[str, str] | None = None,
         errors: dict[str, str] | None = None,
+        access: dict[str, frozenset[str] | None] | None = None,
     ) -> None:
-        """Converge on ``declarations``; models not in it are unloaded and deleted."""
+        """Converge on ``declarations`` (by key); models not in it are unloaded and deleted.
+
+        Requests follow the new declarations at once (weights, versions gone), before a
+        removed model is drained and unloaded; a new one takes requests once registered.
+        ``access``: a cluster cache's allowed namespaces, by key."""
         origins = origins or {}
         self.declaration_errors = dict(errors or {})
+        served_before = {route.name for route in self.router.table.routes}
+        self.router.update(
+            _route(key, decl, (access or {}).get(key)) for key, decl in declarations.items()
+        )
+        # Requests refused before a version was chosen are counted under the served name.
+        served_now = {route.name for route in self.router.table.routes}
+        for name in served_before - served_now - set(declarations):
+            forget_model(name)
         previous, self._desired = self._desired, dict(declarations)
         # What is declared is never evicted to make room on disk; leftovers may be.
         self.store.protect(d.source_uri for d in declarations.values())
@@ -102,13 +120,13 @@ class NodeAgent:
     async def _rewarm(self, decl: ModelDeclaration) -> None:
         """The warm decision for this node changed: load, or give the memory back."""
         if decl.keep_warm is False and not decl.warm.pinned:
-            await self.host.unload(decl.name)
-            log.info("model cooled on this node", extra={"model": decl.name})
+            await self.host.unload(decl.key)
+            log.info("model cooled on this node", extra={"model": decl.key})
         else:
-            task = self._tasks.get(decl.name)
+            task = self._tasks.get(decl.key)
             if task is None or task.done():
-                self._tasks[decl.name] = asyncio.create_task(
-                    self._keep(decl), name=f"model:{decl.name}"
+                self._tasks[decl.key] = asyncio.create_task(
+                    self._keep(decl), name=f"model:{decl.key}"
                 )
 
     async def _retire(self, name: str, decl: ModelDeclaration) -> None:
@@ -150,7 +168,7 @@ class NodeAgent:
     # -- one model -------------------------------------------------------------
 
     async def _keep(self, decl: ModelDeclaration) -> None:
-        status = self._status[decl.name]
+        status = self._status[decl.key]
         while True:
             status.attempts += 1
             try:
@@ -159,15 +177,13 @@ class NodeAgent:
                 return
             except Exception as exc:
                 if not isinstance(exc, (CacheError, UnsupportedFormat, ServeError, OSError)):
-                    log.exception(
-                        "unexpected error bringing a model up", extra={"model": decl.name}
-                    )
+                    log.exception("unexpected error bringing a model up", extra={"model": decl.key})
                 delay = self._backoff(status.attempts)
                 status.state, status.error = ModelState.ERROR, str(exc)
                 status.next_retry = time.time() + delay
                 log.error(
                     "model failed",
-                    extra={"model": decl.name, "error": str(exc), "retry_in": round(delay, 1)},
+                    extra={"model": decl.key, "error": str(exc), "retry_in": round(delay, 1)},
                 )
                 await asyncio.sleep(delay)
 
@@ -176,7 +192,7 @@ class NodeAgent:
         if stored is None:
             status.state = ModelState.DOWNLOADING
             status.bytes_done, status.bytes_total = 0, None
-            log.info("download started", extra={"model": decl.name})
+            log.info("download started", extra={"model": decl.key})
             started = time.perf_counter()
 
             def progress(done: int, total: int | None) -> None:
@@ -191,7 +207,7 @@ class NodeAgent:
             log.info(
                 "download finished",
                 extra={
-                    "model": decl.name,
+                    "model": decl.key,
                     "bytes": stored.size_bytes,
                     "seconds": round(time.perf_counter() - started, 3),
                 },
@@ -199,11 +215,11 @@ class NodeAgent:
         status.bytes_done = status.bytes_total = stored.size_bytes
         status.resolved = stored.resolved
         fmt = decl.format or detect_format(f.path for f in stored.files)
-        spec = ModelSpec(decl.name, stored.path, fmt, decl.entrypoint, size_hint=stored.size_bytes)
+        spec = ModelSpec(decl.key, stored.path, fmt, decl.entrypoint, size_hint=stored.size_bytes)
         await self.host.register(spec.with_policy(_policy(decl)))
         status.error = None
         # The newest declaration: the warm decision may have changed during the download.
-        await self._warm(self._desired.get(decl.name, decl))
+        await self._warm(self._desired.get(decl.key, decl))
 
     async def _warm(self, decl: ModelDeclaration) -> None:
         """Load as the declaration asks: pinned or placed warm here -> load, making room;
@@ -212,11 +228,11 @@ class NodeAgent:
             return
         must = decl.warm.pinned or decl.keep_warm is True
         try:
-            await self.host.load(decl.name, evict=must)
+            await self.host.load(decl.key, evict=must)
         except NoRoom as exc:
             if must:
                 raise
-            log.info("model left on disk", extra={"model": decl.name, "reason": str(exc)})
+            log.info("model left on disk", extra={"model": decl.key, "reason": str(exc)})
 
     def _backoff(self, attempt: int) -> float:
         base, cap = self._retry
@@ -253,18 +269,21 @@ class NodeAgent:
             return f"Error: {status.error} (next retry in {_seconds_until(status.next_retry)})"
         return str(status.state)
 
-    def index(self) -> list[dict[str, Any]]:
-        return [
-            {"name": name, "state": "UNAVAILABLE", "reason": self.not_ready_reason(name) or ""}
-            for name in self._status
-            if self.host.describe(name) is None
-        ]
-
-    def status(self) -> dict[str, Any]:
+    def status(self, shown: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """Every model's status (only those ``shown`` says of a key, if given)."""
         models = []
         for name, status in sorted(self._status.items()):
+            if shown is not None and not shown(name):
+                continue
+            route = self.router.table.route(name)
             entry: dict[str, Any] = {
                 "name": name,
+                "serving": {
+                    "name": route.name if route else name,
+                    "version": route.version if route else "1",
+                    "traffic": route.traffic if route else 100,
+                    "mirror": route.mirror if route else 0,
+                },
                 "state": str(status.state),
                 "source": redact_uri(status.source_uri),  # a presigned query is a credential
                 "declaredIn": status.declared_in,
@@ -301,8 +320,19 @@ def _parameters(decl: ModelDeclaration) -> dict[str, str] | None:
 
 
 def _policy(decl: ModelDeclaration) -> ModelPolicy:
-    """How the declaration asks the host to keep the model warm."""
-    return ModelPolicy(decl.warm.pinned, decl.warm.idle_seconds, decl.batching)
+    """How the declaration asks the host to keep the model warm, and answer as which name
+    and version."""
+    serving = decl.serving
+    return ModelPolicy(
+        decl.warm.pinned, decl.warm.idle_seconds, decl.batching, serving.name, serving.version
+    )
+
+
+def _route(key: str, decl: ModelDeclaration, allowed: frozenset[str] | None) -> Route:
+    serving = decl.serving
+    return Route(
+        key, serving.name, serving.version, serving.traffic, serving.mirror, decl.namespace, allowed
+    )
 
 
 def _seconds_until(when: float | None) -> str:

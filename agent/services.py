@@ -24,16 +24,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from nodecache.agent.node import NodeAgent
 from nodecache.agent.settings import SOCKET_NAME, NodeOptions
-from nodecache.cache import ModelStore
+from nodecache.cache import FetchOptions, ModelStore
 from nodecache.cache.metrics import register_store_metrics
 from nodecache.serve.dataplane import DataPlane
 from nodecache.serve.devices import discover_devices
 from nodecache.serve.grpc.server import GrpcServer
 from nodecache.serve.host import LocalHost
-from nodecache.serve.http import NodeServer, build_app
+from nodecache.serve.http import NodeServer, build_app, caller_of
 from nodecache.serve.metrics import SERVING_METRICS, request_counts
 from nodecache.serve.pool import PoolDataPlane, WorkerPool, build_router_app, worker_devices
 from nodecache.serve.repository import ModelRepository
+from nodecache.serve.routing import Router
 from nodecache.serve.transport import SocketTaken
 
 if TYPE_CHECKING:
@@ -53,7 +54,10 @@ class NodeServices:
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
         self.store = ModelStore(
-            options.cache_dir, limit_bytes=options.cache_size, file_mode=options.cache_mode
+            options.cache_dir,
+            options=FetchOptions(registry_mirrors=options.registry_mirror),
+            limit_bytes=options.cache_size,
+            file_mode=options.cache_mode,
         )
         register_store_metrics(self.store)
         self.pool: WorkerPool | None = None
@@ -65,11 +69,12 @@ class NodeServices:
         # Who may call a model over gRPC, which cannot tell who the caller is: a model
         # name -> a refusal reason (None: allowed). Set before start() to restrict.
         self.grpc_gate: Callable[[str], str | None] | None = None
-        # For the CSI service (--csi-endpoint): this node's name, and a model's allowed
-        # namespaces (None: all), the same rule the node socket applies. Set before start().
+        # For the CSI service (--csi-endpoint): this node's name. Set before start().
         self.node_name = os.environ.get("NODE_NAME") or socket.gethostname()
-        self.csi_access: Callable[[str], frozenset[str] | None] = lambda _: None
         self.csi: CsiServer | None = None
+        self._csi_key: Callable[[str, str], str] | None = None
+        # Which model answers a served name: the agent writes it, the dataplanes read it.
+        self.router = Router()
         # Set by create():
         self.agent: NodeAgent
         self.app: web.Application
@@ -81,6 +86,10 @@ class NodeServices:
         node = cls(options)
         kept = await asyncio.to_thread(node.store.scan)
         log.info("cache scanned", extra={"dir": str(options.cache_dir), "models": len(kept)})
+        if options.verify_on_start == "full":  # before anything can serve a model
+            checked = await asyncio.to_thread(node.store.drop_corrupt)
+            removed = [v.model.key for v in checked if v.corrupt]
+            log.info("cache re-hashed", extra={"models": len(checked), "removed": removed})
         devices = discover_devices(cpu_budget=options.cpu_memory_budget)
         log.info("devices", extra={"devices": [d.to_json() for d in devices]})
         if options.workers or any(d.kind == "cuda" for d in devices):
@@ -89,8 +98,8 @@ class NodeServices:
             node._private = Path(tempfile.mkdtemp(prefix="nodecache-"))
             workers = worker_devices(devices, options.workers)
             node.pool = WorkerPool(workers, node._private, options.serve)
-            node.agent = NodeAgent(node.store, node.pool)
-            node._dataplane = PoolDataPlane(node.pool, node.agent)
+            node.agent = NodeAgent(node.store, node.pool, router=node.router)
+            node._dataplane = PoolDataPlane(node.pool, node.agent, node.router)
             node.app = build_router_app(node._dataplane)
         else:
             # One CPU server: serve in this process, no hop between the socket and the model.
@@ -99,20 +108,24 @@ class NodeServices:
                 max_inflight_per_model=options.serve.model_queue,
                 max_concurrency_per_model=options.serve.model_concurrency,
             )
-            node.agent = NodeAgent(node.store, LocalHost(node._repository))
+            node.agent = NodeAgent(node.store, LocalHost(node._repository), router=node.router)
             node._dataplane = DataPlane(
                 node._repository,
                 catalog=node.agent,
                 max_output_bytes=options.serve.max_output_bytes,
+                router=node.router,
             )
             node.app = build_app(node._dataplane)
         node.app.router.add_get(STATUS_PATH, node._status)
         return node
 
-    async def _status(self, _: web.Request) -> web.Response:
-        status = self.agent.status()
+    async def _status(self, request: web.Request) -> web.Response:
+        """The node's status, of the models the caller may use (cluster mode: a pod sees
+        its namespace's and the cluster's open ones)."""
+        visible = {route.key for route in self.router.table.visible(caller_of(request))}
+        status = self.agent.status(shown=visible.__contains__)
         if self.csi is not None:  # pods holding each model mounted
-            mounts = self.csi.volumes.mounts()
+            mounts = self.csi.volumes.mounts(self._csi_key)
             for model in status["models"]:
                 model["mounts"] = mounts.get(model["name"], 0)
         return web.json_response(status)
@@ -194,8 +207,8 @@ class NodeServices:
             node_name=self.node_name,
             socket_dir=self.options.socket_dir,
             state_dir=self.options.cache_dir / "csi",
-            access=self.csi_access,
         )
+        self._csi_key = backend.model_key
         try:
             server = CsiServer(backend, endpoint)
         except ValueError as exc:
@@ -252,6 +265,7 @@ class NodeServices:
         if self.csi is not None:
             await self.csi.stop()
         await self.agent.close()
+        await self._dataplane.mirror.stop()
         if self.pool is not None:
             await self.pool.stop()
         if self._private is not None:

@@ -28,6 +28,8 @@ from nodecache.agent.argtypes import (
     quantity,
     seconds,
 )
+from nodecache.cache.errors import InvalidSourceError
+from nodecache.cache.ociref import Mirror, parse_mirror
 from nodecache.cache.perms import DEFAULT_FILE_MODE
 from nodecache.serve.settings import ServeSettings
 from nodecache.serve.transport import TransportLimits
@@ -39,8 +41,10 @@ __all__ = [
     "NodeOptions",
     "Option",
     "ProxySettings",
+    "ReconcilerOptions",
     "ReconcilerSettings",
     "StatusSettings",
+    "VerifySettings",
     "add_option",
     "add_options",
     "flags",
@@ -84,6 +88,14 @@ def nested(cls: type, flags: Mapping[str, Option] | None = None) -> Any:
 
 def _zero_is_off(value: int) -> int | None:
     return value or None
+
+
+def _registry_mirror(text: str) -> Mirror:
+    """``HOST=MIRROR``; a bad one is a usage error that says why."""
+    try:
+        return parse_mirror(text)
+    except InvalidSourceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 SECONDS = {"metavar": "SECONDS", "type": seconds}
@@ -211,6 +223,24 @@ class NodeOptions:
     )  # fmt: skip
     serve: ServeSettings = nested(ServeSettings, SERVE_FLAGS)
     """What every model server runs with, in-process or in each worker."""
+    verify_on_start: str = option(
+        "quick",
+        "at start, check the cached models: quick compares each file's size with its "
+        "manifest; full also re-hashes every byte against the local digest recorded when it "
+        "was verified, and removes (then fetches again) any model whose bytes changed, "
+        "before serving it (default: %(default)s)",
+        choices=("quick", "full"),
+    )
+    registry_mirror: tuple[Mirror, ...] = option(
+        (),
+        "for oci:// models from registry HOST, try MIRROR first (a pull-through cache, "
+        "Spegel, Dragonfly: host[:port], https unless on loopback or written http://), e.g. "
+        "docker.io=127.0.0.1:30020; repeatable, mirrors tried in order, then HOST. Content "
+        "is fetched by digest and verified, so a mirror cannot change a model; a tag is "
+        "resolved at HOST, at a mirror only when HOST cannot be reached. HOST's credentials "
+        "never go to a mirror: give it its own docker config entry",
+        metavar="HOST=MIRROR", type=_registry_mirror, action="append", to_setting=tuple,
+    )  # fmt: skip
     csi_endpoint: str | None = option(
         None,
         "serve the CSI node service (driver csi.nodecache.io: pods mount a model folder "
@@ -244,8 +274,9 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
-class ReconcilerSettings:
-    """``nodecache reconciler``: what its command line sets of the reconciler's options."""
+class ReconcilerOptions:
+    """What the reconciler (:mod:`nodecache.agent.kube.reconciler`) runs with, stated here
+    and nowhere else: ``--help`` reads these defaults without loading the kubernetes client."""
 
     kubeconfig: Path | None = option(
         None, "default: in-cluster, else $KUBECONFIG, else ~/.kube/config",
@@ -267,6 +298,30 @@ class ReconcilerSettings:
         metavar="PORT", type=port, to_setting=_zero_is_off,
     )  # fmt: skip
     metrics_host: str = option("0.0.0.0", "(default: %(default)s)", metavar="HOST")
+    limits: TransportLimits = nested(TransportLimits, LIMIT_FLAGS)
+    """Of the metrics port: it listens on every address by default."""
+    resync_interval: float = 30.0
+    """A pass runs at least this often, with or without changes."""
+    agent_timeout: float = 120.0
+    """An agent silent (no LocalModelNode heartbeat) this long: its copies count as Unknown."""
+    min_pass_interval: float = 1.0
+    """Passes start at most this often: at 5,000 nodes the agents' status writes alone
+    would otherwise keep one pass running after another."""
+    watch_timeout: float = 300.0
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    write_concurrency: int = 16
+    """API writes in flight at once during a pass (placing 5,000 nodes at the first pass)."""
+    event_namespace: str = "default"
+    """Where events about cluster-scoped caches go (kubectl describe finds them there)."""
+
+
+@dataclass(frozen=True)
+class ReconcilerSettings:
+    """``nodecache reconciler``: the reconciler's options (those with a flag) and its logs."""
+
+    reconciler: ReconcilerOptions = nested(ReconcilerOptions)
     log_format: str = field(default="text", metadata={OPTION: LOG_FORMAT})
     log_level: str = field(default="info", metadata={OPTION: LOG_LEVEL})
 
@@ -280,6 +335,17 @@ class StatusSettings:
         metavar="DIR", type=Path, env="NODECACHE_SOCKET_DIR",
     )  # fmt: skip
     json: bool = option(False, "print the raw status as JSON", action="store_true")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """``nodecache verify``: which cache folder to re-check (the models are arguments)."""
+
+    cache_dir: Path = option(
+        STANDALONE_HOME / "cache",
+        "the cache folder, the same as the agent's --cache-dir (default: %(default)s)",
+        metavar="DIR", type=Path,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -333,6 +399,7 @@ COMMANDS: dict[str, type] = {
     "reconciler": ReconcilerSettings,
     "status": StatusSettings,
     "proxy": ProxySettings,
+    "verify": VerifySettings,
 }
 """The commands whose settings live here (``prefetch`` is built in agent/prefetch.py)."""
 
@@ -396,6 +463,8 @@ def _add(parser: argparse.ArgumentParser, name: str, default: Any, how: Option) 
                            ("choices", how.choices), ("action", how.action))
         if value is not None
     }  # fmt: skip
+    if how.action == "append":  # argparse appends to the default it is given
+        default = list(default)
     parser.add_argument(_flag(name), default=default, help=how.help, **extra)
 
 

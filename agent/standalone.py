@@ -6,7 +6,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from nodecache.agent.files import DeclarationFolder
+from nodecache.agent.declarations import ModelDeclaration, refuse_duplicate_versions
+from nodecache.agent.files import DeclarationFolder, FolderSnapshot
 from nodecache.agent.node import NodeAgent
 from nodecache.agent.services import SOCKET_NAME, STATUS_PATH, NodeOptions, NodeServices
 from nodecache.serve.loop import on_stop_signal
@@ -42,9 +43,8 @@ async def _follow(folder: DeclarationFolder, agent: NodeAgent) -> None:
     while True:
         try:
             async for snapshot in folder.watch():
-                await agent.apply(
-                    snapshot.declarations, origins=snapshot.origins, errors=snapshot.errors
-                )
+                declarations, errors = _one_per_version(snapshot)
+                await agent.apply(declarations, origins=snapshot.origins, errors=errors)
                 if first and not snapshot.errors:
                     # Only when every file parsed: a typo must not cost a re-download.
                     await agent.collect_garbage()
@@ -52,3 +52,15 @@ async def _follow(folder: DeclarationFolder, agent: NodeAgent) -> None:
         except Exception:
             log.exception("following the declarations failed; starting again in 1 s")
             await asyncio.sleep(1.0)
+
+
+def _one_per_version(
+    snapshot: FolderSnapshot,
+) -> tuple[dict[str, ModelDeclaration], dict[str, str]]:
+    """The snapshot's declarations less those repeating a served name and version, each
+    refusal reported against its file like any other invalid declaration."""
+    declarations, refused = refuse_duplicate_versions(snapshot.declarations)
+    errors = dict(snapshot.errors)
+    for key, reason in refused.items():
+        errors[snapshot.origins[key]] = f"model '{key}': {reason}"
+    return declarations, errors

@@ -159,6 +159,8 @@ class _Run(Generic[T]):
         self.waiting: list[asyncio.Future[Any]] = []
         self.source: Source | None = None
         self.transfer: Transfer | None = None
+        self.room = 0
+        """The room the store reserved for this download (set by :meth:`_reserve`)."""
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         return self.loop.run_in_executor(self.pool, fn, *args)
@@ -171,6 +173,7 @@ class _Run(Generic[T]):
                 chunk_size=opts.chunk_size,
                 timeout=opts.timeout,
                 credentials=spec.credentials,
+                registry_mirrors=opts.registry_mirrors,
             )
         )
         files: list[RemoteFile] = await self.run(
@@ -196,7 +199,23 @@ class _Run(Generic[T]):
         await self._transfer(transfer)
         fetched = await self.run(transfer.finish)
         await self.run(transfer.close)
+        # Among the futures abort() waits for: no unpacking thread outlives the download.
+        unpacking = self.pool.submit(self._unpack, source, fetched)
+        self.futures.append(unpacking)
+        fetched = await asyncio.wrap_future(unpacking)
         return await self.run(self.hooks.publish, fetched, source.resolved)
+
+    def _unpack(self, source: Source, fetched: list[FetchedFile]) -> list[FetchedFile]:
+        """The model's files: the verified fetched ones, or what the source made of them
+        (an image's layers unpacked) within the download's allowance."""
+        spec = self.spec
+        budget = write_budget(spec.uri, 0, self.room, spec.max_bytes, self.hooks.limit_bytes)
+        made = source.unpack(
+            spec.folder, file_mode=spec.file_mode, budget=budget, abort=self.abort_event
+        )
+        if made is None:
+            return fetched
+        return [FetchedFile(f.path, f.size, f.sha256, local=f.local) for f in made]
 
     async def _reserve(self, files: list[RemoteFile]) -> WriteBudget | None:
         """Check the listing against the declared size and reserve its room in the store;
@@ -216,7 +235,7 @@ class _Run(Generic[T]):
         # Files of unknown size get the declared size reserved, and may grow into what
         # the store has room for, up to the allowance.
         needed = known if total is not None else max(known, max_bytes or 0)
-        room = await self.run(self.hooks.reserve, needed)
+        room = self.room = await self.run(self.hooks.reserve, needed)
         if total is not None:
             return None
         return write_budget(uri, known, room, max_bytes, self.hooks.limit_bytes)

@@ -17,6 +17,12 @@ Where the source publishes a CRC (S3 CRC64NVME/CRC32C/CRC32, GCS crc32c) the fil
 by it instead, and no sha256 or MD5 is computed: each part folds its own CRC as its bytes
 arrive (no read-back at all), and the parts' CRCs are joined in file order
 (:mod:`nodecache.cache.checksums`); the manifest records that CRC as the file's checksum.
+Which checks apply is :class:`~nodecache.cache.filechecks.FileChecks`' decision.
+
+Whatever the check, each part also folds its own xxh3-128 as its bytes arrive (a part kept
+from an earlier run is read back once, into the check and its digest together): the file's
+local digest (:mod:`nodecache.cache.localdigest`), recorded in the manifest so ``nodecache
+verify`` re-checks the disk at memory bandwidth.
 
 Parts that completed are recorded in a :class:`~nodecache.cache.journal.Journal` next to the
 partial files, after their bytes were flushed to disk; after a kill the next fetch re-lists
@@ -33,22 +39,20 @@ The options live in :mod:`nodecache.cache.options` and the retry loop in
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from nodecache.cache.budget import WriteBudget
-from nodecache.cache.checksums import CRCS, Crc
-from nodecache.cache.errors import CacheError, InsufficientSpaceError, IntegrityError
+from nodecache.cache.diskio import MAP_WINDOW, map_range, preallocate, pwrite_all, start_writeback
+from nodecache.cache.errors import CacheError, IntegrityError
+from nodecache.cache.filechecks import FileChecks
 from nodecache.cache.journal import Journal
 from nodecache.cache.layout import JOURNAL_NAME
+from nodecache.cache.localdigest import LocalDigest, new_hash
 from nodecache.cache.options import FetchOptions, MiB
 from nodecache.cache.perms import DEFAULT_FILE_MODE, create_file, folder_mode, make_folder
 from nodecache.cache.retry import Aborted, backoff_delay, retrying
@@ -68,32 +72,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_HASH_WINDOW = 16 * MiB
-"""Bytes mapped at a time when hashing parts back from the page cache."""
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-
-
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
 _WRITEBACK_STEP = 8 * MiB
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset+length)`` to disk now, without
-    waiting. Parts written back while later ones download leave little for the fsync
-    before publish to wait for (1 GiB of dirty pages is ~1 s of NVMe time at the end)."""
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -106,18 +85,8 @@ class FetchedFile:
     """None when the file was verified by the source's CRC instead (:attr:`checksum`)."""
     checksum: str | None = None
     """``<algorithm>:<hex>`` of the source's CRC the file was verified by, if any."""
-
-
-@dataclass
-class _CrcFold:
-    """A file verified by the source's CRC: one CRC per part, joined in file order."""
-
-    crc: Crc
-    published: int
-    parts: dict[int, int] = field(default_factory=dict)
-    """CRC of each part received in this run, by part index."""
-    total: int = 0
-    """CRC of the file's prefix joined so far."""
+    local: LocalDigest | None = None
+    """Its fast local digest (one xxh3-128 per part), for ``nodecache verify``."""
 
 
 @dataclass
@@ -147,12 +116,7 @@ class _FileJob:
     """Bytes fed to the hashes so far: always a contiguous prefix of the file."""
     hashing: bool = False
     """Whether a thread is feeding the hashes (one at a time, in file order)."""
-    sha256: Any = field(default_factory=hashlib.sha256)
-    """None when the file is verified by the source's CRC (:attr:`crc`)."""
-    crc: _CrcFold | None = None
-    md5: Any = None
-    git_sha1: Any = None
-    """Git blob sha1 (header already fed), where the source publishes one."""
+    checks: FileChecks = field(default_factory=FileChecks)
     lock: threading.Lock = field(default_factory=threading.Lock)
     unflushed: list[int] = field(default_factory=list)
     finishing: bool = False
@@ -207,16 +171,10 @@ class Transfer:
             parts = []
         else:
             parts = [_Part(i, s, min(s + step, size)) for i, s in enumerate(range(0, size, step))]
-        job = _FileJob(remote, self.folder / remote.path, parts, [False] * len(parts))
-        if remote.crc and remote.crc[0] in CRCS and size is not None:
-            job.crc = _CrcFold(CRCS[remote.crc[0]], remote.crc[1])
-            job.sha256 = None  # the CRC is the check: no sha256, MD5 or sha1 of every byte
-            return job
-        if self.options.verify_md5 and remote.md5:
-            job.md5 = hashlib.md5(usedforsecurity=False)
-        if remote.git_sha1 and size is not None:
-            job.git_sha1 = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
-        return job
+        checks = FileChecks.plan(remote, verify_md5=self.options.verify_md5)
+        return _FileJob(
+            remote, self.folder / remote.path, parts, [False] * len(parts), checks=checks
+        )
 
     # -- preparing ------------------------------------------------------------------------
 
@@ -259,7 +217,7 @@ class Transfer:
                 flags = os.O_RDWR | (0 if job.kept else os.O_TRUNC)
                 fd = create_file(job.dest, flags, self.file_mode)
                 if remote.size:
-                    _preallocate(fd, remote.size)
+                    preallocate(fd, remote.size)
             except OSError as exc:
                 if fd >= 0:
                     os.close(fd)
@@ -302,8 +260,10 @@ class Transfer:
             raise Aborted
         self._open(job)
         remote = job.remote
-        state = {"pos": part.start, "written_back": part.start, "crc": 0}
-        crc = job.crc.crc.update if job.crc is not None and part.end is not None else None
+        state = {"pos": part.start, "written_back": part.start}
+        local = [new_hash()]  # the part's own xxh3-128, folded as its bytes arrive
+        fold = job.checks.crc
+        crc = fold.for_part(part.start, part.end) if fold and part.end is not None else None
         writeback = self.options.fsync
         # Bytes of a bounded part arrive once each, in order: the part at the hash frontier
         # feeds them to the hashes straight from the receive buffer (no read-back). A part
@@ -323,9 +283,10 @@ class Transfer:
             if budget is not None and reach > job.extent:
                 budget.take(reach - job.extent)  # raises before a byte past the allowance
                 job.extent = reach
-            _pwrite_all(job.fd, data, offset)
+            pwrite_all(job.fd, data, offset)
+            local[0].update(data)
             if crc is not None:  # the part's bytes arrive once each, in order
-                state["crc"] = crc(data, state["crc"])
+                crc.update(data)
             elif stream and job.hash_pos == offset:
                 self._hash_arriving(job, offset, data)
             state["pos"] = pos = offset + len(data)
@@ -339,6 +300,7 @@ class Transfer:
                 # No ranges: start over, and un-count what we had.
                 self.on_bytes(part.start - state["pos"])
                 state["pos"] = part.start
+                local[0] = new_hash()
             return self.source.read_range(remote, state["pos"], part.end, sink)
 
         try:
@@ -359,12 +321,13 @@ class Transfer:
                     f"{remote.path!r} of {redact_uri(self.source.uri)}: received {end} bytes, "
                     f"the source says {remote.size}"
                 )
-        self._complete(job, part, state["crc"] if crc is not None else None)
+        self._complete(job, part, local[0].hexdigest(), crc.values if crc else None)
 
-    def _complete(self, job: _FileJob, part: _Part, crc: int | None = None) -> None:
+    def _complete(self, job: _FileJob, part: _Part, local: str, crc: list[int] | None) -> None:
         with job.lock:
-            if crc is not None and job.crc is not None:
-                job.crc.parts[part.index] = crc
+            if crc is not None and job.checks.crc is not None:
+                job.checks.crc.parts[part.index] = crc
+            job.checks.local[part.index] = local
             job.done[part.index] = True
             job.unflushed.append(part.index)
         self.hash_ready(job)
@@ -376,11 +339,7 @@ class Transfer:
                 return
             job.hashing = True
         try:
-            job.sha256.update(data)
-            if job.md5 is not None:
-                job.md5.update(data)
-            if job.git_sha1 is not None:
-                job.git_sha1.update(data)
+            job.checks.feed(data)
             job.hash_pos = offset + len(data)
         finally:
             with job.lock:
@@ -404,11 +363,7 @@ class Transfer:
                         job.finishing = job.finishing or finish
                         break
                     part = job.parts[job.next_hash]
-                end = part.end if part.end is not None else job.written
-                if job.crc is not None:
-                    self._join_crc(job, part)
-                elif job.hash_pos < end:  # the part's head may have been hashed as it arrived
-                    self._hash_range(job, job.hash_pos, end)
+                self._hash_next(job, part)
                 with job.lock:
                     job.next_hash += 1
         except BaseException:
@@ -418,49 +373,49 @@ class Transfer:
         if finish:  # the whole file is hashed: check and flush it now, in parallel with others
             job.result = self._finish_file(job)
 
+    def _hash_next(self, job: _FileJob, part: _Part) -> None:
+        """Extend the file's check with the part at the frontier. A part kept from an
+        earlier run is read back once, into the check and its local digest together."""
+        end = part.end if part.end is not None else job.written
+        checks = job.checks
+        local = None if part.index in checks.local else new_hash()
+
+        def also_local(feed: Callable[[memoryview], None]) -> Callable[[memoryview], None]:
+            if local is None:
+                return feed
+
+            def both(chunk: memoryview) -> None:
+                feed(chunk)
+                local.update(chunk)
+
+            return both
+
+        if checks.crc is not None:
+            checks.crc.join(
+                part.index,
+                part.start,
+                end,
+                lambda feed: self._hash_range(job, part.start, end, also_local(feed)),
+            )
+        elif job.hash_pos < end:  # the part's head may have been hashed as it arrived
+            self._hash_range(job, job.hash_pos, end, also_local(checks.feed))
+        job.hash_pos = end
+        if local is not None:
+            checks.local[part.index] = local.hexdigest()
+
     def _finish_file(self, job: _FileJob) -> FetchedFile:
         remote = job.remote
         size = remote.size if remote.size is not None else job.written
         if os.fstat(job.fd).st_size != size:
             os.ftruncate(job.fd, size)
-        if job.crc is not None:
-            return self._finish_crc(job, size)
-        sha256 = job.sha256.hexdigest()
-        checks = [
-            ("MD5", job.md5 and job.md5.hexdigest(), remote.md5),
-            ("sha256", sha256, remote.sha256),
-            ("git blob sha1", job.git_sha1 and job.git_sha1.hexdigest(), remote.git_sha1),
-        ]
-        for name, got, published in checks:
-            if got and published and got != published.lower():
-                raise self._mismatch(remote, name, got, published)
-        return self._verified(job, FetchedFile(remote.path, size, sha256))
-
-    def _join_crc(self, job: _FileJob, part: _Part) -> None:
-        """Join the CRC of the next part in file order; a part resumed from an earlier run
-        (its CRC unknown) is read back from disk once."""
-        fold = job.crc
-        assert fold is not None and part.end is not None
-        value = fold.parts.pop(part.index, None)
-        if value is None:
-            state = [0]
-
-            def feed(chunk: memoryview) -> None:
-                state[0] = fold.crc.update(chunk, state[0])
-
-            self._hash_range(job, part.start, part.end, feed)
-            value = state[0]
-        fold.total = fold.crc.combine(fold.total, value, part.end - part.start)
-        job.hash_pos = part.end
-
-    def _finish_crc(self, job: _FileJob, size: int) -> FetchedFile:
-        remote, fold = job.remote, job.crc
-        assert fold is not None
-        got, want = fold.crc.hex(fold.total), fold.crc.hex(fold.published)
-        if got != want:
-            raise self._mismatch(remote, fold.crc.name, got, want)
-        checksum = f"{fold.crc.name}:{got}"
-        return self._verified(job, FetchedFile(remote.path, size, None, checksum=checksum))
+        failed = job.checks.failure(remote)
+        if failed is not None:
+            raise self._mismatch(remote, *failed)
+        sha256, checksum = job.checks.recorded()
+        if self.options.fsync:
+            os.fsync(job.fd)
+        local = job.checks.local_digest(len(job.parts), self.options.part_size)
+        return FetchedFile(remote.path, size, sha256, checksum, local)
 
     def _mismatch(self, remote: RemoteFile, check: str, got: str, want: str) -> IntegrityError:
         """The file failed ``check``: its parts are forgotten, so the next fetch starts it
@@ -472,52 +427,22 @@ class Transfer:
             f"{got} differs from the source's {want}"
         )
 
-    def _verified(self, job: _FileJob, fetched: FetchedFile) -> FetchedFile:
-        if self.options.fsync:
-            os.fsync(job.fd)
-        return fetched
-
     def _hash_range(
         self,
         job: _FileJob,
         start: int,
         end: int,
-        feed: Callable[[memoryview], None] | None = None,
+        feed: Callable[[memoryview], None],
     ) -> None:
-        """Feed bytes ``[start, end)`` already on disk to the hashes (or to ``feed``),
-        mapped (not copied) from the page cache a window at a time."""
+        """Feed bytes ``[start, end)`` already on disk to ``feed``, mapped (not copied)
+        from the page cache a window at a time."""
         if end <= start:
             return
         if os.fstat(job.fd).st_size < end:  # a mapping past the end would fault (SIGBUS)
             raise IntegrityError(f"{job.remote.path!r}: file shorter than written")
-        window = max(self.options.chunk_size, _HASH_WINDOW)
-        pos = start
-        while pos < end:
-            if self.abort.is_set():
-                raise Aborted
-            base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            stop = min(end, base + window)
-            with mmap.mmap(
-                job.fd, stop - base, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=base
-            ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    chunk = view[pos - base : stop - base]
-                    if feed is not None:
-                        feed(chunk)
-                    else:
-                        job.sha256.update(chunk)
-                        if job.md5 is not None:
-                            job.md5.update(chunk)
-                        if job.git_sha1 is not None:
-                            job.git_sha1.update(chunk)
-                    chunk.release()
-                finally:
-                    view.release()
-            job.read_back += stop - pos
-            pos = stop
-            if feed is None:
-                job.hash_pos = pos
+        window = max(self.options.chunk_size, MAP_WINDOW)
+        map_range(job.fd, start, end, feed, window=window, abort=self.abort)
+        job.read_back += end - start
 
     def _flush_loop(self) -> None:
         """Background: every ``journal_interval``, flush completed parts and record them."""
@@ -558,22 +483,3 @@ class Transfer:
                 job.result = self._finish_file(job)
             out.append(job.result)
         return out
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-
-
-def _preallocate(fd: int, size: int) -> None:
-    """Reserve ``size`` bytes so a full disk fails now, not half way through."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-            raise InsufficientSpaceError(
-                f"not enough disk space for a {size}-byte file", needed=size
-            ) from None
-        os.ftruncate(fd, max(size, os.fstat(fd).st_size))  # no fallocate on this filesystem

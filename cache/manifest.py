@@ -24,6 +24,7 @@ from nodecache.cache.layout import (
     check_relative_path,
     model_key,
 )
+from nodecache.cache.localdigest import LocalDigest
 from nodecache.cache.perms import create_file
 from nodecache.cache.sources import translate_error
 from nodecache.cache.uri import validate_source_uri
@@ -44,6 +45,9 @@ class StoredFile:
     """None when the file was verified by the source's CRC (:attr:`checksum`) instead."""
     checksum: str | None = None
     """``<algorithm>:<hex>`` of the source's CRC the file was verified by, if any."""
+    local: LocalDigest | None = None
+    """Its fast local digest, recorded at verification (None in manifests written before
+    local digests existed): what ``nodecache verify`` re-checks the disk against."""
 
 
 @dataclass(frozen=True)
@@ -123,17 +127,20 @@ def publish(
         raise
     except OSError as exc:
         raise translate_error(exc, uri) from None
-    files = tuple(StoredFile(f.path, f.size, f.sha256, f.checksum) for f in fetched)
+    files = tuple(StoredFile(f.path, f.size, f.sha256, f.checksum, f.local) for f in fetched)
     return StoredModel(key=key, source_uri=uri, path=final, files=files, resolved=resolved)
 
 
 def _file_entry(f: FetchedFile) -> dict[str, object]:
-    """A file's manifest entry: its sha256, or the source's CRC it was verified by."""
+    """A file's manifest entry: its sha256, or the source's CRC it was verified by, and
+    its local digest (a field older versions ignore: they still load the manifest)."""
     entry: dict[str, object] = {"path": f.path, "size": f.size}
     if f.sha256 is not None:
         entry["sha256"] = f.sha256
     if f.checksum is not None:
         entry["checksum"] = f.checksum
+    if f.local is not None:
+        entry["local"] = f.local.to_json()
     return entry
 
 
@@ -161,6 +168,7 @@ def load_model(folder: Path) -> StoredModel | None:
                     size,
                     digest if isinstance(digest, str) else None,
                     checksum if isinstance(checksum, str) else None,
+                    LocalDigest.from_json(item.get("local"), size),
                 )
             )
     except (OSError, ValueError, KeyError, TypeError):

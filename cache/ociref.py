@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from nodecache.cache.errors import InvalidSourceError
 
-__all__ = ["DOCKER_HUB", "OciRef", "is_loopback", "parse_oci_uri"]
+__all__ = ["DOCKER_HUB", "Mirror", "OciRef", "is_loopback", "parse_mirror", "parse_oci_uri"]
 
 DOCKER_HUB = "registry-1.docker.io"
 """Where Docker Hub's API lives (``docker.io`` is only its name)."""
@@ -69,6 +69,50 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """``--registry-mirror HOST=MIRROR``: a registry (pull-through cache, Spegel,
+    Dragonfly) to try before ``registry`` for content addressed by digest."""
+
+    registry: str
+    """``host[:port]`` of the registry mirrored (Docker Hub's is :data:`DOCKER_HUB`)."""
+    url: str
+    """``scheme://host[:port]`` of the mirror: https unless it is on loopback or written
+    with ``http://``."""
+
+    @property
+    def host(self) -> str:
+        """``host[:port]`` of the mirror, as a docker config names it."""
+        return self.url.partition("://")[2]
+
+
+def parse_mirror(text: str) -> Mirror:
+    """``HOST=MIRROR`` (``docker.io=127.0.0.1:5001``, ``ghcr.io=https://cache.local``), or
+    :class:`InvalidSourceError` saying why not."""
+    host, eq, mirror = text.strip().partition("=")
+    example = "e.g. docker.io=mirror.local:5000"
+    if not eq or not host or not mirror:
+        raise InvalidSourceError(f"{text!r} is not HOST=MIRROR, {example}")
+    registry = host.lower()
+    registry = DOCKER_HUB if registry in _HUB_NAMES else registry
+    scheme, sep, rest = mirror.partition("://")
+    if not sep:
+        scheme, rest = "", mirror
+    name = rest.rstrip("/").lower()
+    for what, value in (("registry", registry), ("mirror", name)):
+        port = value.rpartition(":")[2] if ":" in value else "1"
+        if not _HOST.fullmatch(value) or not 0 < int(port) < 65536:
+            raise InvalidSourceError(
+                f"invalid {what} {value!r} in {text!r}: a host[:port] (no path), {example}"
+            )
+    if scheme not in ("", "http", "https"):
+        raise InvalidSourceError(f"mirror {mirror!r} in {text!r}: only http:// or https://")
+    if not scheme:
+        bare = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+        scheme = "http" if is_loopback(bare) else "https"
+    return Mirror(registry, f"{scheme}://{name}")
 
 
 def parse_oci_uri(uri: str) -> OciRef:

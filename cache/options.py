@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nodecache.cache.ociref import Mirror
+
 __all__ = ["FetchOptions", "MiB"]
 
 MiB = 1 << 20
@@ -38,6 +40,8 @@ class FetchOptions:
     """Seconds between journal writes; a kill loses at most this much progress."""
     verify_md5: bool = True
     """Check the MD5 the source publishes (costs ~1.4 CPU-seconds per GiB)."""
+    registry_mirrors: tuple[Mirror, ...] = ()
+    """``oci://`` registries' mirrors (``--registry-mirror``), tried first in this order."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

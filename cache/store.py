@@ -64,6 +64,7 @@ from nodecache.cache.room import PARTIAL_SUFFIX, make_room, partial_bytes, room_
 from nodecache.cache.sources import mask_secrets, translate_error
 from nodecache.cache.stats import StoreStats
 from nodecache.cache.uri import redact_uri, validate_source_uri
+from nodecache.cache.verify import Verdict, drop_corrupt
 
 __all__ = [
     "MODEL_SIZE_TOLERANCE",
@@ -221,6 +222,17 @@ class ModelStore:
         self._index = index
         self._index_loaded = True
         return sorted(index.values(), key=lambda m: m.key)
+
+    def drop_corrupt(self, threads: int | None = None) -> list[Verdict]:
+        """Re-hash every published model against its local digest (blocking) and remove
+        each one whose bytes changed on disk, so it is fetched again, never served."""
+        self._ensure_index()
+
+        def drop(model: StoredModel) -> None:
+            self._index.pop(model.key, None)
+            self._discard(model.path)
+
+        return drop_corrupt(sorted(self._index.values(), key=lambda m: m.key), drop, threads)
 
     # ---- fetch --------------------------------------------------------------------------
 

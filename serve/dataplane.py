@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from random import random
 from time import perf_counter, perf_counter_ns
 from typing import Any, NoReturn, Protocol
 
@@ -31,6 +33,7 @@ from nodecache.serve.metrics import (
     child,
     request_stats,
 )
+from nodecache.serve.mirror import Mirror, Outputs
 from nodecache.serve.protocol import (
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -41,18 +44,19 @@ from nodecache.serve.protocol import (
     tensor_bytes,
 )
 from nodecache.serve.repository import ModelRepository, ServedModel
+from nodecache.serve.routing import Caller, Route, Router, nobody
 from nodecache.serve.runtime import Runtime, TensorSpec
 from nodecache.serve.spec import ModelState
 from nodecache.serve.tensors import DATATYPES, datatype_of, encoded_size
 from nodecache.serve.triton.config import has_batch_dimension, model_config
 from nodecache.serve.triton.shm import SharedMemory, place_outputs, resolve_inputs
-from nodecache.serve.triton.statistics import RequestTiming, Statistics
+from nodecache.serve.triton.statistics import RequestTiming, Statistics, statistics_routes
 
-__all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane"]
+__all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane", "check_version"]
 
 SERVER_NAME = "nodecache"
 SERVER_VERSION = "0.1.0"
-# Each declared model has one version on a node; clients may name it or not.
+# A model's version when its declaration names none; clients may name it or not.
 MODEL_VERSION = "1"
 # What a version may look like anywhere (REST path, gRPC field): refused with 400 otherwise.
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -73,16 +77,10 @@ class Catalog(Protocol):
     def not_ready_reason(self, name: str) -> str | None:
         """Why a declared model cannot answer yet, or None if it is not declared."""
 
-    def index(self) -> list[dict[str, Any]]:
-        """Repository-index entries for declared models that are not registered."""
-
 
 class _NoCatalog:
     def not_ready_reason(self, name: str) -> str | None:
         return None
-
-    def index(self) -> list[dict[str, Any]]:
-        return []
 
 
 class DataPlane:
@@ -93,10 +91,16 @@ class DataPlane:
         catalog: Catalog | None = None,
         executor: ThreadPoolExecutor | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        router: Router | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.repository = repository
         self.max_output_bytes = max_output_bytes
         self.catalog: Catalog = catalog or _NoCatalog()
+        # None: each registered model answers under its own name (a worker, whose requests
+        # the agent routed already; a repository without an agent).
+        self.router = router
+        self.mirror = mirror or Mirror()
         self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
         self._batchers: dict[str, Batcher] = {}
         self._specs: dict[str, _ModelSpec] = {}
@@ -105,24 +109,45 @@ class DataPlane:
 
     # -- lookups -------------------------------------------------------------
 
-    def _check(self, name: str, version: str | None) -> None:
+    def resolve(self, name: str, version: str | None, caller: Caller) -> tuple[str, Route | None]:
         """The one check of a model name and version, whatever the protocol: a version
-        must look like one (400) and be one the model has (404)."""
-        if version is not None and not VERSION_PATTERN.fullmatch(version):
-            raise InvalidInput(
-                f"model version {excerpt(version)} is not 1 to 64 of A-Z a-z 0-9 . _ -"
-            )
+        must look like one (400) and be one the model has (404); then the key of the model
+        that answers, and its route (chosen by weight when no version is named)."""
+        check_version(version)
+        if self.router is None:
+            self._check(name, version)
+            return name, None
+        table = self.router.table
+        route = table.choose(
+            name, version, caller, self._state_of, random(), self.catalog.not_ready_reason
+        )
+        return route.key, route
+
+    def admit(self, name: str, caller: Caller) -> None:
+        """403 for a name the caller may not use, before its request body is read (an
+        unknown name is counted as such by ``infer``)."""
+        if self.router is not None and self.router.table.knows(name):
+            self.router.table.versions(name, caller)
+
+    def _check(self, name: str, version: str | None) -> None:
         if name not in self.repository:
             reason = self.catalog.not_ready_reason(name)
             if reason is None:
                 raise ModelNotFound(name)
             raise ModelNotReady(f"model '{name}' is not ready: {reason}")
-        if version is not None and version != MODEL_VERSION:
+        model = self.repository.get(name)
+        if version is not None and model is not None and version != model.spec.version:
             raise ModelNotFound(name, version)
 
+    def _state_of(self, key: str) -> ModelState | None:
+        model = self.repository.get(key)
+        return None if model is None else model.state
+
     def _metric_label(self, name: str) -> str:
-        """The model label of a request's metrics: its name only for a model this node
-        holds or is bringing up, so callers cannot mint series with made-up names."""
+        """The model label of a request refused before a model was chosen: its name only
+        for a name this node declares, so callers cannot mint series with made-up names."""
+        if self.router is not None:
+            return name if self.router.table.knows(name) else UNKNOWN_MODEL
         if name in self.repository or self.catalog.not_ready_reason(name) is not None:
             return name
         return UNKNOWN_MODEL
@@ -144,23 +169,39 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
-    def model_ready(self, name: str, version: str | None = None) -> bool:
-        """Ready means: answers without waiting for a download (it may still need a load)."""
-        self._check(name, version)
-        model = self.repository.get(name)
+    def model_ready(self, name: str, version: str | None = None, caller: Caller = nobody) -> bool:
+        """Ready means: answers without waiting for a download (it may still need a load);
+        without a version, some version takes the name's unpinned requests."""
+        key, _ = self.resolve(name, version, caller)
+        model = self.repository.get(key)
         return model is not None and model.state != ModelState.ERROR
 
-    async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        self._check(name, version)
-        async with self.repository.use(name) as model:
+    async def model_metadata(
+        self, name: str, version: str | None = None, caller: Caller = nobody
+    ) -> dict[str, Any]:
+        """The named version's metadata, else the main version's (most traffic, warm first);
+        ``versions`` lists every version of the name the caller may use."""
+        key, versions = self._described(name, version, caller)
+        async with self.repository.use(key) as model:
             runtime = _runtime(model)
             return {
-                "name": name,
-                "versions": [MODEL_VERSION],
+                "name": model.spec.served,
+                "versions": versions,
                 "platform": runtime.platform,
                 "inputs": [s.to_json() for s in runtime.inputs],
                 "outputs": [s.to_json() for s in runtime.outputs],
             }
+
+    def _described(self, name: str, version: str | None, caller: Caller) -> tuple[str, list[str]]:
+        """The model metadata (and configuration) describe, and the name's versions."""
+        check_version(version)
+        if self.router is None:
+            self._check(name, version)
+            spec = self.repository.get(name)
+            return name, [spec.spec.version if spec else MODEL_VERSION]
+        table = self.router.table
+        key = table.main(name, version, caller, self._state_of).key
+        return key, [r.version for r in table.versions(name, caller)]
 
     # -- inference -----------------------------------------------------------
 
@@ -171,19 +212,48 @@ class DataPlane:
         version: str | None = None,
         *,
         protocol: str = "rest",
+        caller: Caller = nobody,
     ) -> InferResponse:
-        """Run one request; records its metrics under ``protocol`` whatever the outcome."""
+        """Run one request on the version routing chooses (a copy to each mirror chosen);
+        records its metrics under ``protocol`` whatever the outcome."""
+        try:
+            key, route = self.resolve(name, version, caller)
+        except ServeError as exc:
+            stats = request_stats(self._metric_label(name), "", protocol)
+            stats.inflight.inc()
+            stats.done(str(exc.status), 0.0)
+            raise
+        response = await self.infer_model(key, request, protocol)
+        if route is not None and version is None and self.router is not None:
+            table = self.router.table
+            if table.has_mirrors(name):
+                for mirror in table.mirrors(name, route, caller, random):
+                    self.mirror.offer(
+                        mirror,
+                        lambda key=mirror.key: self._mirrored(key, request),
+                        _outputs_of(response),
+                    )
+        return response
+
+    async def _mirrored(self, key: str, request: InferRequest) -> Outputs:
+        if key not in self.repository:
+            raise ModelNotFound(key)
+        return (await self.infer_model(key, request, "mirror")).outputs
+
+    async def infer_model(self, key: str, request: InferRequest, protocol: str) -> InferResponse:
+        """One request on the model ``key`` (registered: ``resolve`` said so)."""
         started = perf_counter()
-        stats = request_stats(self._metric_label(name), protocol)
+        served = self.repository.get(key)
+        version = served.spec.version if served is not None else ""
+        stats = request_stats(key, version, protocol)
         stats.inflight.inc()
         code = "500"
         timing: RequestTiming | None = None
         try:
-            self._check(name, version)
             timing = RequestTiming()
-            async with self.repository.use(name) as model:
+            async with self.repository.use(key) as model:
                 runtime = _runtime(model)
-                spec = self._spec(name, runtime)
+                spec = self._spec(key, runtime)
                 inputs = spec.check_inputs(request.inputs)
                 wanted = spec.check_outputs(request) if request.outputs is not None else None
                 names = list(wanted) if wanted else None
@@ -209,8 +279,8 @@ class DataPlane:
                         timing.ended = perf_counter_ns()
             await self._check_output_size(outputs)
             response = InferResponse(
-                name,
-                MODEL_VERSION,
+                model.spec.served,
+                model.spec.version,
                 outputs,
                 request.id,
                 wanted or dict.fromkeys(outputs, request.binary_outputs),
@@ -223,7 +293,7 @@ class DataPlane:
         finally:
             stats.done(code, perf_counter() - started)
             if timing is not None:
-                self.statistics.record(name, MODEL_VERSION, timing, ok=code == "200")
+                self.statistics.record(key, timing, ok=code == "200")
 
     def _spec(self, name: str, runtime: Runtime) -> _ModelSpec:
         """The model's prepared tensor spec, rebuilt only when a new load changed it."""
@@ -251,7 +321,7 @@ class DataPlane:
         model.typical_predict = took if typical is None else 0.9 * typical + 0.1 * took
         spec = self._specs[model.name]
         spec.inference_seconds.observe(took)
-        self.statistics.executed(model.name, MODEL_VERSION, spec.rows(inputs), round(took * 1e9))
+        self.statistics.executed(model.name, spec.rows(inputs), round(took * 1e9))
 
     def _batcher(self, model: ServedModel) -> Batcher:
         batcher = self._batchers.get(model.name)
@@ -269,18 +339,20 @@ class DataPlane:
 
     # -- Triton's extensions (serve/triton/) ------------------------------------
 
-    async def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """The model's configuration as Triton prints it (model configuration extension)."""
-        self._check(name, version)
-        async with self.repository.use(name) as model:
+    async def model_config(
+        self, name: str, version: str | None = None, caller: Caller = nobody
+    ) -> dict[str, Any]:
+        """The configuration of the version metadata describes, as Triton prints it."""
+        key, versions = self._described(name, version, caller)
+        async with self.repository.use(key) as model:
             runtime = _runtime(model)
             device = model.device
             return model_config(
-                name,
+                model.spec.served,
                 platform=runtime.platform,
                 inputs=runtime.inputs,
                 outputs=runtime.outputs,
-                versions=[MODEL_VERSION],
+                versions=versions,
                 batching=model.batching,
                 device_kind=device.kind if device else "cpu",
                 device_index=int(device.name.partition(":")[2] or 0) if device else 0,
@@ -288,18 +360,29 @@ class DataPlane:
             )
 
     async def model_statistics(
-        self, name: str | None = None, version: str | None = None
+        self, name: str | None = None, version: str | None = None, caller: Caller = nobody
     ) -> dict[str, Any]:
-        """Triton's statistics of one model (and version) or, without a name, of every
-        model registered here."""
-        if name is None:
-            served = [(m.name, MODEL_VERSION) for m in self.repository.models()]
-            return self.statistics.report(served)
-        self._check(name, version)
-        return self.statistics.report([(name, version or MODEL_VERSION)])
+        """Triton's statistics of a name's versions (or one of them) or, without a name, of
+        every version the caller may use; each under its served name and version."""
+        check_version(version)
+        if self.router is None:  # a worker, or a repository without an agent: by key
+            if name is not None:
+                self._check(name, version)
+            models = self.repository.models() if name is None else [self.repository.get(name)]
+            versions = [(m.name, m.spec.served, m.spec.version) for m in models if m]
+        else:
+            routes = statistics_routes(self.router.table, name, version, caller)
+            versions = [(r.key, r.name, r.version) for r in routes if r.key in self.repository]
+        return self.statistics.report(versions)
 
     async def infer_shared(
-        self, name: str, request: InferRequest, version: str | None = None, *, protocol: str
+        self,
+        name: str,
+        request: InferRequest,
+        version: str | None = None,
+        *,
+        protocol: str,
+        caller: Caller = nobody,
     ) -> InferResponse:
         """``infer`` for a request with tensors in the caller's shared memory
         (``request.regions``): inputs are read there, outputs written there."""
@@ -307,32 +390,62 @@ class DataPlane:
         assert regions is not None, "the transport names the caller's regions"
         size = sum(r.byte_size for r in request.shared.values())
         await sized_work(size, resolve_inputs, request, regions, DEFAULT_MAX_ELEMENTS)
-        result = await self.infer(name, request, version, protocol=protocol)
+        result = await self.infer(name, request, version, protocol=protocol, caller=caller)
         await sized_work(tensor_bytes(result.outputs), place_outputs, request, result, regions)
         return result
 
     # -- model repository extension -----------------------------------------
 
-    def repository_index(self) -> list[dict[str, Any]]:
-        entries = [
-            {
-                "name": m.name,
-                "version": MODEL_VERSION,
-                "state": _oip_state(m),
-                "reason": m.error or "",
-            }
-            for m in self.repository.models()
-        ]
-        entries.extend(self.catalog.index())
-        return sorted(entries, key=lambda e: e["name"])
+    def repository_index(self, caller: Caller = nobody) -> list[dict[str, Any]]:
+        """Every version the caller may use, by served name."""
+        if self.router is None:
+            entries = [
+                {"name": m.name, "version": m.spec.version, "state": _oip_state(m),
+                 "reason": m.error or ""}
+                for m in self.repository.models()
+            ]  # fmt: skip
+            return sorted(entries, key=lambda e: e["name"])
+        index = []
+        for route in self.router.table.visible(caller):
+            model = self.repository.get(route.key)
+            if model is None:
+                state, reason = "UNAVAILABLE", self.catalog.not_ready_reason(route.key) or ""
+            else:
+                state, reason = _oip_state(model), model.error or ""
+            index.append({"name": route.name, "version": route.version, "state": state,
+                          "reason": reason})  # fmt: skip
+        return index
 
-    async def load(self, name: str) -> None:
-        self._check(name, None)
-        await self.repository.load(name)
+    def _keys(self, name: str, caller: Caller) -> list[str]:
+        """The registered models of every version of ``name`` (repository load/unload)."""
+        if self.router is None:
+            self._check(name, None)
+            return [name]
+        keys = [r.key for r in self.router.table.versions(name, caller) if r.key in self.repository]
+        if not keys:
+            raise ModelNotReady(f"no version of model '{name}' is ready yet")
+        return keys
 
-    async def unload(self, name: str) -> None:
-        self._check(name, None)
-        await self.repository.unload(name)
+    async def load(self, name: str, caller: Caller = nobody) -> None:
+        for key in self._keys(name, caller):
+            await self.repository.load(key)
+
+    async def unload(self, name: str, caller: Caller = nobody) -> None:
+        for key in self._keys(name, caller):
+            await self.repository.unload(key)
+
+
+def check_version(version: str | None) -> None:
+    """A version must look like one, whatever the protocol (400)."""
+    if version is not None and not VERSION_PATTERN.fullmatch(version):
+        raise InvalidInput(f"model version {excerpt(version)} is not 1 to 64 of A-Z a-z 0-9 . _ -")
+
+
+def _outputs_of(response: InferResponse) -> Callable[[], Awaitable[Outputs]]:
+    async def outputs() -> Outputs:
+        return response.outputs
+
+    return outputs
 
 
 def _encoded_total(outputs: dict[str, np.ndarray]) -> int:

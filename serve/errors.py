@@ -16,6 +16,7 @@ __all__ = [
     "CONTROL_ANSWERS",
     "RELAYED_ANSWERS",
     "CallerUnknown",
+    "Forbidden",
     "InvalidInput",
     "MethodNotAllowed",
     "ModelLoadError",
@@ -93,6 +94,12 @@ class ServerOverloaded(ServeError):
     retry_after = 1.0
 
 
+class Forbidden(ServeError):
+    """The model is another namespace's, or closed to the caller's (403)."""
+
+    status, grpc_code = 403, "PERMISSION_DENIED"
+
+
 class ModelLoadError(ServeError):
     """The model's files are on disk but the runtime could not load them (500)."""
 
@@ -126,11 +133,9 @@ class Unimplemented(ServeError):
     status, grpc_code = 400, "UNIMPLEMENTED"
 
 
-class CallerUnknown(ServeError):
+class CallerUnknown(Forbidden):
     """The call needs to know which process sent it (shared memory is the caller's own)
     and the connection does not tell (403)."""
-
-    status, grpc_code = 403, "PERMISSION_DENIED"
 
 
 # A worker's error answer, by HTTP status, as the error it stands for here; any other
@@ -139,6 +144,7 @@ class CallerUnknown(ServeError):
 CONTROL_ANSWERS: Mapping[int, type[ServeError]] = {503: NoRoom, 404: ModelNotFound}
 RELAYED_ANSWERS: Mapping[int, type[ServeError]] = {
     404: ModelNotFound,
+    403: Forbidden,
     400: InvalidInput,
     413: InvalidInput,
     503: WorkerUnavailable,

@@ -27,6 +27,7 @@ from nodecache.serve.protocol import (
     sized_work,
     tensor_bytes,
 )
+from nodecache.serve.routing import Caller, nobody
 from nodecache.serve.tensors import decode_tensor, encode_tensor
 from nodecache.serve.transport import (
     LimitedProtocol,
@@ -37,7 +38,15 @@ from nodecache.serve.transport import (
 from nodecache.serve.triton.routes import add_routes as add_triton_routes
 from nodecache.serve.triton.routes import regions_for
 
-__all__ = ["DEFAULT_MAX_BODY", "PROTOCOL_HEADER", "NodeServer", "build_app", "error_response"]
+__all__ = [
+    "CALLER",
+    "DEFAULT_MAX_BODY",
+    "PROTOCOL_HEADER",
+    "NodeServer",
+    "build_app",
+    "caller_of",
+    "error_response",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +57,10 @@ MAX_ELEMENTS = web.AppKey("max_elements", int)
 # Set by the agent when it forwards a gRPC call to a worker over REST, so the worker
 # counts the request under the protocol the client used.
 PROTOCOL_HEADER = "X-Nodecache-Protocol"
-_PROTOCOLS = frozenset({"rest", "grpc", "v1"})
+_PROTOCOLS = frozenset({"rest", "grpc", "v1", "mirror"})
+# Where a middleware that can tell the caller's namespace (cluster mode) leaves it, as a
+# ``routing.Caller``: asked only for names that depend on it.
+CALLER = web.RequestKey[Caller]("nodecache_caller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = {"Content-Type": "application/json"}
 
@@ -81,6 +93,10 @@ def _version(request: web.Request) -> str | None:
     return request.match_info.get("version")
 
 
+def caller_of(request: web.Request) -> Caller:
+    return request.get(CALLER, nobody)
+
+
 async def _live(request: web.Request) -> web.Response:
     return web.json_response({"live": True})
 
@@ -95,12 +111,13 @@ async def _server_metadata(request: web.Request) -> web.Response:
 
 async def _model_metadata(request: web.Request) -> web.Response:
     dp = request.app[DATAPLANE]
-    return web.json_response(await dp.model_metadata(request.match_info["name"], _version(request)))
+    name, version = request.match_info["name"], _version(request)
+    return web.json_response(await dp.model_metadata(name, version, caller_of(request)))
 
 
 async def _model_ready(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if request.app[DATAPLANE].model_ready(name, _version(request)):
+    if request.app[DATAPLANE].model_ready(name, _version(request), caller_of(request)):
         return web.json_response({"name": name, "ready": True})
     return error_response(400, f"model '{name}' is not ready")
 
@@ -117,6 +134,7 @@ async def _infer(request: web.Request) -> web.Response:
                 f"{HEADER_LENGTH} must be an integer, got {excerpt(length_header)}"
             ) from None
     app = request.app
+    app[DATAPLANE].admit(request.match_info["name"], caller_of(request))
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -136,6 +154,7 @@ async def _infer(request: web.Request) -> web.Response:
         infer_request,
         match_info.get("version"),
         protocol=protocol if protocol in _PROTOCOLS else "rest",
+        caller=caller_of(request),
     )
     payload, json_length = await sized_work(tensor_bytes(result.outputs), encode_response, result)
     if json_length is None:
@@ -148,7 +167,8 @@ async def _infer(request: web.Request) -> web.Response:
 
 async def _v1_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return web.json_response({"name": name, "ready": request.app[DATAPLANE].model_ready(name)})
+    ready = request.app[DATAPLANE].model_ready(name, _version(request), caller_of(request))
+    return web.json_response({"name": name, "ready": ready})
 
 
 async def _v1_predict(request: web.Request) -> web.Response:
@@ -156,20 +176,22 @@ async def _v1_predict(request: web.Request) -> web.Response:
 
     Instances are checked as strictly as V2 JSON data (same decoder); predictions are
     written as JSON with non-finite floats as null, like every JSON answer here."""
-    name = request.match_info["name"]
+    name, version, caller = request.match_info["name"], _version(request), caller_of(request)
     dataplane = request.app[DATAPLANE]
+    dataplane.admit(name, caller)
     body = await request.read()
     doc = await sized_work(len(body), _json_document, body)
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise InvalidInput('a V1 request is {"instances": [...]}')
-    meta = await dataplane.model_metadata(name)
+    meta = await dataplane.model_metadata(name, version, caller)
     if len(meta["inputs"]) != 1:
         raise InvalidInput(f"model '{name}' takes {len(meta['inputs'])} inputs; use the V2 API")
     spec = meta["inputs"][0]
     _, array = await sized_work(
         len(body), _v1_tensor, spec, doc["instances"], request.app[MAX_ELEMENTS]
     )
-    result = await dataplane.infer(name, InferRequest(inputs={spec["name"]: array}), protocol="v1")
+    inputs = InferRequest(inputs={spec["name"]: array})
+    result = await dataplane.infer(name, inputs, version, protocol="v1", caller=caller)
     first = next(iter(result.outputs.values()))
     payload = await sized_work(first.nbytes, _v1_predictions, first)
     return web.Response(body=payload, headers=_JSON)
@@ -207,16 +229,16 @@ def _v1_predictions(output: np.ndarray) -> bytes:
 
 
 async def _repository_index(request: web.Request) -> web.Response:
-    return web.json_response(request.app[DATAPLANE].repository_index())
+    return web.json_response(request.app[DATAPLANE].repository_index(caller_of(request)))
 
 
 async def _repository_load(request: web.Request) -> web.Response:
-    await request.app[DATAPLANE].load(request.match_info["name"])
+    await request.app[DATAPLANE].load(request.match_info["name"], caller_of(request))
     return web.json_response({})
 
 
 async def _repository_unload(request: web.Request) -> web.Response:
-    await request.app[DATAPLANE].unload(request.match_info["name"])
+    await request.app[DATAPLANE].unload(request.match_info["name"], caller_of(request))
     return web.json_response({})
 
 
@@ -231,7 +253,7 @@ def build_app(
     app[DATAPLANE] = dataplane
     app[MAX_BODY] = max_body
     app[MAX_ELEMENTS] = max_elements
-    add_triton_routes(app, dataplane)  # first: /v2/models/stats is no model's metadata
+    add_triton_routes(app, dataplane, caller_of)  # first: /v2/models/stats is no model's
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     # Routes under one prefix are tried in the order they were added: infer first.
@@ -244,7 +266,9 @@ def build_app(
         app.router.add_get(base, _model_metadata)
         app.router.add_get(base + "/ready", _model_ready)
     app.router.add_get("/v1/models/{name}", _v1_model)
+    app.router.add_get("/v1/models/{name}/versions/{version}", _v1_model)
     app.router.add_post(r"/v1/models/{name:[^/:]+}:predict", _v1_predict)
+    app.router.add_post(r"/v1/models/{name:[^/:]+}/versions/{version:[^/:]+}:predict", _v1_predict)
     app.router.add_post("/v2/repository/index", _repository_index)
     app.router.add_post("/v2/repository/models/{name}/load", _repository_load)
     app.router.add_post("/v2/repository/models/{name}/unload", _repository_unload)

@@ -34,6 +34,9 @@ __all__ = [
     "BATCH_SIZE",
     "INFERENCE_SECONDS",
     "INFLIGHT",
+    "MIRROR_DIVERGENT",
+    "MIRROR_DROPPED",
+    "MIRROR_REQUESTS",
     "MODEL_EVICTIONS",
     "MODEL_LOADS",
     "QUEUE_SECONDS",
@@ -170,14 +173,16 @@ _LATENCY = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 REQUESTS = _PlainMetric(
     "counter",
     "nodecache_requests_total",
-    "Inference requests answered, by model, protocol (rest, grpc, v1) and HTTP status code.",
-    ["model", "protocol", "code"],
+    "Inference requests answered, by model, version, protocol (rest, grpc, v1, mirror) and "
+    "HTTP status code.",
+    ["model", "version", "protocol", "code"],
 )
 REQUEST_SECONDS = _PlainMetric(
     "histogram",
     "nodecache_request_duration_seconds",
-    "Inference request time inside the server (queue + inference + encoding), by model.",
-    ["model", "protocol"],
+    "Inference request time inside the server (queue + inference + encoding), by model and "
+    "version.",
+    ["model", "version", "protocol"],
     _LATENCY,
 )
 QUEUE_SECONDS = _PlainMetric(
@@ -224,10 +229,30 @@ RESIDENT_BYTES = _PlainMetric(
     ["model", "device"],
 )
 
+# Recorded by the mirror (in the process that routes: the agent's, also with workers).
+MIRROR_REQUESTS = _PlainMetric(
+    "counter",
+    "nodecache_mirror_requests_total",
+    "Copies of requests sent to a mirror version (answers compared, then discarded).",
+    ["model", "version"],
+)
+MIRROR_DROPPED = _PlainMetric(
+    "counter",
+    "nodecache_mirror_dropped_total",
+    "Copies of requests not sent to a mirror version: its queue was full, or it failed.",
+    ["model", "version"],
+)
+MIRROR_DIVERGENT = _PlainMetric(
+    "counter",
+    "nodecache_mirror_divergent_total",
+    "Mirror answers whose outputs differ from the primary's beyond the tolerance.",
+    ["model", "version"],
+)
+
 # Children and request stats looked up once; entries only for models a data plane
 # holds (or UNKNOWN_MODEL), dropped with them by ``forget_model``.
 _CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
-_STATS: dict[tuple[str, str], RequestStats] = {}
+_STATS: dict[tuple[str, str, str], RequestStats] = {}
 
 
 def child(metric: Any, *labels: str) -> Any:
@@ -241,12 +266,12 @@ def child(metric: Any, *labels: str) -> Any:
 
 
 class RequestStats:
-    """One model's request metrics under one protocol, its children looked up once."""
+    """One model version's request metrics under one protocol, its children looked up once."""
 
-    def __init__(self, model: str, protocol: str) -> None:
-        self._labels = (model, protocol)
+    def __init__(self, model: str, version: str, protocol: str) -> None:
+        self._labels = (model, version, protocol)
         self.inflight = INFLIGHT.labels(model)
-        self._seconds = REQUEST_SECONDS.labels(model, protocol)
+        self._seconds = REQUEST_SECONDS.labels(model, version, protocol)
         # Children by status code, made on first use: only codes that happened are exported.
         self._requests: dict[str, Any] = {}
 
@@ -260,11 +285,12 @@ class RequestStats:
         self._seconds.observe(seconds)
 
 
-def request_stats(model: str, protocol: str) -> RequestStats:
-    """The stats of ``model`` (a model this node holds, or UNKNOWN_MODEL) under ``protocol``."""
-    found = _STATS.get((model, protocol))
+def request_stats(model: str, version: str, protocol: str) -> RequestStats:
+    """The stats of ``model`` (a model this node holds, or UNKNOWN_MODEL; version "" when
+    no version was chosen) under ``protocol``."""
+    found = _STATS.get((model, version, protocol))
     if found is None:
-        found = _STATS[model, protocol] = RequestStats(model, protocol)
+        found = _STATS[model, version, protocol] = RequestStats(model, version, protocol)
     return found
 
 
@@ -285,7 +311,7 @@ SERVING_METRICS = (
 def forget_model(name: str) -> None:
     """Drop every series of a model that is no longer served: a name that comes and goes
     leaves nothing behind in /metrics."""
-    for metric in SERVING_METRICS:
+    for metric in (*SERVING_METRICS, MIRROR_REQUESTS, MIRROR_DROPPED, MIRROR_DIVERGENT):
         metric.remove_model(name)
     for key in [k for k in _CHILDREN if k[1][0] == name]:
         del _CHILDREN[key]

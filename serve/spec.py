@@ -38,6 +38,10 @@ class ModelPolicy:
     """Unloaded after this many seconds without requests (None: never)."""
     batching: tuple[int, float] | None = None
     """(max batch size, max queue delay in seconds) when dynamic batching is on."""
+    served_name: str | None = None
+    """The name answers carry (``model_name``); None: the model's own name."""
+    version: str = "1"
+    """The version answers carry (``model_version``) and the request metrics are labelled with."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,19 @@ class ModelSpec:
     on_demand: bool = True
     """False for a pool's extra copy: once unloaded it answers 503 instead of loading itself
     again (the pool decides where copies live, and never by evicting)."""
+    served_name: str | None = None
+    version: str = "1"
+
+    @property
+    def served(self) -> str:
+        """The name answers carry: several models (versions) may share one."""
+        return self.served_name or self.name
 
     @property
     def policy(self) -> ModelPolicy:
-        return ModelPolicy(self.pinned, self.idle_timeout, self.batching)
+        return ModelPolicy(
+            self.pinned, self.idle_timeout, self.batching, self.served_name, self.version
+        )
 
     def with_policy(self, policy: ModelPolicy) -> ModelSpec:
         return replace(
@@ -68,6 +81,8 @@ class ModelSpec:
             pinned=policy.pinned,
             idle_timeout=policy.idle_timeout,
             batching=policy.batching,
+            served_name=policy.served_name,
+            version=policy.version,
         )
 
     def same_files(self, other: ModelSpec) -> bool:

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ BINARY = CACHE / "usr" / "bin" / "docker-registry"
 USER, PASSWORD = "puller", "registry-pw-never-shown"
 TITLE = "org.opencontainers.image.title"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 def registry_binary() -> Path:
@@ -118,13 +124,78 @@ class Registry:
         assert status == 200, (status, body)
         return json.loads(body), headers["Docker-Content-Digest"]
 
-    def put_manifest(self, repo: str, ref: str, manifest: dict[str, Any]) -> str:
+    def put_manifest(
+        self, repo: str, ref: str, manifest: dict[str, Any], *, media_type: str = MANIFEST
+    ) -> str:
         body = json.dumps(manifest).encode()
         status, _, answer = self.request(
-            "PUT", f"/v2/{repo}/manifests/{ref}", body, {"Content-Type": MANIFEST}
+            "PUT", f"/v2/{repo}/manifests/{ref}", body, {"Content-Type": media_type}
         )
         assert status == 201, (status, answer)
         return "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def push_blob(self, repo: str, data: bytes) -> str:
+        """One blob: an upload session (``POST``), then its bytes in one ``PUT``."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        status, headers, answer = self.request("POST", f"/v2/{repo}/blobs/uploads/")
+        assert status == 202, (status, answer)
+        location = urllib.parse.urlsplit(headers["Location"])
+        sep = "&" if location.query else "?"
+        target = f"{location.path}?{location.query}{sep}digest={digest}".replace("?&", "?")
+        status, _, answer = self.request(
+            "PUT", target, data, {"Content-Type": "application/octet-stream"}
+        )
+        assert status == 201, (status, answer)
+        return digest
+
+    def push_image(
+        self, target: str, layers: list[tuple[bytes, str]], *, docker: bool = False
+    ) -> str:
+        """An image (OCI, or Docker v2 schema 2) of ``layers`` (bytes, media type), as a
+        builder pushes one: each blob, a config, then the manifest. Returns its digest."""
+        repo, _, tag = target.partition(":")
+        config = json.dumps(
+            {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}
+        ).encode()
+        kind = DOCKER_MANIFEST if docker else MANIFEST
+        config_type = (
+            "application/vnd.docker.container.image.v1+json"
+            if docker
+            else "application/vnd.oci.image.config.v1+json"
+        )
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": kind,
+            "config": {
+                "mediaType": config_type,
+                "digest": self.push_blob(repo, config),
+                "size": len(config),
+            },
+            "layers": [
+                {"mediaType": media, "digest": self.push_blob(repo, data), "size": len(data)}
+                for data, media in layers
+            ],
+        }
+        return self.put_manifest(repo, tag, manifest, media_type=kind)
+
+    def push_index(self, target: str, platforms: dict[str, str]) -> str:
+        """An image index at ``target`` of images already pushed (architecture -> tag),
+        each entry ``linux/<architecture>``. Returns its digest."""
+        repo, _, tag = target.partition(":")
+        entries = []
+        for arch, ref in platforms.items():
+            status, headers, body = self.request(
+                "GET", f"/v2/{repo}/manifests/{ref}", headers={"Accept": MANIFEST}
+            )
+            assert status == 200, (status, body)
+            entries.append({
+                "mediaType": MANIFEST,
+                "digest": headers["Docker-Content-Digest"],
+                "size": len(body),
+                "platform": {"architecture": arch, "os": "linux"},
+            })  # fmt: skip
+        index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": entries}
+        return self.put_manifest(repo, tag, index, media_type=INDEX)
 
     def push(
         self,
@@ -232,6 +303,9 @@ def auth_registry_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 __all__ = [
+    "DOCKER_TAR_GZIP",
+    "OCI_TAR",
+    "OCI_TAR_GZIP",
     "PASSWORD",
     "USER",
     "Registry",

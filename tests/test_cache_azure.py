@@ -368,6 +368,7 @@ async def test_content_md5_is_published_and_checked(tmp_path: Path, azure: Azuri
         listed = {f.path: f.md5 for f in source.list_files()}
         assert isinstance(source, AzureSource)
         assert source.verified_by == "Content-MD5 published by Azure"
+        assert source.resolved == "checked by Content-MD5 published by Azure"  # for status
     finally:
         source.close()
     assert listed == {p: hashlib.md5(d).hexdigest() for p, d in FILES.items()}
@@ -405,6 +406,7 @@ async def test_a_blob_without_md5_is_checked_by_size_and_its_digest_recorded(
         [remote] = source.list_files()
         assert isinstance(source, AzureSource)
         assert "sha256 recorded at first download" in source.verified_by
+        assert source.resolved == f"checked by {source.verified_by}"  # for status
     finally:
         source.close()
     assert remote.md5 is None and remote.size == len(data)
@@ -414,6 +416,10 @@ async def test_a_blob_without_md5_is_checked_by_size_and_its_digest_recorded(
 
     assert (model.path / "model.bin").read_bytes() == data
     assert [f.sha256 for f in model.files] == [hashlib.sha256(data).hexdigest()]
+    # What status shows (the manifest's resolved), after a restart too.
+    assert model.resolved and model.resolved.startswith("checked by size; sha256 recorded")
+    again = ModelStore(tmp_path / "cache", options=SMALL).lookup(f"az://{CONTAINER}/{prefix}")
+    assert again is not None and again.resolved == model.resolved
 
 
 def test_a_blob_replaced_after_listing_is_an_integrity_error(azure: AzuriteServer) -> None:

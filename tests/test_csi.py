@@ -99,11 +99,11 @@ class FolderBackend:
         folder = self.root / "models" / name
         return folder if folder.is_dir() else None
 
-    def start_fetch(self, name: str) -> str:
+    def start_fetch(self, name: str, namespace: str) -> str:
         self.fetches.append(name)
         return self.progress.get(name, "queued")
 
-    def pin(self, volume_id: str, name: str) -> None:
+    def pin(self, volume_id: str, name: str, namespace: str) -> None:
         self.pins[volume_id] = name
 
     def unpin(self, volume_id: str) -> None:

@@ -183,3 +183,25 @@ def test_mounts_and_pins_survive_an_agent_restart(node: Node, mlp_dir: Path) -> 
     node.unpublish(request)
     assert not Path(request.target_path).exists()
     wait_for(lambda: not cached_models(node.agent), what="the unpinned model to be deleted")
+
+
+def test_a_model_volume_resolves_a_served_name_as_the_socket_does(
+    node: Node, mlp_dir: Path, tmp_path: Path
+) -> None:
+    """Two versions of one served name: the volume holds the one taking most traffic."""
+    canary = tmp_path / "canary"
+    shutil.copytree(mlp_dir, canary)
+    (canary / "notes.txt").write_text("version 2")
+    node.start()
+    for name, folder, number, traffic in (("fraud-v1", mlp_dir, "1", 10),
+                                          ("fraud-v2", canary, "2", 90)):  # fmt: skip
+        serving = {"name": "fraud", "version": number, "traffic": traffic}
+        node.agent.declare(f"{name}.yaml", declaration(name, folder.as_uri(), serving=serving))
+        node.agent.wait_state(name, "Warm")
+    request = node.kubelet.request({"model": "fraud"})
+    node.publish(request)
+    assert (Path(request.target_path) / "notes.txt").read_text() == "version 2"
+    assert (node.mounts("fraud-v2"), node.mounts("fraud-v1")) == (1, 0)
+    node.unpublish(request)
+    code, _ = node.refused(node.kubelet.request({"model": "fraud-v1"}))
+    assert code == grpc.StatusCode.NOT_FOUND  # a declaration's name is not a served name

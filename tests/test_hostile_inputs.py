@@ -201,7 +201,8 @@ def _series_of(model: str) -> list[str]:
 
 async def test_unknown_model_names_share_one_metric_label(node: Node) -> None:
     before = REGISTRY.get_sample_value(
-        "nodecache_requests_total", {"model": UNKNOWN_MODEL, "protocol": "rest", "code": "404"}
+        "nodecache_requests_total",
+        {"model": UNKNOWN_MODEL, "version": "", "protocol": "rest", "code": "404"},
     ) or 0.0  # fmt: skip
     body = {"inputs": [tensor("input", "FP32", [0.0])]}
     names = [f"made-up-{i}-" + "x" * 200 for i in range(50)]
@@ -215,7 +216,8 @@ async def test_unknown_model_names_share_one_metric_label(node: Node) -> None:
     text = generate_latest(REGISTRY).decode()
     assert not any(name in text for name in names)
     after = REGISTRY.get_sample_value(
-        "nodecache_requests_total", {"model": UNKNOWN_MODEL, "protocol": "rest", "code": "404"}
+        "nodecache_requests_total",
+        {"model": UNKNOWN_MODEL, "version": "", "protocol": "rest", "code": "404"},
     )  # fmt: skip
     assert after == before + len(names)
 

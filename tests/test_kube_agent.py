@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from kubefake.fixtures import api_client, fake_api  # noqa: F401 (fixtures)
@@ -19,6 +20,7 @@ from support import wait_for
 
 from nodecache.agent.kube.callers import pod_uid_of
 from nodecache.agent.kube.nodestatus import RequestRates, StatusWriter, node_status, resolve
+from nodecache.serve.grpc import grpc_service_pb2_grpc as pb_grpc
 
 G, V = "nodecache.io", "v1alpha1"
 
@@ -157,14 +159,19 @@ def test_resolve_maps_entries_to_caches() -> None:
     uri = "s3://bucket/m/"
     caches = {
         ("", "a"): cache_object("a", uri),
-        ("team", "b"): {**cache_object("b", uri), "kind": "LocalModelNamespaceCache"},
+        ("team", "b"): {
+            **cache_object("b", uri),
+            "kind": "LocalModelNamespaceCache",
+            "metadata": {"name": "b", "namespace": "team"},
+        },
         ("", "bad"): cache_object("bad", "ftp://x/"),
     }
     entries = [{"modelName": m, "sourceModelUri": uri} for m in ("a", "team/b", "bad", "none")]
     node = {"metadata": {"name": "n"}, "spec": {"localModels": entries}}
     out = resolve(node, caches)
-    assert set(out.declarations) == {"a", "b"}
-    assert out.origins == {"a": "LocalModelCache/a", "b": "LocalModelNamespaceCache/team/b"}
+    # A namespaced cache is keyed by its namespace on the node: two namespaces' "b" coexist.
+    assert set(out.declarations) == {"a", "team/b"}
+    assert out.origins == {"a": "LocalModelCache/a", "team/b": "LocalModelNamespaceCache/team/b"}
     assert "sourceModelUri" in out.errors["bad"] and "not found" in out.errors["none"]
     assert not out.complete
     assert resolve(None, caches).complete is False
@@ -347,3 +354,83 @@ def test_connect_finds_the_api_server_through_kubeconfig(
     (tmp_path / ".kube").mkdir()
     fake_api.write_kubeconfig(tmp_path / ".kube" / "config")
     assert connect().configuration.host == fake_api.url
+
+
+def test_two_namespaces_each_reach_their_own_cache_of_one_name(
+    crs: client.CustomObjectsApi,
+    api_client: client.ApiClient,  # noqa: F811
+    fake_api: FakeApiServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Caches named fraud in two namespaces and the cluster scope, on one node: a pod gets
+    its namespace's, a pod of a third namespace (and gRPC, which cannot tell) the cluster's."""
+    runtime = {"runtime": "python", "entrypoint": "model:Versioned"}
+    entries = []
+    for factor, namespace in ((1, "team-a"), (2, "team-b"), (3, None)):
+        uri = versioned_model(tmp_path, factor).as_uri()
+        body = cache_object("fraud", uri, **runtime)
+        if namespace is None:
+            crs.create_cluster_custom_object(G, V, "localmodelcaches", body)
+        else:
+            body["kind"] = "LocalModelNamespaceCache"
+            crs.create_namespaced_custom_object(G, V, namespace, "localmodelnamespacecaches", body)
+        model_name = f"{namespace}/fraud" if namespace else "fraud"
+        entries.append({"modelName": model_name, "sourceModelUri": uri})
+    node = {"metadata": {"name": "node-a"}, "spec": {"localModels": entries}}
+    crs.create_cluster_custom_object(G, V, "localmodelnodes", node)
+    core = client.CoreV1Api(api_client)
+    pods = {}
+    for ns in ("team-a", "team-b", "other"):
+        pod = {"metadata": {"name": "caller"}, "spec": {"nodeName": "node-a", "containers": []}}
+        pods[ns] = core.create_namespaced_pod(ns, pod).metadata.uid
+    cgroup = tmp_path / "proc" / str(os.getpid()) / "cgroup"
+    cgroup.parent.mkdir(parents=True)
+
+    def as_pod_of(ns: str) -> None:
+        cgroup.write_text(f"0::/kubepods/burstable/pod{pods[ns]}/0123abcd\n")
+
+    def fraud() -> float:
+        code, doc = agent.request("POST", "/v2/models/fraud/infer", VERSIONED_BODY)
+        assert code == 200, doc
+        assert doc["model_name"] == "fraud"
+        return float(doc["outputs"][0]["data"][0])
+
+    agent = ClusterAgent(fake_api, tmp_path / "node-a", "node-a", proc_root=tmp_path / "proc")
+    agent.start()
+    try:
+        for model in ("team-a/fraud", "team-b/fraud", "fraud"):
+            wait_for(lambda m=model: model_state(crs, m) == "Warm", what=f"{model} Warm")
+        for ns, factor in (("team-a", 1.0), ("team-b", 2.0), ("other", 3.0)):
+            as_pod_of(ns)
+            wait_for(lambda f=factor: fraud() == f, what=f"{ns} reaches its fraud")
+            names = {m["name"] for m in agent.request("GET", "/nodecache/v1/status")[1]["models"]}
+            # Only what the caller reaches: the shadowed cluster cache is not listed.
+            assert names == ({f"{ns}/fraud"} if ns != "other" else {"fraud"})
+        as_pod_of("team-a")
+        assert fraud() == 1.0
+        # The node's own key of another namespace's cache is no name a caller can use.
+        code, _ = agent.request("POST", "/v2/models/team-b%2Ffraud/infer", VERSIONED_BODY)
+        assert code == 404
+        # gRPC cannot tell the caller's pod: it reaches the cluster's cache, as any non-pod.
+        channel = grpc.insecure_channel(f"unix:{agent.socket.parent / 'nodecache-grpc.sock'}")
+        with channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(grpc_request())
+        assert np.frombuffer(reply.raw_output_contents[0], np.float32)[0] == 3.0
+    finally:
+        agent.stop()
+    assert fake_api.pruned == [] and denied_calls(fake_api) == []
+
+
+VERSIONED_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+
+
+def grpc_request() -> Any:
+    from test_versions import grpc_request
+
+    return grpc_request()
+
+
+def versioned_model(root: Path, factor: int) -> Path:
+    from test_versions import model
+
+    return model(root, factor)

@@ -156,7 +156,9 @@ def test_crds_have_short_names_columns_and_subresources(objects: list[dict[str, 
     for kind in ("LocalModelCache", "LocalModelNamespaceCache"):
         version = crds[kind]["spec"]["versions"][0]
         columns = [c["name"].upper() for c in version["additionalPrinterColumns"]]
-        assert {"READY", "COPIES", "WARM", "SIZE", "AGE"} <= set(columns)
+        assert {"SERVED", "VERSION", "TRAFFIC", "READY", "COPIES", "WARM", "SIZE", "AGE"} <= set(
+            columns
+        )
         assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.warm.replicas"
         assert "status" in version["subresources"]
     assert crds["LocalModelNamespaceCache"]["spec"]["scope"] == "Namespaced"
@@ -168,7 +170,31 @@ def test_crds_have_short_names_columns_and_subresources(objects: list[dict[str, 
         "LocalModelNode": ["lmn"],
     }
     for crd in crds.values():
-        _assert_structural(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "")
+        version = crd["spec"]["versions"][0]
+        _assert_structural(version["schema"]["openAPIV3Schema"], "")
+        for column in version["additionalPrinterColumns"]:
+            if column["jsonPath"].startswith(".metadata."):  # the apiserver's, not our schema
+                continue
+            field = _schema_at(version["schema"]["openAPIV3Schema"], column["jsonPath"])
+            # kubectl prints any value in a string column; other types must match.
+            json_type = "string" if column["type"] == "date" else column["type"]
+            assert column["type"] == "string" or field.get("type") == json_type, (
+                crd["spec"]["names"]["kind"],
+                column["name"],
+                field,
+            )
+
+
+def _schema_at(schema: dict[str, Any], json_path: str) -> dict[str, Any]:
+    """The schema node a printer column's JSONPath reads (filters step into list items):
+    a column that names no field of the schema shows nothing, silently."""
+    for part in re.sub(r"\[[^]]*\]", ".[]", json_path).strip(".").split("."):
+        if part == "[]":
+            schema = schema["items"]
+        elif part:
+            props = schema.get("properties") or {}
+            schema = props[part] if part in props else schema["additionalProperties"]
+    return schema
 
 
 def _assert_structural(schema: dict[str, Any], where: str) -> None:
@@ -182,6 +208,21 @@ def _assert_structural(schema: dict[str, Any], where: str) -> None:
         _assert_structural(schema["additionalProperties"], f"{where}.*")
     if "items" in schema:
         _assert_structural(schema["items"], f"{where}[]")
+
+
+def test_serving_defaults_are_the_parsers_and_valid() -> None:
+    """What the API server fills in for an absent spec.serving is what the standalone
+    parser assumes, and passes the schema's own rules (the API server checks that too)."""
+    from nodecache.agent.declarations import Serving, parse_object
+
+    for plural in ("localmodelcaches", "localmodelnamespacecaches"):
+        schema = load_crds()[plural].schema["properties"]["spec"]["properties"]["serving"]
+        assert schema["default"] == {}
+        defaults = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+        assert defaults == {"version": "1", "traffic": 100, "mirror": 0}
+        filled = cache(serving=defaults)
+        assert validate_object(load_crds()["localmodelcaches"].schema, filled) == []
+        assert parse_object(filled).serving == parse_object(cache()).serving == Serving("m")
 
 
 def test_namespace_cache_spec_is_the_cache_spec_without_allowed_namespaces() -> None:
@@ -202,6 +243,23 @@ def test_examples_are_valid_and_parse_like_standalone_declarations() -> None:
     caches = [d for d in docs if d["kind"] == "LocalModelCache"]
     (parsed,) = parse_declarations(yaml.safe_dump_all(caches))
     assert parsed.warm.max_replicas == 4
+
+
+def test_rollout_example_is_three_versions_of_one_name() -> None:
+    """docs/ROLLOUTS.md's manifests: valid, parsed alike standalone, none refused."""
+    from nodecache.agent.declarations import refuse_duplicate_versions
+
+    crds = {c.kind: c for c in load_crds().values()}
+    text = (EXAMPLES / "rollout.yaml").read_text()
+    for doc in (d for d in yaml.safe_load_all(text) if d):
+        assert prune(crds[doc["kind"]].schema, doc) == doc
+        assert validate_object(crds[doc["kind"]].schema, doc) == []
+    parsed = parse_declarations(text)
+    kept, refused = refuse_duplicate_versions({d.key: d for d in parsed})
+    assert refused == {} and len(kept) == 3
+    served = sorted((d.serving.name, d.serving.version, d.serving.traffic, d.serving.mirror)
+                    for d in parsed)  # fmt: skip
+    assert served == [("fraud", "1", 90, 0), ("fraud", "2", 10, 0), ("fraud", "3", 0, 50)]
 
 
 # -- CEL rules, evaluated like the apiserver: self bound to the field, oldSelf on updates --
@@ -237,6 +295,10 @@ GOOD = [
     cache(runtime="python", entrypoint="pkg.mod:Model"),
     cache(format="torch", runtime="python", entrypoint="pkg.mod:Net"),
     cache(batching={"maxBatchSize": 8, "maxQueueDelay": "2ms"}),
+    cache(serving={}),
+    cache(serving={"name": "fraud", "version": "2", "traffic": 10, "mirror": 0}),
+    cache(serving={"name": "fraud.eu-west", "version": "v2.1-rc_1"}),
+    cache(serving={"version": "x" * 64, "traffic": 0, "mirror": 100}),
 ]
 
 BAD = [
@@ -256,6 +318,17 @@ BAD = [
     (cache(format="tensorflow"), "is not one of"),
     (cache(replicas=-1), "less than the minimum"),
     (cache(allowedNamespaces=["Bad_NS"]), "does not match"),
+    (cache(serving={"name": "Fraud"}), "does not match"),
+    (cache(serving={"name": "fraud_v2"}), "does not match"),
+    (cache(serving={"name": "a" * 254}), "is too long"),
+    (cache(serving={"version": 2}), "is not of type 'string'"),
+    (cache(serving={"version": "2/infer"}), "does not match"),
+    (cache(serving={"version": "x" * 65}), "is too long"),
+    (cache(serving={"version": ".."}), "cannot be '.' or '..'"),
+    (cache(serving={"version": "."}), "cannot be '.' or '..'"),
+    (cache(serving={"traffic": -1}), "less than the minimum"),
+    (cache(serving={"mirror": 101}), "greater than the maximum"),
+    (cache(serving={"mirror": -5}), "less than the minimum"),
 ]
 
 
@@ -561,6 +634,18 @@ PARITY = [
     {"modelSize": "2Gi"},
     {"nodeGroups": []},
     {"sourceModelUri": "ftp://host/m/"},
+    {"serving": {}},
+    {"serving": {"name": "fraud", "version": "2", "traffic": 10, "mirror": 0}},
+    {"serving": {"version": "v2.1-rc_1", "traffic": 0, "mirror": 100}},
+    {"serving": {"name": "Fraud"}},
+    {"serving": {"name": ""}},
+    {"serving": {"version": 2}},
+    {"serving": {"version": ""}},
+    {"serving": {"version": "2/infer"}},
+    {"serving": {"version": "x" * 65}},
+    {"serving": {"traffic": -1}},
+    {"serving": {"mirror": 101}},
+    {"serving": "fraud"},
 ]
 
 

@@ -230,6 +230,7 @@ def test_each_ready_reason_is_the_first_row_that_applies() -> None:
     base = CopyFacts(node_groups=["gpu"], missing=[], ready_nodes=3, wanted=2, placed=2,
                      available=2, warm=1, size=GI, silent=[], failed=[])  # fmt: skip
     cases = {
+        "DuplicateVersion": {"conflict": "version '2' of 'fraud' is already served by ..."},
         "NodeGroupNotFound": {"missing": ["cpu"], "ready_nodes": 0},
         "NoReadyNodes": {"ready_nodes": 0, "placed": 0},
         "NotEnoughNodes": {"wanted": 5, "placed": 3},

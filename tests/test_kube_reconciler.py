@@ -309,3 +309,110 @@ def test_converges_and_then_writes_nothing(
     finally:
         reconciler.stop()
     assert denied_calls(fake_api) == []
+
+
+def test_versions_of_a_name_and_a_repeated_version(
+    fake_api: FakeApiServer,  # noqa: F811
+    crs: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    tmp_path: Path,
+) -> None:
+    """Two versions of `fraud` land on the same node with their shares in status; a third
+    cache repeating version 2 is refused with a condition until the one serving it goes."""
+    for name in ("n1", "n2"):
+        make_node(core, name)
+    crs.create_cluster_custom_object(G, V, "localmodelnodegroups", {
+        "metadata": {"name": "cpu"}, "spec": {"nodeSelector": {"pool": "cpu"},
+                                              "storageLimit": "1Gi"}})  # fmt: skip
+
+    def declare(name: str, version: str, traffic: int) -> None:
+        serving = {"name": "fraud", "version": version, "traffic": traffic}
+        crs.create_cluster_custom_object(G, V, "localmodelcaches", {
+            "metadata": {"name": name},
+            "spec": {"sourceModelUri": f"s3://bucket/{name}/", "modelSize": "1Mi",
+                     "nodeGroups": ["cpu"], "replicas": 1, "serving": serving}})  # fmt: skip
+
+    declare("fraud-v1", "1", 90)
+    declare("fraud-v2", "2", 10)
+    declare("fraud-v2-copy", "2", 50)  # created last (or, in the same second, named last)
+    reconciler = ClusterReconciler(fake_api, tmp_path, "r1").start()
+    try:
+
+        def reason(name: str) -> str | None:
+            conditions = cache_status(crs, name).get("conditions", [])
+            return next((c["reason"] for c in conditions if c["type"] == "Ready"), None)
+
+        wait_for(lambda: reason("fraud-v2-copy") == "DuplicateVersion", what="refused")
+        refused = cache_status(crs, "fraud-v2-copy")
+        ready_condition = next(c for c in refused["conditions"] if c["type"] == "Ready")
+        assert "LocalModelCache fraud-v2 " in ready_condition["message"]
+        wait_for(lambda: cache_status(crs, "fraud-v2").get("serving", {}).get("share") == 10,
+                 what="v2's share")  # fmt: skip
+        assert cache_status(crs, "fraud-v1")["serving"] == {
+            "name": "fraud", "version": "1", "traffic": 90, "mirror": 0, "share": 90,
+            "versions": ["1", "2"]}  # fmt: skip
+        nodes = {n: [e["modelName"] for e in crs.get_cluster_custom_object(
+            G, V, "localmodelnodes", n)["spec"]["localModels"]] for n in ("n1", "n2")}  # fmt: skip
+        assert sorted(nodes.values()) == [[], ["fraud-v1", "fraud-v2"]], "together, copy unplaced"
+
+        # Weights move: the shares in status follow; the one serving version 2 goes away.
+        for name, traffic in (("fraud-v1", 0), ("fraud-v2", 100)):
+            body = {"spec": {"serving": {"traffic": traffic}}}
+            crs.patch_cluster_custom_object(G, V, "localmodelcaches", name, body)
+        wait_for(lambda: cache_status(crs, "fraud-v2")["serving"]["share"] == 100, what="100%")
+        crs.delete_cluster_custom_object(G, V, "localmodelcaches", "fraud-v2")
+        wait_for(lambda: reason("fraud-v2-copy") == "CopiesPending", what="the copy placed")
+        assert cache_status(crs, "fraud-v2-copy")["serving"]["share"] == 100
+    finally:
+        reconciler.stop()
+    assert fake_api.pruned == [], "a status field the CRD schema does not have"
+    assert denied_calls(fake_api) == []
+
+
+def test_a_canary_on_real_agents_is_warm_with_its_name_and_reports_each_nodes_weights(
+    cluster: dict[str, Any],
+    crs: client.CustomObjectsApi,
+    mlp_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Version 2 of `mlp` joins version 1 at traffic 10: both warm on the same node, each
+    node's applied weights in the cache's status, and the node answers from both."""
+    v2_dir = tmp_path / "mlp-v2"
+    v2_dir.mkdir()
+    (v2_dir / "model.onnx").write_bytes((mlp_dir / "model.onnx").read_bytes())
+    for name, folder, version, traffic in (
+        ("mlp-v1", mlp_dir, "1", 90),
+        ("mlp-v2", v2_dir, "2", 10),
+    ):
+        crs.create_cluster_custom_object(G, V, "localmodelcaches", {
+            "metadata": {"name": name},
+            "spec": {"sourceModelUri": folder.as_uri(), "modelSize": "1Mi", "nodeGroups": ["cpu"],
+                     "replicas": 1, "warm": {"minReplicas": 1, "maxReplicas": 1},
+                     "serving": {"name": "mlp", "version": version, "traffic": traffic}},
+        })  # fmt: skip
+
+    def applied() -> dict[str, Any]:
+        return cache_status(crs, "mlp-v2").get("nodeServing") or {}
+
+    weights = {"name": "mlp", "version": "2", "traffic": 10, "mirror": 0}
+    wait_for(lambda: list(applied().values()) == [weights], what="v2's weights")
+    (node_name,) = applied()
+    for name in ("mlp-v1", "mlp-v2"):  # placed together, and the canary warm with its name
+        wait_for(lambda n=name: cache_status(crs, n)["nodeStatus"] == {node_name: "Warm"},
+                 what=f"{name} warm on {node_name}")  # fmt: skip
+    lmn = crs.get_cluster_custom_object(G, V, "localmodelnodes", node_name)
+    assert lmn["status"]["modelStatus"]["mlp-v1"]["serving"]["traffic"] == 90
+    agent = cluster["agents"][node_name]
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                        "data": [0.5] * 64}]}  # fmt: skip
+    versions = set()
+    for _ in range(200):
+        code, answer = agent.request("POST", "/v2/models/mlp/infer", body)
+        assert code == 200, answer
+        versions.add(answer["model_version"])
+    assert versions == {"1", "2"}
+
+    # The weights move; each node's status catches up.
+    crs.patch_cluster_custom_object(G, V, "localmodelcaches", "mlp-v2",
+                                    {"spec": {"serving": {"traffic": 100}}})  # fmt: skip
+    wait_for(lambda: applied()[node_name]["traffic"] == 100, what="the node applies 100")

@@ -203,7 +203,7 @@ async def test_request_metrics_count_every_outcome(tmp_path: Path, mlp_dir: Path
     for request in (good, good, bad):
         with contextlib.suppress(ServeError):
             await dp.infer("metered", request, protocol="grpc")
-    ok = {"model": "metered", "protocol": "grpc"}
+    ok = {"model": "metered", "version": "1", "protocol": "grpc"}
     assert value("nodecache_requests_total", code="200", **ok) == 2
     assert value("nodecache_requests_total", code="400", **ok) == 1
     assert value("nodecache_request_duration_seconds_count", **ok) == 3

@@ -8,7 +8,9 @@ model answers an inference through an agent.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from mlflow_server import PASSWORD, MlflowServer
 from object_stores import S3Server
 from support import Agent, declaration
 
+from nodecache.cache import MANIFEST_NAME, ModelStore
 from nodecache.cache.errors import FetchError, InvalidSourceError
 from nodecache.cache.sources import RemoteFile, Source, open_source
 from nodecache.cache.sources.mlflow import MlflowSource
@@ -176,7 +179,7 @@ def test_a_tracking_uri_is_required_and_must_be_a_server(registry: Registry) -> 
 
 
 def test_a_version_in_s3_is_fetched_through_the_s3_source(
-    registry: Registry, opened: list[Source], s3: S3Server
+    registry: Registry, opened: list[Source], s3: S3Server, tmp_path: Path
 ) -> None:
     client = s3.client()
     client.pipe_file(f"{s3.bucket}/mlflow-s3/model.onnx", registry.v1)
@@ -187,7 +190,15 @@ def test_a_version_in_s3_is_fetched_through_the_s3_source(
 
     assert got == {"model.onnx": registry.v1}
     assert isinstance(source, MlflowSource) and source.inner is not None
-    assert source.verified_by.startswith("md5")  # the S3 ETag's MD5, checked by the fetcher
+    # Status names the check the fetcher applied: the S3 object's own, as the manifest
+    # records it (botocore's uploads store a CRC32: checked by it, no MD5 or sha256).
+    uri = f"models:/mlp-s3/{version}"
+    model = asyncio.run(ModelStore(tmp_path / "cache").fetch(uri, credentials=creds))
+    (entry,) = json.loads((model.path / MANIFEST_NAME).read_text())["files"]
+    check = entry["checksum"].partition(":")[0]
+    assert check == "crc32" and "sha256" not in entry
+    assert source.verified_by == "crc32 published by the artifact store (s3)"
+    assert model.resolved == f"version {version}, checked by {source.verified_by}"
 
 
 def test_a_file_location_is_refused(registry: Registry, opened: list[Source]) -> None:

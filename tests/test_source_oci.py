@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import os
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,22 +174,57 @@ async def test_a_modelpack_is_fetched_by_its_filepath_annotations(
     assert read_model(model.path) == FILES
 
 
-async def test_a_modelpack_tar_layer_is_refused_clearly(
+async def test_a_modelpack_of_tar_layers_is_unpacked(
     tmp_path: Path, oci_registry: Registry
 ) -> None:
+    # modctl build's default: each layer a tar of paths relative to the model folder.
     repo = _repo("modelpack-tar")
-    oci_registry.push(
-        f"{repo}:v1",
-        {"model.onnx": b"x"},
-        annotation="org.cncf.model.filepath",
-        media_type="application/vnd.cncf.model.weight.v1.tar",
-        config_media_type=MODEL_CONFIG,
-    )
+    layers = []
+    for kind, (rel, data) in zip(("weight", "weight", "doc"), FILES.items(), strict=True):
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            info = tarfile.TarInfo(rel)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        media = f"application/vnd.cncf.model.{kind}.v1.tar"
+        layers.append((archive.getvalue(), media, rel))
+    config = b'{"descriptor": {"name": "mlp"}}'
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": MODELPACK_ARTIFACT,
+        "config": {
+            "mediaType": MODEL_CONFIG,
+            "digest": oci_registry.push_blob(repo, config),
+            "size": len(config),
+        },
+        "layers": [
+            {
+                "mediaType": media,
+                "digest": oci_registry.push_blob(repo, data),
+                "size": len(data),
+                "annotations": {"org.cncf.model.filepath": rel},
+            }
+            for data, media, rel in layers
+        ],
+    }
+    oci_registry.put_manifest(repo, "v1", manifest)
     store = ModelStore(tmp_path / "cache", options=SMALL)
 
-    with pytest.raises(FetchError, match="archive") as info:
-        await store.fetch(f"oci://{oci_registry.host}/{repo}:v1")
+    model = await store.fetch(f"oci://{oci_registry.host}/{repo}:v1")
 
+    assert read_model(model.path) == FILES
+    assert {f.path: f.sha256 for f in model.files} == {
+        p: hashlib.sha256(d).hexdigest() for p, d in FILES.items()
+    }
+
+    # One raw file among the archives: refused before any byte, saying what to do.
+    manifest["layers"][0]["mediaType"] = WEIGHT_RAW
+    oci_registry.put_manifest(repo, "mixed", manifest)
+    with pytest.raises(FetchError, match="modctl --raw") as info:
+        await ModelStore(tmp_path / "other", options=SMALL).fetch(
+            f"oci://{oci_registry.host}/{repo}:mixed"
+        )
     assert info.value.permanent
 
 

@@ -201,7 +201,10 @@ def test_metrics_endpoint_counts_requests(tmp_path: Path, mlp_dir: Path) -> None
         assert infer_json(agent, "mlp", np.ones((1, 64), np.float32))[0] == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
             text = resp.read().decode()
-        assert 'nodecache_requests_total{code="200",model="mlp",protocol="rest"} 1.0' in text
+        assert (
+            'nodecache_requests_total{code="200",model="mlp",protocol="rest",version="1"} 1.0'
+            in text
+        )
         # Every metric the example Grafana dashboard plots is one the agent exports.
         dashboard = (ROOT / "daemonset/components/monitoring/nodecache-dashboard.json").read_text()
         plotted = set(re.findall(r"nodecache_[a-z_]+", dashboard))

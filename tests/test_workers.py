@@ -51,7 +51,7 @@ def test_models_spread_over_workers_and_answer(agent: Agent, mlp_dir: Path) -> N
     # The workers' counts reach the agent's /metrics, each family exactly once.
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
         text = resp.read().decode()
-    assert 'nodecache_requests_total{code="200",model="a",protocol="rest"} 1.0' in text
+    assert 'nodecache_requests_total{code="200",model="a",protocol="rest",version="1"} 1.0' in text
     assert text.count("# TYPE nodecache_requests_total counter") == 1
 
 

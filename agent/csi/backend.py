@@ -59,18 +59,19 @@ class CsiBackend(Protocol):
         """
         ...
 
-    def start_fetch(self, name: str) -> str:
+    def start_fetch(self, name: str, namespace: str) -> str:
         """Start fetching a declared model that is not on this node yet (no-op when a fetch
         is already running, or when this node is not in the cache's node groups) and return
         its progress for a human, e.g. ``"37% of 1.2 GiB"`` or ``"queued"``, or why nothing
         is coming (``"this node is not in the cache's node groups"``)."""
         ...
 
-    def pin(self, volume_id: str, name: str) -> None:
-        """Keep model ``name``'s files exactly as they are while volume ``volume_id`` has them
-        mounted: quota eviction skips them and a deleted declaration leaves them in place.
-        Idempotent per volume id. Pins live in memory: after a restart the service pins the
-        volumes it finds still mounted again, whether or not ``name`` is still declared."""
+    def pin(self, volume_id: str, name: str, namespace: str) -> None:
+        """Keep model ``name``'s files (as a pod of ``namespace`` means it) exactly as they
+        are while volume ``volume_id`` has them mounted: quota eviction skips them and a
+        deleted declaration leaves them in place. Idempotent per volume id. Pins live in
+        memory: after a restart the service pins the volumes it finds still mounted again,
+        whether or not ``name`` is still declared."""
         ...
 
     def unpin(self, volume_id: str) -> None:

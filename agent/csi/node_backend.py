@@ -1,5 +1,7 @@
 """The CSI service's backend over the real node: the declarations the node loop follows, the
-disk store, and the same namespace rule the node socket applies.
+disk store, and the node socket's routing (``serve.routing``): a ``model:`` volume of a pod
+means what that name means to the pod on the socket (its namespace's cache first, a cluster
+cache's allowed namespaces), and the version taking most of the name's traffic.
 
 Pins are leases on the store (``ModelStore.use``), so quota eviction skips a mounted model and
 removing its declaration leaves its files in place; the model's source URI is kept per volume
@@ -15,20 +17,17 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from nodecache.agent.csi.backend import NotFound, PermissionDenied
 from nodecache.agent.node import NodeAgent
 from nodecache.cache import CacheError, ModelStore
+from nodecache.serve.errors import Forbidden, ModelNotFound
 from nodecache.serve.spec import ModelState
 
 __all__ = ["NodeCsiBackend"]
 
 log = logging.getLogger(__name__)
-
-Access = Callable[[str], frozenset[str] | None]
-"""A model's allowed namespaces (None: every namespace)."""
 
 
 class NodeCsiBackend:
@@ -42,11 +41,9 @@ class NodeCsiBackend:
         node_name: str,
         socket_dir: Path,
         state_dir: Path,
-        access: Access = lambda _: None,
     ) -> None:
         self.agent, self.store = agent, store
         self._node_name, self._socket_dir, self._state_dir = node_name, socket_dir, state_dir
-        self.access = access
         self._holds: dict[str, contextlib.ExitStack] = {}  # volume id -> its store lease
         self._pins: dict[str, str] = self._load_pins()  # volume id -> source URI
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,20 +67,39 @@ class NodeCsiBackend:
         would look undeclared."""
         return self.agent.applied
 
+    def _key(self, name: str, namespace: str) -> str:
+        """The model a pod of ``namespace`` reaches as ``name`` on the node socket: its
+        version with the most traffic (a volume holds one)."""
+        try:
+            routes = self.agent.router.table.versions(name, lambda: namespace)
+        except ModelNotFound:
+            raise NotFound(name) from None
+        except Forbidden:
+            raise PermissionDenied(name) from None
+        return max(routes, key=lambda r: r.traffic).key
+
+    def model_key(self, name: str, namespace: str) -> str:
+        """The node's key of what ``name`` means to a pod of ``namespace`` now (``name``
+        itself when it means nothing any more: a volume outliving its declaration)."""
+        try:
+            return self._key(name, namespace)
+        except (NotFound, PermissionDenied):
+            return name
+
     def resolve(self, name: str, namespace: str) -> Path | None:
-        decl = self.agent.declaration(name)
+        decl = self.agent.declaration(self._key(name, namespace))
         if decl is None:
             raise NotFound(name)
-        allowed = self.access(name)
-        if allowed is not None and namespace not in allowed:
-            raise PermissionDenied(name)
         stored = self.store.lookup(decl.source_uri)
         return stored.path if stored is not None else None
 
-    def start_fetch(self, name: str) -> str:
+    def start_fetch(self, name: str, namespace: str) -> str:
         """Every declared model is already being brought up by the node loop (standalone:
         on every node; cluster: on the nodes placement chose): report how far it is."""
-        status = self.agent.progress(name)
+        try:
+            status = self.agent.progress(self._key(name, namespace))
+        except (NotFound, PermissionDenied):
+            status = None
         if status is None:
             return "not declared for this node"
         if status.state == ModelState.DOWNLOADING:
@@ -97,10 +113,13 @@ class NodeCsiBackend:
 
     # -- pins -----------------------------------------------------------------------------
 
-    def pin(self, volume_id: str, name: str) -> None:
+    def pin(self, volume_id: str, name: str, namespace: str) -> None:
         if volume_id in self._holds:
             return
-        decl = self.agent.declaration(name)
+        try:
+            decl = self.agent.declaration(self._key(name, namespace))
+        except (NotFound, PermissionDenied):
+            decl = None
         uri = decl.source_uri if decl is not None else self._pins.get(volume_id)
         if uri is None:
             log.warning("csi: cannot pin %s: model %s is not declared", volume_id, name)

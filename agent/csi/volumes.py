@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -63,7 +64,8 @@ class Volumes:
             for volume in list(self.state.volumes.values()):
                 if await asyncio.to_thread(is_mount_point, Path(volume.target)):
                     if volume.model is not None:
-                        self.backend.pin(volume.volume_id, volume.model)
+                        namespace = volume.pod.partition("/")[0]
+                        self.backend.pin(volume.volume_id, volume.model, namespace)
                     log.info(
                         "csi: found %s of pod %s at %s", _what(volume), volume.pod, volume.target
                     )
@@ -76,9 +78,16 @@ class Volumes:
                         volume.target,
                     )
 
-    def mounts(self) -> dict[str, int]:
-        """Mounts per model, for the agent's status."""
-        return dict(Counter(v.model for v in self.state.volumes.values() if v.model))
+    def mounts(self, key_of: Callable[[str, str], str] | None = None) -> dict[str, int]:
+        """Mounts per model, for the agent's status: per name the pods asked for, or per
+        ``key_of(name, pod namespace)`` (the model a served name meant for the pod)."""
+        return dict(
+            Counter(
+                key_of(v.model, v.pod.partition("/")[0]) if key_of else v.model
+                for v in self.state.volumes.values()
+                if v.model
+            )
+        )
 
     async def publish(self, request: Publish) -> None:
         """Mount what ``request`` asks for at its target, or raise RequestError."""
@@ -119,13 +128,13 @@ class Volumes:
         name = request.model
         path = self._resolve(name, request.namespace)
         if path is not None:
-            self.backend.pin(request.volume_id, name)
+            self.backend.pin(request.volume_id, name, request.namespace)
             # Resolved again under the pin: an eviction may have run in between.
             path = self._resolve(name, request.namespace)
             if path is not None:
                 return path
             self.backend.unpin(request.volume_id)
-        progress = self.backend.start_fetch(name)
+        progress = self.backend.start_fetch(name, request.namespace)
         raise RequestError(grpc.StatusCode.UNAVAILABLE, f"fetching {name}: {progress}")
 
     def _resolve(self, name: str, namespace: str) -> Path | None:

@@ -25,6 +25,7 @@ __all__ = [
     "LOCAL_MODEL_NODE_GROUPS",
     "NODES",
     "PODS",
+    "SECRETS",
     "Backoff",
     "Kube",
     "Resource",
@@ -58,6 +59,7 @@ LOCAL_MODEL_NODE_GROUPS = Resource(GROUP, VERSION, "localmodelnodegroups", "Loca
 LOCAL_MODEL_NODES = Resource(GROUP, VERSION, "localmodelnodes", "LocalModelNode")
 NODES = Resource("", "v1", "nodes", "Node")
 PODS = Resource("", "v1", "pods", "Pod", namespaced=True)
+SECRETS = Resource("", "v1", "secrets", "Secret", namespaced=True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", namespaced=True)
 
 
@@ -170,6 +172,8 @@ class Kube:
             return await self._call(self.coordination.read_namespaced_lease, name, namespace)
         if res == NODES:
             return await self._call(self.core.read_node, name)
+        if res == SECRETS:
+            return await self._call(self.core.read_namespaced_secret, name, namespace)
         if res.namespaced:
             fn = self.custom.get_namespaced_custom_object
             return await self._call(fn, res.group, res.version, namespace, res.plural, name)

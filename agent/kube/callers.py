@@ -9,7 +9,6 @@ node's pods maps the UID to a namespace. Anything unknown is refused: fail close
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,10 @@ from typing import Any
 from aiohttp import web
 
 from nodecache.agent.kube.watching import Informer
+from nodecache.serve.http import CALLER
 from nodecache.serve.peers import peer_pid, pod_uid_of
 
-__all__ = ["REPOSITORY_INDEX", "CallerIdentity", "namespace_guard", "peer_pid", "pod_uid_of"]
-
-Access = Callable[[str], frozenset[str] | None]  # model -> allowed namespaces (None: all)
+__all__ = ["CallerIdentity", "caller_middleware", "peer_pid", "pod_uid_of"]
 
 
 class CallerIdentity:
@@ -43,44 +41,23 @@ class CallerIdentity:
         return None
 
 
-REPOSITORY_INDEX = "/v2/repository/index"
-
-
-def namespace_guard(access: Access, identity: CallerIdentity) -> Any:
-    """aiohttp middleware: 403 for a namespaced model when the caller's pod is elsewhere,
-    and a repository index that lists only the models the caller may use."""
-
-    def visible(namespace: str | None, entry: Any) -> bool:
-        allowed = access(str(entry.get("name", ""))) if isinstance(entry, dict) else None
-        return allowed is None or namespace in allowed
+def caller_middleware(identity: CallerIdentity) -> Any:
+    """aiohttp middleware: the caller's namespace for the routing (``serve.http.CALLER``),
+    found from its peer credentials only when a name depends on it, at most once a
+    request. The routing refuses what the caller may not use (403) and lists only the rest."""
 
     @web.middleware
-    async def guard(
+    async def identify(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path == REPOSITORY_INDEX:
-            response = await handler(request)
-            if response.status != 200 or not isinstance(response, web.Response):
-                return response
-            entries = json.loads(response.body or b"[]")  # type: ignore[arg-type]
-            namespace = identity.namespace_of(peer_pid(request.transport))
-            shown = [e for e in entries if visible(namespace, e)]
-            return web.json_response(shown)
-        model = request.match_info.get("name")
-        allowed = access(model) if model else None
-        if allowed is not None:
-            namespace = identity.namespace_of(peer_pid(request.transport))
-            if namespace not in allowed:
-                caller = (
-                    f"a pod of namespace {namespace}"
-                    if namespace
-                    else "not a known pod of this node (or not on the node socket)"
-                )
-                message = (
-                    f"model {model} answers only to pods of namespace(s) "
-                    f"{', '.join(sorted(allowed))}; the caller is {caller}"
-                )
-                return web.json_response({"error": message}, status=403)
+        found: list[str | None] = []
+
+        def caller() -> str | None:
+            if not found:
+                found.append(identity.namespace_of(peer_pid(request.transport)))
+            return found[0]
+
+        request[CALLER] = caller
         return await handler(request)
 
-    return guard
+    return identify

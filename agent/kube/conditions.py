@@ -59,6 +59,7 @@ class CopyFacts:
     size: int  # modelSize in bytes
     silent: list[str]  # nodes of placed copies whose agent stopped reporting
     failed: list[tuple[str, str]]  # (node, error) of placed copies in Error
+    conflict: str | None = None  # why the cache is not placed at all (a repeated version)
 
 
 class Reason(NamedTuple):
@@ -72,6 +73,11 @@ class Reason(NamedTuple):
 
 
 READY_REASONS: tuple[Reason, ...] = (
+    Reason(
+        "DuplicateVersion", False, True,
+        lambda f: f.conflict is not None,
+        lambda f: f"not placed: {f.conflict}",
+    ),
     Reason(
         "NodeGroupNotFound", False, True,
         lambda f: bool(f.missing),

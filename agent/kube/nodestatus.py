@@ -63,9 +63,13 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
 
     A ``modelName`` of ``ns/name`` names a LocalModelNamespaceCache, a bare name a
     LocalModelCache. The model answers on the socket under the cache's own name.
+    Declarations come oldest cache first, the reconciler's order: of two caches serving one
+    version of a name, both refuse the newer (placement leaves it off every node, but an
+    edit can make two collide on a node for a pass).
     """
     out = Resolved({}, {}, {}, complete=node is not None)
-    for entry in ((node or {}).get("spec") or {}).get("localModels") or []:
+    entries = ((node or {}).get("spec") or {}).get("localModels") or []
+    for entry in sorted(entries, key=lambda e: _created(e["modelName"], caches)):
         model_name = entry["modelName"]
         namespace, _, name = model_name.rpartition("/")
         obj = caches.get((namespace, name))
@@ -80,19 +84,26 @@ def resolve(node: JSON | None, caches: dict[tuple[str, str], JSON]) -> Resolved:
             out.errors[model_name] = str(exc)
             out.complete = False
             continue
-        if decl.name in out.declarations:
+        if decl.key in out.declarations:
             out.errors[model_name] = (
-                f"model name {decl.name!r} is already served for {out.origins[decl.name]}"
+                f"model name {decl.key!r} is already served for {out.origins[decl.key]}"
             )
             continue
         # The reconciler says which nodes hold a warm copy; the others keep it on disk.
-        out.declarations[decl.name] = replace(decl, keep_warm=entry.get("warm"))
-        out.origins[decl.name] = f"{kind}/{model_name}"
+        out.declarations[decl.key] = replace(decl, keep_warm=entry.get("warm"))
+        out.origins[decl.key] = f"{kind}/{model_name}"
         allowed = (obj.get("spec") or {}).get("allowedNamespaces")
-        out.access[decl.name] = (
+        out.access[decl.key] = (
             frozenset([namespace]) if namespace else frozenset(allowed) if allowed else None
         )
     return out
+
+
+def _created(model_name: str, caches: dict[tuple[str, str], JSON]) -> tuple[str, str, str]:
+    """(creationTimestamp, namespace, name) of a modelName's cache: placement's order."""
+    namespace, _, name = model_name.rpartition("/")
+    meta = (caches.get((namespace, name)) or {}).get("metadata") or {}
+    return meta.get("creationTimestamp") or "", namespace, name
 
 
 class RequestRates:
@@ -170,6 +181,7 @@ def node_status(
             "lastUsed": rfc3339(m.get("lastUsed")),
             "device": m.get("device"),
             "requestsPerSecond": (rates or {}).get(model),
+            "serving": _serving(m.get("serving")),
         }
         models[model_name] = {k: v for k, v in entry.items() if v is not None}
     for model_name, error in errors.items():
@@ -193,6 +205,14 @@ def node_status(
     if generation is not None:
         status["observedGeneration"] = generation
     return status
+
+
+def _serving(raw: Any) -> JSON | None:
+    """The served name, version and weights the agent applies to a model now: the cache's
+    status shows each node's, so a weight change can be watched reaching every node."""
+    if not isinstance(raw, dict):
+        return None
+    return {k: raw[k] for k in ("name", "version", "traffic", "mirror") if k in raw}
 
 
 class StatusWriter:

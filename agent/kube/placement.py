@@ -13,23 +13,29 @@ device memory first, between warm.minReplicas and warm.maxReplicas: warm.replica
 hand or an HPA through /scale) if present, else raised while the reported request rate per
 warm copy exceeds warm.targetRequestsPerSecond and lowered while the model is idle.
 
-A pass runs in named phases over one :class:`Cluster`: observe (index the inputs and count
-the copies in place), then per cache, oldest first, keep or place its disk copies, choose
-the warm ones and write its status (each cache's placement takes room the next ones see),
-then the node specs and group statuses. Condition reasons live in
-:mod:`nodecache.agent.kube.conditions`.
+Versions (:mod:`nodecache.agent.kube.versions`): caches serving one name in one scope are
+placed on the nodes that hold the name's other versions first, when they fit there; a
+cache repeating a version an older one serves is not placed (DuplicateVersion). Each
+version's own count above is its demand. A node splits a name's requests among the versions
+warm on it, so every version taking requests (traffic or mirror above 0) is warm on the same
+nodes, as many as its name's versions demand together; a version at traffic 0 keeps its
+minReplicas, on those nodes first.
+
+A pass runs in named phases over one :class:`Cluster`: observe (in
+:mod:`nodecache.agent.kube.observing`: index the inputs and count the copies in place),
+then per cache, oldest first, keep or place its disk copies (each cache's placement takes
+room the next ones see), then per cache, biggest share of its name first, choose the warm
+ones and write its status, then the node specs and group statuses.
+Condition reasons live in :mod:`nodecache.agent.kube.conditions`.
 """
 
 from __future__ import annotations
 
-import datetime
 import heapq
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-from kubernetes.utils.quantity import parse_quantity
 
 from nodecache.agent.kube.conditions import (
     CopyFacts,
@@ -40,23 +46,21 @@ from nodecache.agent.kube.conditions import (
     group_conditions,
     transitions,
 )
+from nodecache.agent.kube.observing import (
+    ON_DISK,
+    Cluster,
+    GroupedNode,
+    cache_key,
+    model_name,
+    observe,
+    to_bytes,
+)
+from nodecache.agent.kube.versions import Versions, warm_demand, warm_with_name
 
-__all__ = [
-    "FINALIZER",
-    "Cluster",
-    "Event",
-    "Plan",
-    "cache_key",
-    "format_quantity",
-    "model_name",
-    "node_ready",
-    "observe",
-    "plan",
-]
+__all__ = ["FINALIZER", "Event", "Plan", "format_quantity", "plan"]
 
 JSON = dict[str, Any]
 FINALIZER = "nodecache.io/cleanup"
-ON_DISK = {"Downloaded", "Loading", "Warm"}
 SCALE_SELECTOR = "app.kubernetes.io/name=nodecache-agent"
 _KEEP_FIRST = {"Warm": 0, "Loading": 1, "Downloaded": 2, "Downloading": 3}  # of surplus copies
 
@@ -69,65 +73,6 @@ class Plan:
     delete_nodes: list[str] = field(default_factory=list)
     release: list[tuple[str, str]] = field(default_factory=list)  # caches to drop FINALIZER
     events: list[Event] = field(default_factory=list)
-
-
-def cache_key(obj: JSON) -> tuple[str, str]:
-    meta = obj["metadata"]
-    return meta.get("namespace") or "", meta["name"]
-
-
-def model_name(key: tuple[str, str]) -> str:
-    return f"{key[0]}/{key[1]}" if key[0] else key[1]
-
-
-def node_ready(node: JSON) -> bool:
-    conditions = (node.get("status") or {}).get("conditions") or []
-    ready = next((c for c in conditions if c.get("type") == "Ready"), None)
-    unschedulable = (node.get("spec") or {}).get("unschedulable", False)
-    return bool(ready and ready.get("status") == "True") and not unschedulable
-
-
-@dataclass
-class _Node:
-    name: str
-    ready: bool
-    budget: int  # the tightest storageLimit of its groups
-    free: int | None  # reported free disk minus copies placed but not yet downloaded
-    device_free: int  # reported free device memory, GPUs counted first
-    used: int = 0
-    groups: list[str] = field(default_factory=list)
-    models: dict[str, JSON] = field(default_factory=dict)  # modelName -> reported status
-    silent: bool = False  # no heartbeat from its agent lately
-
-    def room(self) -> int:
-        room = self.budget - self.used
-        return room if self.free is None else min(room, self.free)
-
-    def state(self, model: str) -> str | None:
-        return (self.models.get(model) or {}).get("state")
-
-    def take(self, size: int) -> None:
-        """A new copy is placed here: it takes room, and disk until it is downloaded."""
-        self.used += size
-        if self.free is not None:
-            self.free -= size
-
-
-@dataclass
-class Cluster:
-    """One pass's view of the cluster. The per-cache phases take room on ``nodes`` and
-    write ``specs``, in cache order: that running account is the pass's only state."""
-
-    now: float
-    groups: dict[str, JSON]  # name -> LocalModelNodeGroup
-    members: dict[str, list[_Node]]  # group -> its nodes
-    nodes: dict[str, _Node]  # nodes in at least one group
-    local: dict[str, JSON]  # name -> LocalModelNode
-    node_names: set[str]  # every Node that exists
-    current: dict[str, dict[str, JSON]]  # node -> modelName -> its spec entry now
-    holders: dict[str, list[str]]  # modelName -> nodes whose spec has it now
-    sizes: dict[str, int]  # modelName -> modelSize in bytes
-    specs: dict[str, dict[str, JSON]]  # node -> modelName -> its spec entry to be
 
 
 def plan(
@@ -153,123 +98,27 @@ def plan(
     )  # fmt: skip
     # LocalModelNodes whose Node is gone are garbage; their copies move with the plan below.
     out = Plan(delete_nodes=sorted(n for n in cluster.local if n not in cluster.node_names))
+    live = [c for c in ordered if not c["metadata"].get("deletionTimestamp")]
+    versions = Versions.index(live)
+    placements: list[_Placement] = []
     for cache in ordered:
         key = cache_key(cache)
         if cache["metadata"].get("deletionTimestamp"):
             _forget(cluster, model_name(key))
             if FINALIZER in (cache["metadata"].get("finalizers") or []):
                 out.release.append(key)
-            continue
-        status = _place(cluster, cache)
-        out.cache_status[key] = status
+        elif model_name(key) in versions.refused:
+            _forget(cluster, model_name(key))
+            out.cache_status[key] = _refused_status(cluster, cache, versions)
+        else:
+            placements.append(_place_copies(cluster, cache, versions))
+    _choose_warm(cluster, placements, versions, out.cache_status)
+    for cache in live:
+        status = out.cache_status[cache_key(cache)]
         out.events += transitions(cache, cache.get("status") or {}, status)
     out.node_specs = _node_specs(cluster)
     out.group_status = {g: _group_status(cluster, g) for g in cluster.members}
     return out
-
-
-# -- observe ---------------------------------------------------------------------------
-
-
-def observe(
-    caches: Iterable[JSON],
-    groups: Iterable[JSON],
-    nodes: Iterable[JSON],
-    local_nodes: Iterable[JSON],
-    *,
-    now: float,
-    agent_timeout: float,
-) -> Cluster:
-    """Index the inputs; copies already in place count against room before anything new."""
-    nodes = list(nodes)
-    by_name = {g["metadata"]["name"]: g for g in groups}
-    local = {n["metadata"]["name"]: n for n in local_nodes}
-    members: dict[str, list[_Node]] = {name: [] for name in by_name}
-    infos: dict[str, _Node] = {}
-    for node in nodes:
-        name = node["metadata"]["name"]
-        labels = node["metadata"].get("labels") or {}
-        mine = [
-            g for g, obj in by_name.items()
-            if _labels_match((obj.get("spec") or {}).get("nodeSelector") or {}, labels)
-        ]  # fmt: skip
-        if not mine:
-            continue
-        status = (local.get(name) or {}).get("status") or {}
-        infos[name] = _read_node(node, mine, by_name, status, now, agent_timeout)
-        for g in mine:
-            members[g].append(infos[name])
-    current = {
-        name: {e["modelName"]: e for e in ((obj.get("spec") or {}).get("localModels") or [])}
-        for name, obj in local.items()
-        if name in infos
-    }
-    holders: dict[str, list[str]] = {}
-    for node_name, entries in current.items():
-        for m in entries:
-            holders.setdefault(m, []).append(node_name)
-    cluster = Cluster(
-        now=now, groups=by_name, members=members, nodes=infos, local=local,
-        node_names={n["metadata"]["name"] for n in nodes}, current=current, holders=holders,
-        sizes={model_name(cache_key(c)): _quantity(c["spec"].get("modelSize")) for c in caches},
-        specs={name: {} for name in infos},
-    )  # fmt: skip
-    _count_in_place(cluster)
-    return cluster
-
-
-def _read_node(
-    node: JSON, mine: list[str], groups: dict[str, JSON], status: JSON, now: float, timeout: float
-) -> _Node:
-    """A node of ``mine`` groups as its agent last reported it (all Unknown if silent)."""
-    capacity = status.get("capacity") or {}
-    reported = status.get("modelStatus") or {}
-    silent = bool(reported) and not _recent(status.get("heartbeat"), now, timeout)
-    if silent:
-        reported = {m: {"state": "Unknown"} for m in reported}
-    devices = capacity.get("devices") or []
-    gpus = [d for d in devices if str(d.get("name", "")).startswith("cuda")]
-    return _Node(
-        name=node["metadata"]["name"],
-        ready=node_ready(node),
-        budget=min(_quantity(groups[g]["spec"].get("storageLimit")) for g in mine),
-        free=(capacity.get("disk") or {}).get("free"),
-        device_free=sum(int(d.get("free") or 0) for d in (gpus or devices)),
-        groups=mine,
-        models=reported,
-        silent=silent,
-    )
-
-
-def _count_in_place(cluster: Cluster) -> None:
-    """Copies in the specs now take room; those not yet on disk also take free disk."""
-    for name, entries in cluster.current.items():
-        info = cluster.nodes[name]
-        for m in entries:
-            if m in cluster.sizes:
-                info.used += cluster.sizes[m]
-                if info.free is not None and info.models.get(m, {}).get("state") not in ON_DISK:
-                    info.free -= cluster.sizes[m]
-
-
-def _labels_match(selector: JSON, labels: JSON) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def _recent(heartbeat: str | None, now: float, timeout: float) -> bool:
-    if not heartbeat:
-        return False
-    try:
-        then = datetime.datetime.strptime(heartbeat[:19], "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
-        return False
-    return now - then.replace(tzinfo=datetime.UTC).timestamp() <= timeout
-
-
-def _quantity(value: Any) -> int:
-    if value is None:
-        return 0
-    return int(parse_quantity(value))
 
 
 # -- per cache ---------------------------------------------------------------------------
@@ -281,11 +130,24 @@ def _forget(cluster: Cluster, name: str) -> None:
         cluster.nodes[node_name].used -= cluster.sizes[name]
 
 
-def _place(cluster: Cluster, cache: JSON) -> JSON:
-    """Disk copies, then warm copies, then the cache's status."""
+@dataclass
+class _Placement:
+    """One cache after its disk copies are placed: what its warm copies and status need."""
+
+    cache: JSON
+    name: str  # modelName
+    copies: list[GroupedNode]  # disk copies on Ready nodes
+    ready: int  # Ready nodes in its groups
+    wanted: int  # disk copies asked for
+    demand: int  # warm copies its own policy and load ask for
+
+
+def _place_copies(cluster: Cluster, cache: JSON, versions: Versions) -> _Placement:
+    """Keep the copies in place, add the missing ones (where the name's other versions are
+    first), and work out the warm copies the cache's own policy and load ask for."""
     spec = cache["spec"]
     name = model_name(cache_key(cache))
-    candidates: dict[str, _Node] = {}
+    candidates: dict[str, GroupedNode] = {}
     for g in spec["nodeGroups"]:
         for n in cluster.members.get(g, []):
             candidates[n.name] = n
@@ -293,17 +155,46 @@ def _place(cluster: Cluster, cache: JSON) -> JSON:
     wanted = spec.get("replicas")
     wanted = len(ready) if wanted is None else wanted
     copies = _keep_copies(cluster, name, spec["sourceModelUri"], candidates, wanted)
-    _add_copies(cluster, name, spec["sourceModelUri"], ready, copies, wanted)
-    target = _warm_target(cache, spec.get("warm") or {}, copies, name)
-    _mark_warm(cluster, name, copies, target)
+    siblings = versions.siblings(name)
+    _add_copies(cluster, name, spec["sourceModelUri"], ready, copies, wanted, siblings)
+    rate = sum(float((n.models.get(name) or {}).get("requestsPerSecond") or 0) for n in copies)
+    last = (cache.get("status") or {}).get("warm") or {}
+    demand = warm_demand(spec.get("warm") or {}, last, len(copies), rate)
+    return _Placement(cache, name, copies, len(ready), wanted, demand)
+
+
+def _choose_warm(
+    cluster: Cluster, placements: list[_Placement], versions: Versions, out: dict[Any, JSON]
+) -> None:
+    """Each version's warm copies, biggest share of its name first, so that the others'
+    warm copies join the nodes it chose; then each cache's status."""
+    name_demand: dict[tuple[str, str], int] = {}
+    for p in placements:
+        slot = versions.of[p.name].slot
+        name_demand[slot] = name_demand.get(slot, 0) + p.demand
+    for p in sorted(placements, key=lambda p: -versions.share(p.name)):
+        policy = p.cache["spec"].get("warm") or {}
+        target = warm_with_name(
+            p.demand,
+            versions.serves(p.name),
+            name_demand[versions.of[p.name].slot],
+            policy,
+            len(p.copies),
+        )
+        _mark_warm(cluster, p.name, p.copies, target, versions.siblings(p.name))
+        out[cache_key(p.cache)] = _status(cluster, p, target, versions)
+
+
+def _status(cluster: Cluster, p: _Placement, target: int, versions: Versions) -> JSON:
+    spec, name, copies = p.cache["spec"], p.name, p.copies
     holding = {*(n.name for n in copies), *(n for n in cluster.holders.get(name, [])
                                              if name in cluster.specs[n])}  # fmt: skip
     failed = [n for n in copies if n.state(name) == "Error"]
     facts = CopyFacts(
         node_groups=spec["nodeGroups"],
         missing=[g for g in spec["nodeGroups"] if g not in cluster.groups],
-        ready_nodes=len(ready),
-        wanted=wanted,
+        ready_nodes=p.ready,
+        wanted=p.wanted,
         placed=len(copies),
         available=sum(1 for n in copies if n.state(name) in ON_DISK),
         warm=sum(1 for n in copies if n.state(name) == "Warm"),
@@ -312,22 +203,53 @@ def _place(cluster: Cluster, cache: JSON) -> JSON:
         failed=[(n.name, n.models.get(name, {}).get("error", "unknown error")) for n in failed],
     )
     return {
-        **generation(cache),
+        **generation(p.cache),
         "nodeStatus": {n: cluster.nodes[n].state(name) or "Pending" for n in sorted(holding)},
+        "serving": versions.status(name),
+        # What each node's agent applies now: a weight change reaches every node in turn.
+        "nodeServing": {
+            n: serving
+            for n in sorted(holding)
+            if isinstance(serving := (cluster.nodes[n].models.get(name) or {}).get("serving"), dict)
+        },
         "copies": {"available": facts.available, "total": facts.placed, "failed": len(failed)},
-        "warm": {"replicas": facts.warm, "desired": target, "selector": SCALE_SELECTOR},
+        "warm": {
+            "replicas": facts.warm,
+            "desired": target,
+            "demand": p.demand,
+            "selector": SCALE_SELECTOR,
+        },
+        "conditions": cache_conditions(p.cache.get("status") or {}, facts, cluster.now),
+    }
+
+
+def _refused_status(cluster: Cluster, cache: JSON, versions: Versions) -> JSON:
+    """A cache repeating a served version: nothing placed, and a condition that says why."""
+    spec = cache["spec"]
+    name = model_name(cache_key(cache))
+    facts = CopyFacts(
+        node_groups=spec["nodeGroups"], missing=[], ready_nodes=0, wanted=0, placed=0,
+        available=0, warm=0, size=cluster.sizes[name], silent=[], failed=[],
+        conflict=versions.refused[name],
+    )  # fmt: skip
+    return {
+        **generation(cache),
+        "nodeStatus": {},
+        "serving": versions.status(name),
+        "copies": {"available": 0, "total": 0, "failed": 0},
+        "warm": {"replicas": 0, "desired": 0, "demand": 0, "selector": SCALE_SELECTOR},
         "conditions": cache_conditions(cache.get("status") or {}, facts, cluster.now),
     }
 
 
 def _keep_copies(
-    cluster: Cluster, name: str, uri: str, candidates: dict[str, _Node], wanted: int
-) -> list[_Node]:
+    cluster: Cluster, name: str, uri: str, candidates: dict[str, GroupedNode], wanted: int
+) -> list[GroupedNode]:
     """Copies in place stay (best state first) up to ``wanted``; the rest give their room
     back. A NotReady node keeps its entry, unseen: no re-download when it returns."""
     size = cluster.sizes[name]
     holders = cluster.holders.get(name, [])
-    kept: list[_Node] = []
+    kept: list[GroupedNode] = []
     for n in sorted(holders, key=lambda n: (_KEEP_FIRST.get(cluster.nodes[n].state(name), 9), n)):
         info = cluster.nodes[n]
         if n not in candidates or cluster.current[n][name].get("sourceModelUri") != uri:
@@ -346,29 +268,50 @@ def _add_copies(
     cluster: Cluster,
     name: str,
     uri: str,
-    ready: dict[str, _Node],
-    copies: list[_Node],
+    ready: dict[str, GroupedNode],
+    copies: list[GroupedNode],
     wanted: int,
+    siblings: list[str],
 ) -> None:
-    """New copies, up to ``wanted``, on the Ready nodes with the most room that fit it."""
+    """New copies, up to ``wanted``, on the Ready nodes that fit it: those holding the
+    most of the name's other versions first, then those with the most room."""
     short = wanted - len(copies)
     if short <= 0:
         return
     size = cluster.sizes[name]
     placed = {n.name for n in copies}
     fits = (n for n in ready.values() if n.name not in placed and n.room() >= size)
-    for info in heapq.nsmallest(short, fits, key=lambda n: (-n.room(), n.name)):
+
+    def together(n: GroupedNode) -> int:  # of the name's few versions, not the node's many models
+        here, now = cluster.specs[n.name], cluster.current.get(n.name, {})
+        return sum(1 for s in siblings if s in here or s in now)
+
+    for info in heapq.nsmallest(short, fits, key=lambda n: (-together(n), -n.room(), n.name)):
         info.take(size)
         cluster.specs[info.name][name] = {"modelName": name, "sourceModelUri": uri}
         copies.append(info)
 
 
-def _mark_warm(cluster: Cluster, name: str, copies: list[_Node], target: int) -> None:
-    """``target`` disk copies are warm: those warm now first, then most free device memory."""
+def _mark_warm(
+    cluster: Cluster, name: str, copies: list[GroupedNode], target: int, siblings: list[str]
+) -> None:
+    """``target`` disk copies are warm: where another version of the name was just chosen
+    warm first (a node splits the name's requests among its own warm versions), then where
+    the name (this version or another) is warm now, then those loaded already, then most
+    free device memory."""
+
+    def chosen_for(n: GroupedNode) -> bool:
+        return any(cluster.specs[n.name].get(s, {}).get("warm") for s in siblings)
+
+    def warm_now(n: GroupedNode) -> bool:
+        now = cluster.current.get(n.name, {})
+        return any(now.get(m, {}).get("warm", False) for m in (name, *siblings))
+
     chosen = sorted(
         copies,
         key=lambda n: (
-            not cluster.current.get(n.name, {}).get(name, {}).get("warm", False),
+            not chosen_for(n),
+            not warm_now(n),
             n.state(name) != "Warm",
             -n.device_free,
             n.name,
@@ -376,26 +319,6 @@ def _mark_warm(cluster: Cluster, name: str, copies: list[_Node], target: int) ->
     )[:target]
     for info in copies:
         cluster.specs[info.name][name]["warm"] = info in chosen
-
-
-def _warm_target(cache: JSON, policy: JSON, copies: list[_Node], name: str) -> int:
-    if not policy:
-        return len(copies)  # no policy: every disk copy is also warm
-    low = policy.get("minReplicas", 0)
-    high = policy.get("maxReplicas", len(copies))
-    if "replicas" in policy:  # set by hand or by an HPA through /scale
-        desired = policy["replicas"]
-    else:
-        desired = ((cache.get("status") or {}).get("warm") or {}).get("desired", low)
-        rate = sum(float((n.models.get(name) or {}).get("requestsPerSecond") or 0) for n in copies)
-        per_copy = policy.get("targetRequestsPerSecond")
-        # Per copy of the *desired* count: a copy on its way already counts, so passes that
-        # see the same report do not keep adding. Lower only well below target (hysteresis).
-        if per_copy and rate / max(1, desired) > per_copy:
-            desired += 1
-        elif rate == 0 or (per_copy and desired > 1 and rate / (desired - 1) < per_copy / 2):
-            desired -= 1
-    return max(0, min(len(copies), max(low, min(high, desired))))
 
 
 # -- nodes and groups --------------------------------------------------------------------
@@ -414,7 +337,7 @@ def _node_specs(cluster: Cluster) -> dict[str, list[JSON]]:
 def _group_status(cluster: Cluster, name: str) -> JSON:
     group = cluster.groups[name]
     ready = [n for n in cluster.members[name] if n.ready]
-    limit = _quantity(group["spec"].get("storageLimit"))
+    limit = to_bytes(group["spec"].get("storageLimit"))
     return {
         **generation(group),
         "nodes": len(ready),

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import logging
 import socket
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +34,8 @@ from nodecache.agent.kube.errors import ApiConflict, ApiError, ApiNotFound
 from nodecache.agent.kube.leader import LeaderElector
 from nodecache.agent.kube.placement import FINALIZER, Event, Plan, plan
 from nodecache.agent.kube.watching import Informer
+from nodecache.agent.settings import ReconcilerOptions
+from nodecache.serve.http import NodeServer
 from nodecache.serve.loop import on_stop_signal
 
 __all__ = ["Reconciler", "ReconcilerOptions", "run_reconciler"]
@@ -43,32 +44,8 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 PASSES = Counter("nodecache_reconciler_passes_total", "Reconcile passes run while leading")
 WRITES = Counter("nodecache_reconciler_writes_total", "Objects written by the reconciler", ["kind"])
-
-
-@dataclass(frozen=True)
-class ReconcilerOptions:
-    kubeconfig: Path | None = None
-    """None: in-cluster config, else $KUBECONFIG, else ~/.kube/config."""
-    lease_name: str = "nodecache-reconciler"
-    lease_namespace: str = "nodecache-system"
-    identity: str = ""
-    """Unique per replica (the pod name); default: hostname plus a random suffix."""
-    metrics_port: int | None = 9465
-    metrics_host: str = "0.0.0.0"
-    resync_interval: float = 30.0
-    agent_timeout: float = 120.0
-    """An agent silent (no LocalModelNode heartbeat) this long: its copies count as Unknown."""
-    min_pass_interval: float = 1.0
-    """Passes start at most this often: at 5,000 nodes the agents' status writes alone
-    would otherwise keep one pass running after another."""
-    watch_timeout: float = 300.0
-    lease_duration: float = 15.0
-    renew_deadline: float = 10.0
-    retry_period: float = 2.0
-    write_concurrency: int = 16
-    """API writes in flight at once during a pass (placing 5,000 nodes at the first pass)."""
-    event_namespace: str = "default"
-    """Where events about cluster-scoped caches go (kubectl describe finds them there)."""
+MAX_BODY = 1024
+"""Bytes a request body to the metrics port may have: its two routes read none."""
 
 
 async def run_reconciler(options: ReconcilerOptions, *, stop: asyncio.Event | None = None) -> None:
@@ -77,7 +54,11 @@ async def run_reconciler(options: ReconcilerOptions, *, stop: asyncio.Event | No
     on_stop_signal(stop)
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
     reconciler = Reconciler(kube, options)
-    health = await _start_health(options, reconciler)
+    try:
+        health = await _start_health(options, reconciler)
+    except BaseException:
+        kube.api.close()
+        raise
     task = asyncio.create_task(reconciler.run())
     log.info("reconciler started", extra={"identity": reconciler.elector.identity})
     try:
@@ -87,7 +68,7 @@ async def run_reconciler(options: ReconcilerOptions, *, stop: asyncio.Event | No
         with contextlib.suppress(asyncio.CancelledError):
             await task
         if health is not None:
-            await health.cleanup()
+            await health.stop()
         kube.api.close()
         log.info("reconciler stopped")
 
@@ -304,7 +285,9 @@ class Reconciler:
             log.info("event not recorded", extra={"error": str(exc)})
 
 
-async def _start_health(options: ReconcilerOptions, reconciler: Reconciler) -> web.AppRunner | None:
+async def _start_health(options: ReconcilerOptions, reconciler: Reconciler) -> NodeServer | None:
+    """``/healthz`` and ``/metrics`` within the node's transport limits: the port listens on
+    every address by default, so a slow or oversized request from anywhere must not hold it."""
     if not options.metrics_port:
         return None
 
@@ -314,10 +297,23 @@ async def _start_health(options: ReconcilerOptions, reconciler: Reconciler) -> w
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, options.metrics_host, options.metrics_port).start()
-    return runner
+    server = NodeServer(
+        app,
+        None,
+        tcp_host=options.metrics_host,
+        tcp_port=options.metrics_port,
+        limits=options.limits,
+    )
+    try:
+        await server.start()
+    except OSError as exc:  # one line for the operator, not a traceback
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        port = options.metrics_port
+        raise SystemExit(
+            f"nodecache: metrics port {port} is in use ({exc.strerror}); pass --metrics-port"
+        ) from None
+    return server

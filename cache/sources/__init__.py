@@ -14,10 +14,11 @@ and a server for it in ``tests/test_source_conformance.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from nodecache.cache.azure_uri import is_blob_url
 from nodecache.cache.errors import CacheError
+from nodecache.cache.ociref import Mirror
 from nodecache.cache.sources.azure import AzureSource
 from nodecache.cache.sources.base import RemoteFile, Sink, Source
 from nodecache.cache.sources.errors import (
@@ -69,6 +70,7 @@ def open_source(
     chunk_size: int,
     timeout: float,
     credentials: Mapping[str, str] | None = None,
+    registry_mirrors: Sequence[Mirror] = (),
 ) -> Source:
     """Return the :class:`Source` for ``uri``. Blocking (imports, clients).
 
@@ -78,12 +80,14 @@ def open_source(
     ``AWS_SHARED_CREDENTIALS_FILE`` + ``AWS_PROFILE``, ``AWS_NO_SIGN_REQUEST``,
     ``AWS_CA_BUNDLE``; ``GOOGLE_APPLICATION_CREDENTIALS`` (a path),
     ``GOOGLE_SERVICE_ACCOUNT_JSON``, ``STORAGE_EMULATOR_HOST``; ``AZURE_STORAGE_*`` and
-    Azure AD identities (:mod:`.azure`).
+    Azure AD identities (:mod:`.azure`). ``registry_mirrors`` are tried first for
+    ``oci://`` sources of their registry.
     """
     uri = validate_source_uri(uri)
     kind = AzureSource if is_blob_url(uri) else _KINDS[uri.split(":", 1)[0]]
+    extra = {"mirrors": registry_mirrors} if kind is OciSource else {}
     try:
-        return kind(uri, chunk_size=chunk_size, timeout=timeout, credentials=credentials)
+        return kind(uri, chunk_size=chunk_size, timeout=timeout, credentials=credentials, **extra)
     except CacheError:
         raise
     except Exception as exc:

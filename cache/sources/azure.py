@@ -8,7 +8,8 @@ event-loop thread and are copied into a ``bytes`` each.
 
 A blob's ``Content-MD5`` (stored by Azure for single-shot uploads) is published as its MD5
 and checked as the bytes arrive; a blob without one is checked by size, and the sha256 the
-fetcher records at first download is what every later check compares with.
+fetcher records at first download is what every later check compares with. Status says
+which (:attr:`AzureSource.resolved`).
 
 Credentials, the storage secret's values first, then the environment:
 
@@ -40,6 +41,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from nodecache.cache.azure_uri import AzureLocation, parse_azure_uri
+from nodecache.cache.checksums import checks_applied
 from nodecache.cache.errors import FetchError, IntegrityError
 from nodecache.cache.sources.base import RemoteFile, Sink, lookup_setting
 from nodecache.cache.sources.bucket import FsspecBucketSource
@@ -160,8 +162,9 @@ class AzureSource(FsspecBucketSource):
     def verified_by(self) -> str:
         """How the listed blobs are checked, for status: by their Content-MD5, or (a blob
         committed from blocks has none) by size, with the sha256 of the first download
-        recorded in the manifest as what every later check compares with."""
-        with_md5 = sum(1 for f in self.listed if f.md5)
+        recorded in the manifest as what every later check compares with. Counted with the
+        fetcher's own rule (:func:`~nodecache.cache.checksums.checks_applied`)."""
+        with_md5 = sum(1 for f in self.listed if "MD5" in checks_applied(f))
         if self.listed and with_md5 == len(self.listed):
             return "Content-MD5 published by Azure"
         if not with_md5:
@@ -170,6 +173,11 @@ class AzureSource(FsspecBucketSource):
             f"Content-MD5 for {with_md5} of {len(self.listed)} blobs; the others by size, "
             "sha256 recorded at first download"
         )
+
+    @property
+    def resolved(self) -> str | None:
+        """How the blobs were checked, for status (the URI names the bytes directly)."""
+        return f"checked by {self.verified_by}" if self.listed else None
 
     def _connect(self, loc: AzureLocation) -> tuple[Any, str, _Auth]:
         """(adlfs filesystem, blob endpoint, byte-path auth) from the settings."""

@@ -14,16 +14,21 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from nodecache.cache.budget import WriteBudget
+from nodecache.cache.checksums import CompositeCrc
 from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import check_relative_path
+from nodecache.cache.localdigest import LocalDigest
 from nodecache.cache.uri import redact_uri
 
 __all__ = [
     "RemoteFile",
     "Sink",
     "Source",
+    "UnpackedFile",
     "finish_listing",
     "lookup_setting",
     "map_threads",
@@ -60,6 +65,24 @@ class RemoteFile:
     """``(algorithm, value)`` of a whole-object CRC the source publishes (``crc64nvme``,
     ``crc32c``, ``crc32``: S3 additional checksums, GCS crc32c): when set, the fetcher
     verifies the file by it instead of computing a sha256 or MD5 of every byte."""
+    composite: CompositeCrc | None = None
+    """An S3 COMPOSITE checksum (a multipart upload's CRC of its parts' CRCs) with the
+    upload parts' sizes: verified per upload part, then as the composite."""
+    digest: tuple[str, str] | None = None
+    """``(algorithm, hex)`` of a whole-object hash that cannot be joined from parts
+    (S3 ``xxhash3``, ``xxhash64``, ``xxhash128``, ``sha1``): folded in file order."""
+
+
+@dataclass(frozen=True)
+class UnpackedFile:
+    """A model file a source made from verified fetched files (an image layer's entry)."""
+
+    path: str
+    size: int
+    sha256: str
+    """Of the bytes written, computed as they were."""
+    local: LocalDigest
+    """Its fast local digest, folded in the same pass (for ``nodecache verify``)."""
 
 
 def lookup_setting(credentials: Mapping[str, str], *names: str) -> str | None:
@@ -112,6 +135,15 @@ class Source(ABC):
         Returns the offset reached. Raises on error; bytes already delivered stay delivered,
         so a retry continues from the offset the sink has seen.
         """
+
+    def unpack(
+        self, folder: Path, *, file_mode: int, budget: WriteBudget, abort: threading.Event
+    ) -> list[UnpackedFile] | None:
+        """Make the model's files in ``folder`` from the fetched ones, once every one was
+        verified; None where the fetched files are the model's (most sources). An image
+        source unpacks its layers here, taking what it writes from ``budget`` and stopping
+        when ``abort`` is set. Blocking."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional: most sources hold nothing to release
         """Release connections. Safe to call more than once."""

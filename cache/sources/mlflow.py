@@ -8,18 +8,22 @@ or through the source of that location's own scheme (``s3://``, ``gs://``, ``htt
 with the same credentials.
 
 The proxy publishes no checksum: its files are checked by size, and the sha256 the fetcher
-computes of every file is recorded in the manifest at first download (:attr:`verified_by`).
+computes of every file is recorded in the manifest at first download. Files of another
+location keep every check their own source lists (an S3 object's CRC, an MD5): status names
+the one the fetcher applies (:attr:`verified_by`, by the fetcher's own rule).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import posixpath
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from nodecache.cache.checksums import describe_checks
 from nodecache.cache.errors import FetchError, InvalidSourceError
 from nodecache.cache.models_uri import parse_models_uri
 from nodecache.cache.sources.base import RemoteFile, Sink, Source, finish_listing
@@ -81,10 +85,12 @@ class MlflowSource(Source):
 
     @property
     def verified_by(self) -> str:
-        """How the bytes are checked: what the location publishes, or size plus the sha256
-        recorded at first download where it publishes nothing (the artifact proxy)."""
-        if self.inner is not None and any(f.md5 for f in self.files.values()):
-            return "md5 published by the artifact store"
+        """How the bytes are checked, as the fetcher checks them: what the location
+        publishes (an S3 object's CRC, an MD5, ...), or size plus the sha256 recorded at
+        first download where it publishes nothing (the artifact proxy)."""
+        if self.inner is not None and self.location is not None:
+            store = self.location.partition(":")[0].lower()
+            return describe_checks(list(self.files.values()), f"the artifact store ({store})")
         return "size; sha256 recorded at first download (the source publishes no checksum)"
 
     @property
@@ -207,13 +213,9 @@ class MlflowSource(Source):
         self.files = {f.path: f for f in listed}
         # The journal resumes a part only if its file's ETag is unchanged: the version in
         # it means parts of another version (an alias that moved) are never reused.
+        # Every check the location publishes (CRC, MD5, ...) goes through as listed.
         return finish_listing(
-            [
-                RemoteFile(
-                    f.path, f.url, f.size, f"v{self.version}:{f.etag or ''}", f.md5, f.ranges
-                )
-                for f in listed
-            ],
+            [dataclasses.replace(f, etag=f"v{self.version}:{f.etag or ''}") for f in listed],
             self.uri,
         )
 

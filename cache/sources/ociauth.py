@@ -3,35 +3,58 @@
 Credentials come from, first to last: the cache's ``storage`` secret (``.dockerconfigjson``
 as a ``kubernetes.io/dockerconfigjson`` Secret holds it, or ``REGISTRY_AUTH_FILE``), the
 agent's ``REGISTRY_AUTH_FILE``, ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``.
-Credential helpers (``credsStore``, ``credHelpers``) are not run: an agent on a node has no
-desktop keychain to ask. OAuth2 refresh tokens (``identitytoken``) are not exchanged yet.
+In one config, as Docker reads it: ``credHelpers[HOST]`` names a helper for that registry;
+else an ``auths`` entry with a login; else ``credsStore`` names the helper for every
+registry. A helper is ``docker-credential-NAME get`` on ``PATH`` (ECR, GCR/Artifact
+Registry, ACR all ship one): the server on stdin, ``{"Username", "Secret"}`` on stdout, run
+with a timeout from the worker thread that opens the source. OAuth2 refresh tokens
+(``identitytoken``, a helper's ``<token>`` user) are not exchanged yet.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from nodecache.cache.errors import FetchError
 from nodecache.cache.ociref import DOCKER_HUB, is_loopback
 from nodecache.cache.sources.errors import SourceHttpError
 
-__all__ = ["Challenge", "Login", "RegistryAuth", "find_login", "parse_challenge"]
+__all__ = [
+    "HELPER_TIMEOUT",
+    "Challenge",
+    "Login",
+    "RegistryAuth",
+    "find_login",
+    "parse_challenge",
+    "run_helper",
+]
 
+log = logging.getLogger(__name__)
 _HUB_KEYS = {"docker.io", "index.docker.io", DOCKER_HUB}
 _PARAM = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 _TOKEN_MARGIN = 30.0
 """Seconds before a token's expiry at which it is fetched again."""
 _DEFAULT_TOKEN_LIFE = 60.0
 """What the token spec says a token without ``expires_in`` lives."""
+HELPER_TIMEOUT = 30.0
+"""Seconds a credential helper may take (a cloud helper may fetch a token first)."""
+_HUB_SERVER = "https://index.docker.io/v1/"
+"""What Docker asks a helper for about Docker Hub."""
+_NOT_FOUND = "credentials not found"
+"""What docker-credential-helpers print when they hold nothing for the server."""
 
 Call = Callable[[str, str, dict[str, str]], tuple[int, object, bytes]]
 """``call(method, url, headers) -> (status, response, body)``: one small request."""
@@ -83,18 +106,100 @@ def find_login(registry: str, credentials: Mapping[str, str]) -> Login | None:
     """The login for ``registry`` from the first docker config that has one."""
     for where, text in _config_texts(credentials):
         try:
-            auths = json.loads(text).get("auths") or {}
+            config = json.loads(text)
+            auths = config.get("auths") or {}
+            helpers = config.get("credHelpers") or {}
+            store = config.get("credsStore") or ""
         except (ValueError, AttributeError):
             raise FetchError(
                 f"registry credentials in {where} are not a docker config.json", permanent=True
             ) from None
-        if not isinstance(auths, dict):
+        helper = _entry_for(helpers, registry)
+        if isinstance(helper, str) and helper:
+            login = run_helper(helper, registry, f"credHelpers in {where}")
+            if login is not None:
+                return login
             continue
-        for key, entry in auths.items():
-            if not isinstance(entry, dict) or _registry_of(str(key)) != registry:
-                continue
+        entry = _entry_for(auths, registry)
+        if isinstance(entry, dict) and (_has_login(entry) or not store):
             return _login(entry, where)
+        if store:
+            login = run_helper(str(store), registry, f"credsStore in {where}", required=False)
+            if login is not None:
+                return login
     return None
+
+
+def run_helper(name: str, registry: str, named_in: str, *, required: bool = True) -> Login | None:
+    """``docker-credential-NAME get`` for ``registry``: its login, or None when it holds
+    none. Blocking (at most :data:`HELPER_TIMEOUT`); its errors never show its output.
+
+    A helper named for this registry (``credHelpers``) must exist; a ``credsStore`` that is
+    missing (a desktop's ``desktop`` or ``osxkeychain`` in a copied config) is logged and
+    pulls go on without a login, as they would for a public image."""
+    program = f"docker-credential-{name}"
+    if "/" in name or not shutil.which(program):
+        if not required:
+            log.warning("credential helper %s (%s) is not on PATH; ignored", program, named_in)
+            return None
+        raise FetchError(f"credential helper {program} ({named_in}) is not on PATH", permanent=True)
+    server = _HUB_SERVER if registry == DOCKER_HUB else registry
+    try:
+        done = subprocess.run(
+            [program, "get"],
+            input=server.encode(),
+            capture_output=True,
+            timeout=HELPER_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise FetchError(
+            f"credential helper {program} did not answer for {registry} within "
+            f"{HELPER_TIMEOUT:.0f} s"
+        ) from None
+    except OSError as exc:
+        raise FetchError(f"cannot run credential helper {program}: {exc.strerror}") from None
+    if done.returncode:
+        if _NOT_FOUND in (done.stdout + done.stderr).decode(errors="replace").lower():
+            return None
+        raise FetchError(
+            f"credential helper {program} failed for {registry} (exit {done.returncode}); "
+            f"try: echo {server} | {program} get",
+            permanent=True,
+        )
+    try:
+        answer = json.loads(done.stdout)
+        username, secret = answer["Username"], answer["Secret"]
+    except (ValueError, KeyError, TypeError):
+        raise FetchError(
+            f"credential helper {program} answered no JSON {{Username, Secret}} for {registry}",
+            permanent=True,
+        ) from None
+    if not isinstance(username, str) or not isinstance(secret, str):
+        raise FetchError(
+            f"credential helper {program} answered no JSON {{Username, Secret}} for {registry}",
+            permanent=True,
+        )
+    if username == "<token>":
+        raise FetchError(
+            f"credential helper {program} gave an identity token for {registry}; exchanging "
+            "those is not supported yet: store a username and password or access token",
+            permanent=True,
+        )
+    return Login(username, secret)
+
+
+def _entry_for(table: object, registry: str) -> Any:
+    """The value of a config table (``auths``, ``credHelpers``) for ``registry``."""
+    if isinstance(table, dict):
+        for key, value in table.items():
+            if _registry_of(str(key)) == registry:
+                return value
+    return None
+
+
+def _has_login(entry: dict[str, object]) -> bool:
+    return bool(entry.get("auth") or entry.get("username") or entry.get("password"))
 
 
 def _login(entry: dict[str, object], where: str) -> Login:

@@ -6,6 +6,7 @@ source: our own signed requests where they can go, s3fs where they cannot.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from nodecache.cache.sources.errors import SourceHttpError, parse_http_error
 from nodecache.cache.sources.httpclient import HttpRanges
 from nodecache.cache.sources.s3common import (
     CHECKSUM_NAMES,
+    COMPOSITE_NAMES,
     Refresh,
     S3Settings,
+    composite_layout_needed,
     credential_chain,
+    parse_object_parts,
     resolve_s3_settings,
     s3_remote,
 )
@@ -32,6 +36,9 @@ __all__ = ["S3Config", "S3Source", "open_s3", "signed_config"]
 S3_PAGE = 1000
 """Keys per ``ListObjectsV2`` page (S3's maximum)."""
 _MAX_OBJECTS = 1_000_000
+_MAX_PARTS = 10_000
+"""S3's most parts in one multipart upload."""
+log = logging.getLogger(__name__)
 
 
 def open_s3(uri: str, **kwargs: Any) -> Source:
@@ -175,7 +182,7 @@ class S3Source(Source):
     def list_files(self) -> list[RemoteFile]:
         key = self.key.rstrip("/")
         if key and not self.key.endswith("/"):
-            found = self._head(key)
+            found = self._described(key)
             if found is not None:
                 return finish_listing([s3_remote(posixpath.basename(key), found)], self.uri)
         prefix = key + "/" if key else ""
@@ -185,12 +192,61 @@ class S3Source(Source):
         # A listing names at most an object's checksum algorithm (some stores, SeaweedFS
         # among them, not even that), never its value: one HEAD per object, 8 at a time.
         names = [n for n, _ in listed]
-        heads = dict(zip(names, map_threads(self._head, names), strict=True))
+        heads = dict(zip(names, map_threads(self._described, names), strict=True))
         files = []
         for name, meta in listed:
             info = heads.get(name) or {"name": f"{self.bucket}/{name}", **meta}
             files.append(s3_remote(name[len(prefix) :], info))
         return finish_listing(files, self.uri)
+
+    def _described(self, key: str) -> dict[str, Any] | None:
+        """The object's HEAD, with its upload parts where a composite CRC needs them."""
+        info = self._head(key)
+        if info is not None and composite_layout_needed(info):
+            info["parts"] = self._upload_parts(key, info)
+        return info
+
+    def _upload_parts(self, key: str, info: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The upload parts of a multipart object, with their checksums where S3 lists
+        them: ``GetObjectAttributes`` (ObjectParts, 1000 a page), else one HEAD
+        ``?partNumber=N`` each. None when neither answers (then the object is checked by
+        size, its sha256 recorded, as before)."""
+        parts: list[dict[str, Any]] = []
+        marker = "0"
+        while marker is not None:
+            extra = {
+                "x-amz-object-attributes": "ObjectParts",
+                "x-amz-max-parts": "1000",
+                "x-amz-part-number-marker": marker,
+            }
+            status, _resp, body = self._call("GET", key, "attributes=", extra)
+            if status != 200:
+                log.info("GetObjectAttributes of %s answered %d", key, status)
+                return self._parts_by_head(key, info)
+            page, marker = parse_object_parts(body)
+            parts.extend(page)
+            if len(parts) > _MAX_PARTS:
+                return None
+        return parts or self._parts_by_head(key, info)
+
+    def _parts_by_head(self, key: str, info: dict[str, Any]) -> list[dict[str, Any]] | None:
+        etag = str(info.get("ETag") or "")
+        count = etag.strip('"').rpartition("-")[2]
+        if not count.isdecimal() or not 0 < int(count) <= _MAX_PARTS:
+            return None
+        parts = []
+        for number in range(1, int(count) + 1):
+            status, resp, _ = self._call(
+                "HEAD", key, f"partNumber={number}", {"x-amz-checksum-mode": "ENABLED"}
+            )
+            length = resp.getheader("Content-Length")
+            if status not in (200, 206) or length is None:
+                return None
+            part: dict[str, Any] = {"number": number, "size": int(length)}
+            for name in COMPOSITE_NAMES:
+                part[f"checksum_{name}"] = resp.getheader(f"x-amz-checksum-{name}")
+            parts.append(part)
+        return parts
 
     def _head(self, key: str) -> dict[str, Any] | None:
         """The object's size, ETag and published checksums (``ChecksumMode: ENABLED``);

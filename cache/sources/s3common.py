@@ -11,15 +11,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nodecache.cache.checksums import crc_from_base64
+from nodecache.cache.checksums import (
+    CRCS,
+    STREAMS,
+    CompositeCrc,
+    composite_from_base64,
+    crc_from_base64,
+    stream_from_base64,
+)
 from nodecache.cache.errors import FetchError
 from nodecache.cache.sources.base import RemoteFile, lookup_setting
 
 __all__ = [
     "CHECKSUM_NAMES",
+    "COMPOSITE_NAMES",
     "Refresh",
     "S3Settings",
+    "composite_layout_needed",
     "credential_chain",
+    "parse_object_parts",
     "resolve_s3_settings",
     "s3_remote",
 ]
@@ -110,34 +120,111 @@ def credential_chain(profile: str | None) -> tuple[Refresh, str | None] | None:
     return current, region
 
 
-CHECKSUM_NAMES = ("crc64nvme", "crc32c", "crc32", "sha256")
+CHECKSUM_NAMES = (*CRCS, *STREAMS, "sha256")
 """S3 additional checksums read from ``x-amz-checksum-<name>``, cheapest first."""
+COMPOSITE_NAMES = ("crc32c", "crc32")
+"""The CRCs S3 publishes as COMPOSITE for multipart uploads (CRC64NVME is always
+full-object; a composite SHA1/SHA256 cannot be checked without reading each upload part
+in order, so those objects are checked by size, their sha256 recorded)."""
+
+
+def composite_layout_needed(info: dict[str, Any]) -> bool:
+    """Whether ``info`` (a HEAD's) carries a composite CRC we can check once we know the
+    upload parts' layout (:func:`parse_object_parts`)."""
+    if str(info.get("checksum_type") or "").upper() != "COMPOSITE":
+        return False
+    return any(
+        composite_from_base64(n, str(info.get(f"checksum_{n}") or "")) for n in COMPOSITE_NAMES
+    )
+
+
+def parse_object_parts(body: bytes) -> tuple[list[dict[str, Any]], str | None]:
+    """The upload parts a ``GetObjectAttributes`` answer (``ObjectParts``) lists, each
+    ``{"number", "size", "checksum_<alg>"}``, and the marker of the next page (None: last)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    listing = root.find(f"{ns}ObjectParts")
+    if listing is None:
+        return [], None
+    parts = []
+    for item in listing.iter(f"{ns}Part"):
+        part: dict[str, Any] = {
+            "number": int(item.findtext(f"{ns}PartNumber") or 0),
+            "size": int(item.findtext(f"{ns}Size") or -1),
+        }
+        for name in COMPOSITE_NAMES:
+            part[f"checksum_{name}"] = item.findtext(f"{ns}Checksum{name.upper()}")
+        parts.append(part)
+    truncated = (listing.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+    return parts, listing.findtext(f"{ns}NextPartNumberMarker") if truncated else None
 
 
 def s3_remote(path: str, info: dict[str, Any]) -> RemoteFile:
     """A listed S3 object, with the strongest cheap check it publishes: a whole-object CRC
-    (``checksum_<alg>`` from a HEAD with checksum mode), else its sha256, else the MD5 a
-    single-part ETag (32 hex digits) is. A COMPOSITE checksum (a CRC of the parts' CRCs,
-    ``...-N``) is not one of the bytes as a whole: without part boundaries it is skipped."""
+    (``checksum_<alg>`` from a HEAD with checksum mode), a COMPOSITE CRC (``<b64>-N``, when
+    ``info["parts"]`` gives the upload parts), a whole-object XXHASH or SHA1, else its
+    sha256, else the MD5 a single-part ETag (32 hex digits) is."""
     etag = str(info.get("ETag") or "").strip('"') or None
     md5 = etag if etag and re.fullmatch(r"[0-9a-f]{32}", etag) else None
-    crc = sha256 = None
-    if str(info.get("checksum_type") or "FULL_OBJECT").upper() == "FULL_OBJECT":
-        for name in CHECKSUM_NAMES[:3]:
+    crc = sha256 = digest = composite = None
+    kind = str(info.get("checksum_type") or "FULL_OBJECT").upper()
+    if kind == "FULL_OBJECT":
+        for name in CHECKSUM_NAMES:
             value = info.get(f"checksum_{name}")
-            crc = crc_from_base64(name, value) if value else None
-            if crc is not None:
+            if not value:
+                continue
+            if name in CRCS:
+                crc = crc_from_base64(name, value)
+            elif name in STREAMS:
+                digest = stream_from_base64(name, value)
+            elif crc is None and digest is None:
+                raw = _b64(value)
+                sha256 = raw.hex() if len(raw) == 32 else None
+            if crc or digest:
                 break
-        published = info.get("checksum_sha256")
-        if published and crc is None:
-            try:
-                raw = base64.b64decode(published, validate=True)
-            except (binascii.Error, ValueError):
-                raw = b""
-            sha256 = raw.hex() if len(raw) == 32 else None
+    elif kind == "COMPOSITE" and info.get("parts"):
+        composite = _composite(info)
     return RemoteFile(
-        path, info["name"], int(info["size"]), etag=etag, md5=md5, sha256=sha256, crc=crc
+        path,
+        info["name"],
+        int(info["size"]),
+        etag=etag,
+        md5=md5,
+        sha256=sha256,
+        crc=crc,
+        composite=composite,
+        digest=digest,
     )
+
+
+def _composite(info: dict[str, Any]) -> CompositeCrc | None:
+    """The composite CRC of ``info`` with its upload parts; None when the parts listed do
+    not add up to it (their count, their numbers in order)."""
+    parts = info["parts"]
+    if [p.get("number") for p in parts] != list(range(1, len(parts) + 1)):
+        return None
+    for name in COMPOSITE_NAMES:
+        found = composite_from_base64(name, str(info.get(f"checksum_{name}") or ""))
+        if found is None or found[1] != len(parts):
+            continue
+        crcs = []
+        for p in parts:
+            each = crc_from_base64(name, p.get(f"checksum_{name}") or "")
+            crcs.append(each[1] if each else None)
+        sizes = tuple(int(p["size"]) for p in parts)
+        if min(sizes) < 1:
+            return None
+        return CompositeCrc(name, found[0], sizes, tuple(crcs))
+    return None
+
+
+def _b64(value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def _read_credentials_file(path: str, profile: str) -> tuple[str, str, str | None]:

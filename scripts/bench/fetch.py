@@ -1,27 +1,37 @@
 #!/usr/bin/env python3
-"""Benchmark: fetching models from S3 — nodecache prefetch vs s5cmd vs KServe's initializer.
+"""Benchmark: fetching models — nodecache prefetch vs s5cmd and KServe's initializer (S3),
+``oras pull`` (OCI) and ``huggingface_hub.snapshot_download`` (Hugging Face).
 
-One local SeaweedFS S3 server (``weed mini`` from the project venv), the same objects for
-every tool: one large object (2 GiB) and a model folder of 200 files (1 GiB: 8 shards of
-64 MiB and 192 files of about 2.7 MiB). Each tool runs as a child process into an empty
-folder, with the page cache dropped before every run (``sync; echo 3 >
-/proc/sys/vm/drop_caches``, needs root; skipped with a warning otherwise). Tools take turns
-run by run so drift in the machine's load hits them alike. Reported per tool and data set:
-median wall time, MiB/s, and CPU-seconds per GiB (user+system of the child and everything
-it waited for, from ``getrusage(RUSAGE_CHILDREN)``), plus the S3 server's CPU over the same
-run from ``/proc``, and the ratios the issue asks for.
+``--source s3`` (the default): one local SeaweedFS S3 server (``weed mini`` from the
+project venv), the same objects for every tool: one large object (2 GiB) and a model folder
+of 200 files (1 GiB: 8 shards of 64 MiB and 192 files of about 2.7 MiB). Each tool runs as
+a child process into an empty folder, with the page cache dropped before every run (``sync;
+echo 3 > /proc/sys/vm/drop_caches``, needs root; skipped with a warning otherwise). Tools
+take turns run by run so drift in the machine's load hits them alike. Reported per tool and
+data set: median wall time, MiB/s, and CPU-seconds per GiB (user+system of the child and
+everything it waited for, from ``getrusage(RUSAGE_CHILDREN)``), plus the server's CPU over
+the same run, and the ratios the issue asks for.
 
     .venv/bin/python scripts/bench/fetch.py            # full: 2 GiB + 200 files/1 GiB, 3 runs
     .venv/bin/python scripts/bench/fetch.py --quick    # 256 MiB + 50 files/128 MiB, 1 run
+    .venv/bin/python scripts/bench/fetch.py --source oci   # vs oras pull, Debian's registry
+    .venv/bin/python scripts/bench/fetch.py --source hf    # vs snapshot_download, fake Hub
+
+``--source oci`` and ``--source hf`` serve the same data sets from the tests' registry and
+fake Hub (``_fetch_peers.py``). ``--tree DIR`` runs ours from a clean export of a commit
+(``git archive HEAD | tar -x -C DIR``) instead of this checkout, which others may be
+editing; ``--alt-tree DIR`` adds the tool ``ours-alt``, ours from a second tree (a
+candidate change), measured side by side with the first.
 
 KServe's storage initializer (``kserve-storage==0.21.0``) lives in its own venv under
 ``.bench/venv-kserve-storage`` (created on first use): it drags in cloud SDKs and downgrades gcsfs.
-Results also go to ``.bench/fetch/results.json``.
+Results also go to ``.bench/fetch/results-SOURCE.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -32,10 +42,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ensure_venv, launch_seaweedfs, loadavg, log, median, table
+from _fetch_peers import HfServer, OciServer, describe_peer
 
 ROOT = Path(__file__).resolve().parents[2]
 HOME = ROOT / ".bench" / "fetch"
@@ -43,8 +55,14 @@ VENV_BIN = ROOT / ".venv" / "bin"
 BUCKET = "bench"
 ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
 MiB, GiB = 1 << 20, 1 << 30
-TOOLS = ("ours", "s5cmd", "kserve", "ours-lite", "ours-nohash")
-DEFAULT_TOOLS = ("ours", "s5cmd", "kserve")
+TOOLS = {
+    "s3": ("ours", "s5cmd", "kserve", "ours-lite", "ours-nohash", "s5cmd-fsync", "ours-alt"),
+    "oci": ("ours", "oras", "ours-alt"),
+    "hf": ("ours", "hf", "ours-alt"),
+}
+DEFAULT_TOOLS = {"s3": "ours,s5cmd,kserve", "oci": "ours,oras", "hf": "ours,hf"}
+# s5cmd-fsync: s5cmd, then an fsync of every file it wrote (coreutils ``sync FILE...``): the
+# durability ours pays for before it publishes (s5cmd itself leaves the bytes dirty).
 # ours-lite: the same store without fsync and MD5 checks, to show what durability and
 # verification cost (sha256 of every file is always computed).
 OURS_LITE_SNIPPET = (
@@ -139,6 +157,9 @@ class Weed:
             if time.monotonic() > deadline:
                 raise SystemExit(f"SeaweedFS not ready in 60 s: {probe.stderr.strip()}")
             time.sleep(0.3)
+
+    def uri(self, ds: Dataset) -> str:
+        return f"s3://{BUCKET}/{ds.uri_key}"
 
     def s5cmd(self) -> list[str]:
         return [str(VENV_BIN / "s5cmd"), "--endpoint-url", self.endpoint]
@@ -257,43 +278,55 @@ def drop_caches() -> bool:
         return False
 
 
-def command(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None) -> list[str]:
-    uri = f"s3://{BUCKET}/{ds.uri_key}"
-    if tool == "ours" or tool.startswith("ours:"):  # ours:--concurrency=16+--part-size=64Mi
+def command(tool: str, ds: Dataset, server: Any, dest: Path, kserve: Path | None) -> list[str]:
+    uri = server.uri(ds)
+    if tool in ("ours", "ours-alt") or tool.startswith("ours:"):  # ours:--concurrency=16+...
         extra = [a for a in tool.partition(":")[2].split("+") if a]
         return [
             str(VENV_BIN / "python"), "-m", "nodecache.agent.prefetch", uri,
             "--cache-dir", str(dest), "--progress", "none", "--log-level", "warning", *extra,
         ]  # fmt: skip
+    if tool in ("oras", "hf"):
+        return server.peer(ds, dest, str(VENV_BIN / "python"))
     if tool == "ours-lite":
         return [str(VENV_BIN / "python"), "-c", OURS_LITE_SNIPPET, uri, str(dest)]
     if tool == "ours-nohash":
         return [str(VENV_BIN / "python"), "-c", OURS_NOHASH_SNIPPET, uri, str(dest)]
-    if tool == "s5cmd":
+    if tool in ("s5cmd", "s5cmd-fsync"):
         src = f"{uri}*" if ds.is_folder else uri
-        return [*weed.s5cmd(), "cp", src, f"{dest}/"]
+        copy = [*server.s5cmd(), "cp", src, f"{dest}/"]
+        if tool == "s5cmd":
+            return copy
+        script = '"$@" && find "$0" -type f -exec sync {} +'
+        return ["sh", "-c", script, str(dest), *copy]
     if tool == "kserve":
         assert kserve is not None
         return [str(kserve), "-c", KSERVE_SNIPPET, uri, str(dest)]
     raise ValueError(tool)
 
 
-def measure(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None) -> Run:
+def measure(
+    tool: str, ds: Dataset, server: Any, dest: Path, kserve: Path | None, trees: dict[str, Path]
+) -> Run:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    cmd = command(tool, ds, weed, dest, kserve)
+    cmd = command(tool, ds, server, dest, kserve)
+    env = server.env()
+    tree = trees.get("ours-alt" if tool == "ours-alt" else "ours")
+    if tree is not None and tool.startswith("ours"):
+        env["PYTHONPATH"] = str(tree)
     load = loadavg()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_before = weed.cpu_seconds()
+    server_before = server.cpu_seconds()
     started = time.perf_counter()
-    done = subprocess.run(cmd, env=weed.env(), cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    server = weed.cpu_seconds() - server_before
+    server_cpu = server.cpu_seconds() - server_before
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{tool} failed on {ds.name} ({done.returncode}):\n{done.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    got = tree_bytes(dest, skip=(".nodecache-",))
+    got = tree_bytes(dest, skip=(".nodecache-", ".cache"))
     if got != ds.nbytes:
         raise SystemExit(f"{tool} wrote {got} bytes for {ds.name}, expected {ds.nbytes}")
     if tool.startswith("ours"):
@@ -301,31 +334,56 @@ def measure(tool: str, ds: Dataset, weed: Weed, dest: Path, kserve: Path | None)
         if not folder.is_dir():
             raise SystemExit(f"ours printed {folder}, which is not a folder")
     shutil.rmtree(dest, ignore_errors=True)
-    return Run(tool, ds.name, seconds, cpu, server, ds.nbytes, load)
+    return Run(tool, ds.name, seconds, cpu, server_cpu, ds.nbytes, load)
 
 
 def tree_bytes(folder: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under ``folder``, leaving out names (files and folders) starting
+    with ``skip``: ours' manifest, snapshot_download's ``.cache/huggingface``."""
     total = 0
-    for dirpath, _dirs, files in os.walk(folder):
+    for dirpath, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(skip)]
         for name in files:
             if not name.startswith(skip):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
 
 
-def startup_seconds() -> float:
-    """How long ``python -m nodecache.agent.prefetch --help`` takes: interpreter and imports."""
-    times = []
+def startup_seconds(tree: Path | None) -> tuple[float, float]:
+    """How long ``python -m nodecache.agent.prefetch --help`` takes, and its CPU-seconds:
+    the interpreter and imports (medians of 3)."""
+    env = dict(os.environ, PYTHONPATH=str(tree)) if tree is not None else None
+    times, cpus = [], []
     for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(
             [str(VENV_BIN / "python"), "-m", "nodecache.agent.prefetch", "--help"],
             cwd=ROOT,
+            env=env,
             capture_output=True,
             check=True,
         )
         times.append(time.perf_counter() - started)
-    return median(times)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return median(times), median(cpus)
+
+
+def package_path(tree: Path, home: Path) -> Path:
+    """A folder to put on PYTHONPATH so ``nodecache.*`` imports from the source ``tree``
+    (its agent/, cache/ and serve/, as the editable install maps them for this checkout)."""
+    tree = tree.resolve()
+    if not (tree / "cache" / "__init__.py").is_file():
+        raise SystemExit(f"{tree} is not a nodecache source tree (no cache/__init__.py)")
+    shim = home / "trees" / hashlib.sha256(str(tree).encode()).hexdigest()[:12]
+    (shim / "nodecache").mkdir(parents=True, exist_ok=True)
+    for part in ("agent", "cache", "serve"):
+        link = shim / "nodecache" / part
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(tree / part)
+    return shim
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -358,7 +416,7 @@ def summarize(runs: list[Run], datasets: list[Dataset], tools: list[str]) -> str
     out = [table(headers, rows)]
     ratio_rows = []
     for ds in datasets:
-        for mine in ("ours", "ours-nohash"):
+        for mine in ("ours", "ours-alt", "ours-nohash"):
             ours = stats.get((mine, ds.name))
             if ours is None:
                 continue
@@ -377,6 +435,7 @@ def summarize(runs: list[Run], datasets: list[Dataset], tools: list[str]) -> str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--source", choices=tuple(TOOLS), default="s3", help="default: s3")
     parser.add_argument("--quick", action="store_true", help="256 MiB + 50 files/128 MiB, 1 run")
     parser.add_argument("--runs", type=int, help="runs per tool and data set (default 3)")
     parser.add_argument("--big", type=float, help="size of the one object, MiB (default 2048)")
@@ -384,35 +443,59 @@ def main() -> int:
     parser.add_argument("--folder", type=float, help="folder total, MiB (default 1024)")
     parser.add_argument(
         "--tools",
-        default=",".join(DEFAULT_TOOLS),
-        help="comma-separated, from: " + ", ".join(TOOLS) + "; ours:ARG+ARG... runs ours "
-        "with extra options, e.g. ours:--concurrency=16 (default: %(default)s)",
-    )
+        help="comma-separated; s3: " + ", ".join(TOOLS["s3"]) + "; oci: "
+        + ", ".join(TOOLS["oci"]) + "; hf: " + ", ".join(TOOLS["hf"]) + "; ours:ARG+ARG... "
+        "runs ours with extra options, e.g. ours:--concurrency=16 (default: "
+        + "; ".join(f"{k}: {v}" for k, v in DEFAULT_TOOLS.items()) + ")",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=HOME, help="scratch folder (on disk)")
     parser.add_argument(
         "--checksum",
         choices=("CRC64NVME", "CRC32C"),
-        help="upload with this S3 additional checksum (botocore), which ours verifies by",
+        help="s3: upload with this S3 additional checksum (botocore), which ours verifies by",
     )
+    parser.add_argument("--tree", type=Path, help="run ours from this source tree")
+    parser.add_argument("--alt-tree", type=Path, help="run ours-alt from this source tree")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 3)
     big = int((args.big or (256 if args.quick else 2048)) * MiB)
     files = args.files or (50 if args.quick else 200)
     folder = int((args.folder or (128 if args.quick else 1024)) * MiB)
-    tools = [t for t in args.tools.split(",") if t]
-    if unknown := {t for t in tools if not t.startswith("ours:")} - set(TOOLS):
-        parser.error(f"unknown tools: {', '.join(sorted(unknown))}")
+    tools = [t for t in (args.tools or DEFAULT_TOOLS[args.source]).split(",") if t]
+    if unknown := {t for t in tools if not t.startswith("ours:")} - set(TOOLS[args.source]):
+        parser.error(f"unknown tools for --source {args.source}: {', '.join(sorted(unknown))}")
+    if "ours-alt" in tools and args.alt_tree is None:
+        parser.error("ours-alt needs --alt-tree")
+    if args.checksum and args.source != "s3":
+        parser.error("--checksum is for --source s3")
 
+    trees = {}
+    if args.tree is not None:
+        trees["ours"] = package_path(args.tree, HOME)
+    if args.alt_tree is not None:
+        trees["ours-alt"] = package_path(args.alt_tree, HOME)
     kserve = ensure_venv("kserve-storage") if "kserve" in tools else None
     datasets = make_datasets(big, files, folder)
     work: Path = args.work
-    weed = Weed(work / "weed")
+    server: Any
+    if args.source == "oci":
+        server = OciServer(work / "registry")
+    elif args.source == "hf":
+        server = HfServer()
+    else:
+        server = Weed(work / "weed")
     results: list[Run] = []
     try:
-        log(f"starting SeaweedFS under {weed.root}")
-        weed.start()
-        seed(weed, datasets, work / "staging", args.checksum or "")
-        startup = startup_seconds() if "ours" in tools else float("nan")
+        log(f"starting the {args.source} server")
+        server.start()
+        log(f"seeding {', '.join(ds.name for ds in datasets)}")
+        if args.source == "s3":
+            seed(server, datasets, work / "staging", args.checksum or "")
+        else:
+            server.seed(datasets)
+        startup = {
+            tool: startup_seconds(trees.get(tool)) for tool in ("ours", "ours-alt") if tool in tools
+        }
         cold = drop_caches()
         if not cold:
             log("WARNING: cannot drop the page cache (not root?); runs are warm")
@@ -420,7 +503,7 @@ def main() -> int:
             for i in range(runs):
                 for tool in tools:
                     drop_caches()
-                    run = measure(tool, ds, weed, work / "dest", kserve)
+                    run = measure(tool, ds, server, work / "dest", kserve, trees)
                     results.append(run)
                     log(
                         f"{ds.name} run {i + 1}/{runs} {tool}: {run.seconds:.2f}s "
@@ -428,22 +511,32 @@ def main() -> int:
                         f"server cpu {run.server_cpu_seconds:.2f}s load {run.load}"
                     )
     finally:
-        weed.stop()
-        shutil.rmtree(weed.root, ignore_errors=True)  # GiBs of objects, re-seeded each time
-        shutil.rmtree(work / "dest", ignore_errors=True)
+        server.stop()
+        for scratch in ("weed", "registry", "dest"):  # GiBs of objects, re-seeded each time
+            shutil.rmtree(work / scratch, ignore_errors=True)
     report = summarize(results, datasets, tools)
+    started = "; ".join(
+        f"{tool}'s process start (interpreter + imports) {wall:.2f}s, {cpu:.2f} CPU-s"
+        for tool, (wall, cpu) in startup.items()
+    )
+    each = [float(r.load.split()[0]) for r in results]
+    loads = f"{min(each):.1f}-{max(each):.1f}" if each else "n/a"
     header = (
         f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"source {args.source}{' ' + args.checksum if args.checksum else ''}, "
         f"page cache {'dropped' if cold else 'NOT dropped'} before each run, "
-        f"load average now {loadavg()} (at each run: "
-        f"{', '.join(sorted({r.load.split()[0] for r in results}))}); "
-        f"ours' process start (interpreter + imports) {startup:.2f}s, included in its times"
+        f"load average now {loadavg()} (1-minute, over the runs: {loads}); "
+        f"{started or 'ours not run'}, included in its times"
     )
+    if peer := describe_peer(args.source):
+        header += f"; {peer}"
+    for tool, tree in trees.items():
+        header += f"; {tool} from {tree}"
     print(header)
     print()
     print(report)
-    (HOME / "results.json").parent.mkdir(parents=True, exist_ok=True)
-    (HOME / "results.json").write_text(
+    HOME.mkdir(parents=True, exist_ok=True)
+    (HOME / f"results-{args.source}.json").write_text(
         json.dumps(
             {
                 "header": header,

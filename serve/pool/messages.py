@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from nodecache.serve.spec import ModelPolicy, ModelSpec
 
@@ -40,7 +41,8 @@ METRICS_ROUTE = CONTROL + "/metrics"
 def model_route(name: str, verb: str = "") -> str:
     """``/nodecache/v1/worker/models/NAME[/VERB]``: register (PUT), unregister (DELETE),
     and the verbs ``policy``, ``load``, ``unload``, ``weights``."""
-    return f"{CONTROL}/models/{name}" + (f"/{verb}" if verb else "")
+    # A namespaced model's name holds a "/": quoted, it stays one path segment.
+    return f"{CONTROL}/models/{quote(name, safe='{}')}" + (f"/{verb}" if verb else "")
 
 
 def _batching_to_json(batching: tuple[int, float] | None) -> list[float] | None:
@@ -68,6 +70,8 @@ class Register:
             "sizeHint": spec.size_hint,
             "batching": _batching_to_json(spec.batching),
             "onDemand": spec.on_demand,
+            "servedName": spec.served_name,
+            "version": spec.version,
         }
 
     @classmethod
@@ -83,6 +87,8 @@ class Register:
                 size_hint=doc.get("sizeHint"),
                 batching=_batching_from_json(doc.get("batching")),
                 on_demand=bool(doc.get("onDemand", True)),
+                served_name=doc.get("servedName"),
+                version=str(doc.get("version", "1")),
             )
         )
 
@@ -99,6 +105,8 @@ class Policy:
             "pinned": policy.pinned,
             "idleTimeout": policy.idle_timeout,
             "batching": _batching_to_json(policy.batching),
+            "servedName": policy.served_name,
+            "version": policy.version,
         }
 
     @classmethod
@@ -108,6 +116,8 @@ class Policy:
                 bool(doc["pinned"]),
                 doc.get("idleTimeout"),
                 _batching_from_json(doc.get("batching")),
+                doc.get("servedName"),
+                str(doc.get("version", "1")),
             )
         )
 

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from nodecache.serve.devices import Device
 from nodecache.serve.errors import InvalidInput, ModelNotFound, ServeError, WorkerUnavailable
+from nodecache.serve.metrics import forget_model
 from nodecache.serve.pool import policy
 from nodecache.serve.pool.client import WorkerClient
 from nodecache.serve.pool.messages import Load
@@ -114,6 +115,7 @@ class WorkerPool:
         await self._refresh(worker)
 
     async def unregister(self, name: str) -> None:
+        await self._drained(name)
         await self.drop_copies(name, "the model was removed")
         worker = self.table.homes.pop(name, None)
         if worker is None:
@@ -123,6 +125,17 @@ class WorkerPool:
             await self.client(worker).unregister(name)
             await self._refresh(worker)
         worker.models.pop(name, None)
+        forget_model(name)  # what this process counts of it (its mirror copies)
+
+    async def _drained(self, name: str, timeout: float = 30.0) -> None:
+        """Until no request for ``name`` is on its way from here to a worker: one relayed
+        an instant before the model leaves its worker would find it gone (404). The agent
+        stops routing to the model first, so this ends."""
+        deadline = time.monotonic() + timeout
+        while any(w.inflight.get(name) for w in self.table.workers):
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.005)
 
     async def unload(self, name: str) -> None:
         worker = self.home(name)
@@ -134,8 +147,12 @@ class WorkerPool:
         worker = self.table.homes.get(name)
         if worker is None:
             return
-        worker.registrations[name] = worker.registrations[name].with_policy(policy)
+        old = worker.registrations[name]
+        worker.registrations[name] = old.with_policy(policy)
         await self.client(worker).set_policy(name, policy)
+        if (old.served_name, old.version) != (policy.served_name, policy.version):
+            # Copies answer with the name and version they were made with: made again.
+            await self.drop_copies(name, "its served name or version changed")
 
     def describe(self, name: str) -> dict[str, Any] | None:
         return policy.describe(self.table, name)

@@ -15,7 +15,7 @@ from typing import Any
 from nodecache.serve.protocol import DEFAULT_MAX_ELEMENTS
 from nodecache.serve.runtime import TensorSpec
 
-__all__ = ["has_batch_dimension", "model_config"]
+__all__ = ["has_batch_dimension", "model_config", "version_policy"]
 
 # OIP datatype -> Triton's DataType name (BYTES is TYPE_STRING there).
 _TYPES = {
@@ -58,6 +58,12 @@ def _batch_limit(inputs: list[TensorSpec], batching: tuple[int, float] | None) -
     return max(1, min(_INT32_MAX, DEFAULT_MAX_ELEMENTS // max(row, 1)))
 
 
+def version_policy(versions: list[str]) -> dict[str, Any]:
+    """The versions served, as Triton's policy names them (integers: Triton's versions
+    are numbers; a version of other characters has no place there)."""
+    return {"specific": {"versions": sorted(int(v) for v in versions if v.isdigit())}}
+
+
 def model_config(
     name: str,
     *,
@@ -88,7 +94,7 @@ def model_config(
         "name": name,
         "platform": triton_platform,
         "backend": backend,
-        "version_policy": {"specific": {"versions": [int(v) for v in versions if v.isdigit()]}},
+        "version_policy": version_policy(versions),
         "max_batch_size": _batch_limit(inputs, batching) if batched else 0,
         "input": [
             {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -18,6 +19,7 @@ from aiohttp import web
 from nodecache.serve.errors import CallerUnknown, InvalidInput, Unimplemented
 from nodecache.serve.peers import Peer, peer_at
 from nodecache.serve.protocol import InferRequest, InferResponse
+from nodecache.serve.routing import Caller, nobody
 from nodecache.serve.triton.shm import Lookup, SharedMemory, WorkerRegions, open_region
 
 __all__ = [
@@ -41,14 +43,22 @@ class TritonOperations(Protocol):
 
     shared_memory: SharedMemory
 
-    async def model_config(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+    async def model_config(
+        self, name: str, version: str | None = None, caller: Caller = nobody
+    ) -> dict[str, Any]: ...
 
     async def model_statistics(
-        self, name: str | None = None, version: str | None = None
+        self, name: str | None = None, version: str | None = None, caller: Caller = nobody
     ) -> dict[str, Any]: ...
 
     async def infer_shared(
-        self, name: str, request: InferRequest, version: str | None = None, *, protocol: str
+        self,
+        name: str,
+        request: InferRequest,
+        version: str | None = None,
+        *,
+        protocol: str,
+        caller: Caller = nobody,
     ) -> InferResponse: ...
 
 
@@ -86,14 +96,24 @@ async def regions_for(request: web.Request, dataplane: TritonOperations) -> Look
     return dataplane.shared_memory.lookup(await peer_of(request))
 
 
-def add_routes(app: web.Application, dataplane: TritonOperations) -> None:
+def add_routes(
+    app: web.Application,
+    dataplane: TritonOperations,
+    caller_of: Callable[[web.Request], Caller],
+) -> None:
+    """The routes, on ``app``; ``caller_of`` gives a request's namespace for the routing
+    (which versions of a name the caller sees)."""
+
     async def config(request: web.Request) -> web.Response:
         info = request.match_info
-        return web.json_response(await dataplane.model_config(info["name"], info.get("version")))
+        config = await dataplane.model_config(info["name"], info.get("version"), caller_of(request))
+        return web.json_response(config)
 
     async def statistics(request: web.Request) -> web.Response:
         info = request.match_info
-        report = await dataplane.model_statistics(info.get("name"), info.get("version"))
+        report = await dataplane.model_statistics(
+            info.get("name"), info.get("version"), caller_of(request)
+        )
         return web.json_response(report)
 
     async def shm_register(request: web.Request) -> web.Response:

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ModelCounters", "RequestTiming", "Statistics", "merge"]
+from nodecache.serve.errors import ModelNotFound
+from nodecache.serve.routing import Caller, Route, RoutingTable
+
+__all__ = ["ModelCounters", "RequestTiming", "Statistics", "merge", "statistics_routes"]
 
 _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
               "cache_hit", "cache_miss")  # fmt: skip
@@ -89,16 +92,17 @@ class ModelCounters:
 
 
 class Statistics:
-    """Counters of every model version this process served, by (name, version)."""
+    """Counters of every model this process served, by its key on the node (a version of
+    a served name); reported under the served name and version."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str], ModelCounters] = {}
+        self._models: dict[str, ModelCounters] = {}
 
-    def record(self, name: str, version: str, timing: RequestTiming, ok: bool) -> None:
+    def record(self, key: str, timing: RequestTiming, ok: bool) -> None:
         """A request that reached the model ended now: a success with its phases, or a
         failure (refused input, runtime error, answer too large)."""
         now = time.perf_counter_ns()
-        counters = self._counters(name, version)
+        counters = self._counters(key)
         if not ok:
             counters.fail.add(now - timing.started)
             return
@@ -110,9 +114,9 @@ class Statistics:
         counters.inference_count += timing.rows
         counters.last_inference = time.time_ns() // 1_000_000
 
-    def executed(self, name: str, version: str, batch_size: int, ns: int) -> None:
+    def executed(self, key: str, batch_size: int, ns: int) -> None:
         """One runtime call (a whole batch counts once) took ``ns``."""
-        counters = self._counters(name, version)
+        counters = self._counters(key)
         counters.execution_count += 1
         batch = counters.batches.get(batch_size)
         if batch is None:
@@ -121,19 +125,35 @@ class Statistics:
         batch.compute_infer.add(ns)
         batch.compute_output.add(0)
 
-    def _counters(self, name: str, version: str) -> ModelCounters:
-        counters = self._models.get((name, version))
+    def _counters(self, key: str) -> ModelCounters:
+        counters = self._models.get(key)
         if counters is None:
-            counters = self._models[(name, version)] = ModelCounters()
+            counters = self._models[key] = ModelCounters()
         return counters
 
-    def report(self, names: list[tuple[str, str]]) -> dict[str, Any]:
-        """``{"model_stats": [...]}`` for these versions (zeros for one never asked)."""
+    def report(self, models: list[tuple[str, str, str]]) -> dict[str, Any]:
+        """``{"model_stats": [...]}`` for these (key, served name, version), sorted by name
+        and version (zeros for a model never asked)."""
+        ordered = sorted(models, key=lambda m: (m[1], m[2]))
         return {
             "model_stats": [
-                self._models.get(key, ModelCounters()).to_json(*key) for key in sorted(names)
+                self._models.get(key, ModelCounters()).to_json(name, version)
+                for key, name, version in ordered
             ]
         }
+
+
+def statistics_routes(
+    table: RoutingTable, name: str | None, version: str | None, caller: Caller
+) -> list[Route]:
+    """The versions a statistics request covers: the name's (one of them, if named), else
+    every version the caller may use. 404 for a version the name does not have."""
+    if name is None:
+        return table.visible(caller)
+    routes = [r for r in table.versions(name, caller) if version in (None, r.version)]
+    if not routes:
+        raise ModelNotFound(name, version)
+    return routes
 
 
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from .server import FakeApiServer
+from .server import ApiError, FakeApiServer, ResourceType
 
-__all__ = ["denied_calls"]
+__all__ = ["authorize", "denied_calls"]
 
 RBAC = Path(__file__).resolve().parents[2] / "daemonset" / "rbac"
 ACCOUNTS = {"agent": "nodecache-agent", "reconciler": "nodecache-reconciler"}
@@ -45,6 +45,61 @@ def _allows(rule: dict[str, Any], verb: str, group: str, resource: str, name: st
         and verb in rule["verbs"]
         and (not names or name in names)
     )
+
+
+def _cluster_roles() -> dict[str, dict[str, Any]]:
+    docs = [d for p in sorted(RBAC.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+
+
+def _stored_bindings(fake: FakeApiServer, account: str) -> list[tuple[dict[str, Any], str]]:
+    """Rules granted to ``account`` by RoleBindings created in the fake (to a ClusterRole of
+    daemonset/rbac, as a namespace admin would bind one), with their namespace."""
+    roles = _cluster_roles()
+    out = []
+    for (group, plural, namespace, _), obj in list(fake.state.objects.items()):
+        if (group, plural) != ("rbac.authorization.k8s.io", "rolebindings"):
+            continue
+        ref = obj.get("roleRef", {})
+        if ref.get("kind") != "ClusterRole" or ref.get("name") not in roles:
+            continue
+        if any(
+            s.get("kind") == "ServiceAccount"
+            and s.get("name") == account
+            and s.get("namespace") == NAMESPACE
+            for s in obj.get("subjects") or []
+        ):
+            out += [(rule, namespace) for rule in roles[ref["name"]]["rules"]]
+    return out
+
+
+def authorize(
+    fake: FakeApiServer,
+    token: str,
+    method: str,
+    rtype: ResourceType,
+    namespace: str | None,
+    name: str | None,
+) -> None:
+    """403 unless the token's ServiceAccount may do this (other tokens are admins)."""
+    account = ACCOUNTS.get(token)
+    if account is None:
+        return
+    verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update"}.get(
+        method, method.lower()
+    )
+    rules = _rules(account) + _stored_bindings(fake, account)
+    if not any(
+        _allows(rule, verb, rtype.group, rtype.plural, name)
+        and (scope is None or scope == namespace)
+        for rule, scope in rules
+    ):
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'{rtype.plural} "{name}" is forbidden: User "system:serviceaccount:{NAMESPACE}:'
+            f'{account}" cannot {verb} resource "{rtype.plural}" in the namespace "{namespace}"',
+        )
 
 
 def denied_calls(fake: FakeApiServer) -> list[str]:

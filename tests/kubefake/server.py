@@ -62,6 +62,11 @@ class ResourceType:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
+ENFORCED = frozenset({"secrets"})
+"""Resources whose every request is authorized against daemonset/rbac and the RoleBindings
+stored in the fake; for the rest, ``rbac.denied_calls`` checks the record afterwards."""
+
+
 def _builtin_types() -> list[ResourceType]:
     meta = ("metadata.name", "metadata.namespace")
     return [
@@ -72,6 +77,8 @@ def _builtin_types() -> list[ResourceType]:
         ResourceType("", "v1", "events", "Event", True, fields=(*meta, "involvedObject.name")),
         ResourceType("events.k8s.io", "v1", "events", "Event", True),
         ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
+        ResourceType("", "v1", "secrets", "Secret", True, fields=meta),
+        ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
     ]
 
 
@@ -247,6 +254,10 @@ class FakeApiServer:
             if request.method == "GET" and (found := self._discovery(request.path)) is not None:
                 return web.json_response(found)
             rtype, namespace, name, sub = self.route(request.path)
+            if rtype.plural in ENFORCED:  # as the apiserver's RBAC authorizer does
+                from .rbac import authorize  # (rbac imports this module)
+
+                authorize(self, user, request.method, rtype, namespace, name)
             table = rtype.columns and discovery.wants_table(request.headers.get("Accept", ""))
             if request.method == "GET" and name is None:
                 if request.query.get("watch") in ("true", "1"):
