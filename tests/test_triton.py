@@ -47,7 +47,8 @@ class Node:
         self.grpc = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
 
 
-MODELS = ("batched", "plain", "fixed", "counted", "counted-batched")
+MODELS = ("batched", "plain", "fixed", "counted", "counted-batched", "tv")
+KEYS = ("batched", "plain", "fixed", "counted", "counted-batched", "tv-1", "tv-2")
 
 
 @pytest.fixture(scope="module", params=["in-process", "workers"])
@@ -67,8 +68,13 @@ def node(
     agent.declare("c.yaml", declaration("fixed", fixed_dir.as_uri()))
     agent.declare("d.yaml", declaration("counted", mlp_dir.as_uri()))
     agent.declare("e.yaml", declaration("counted-batched", mlp_dir.as_uri(), batching=batching))
-    for name in MODELS:
-        agent.wait_state(name, "Warm")
+    # Two versions of one served name: 1 takes the unpinned requests, 2 only pinned ones.
+    for number, traffic in (("1", 100), ("2", 0)):
+        serving = {"name": "tv", "version": number, "traffic": traffic}
+        agent.declare(f"tv{number}.yaml",
+                      declaration(f"tv-{number}", mlp_dir.as_uri(), serving=serving))  # fmt: skip
+    for key in KEYS:
+        agent.wait_state(key, "Warm")
     yield Node(agent, http_port, grpc_port)
     agent.stop()
 
@@ -183,8 +189,9 @@ def test_statistics_of_a_batched_model(node: Node) -> None:
 
 def test_statistics_of_every_model(node: Node) -> None:
     everything = node.http.get_inference_statistics()["model_stats"]
-    assert {s["name"] for s in everything} == set(MODELS)
-    assert all(s["version"] == "1" for s in everything)
+    assert sorted((s["name"], s["version"]) for s in everything) == sorted(
+        [(m, "1") for m in MODELS] + [("tv", "2")]
+    )
     over_grpc = node.grpc.get_inference_statistics(as_json=True)["model_stats"]
     assert {s["name"] for s in over_grpc} == set(MODELS)
     with pytest.raises(InferenceServerException, match="not found"):
@@ -452,3 +459,25 @@ def test_hostile_shared_memory_requests_get_400(node: Node) -> None:
     inp = triton_http.InferInput("input", [1, 64], "FP32")
     inp.set_data_from_numpy(x, binary_data=True)
     assert node.http.infer("plain", [inp]).as_numpy("output").shape == (1, 10)
+
+
+def test_configuration_and_statistics_follow_the_versions(node: Node) -> None:
+    """A served name with two versions: its configuration lists both; its statistics count
+    each version's requests apart, whichever protocol pinned them."""
+    config = node.http.get_model_config("tv")
+    assert config["name"] == "tv" and config["version_policy"] == {"specific": {"versions": [1, 2]}}
+    assert node.http.get_model_config("tv", "2")["name"] == "tv"
+    for _ in range(3):
+        _infer_http(node, "tv", 1)  # unpinned: version 1 (version 2 has no traffic)
+    for rows in (1, 2):
+        inp = triton_grpc.InferInput("input", [rows, 64], "FP32")
+        inp.set_data_from_numpy(np.ones((rows, 64), np.float32))
+        node.grpc.infer("tv", [inp], model_version="2")
+    stats = node.http.get_inference_statistics("tv")["model_stats"]
+    assert [(s["name"], s["version"], s["inference_count"]) for s in stats] == [
+        ("tv", "1", 3), ("tv", "2", 3)
+    ]  # fmt: skip
+    (two,) = node.http.get_inference_statistics("tv", "2")["model_stats"]
+    assert two["inference_stats"]["success"]["count"] == 2
+    with pytest.raises(InferenceServerException, match="not found"):
+        node.http.get_inference_statistics("tv", "3")
