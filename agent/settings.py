@@ -271,6 +271,12 @@ class AgentSettings:
         "cluster mode: kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)",
         metavar="FILE", type=Path,
     )  # fmt: skip
+    namespace: str = option(
+        "nodecache-system",
+        "cluster mode: the agent's namespace, where a LocalModelCache's storage.secretRef "
+        "Secrets are read (default: $POD_NAMESPACE, else %(default)s)",
+        metavar="NAMESPACE", env="POD_NAMESPACE",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
