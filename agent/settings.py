@@ -31,8 +31,7 @@ from nodecache.agent.argtypes import (
 from nodecache.cache.errors import InvalidSourceError
 from nodecache.cache.ociref import Mirror, parse_mirror
 from nodecache.cache.perms import DEFAULT_FILE_MODE
-from nodecache.serve.settings import ServeSettings
-from nodecache.serve.transport import TransportLimits
+from nodecache.serve.settings import ServeSettings, TransportLimits
 
 __all__ = [
     "COMMANDS",
