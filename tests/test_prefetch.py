@@ -315,8 +315,8 @@ def test_the_init_container_loads_no_serving_stack() -> None:
     for aiohttp, numpy or the runtimes it never uses (0.6 CPU-s of ~1 here)."""
     probe = (
         "import sys, nodecache.agent.cli, nodecache.agent.prefetch; "
-        "print(sorted(m for m in ('aiohttp', 'numpy', 'onnxruntime', 'torch', 'kubernetes') "
-        "if m in sys.modules))"
+        "heavy = ('aiohttp', 'awscrt', 'numpy', 'onnxruntime', 'torch', 'kubernetes'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
