@@ -138,7 +138,12 @@ def _run_agent(settings: AgentSettings) -> int:
     if settings.declarations is None:
         from nodecache.agent.cluster import ClusterOptions, run_cluster
 
-        cluster = ClusterOptions(settings.node_name, settings.node, kubeconfig=settings.kubeconfig)
+        cluster = ClusterOptions(
+            settings.node_name,
+            settings.node,
+            kubeconfig=settings.kubeconfig,
+            namespace=settings.namespace,
+        )
         serve_forever(run_cluster(cluster))
         return 0
     from nodecache.agent.standalone import run_standalone

@@ -36,6 +36,7 @@ from nodecache.agent.kube.nodestatus import (
     node_status,
     resolve,
 )
+from nodecache.agent.kube.secrets import SecretCredentials
 from nodecache.agent.kube.watching import Informer
 from nodecache.agent.node import NodeAgent
 from nodecache.agent.services import NodeOptions, NodeServices
@@ -70,6 +71,8 @@ class ClusterOptions:
     """Seconds over which the request rate per model is reported."""
     proc_root: Path = Path("/proc")
     """Where callers' cgroups are read (the host's /proc: the DaemonSet runs with hostPID)."""
+    namespace: str = "nodecache-system"
+    """The agent's own namespace: a LocalModelCache's ``storage.secretRef`` is read there."""
 
 
 async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = None) -> None:
@@ -81,6 +84,7 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
     kube = Kube(await asyncio.to_thread(connect, options.kubeconfig))
     node = await NodeServices.create(options.node)
     follower = NodeFollower(kube, node.agent, options, counts=node.request_counts)
+    node.agent.credentials = SecretCredentials(kube, options.namespace)
     # Names resolve per caller's namespace: a namespaced cache answers only its namespace's
     # pods, and shadows a cluster cache of its name for them (added before the app freezes).
     identity = CallerIdentity(follower.pods, options.proc_root)

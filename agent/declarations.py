@@ -116,6 +116,14 @@ class ModelDeclaration:
         namespaces declare the same name."""
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
+    def storage_parameters(self) -> dict[str, str] | None:
+        """``spec.storage.parameters`` (plainHTTP, include/exclude globs, endpoints...),
+        which a source reads before the environment."""
+        raw = (self.storage or {}).get("parameters")
+        if not isinstance(raw, dict):
+            return None
+        return {str(k): str(v) for k, v in raw.items() if isinstance(v, str | int | bool)}
+
     def same_model(self, other: ModelDeclaration) -> bool:
         """Whether ``other`` can keep this model's disk copy and loaded runtime."""
         return (self.source_uri, self.format, self.entrypoint) == (

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,13 @@ from nodecache.serve.routing import Route, Router
 from nodecache.serve.runtimes import UnsupportedFormat, detect_format
 from nodecache.serve.spec import ModelPolicy, ModelSpec, ModelState
 
-__all__ = ["ModelStatus", "NodeAgent"]
+__all__ = ["Credentials", "ModelStatus", "NodeAgent", "own_parameters"]
 
 log = logging.getLogger(__name__)
+
+Credentials = Callable[[ModelDeclaration], Awaitable[Mapping[str, str] | None]]
+"""What a declaration's source is opened with, resolved at each fetch (cluster mode reads
+the Secrets it names: :class:`nodecache.agent.kube.secrets.SecretCredentials`)."""
 
 
 @dataclass
@@ -67,6 +71,7 @@ class NodeAgent:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.declaration_errors: dict[str, str] = {}
         self.applied = False  # whether the first declarations have been applied
+        self.credentials: Credentials = own_parameters
 
     # -- desired state ---------------------------------------------------------
 
@@ -189,6 +194,12 @@ class NodeAgent:
 
     async def _bring_up(self, decl: ModelDeclaration, status: ModelStatus) -> None:
         stored = self.store.lookup(decl.source_uri)
+        credentials = await self.credentials(decl)
+        if decl.namespace is not None:
+            # Bytes on disk, and downloads in flight, are shared by URI. A namespaced cache
+            # gets them for its pods only once its own credentials show it may read the
+            # source: otherwise naming another scope's URI would be enough to get its model.
+            await self.store.check_readable(decl.source_uri, credentials=credentials)
         if stored is None:
             status.state = ModelState.DOWNLOADING
             status.bytes_done, status.bytes_total = 0, None
@@ -202,7 +213,7 @@ class NodeAgent:
                 decl.source_uri,
                 progress=progress,
                 max_bytes=decl.model_size,
-                credentials=_parameters(decl),
+                credentials=credentials,
             )
             log.info(
                 "download finished",
@@ -309,14 +320,10 @@ class NodeAgent:
         }
 
 
-def _parameters(decl: ModelDeclaration) -> dict[str, str] | None:
-    """``spec.storage.parameters`` (plainHTTP, include/exclude globs, endpoints...), which a
-    source reads before the environment. Secrets named by ``storage.key``/``secretRef`` are
-    not read here yet: the agent's environment (the nodecache-storage Secret) carries them."""
-    parameters = (decl.storage or {}).get("parameters")
-    if not isinstance(parameters, dict):
-        return None
-    return {str(k): str(v) for k, v in parameters.items() if isinstance(v, str | int | bool)}
+async def own_parameters(decl: ModelDeclaration) -> Mapping[str, str] | None:
+    """Standalone credentials: only ``spec.storage.parameters``; Secrets need a cluster, so
+    the agent's environment carries the rest."""
+    return decl.storage_parameters()
 
 
 def _policy(decl: ModelDeclaration) -> ModelPolicy:

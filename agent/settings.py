@@ -31,8 +31,7 @@ from nodecache.agent.argtypes import (
 from nodecache.cache.errors import InvalidSourceError
 from nodecache.cache.ociref import Mirror, parse_mirror
 from nodecache.cache.perms import DEFAULT_FILE_MODE
-from nodecache.serve.settings import ServeSettings
-from nodecache.serve.transport import TransportLimits
+from nodecache.serve.settings import ServeSettings, TransportLimits
 
 __all__ = [
     "COMMANDS",
@@ -270,6 +269,12 @@ class AgentSettings:
         None,
         "cluster mode: kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)",
         metavar="FILE", type=Path,
+    )  # fmt: skip
+    namespace: str = option(
+        "nodecache-system",
+        "cluster mode: the agent's namespace, where a LocalModelCache's storage.secretRef "
+        "Secrets are read (default: $POD_NAMESPACE, else %(default)s)",
+        metavar="NAMESPACE", env="POD_NAMESPACE",
     )  # fmt: skip
 
 

@@ -60,8 +60,9 @@ from nodecache.cache.perms import (
     restrict,
 )
 from nodecache.cache.quota import MODEL_SIZE_TOLERANCE, Held, format_bytes
+from nodecache.cache.retry import ensure_fetch_error, retrying
 from nodecache.cache.room import PARTIAL_SUFFIX, make_room, partial_bytes, room_left, sweep_tmp
-from nodecache.cache.sources import mask_secrets, translate_error
+from nodecache.cache.sources import mask_secrets, open_source, translate_error
 from nodecache.cache.stats import StoreStats
 from nodecache.cache.uri import redact_uri, validate_source_uri
 from nodecache.cache.verify import Verdict, drop_corrupt
@@ -235,6 +236,34 @@ class ModelStore:
         return drop_corrupt(sorted(self._index.values(), key=lambda m: m.key), drop, threads)
 
     # ---- fetch --------------------------------------------------------------------------
+
+    async def check_readable(
+        self, source_uri: str, *, credentials: Mapping[str, str] | None = None
+    ) -> None:
+        """Raise unless ``credentials`` can list ``source_uri`` now: one listing, no bytes.
+
+        A cache hit skips the source, so a caller who must prove access of its own (a
+        namespaced cache naming a URI another scope already fetched) asks this first.
+        """
+        opts = self.options
+
+        def listing() -> None:
+            source = open_source(
+                source_uri,
+                chunk_size=opts.chunk_size,
+                timeout=opts.timeout,
+                credentials=credentials,
+                registry_mirrors=opts.registry_mirrors,
+            )
+            try:
+                retrying(source.list_files, opts, threading.Event())
+            finally:
+                source.close()
+
+        try:
+            await asyncio.to_thread(listing)
+        except Exception as exc:
+            raise ensure_fetch_error(exc, source_uri) from None
 
     async def fetch(
         self,

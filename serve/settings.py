@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-__all__ = ["DEFAULT_MAX_OUTPUT_BYTES", "ServeSettings"]
+__all__ = ["DEFAULT_MAX_OUTPUT_BYTES", "ServeSettings", "TransportLimits"]
 
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 """Most bytes of output tensors one inference answer may carry."""
@@ -59,3 +59,17 @@ class ServeSettings:
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> ServeSettings:
         return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """Seconds a peer may take. Defaults suit clients on the node; flags change them."""
+
+    # A request head must be complete this long after its first byte (or after the
+    # connection opened, for its first request); else 408 and the connection closes.
+    header_timeout: float = 10.0
+    # A request body must be complete this long after its head; else 408, the connection
+    # closes and what arrived is dropped.
+    body_timeout: float = 60.0
+    # An idle keep-alive connection is closed after this long.
+    keepalive_timeout: float = 75.0

@@ -16,12 +16,13 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_urldispatcher import Handler
+
+from nodecache.serve.settings import TransportLimits
 
 __all__ = [
     "READY_PATH",
@@ -38,20 +39,6 @@ READY_PATH = "/v2/health/ready"
 
 class SocketTaken(RuntimeError):
     """Another process serves on the socket path, or something else than a socket is there."""
-
-
-@dataclass(frozen=True)
-class TransportLimits:
-    """Seconds a peer may take. Defaults suit clients on the node; flags change them."""
-
-    # A request head must be complete this long after its first byte (or after the
-    # connection opened, for its first request); else 408 and the connection closes.
-    header_timeout: float = 10.0
-    # A request body must be complete this long after its head; else 408, the connection
-    # closes and what arrived is dropped.
-    body_timeout: float = 60.0
-    # An idle keep-alive connection is closed after this long.
-    keepalive_timeout: float = 75.0
 
 
 _TIMEOUT_BODY = b'{"error":"the request head did not arrive in time"}'

@@ -12,16 +12,20 @@ from typing import Any
 
 import pytest
 from kubefake.fixtures import fake_api  # noqa: F401 (fixture)
+from kubefake.harness import ClusterAgent
 from kubefake.rbac import denied_calls
 from kubefake.server import FakeApiServer
 from kubernetes import client
 from kubernetes import config as kube_config
+from object_stores import SECRET_KEY, S3Server
+from support import wait_for
 
 from nodecache.agent.declarations import parse_object
 from nodecache.agent.kube.api import Kube
 from nodecache.agent.kube.secrets import CredentialsError, SecretCredentials
 
 AGENT_NS = "nodecache-system"
+G, V = "nodecache.io", "v1alpha1"
 
 
 def _secret(fake: FakeApiServer, namespace: str, name: str, data: dict[str, str]) -> None:
@@ -181,3 +185,76 @@ def test_without_a_secret_only_parameters_reach_the_source(
     decl = _cache({"parameters": {"plainHTTP": "true"}})
     assert _resolve(fake_api, tmp_path, decl) == {"plainHTTP": "true"}
     assert not [c for c in fake_api.calls if "secrets" in c[2]], "no Secret read"
+
+
+def test_a_cluster_agent_fetches_with_the_secret_its_cache_names(
+    fake_api: FakeApiServer,  # noqa: F811
+    s3_server: S3Server,
+    mlp_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent's environment holds no S3 credentials; only the named Secret does. A
+    namespaced cache naming a Secret its namespace never granted shows why in status, and one
+    naming a URI the node already holds gets it only if its own credentials can read it."""
+    for name in s3_server.env():
+        monkeypatch.delenv(name, raising=False)
+    store = s3_server.client()
+    for folder in ("secret-mlp", "team-mlp"):
+        store.put(str(mlp_dir / "model.onnx"), f"{s3_server.bucket}/{folder}/model.onnx")
+    uri, team_uri = (f"s3://{s3_server.bucket}/{f}/" for f in ("secret-mlp", "team-mlp"))
+    _secret(fake_api, AGENT_NS, "s3-creds", s3_server.env())
+    _secret(fake_api, "team-a", "s3-creds", s3_server.env())
+    # team-b may be read, but its key is wrong, and it names the URI the cluster cache holds.
+    _opt_in(fake_api, "team-b")
+    _secret(fake_api, "team-b", "s3-creds", s3_server.env(secret="not-the-key"))
+    admin = client.ApiClient(fake_api.configuration())
+    crs = client.CustomObjectsApi(admin)
+    spec = {"sourceModelUri": uri, "modelSize": "1Mi", "nodeGroups": ["default"],
+            "storage": {"secretRef": {"name": "s3-creds"}}}  # fmt: skip
+    crs.create_cluster_custom_object(
+        G, V, "localmodelcaches",
+        {"apiVersion": f"{G}/{V}", "kind": "LocalModelCache", "metadata": {"name": "mlp"},
+         "spec": spec},
+    )  # fmt: skip
+    crs.create_namespaced_custom_object(
+        G, V, "team-a", "localmodelnamespacecaches",
+        {"apiVersion": f"{G}/{V}", "kind": "LocalModelNamespaceCache",
+         "metadata": {"name": "mlp", "namespace": "team-a"},
+         "spec": {**spec, "sourceModelUri": team_uri}},
+    )  # fmt: skip
+    crs.create_namespaced_custom_object(
+        G, V, "team-b", "localmodelnamespacecaches",
+        {"apiVersion": f"{G}/{V}", "kind": "LocalModelNamespaceCache",
+         "metadata": {"name": "mlp", "namespace": "team-b"}, "spec": spec},
+    )  # fmt: skip
+    crs.create_cluster_custom_object(
+        G, V, "localmodelnodes",
+        {"metadata": {"name": "node-a"}, "spec": {"localModels": [
+            {"modelName": "mlp", "sourceModelUri": uri},
+            {"modelName": "team-a/mlp", "sourceModelUri": team_uri},
+            {"modelName": "team-b/mlp", "sourceModelUri": uri},
+        ]}},
+    )  # fmt: skip
+    agent = ClusterAgent(fake_api, tmp_path / "node-a", "node-a").start()
+    try:
+
+        def models() -> dict[str, Any]:
+            status = crs.get_cluster_custom_object(G, V, "localmodelnodes", "node-a")
+            return (status.get("status") or {}).get("modelStatus") or {}
+
+        wait_for(lambda: models().get("mlp", {}).get("state") == "Warm", what="mlp Warm")
+        wait_for(lambda: "team-a/mlp" in models(), what="team-a's cache in status")
+        wait_for(lambda: models()["team-a/mlp"].get("state") == "Error", what="its error")
+        error = models()["team-a/mlp"]["error"]
+        assert "team-a/s3-creds" in error and "nodecache-agent-secrets" in error
+        # The bytes are on the node, but team-b's own credentials cannot read the source.
+        wait_for(
+            lambda: models().get("team-b/mlp", {}).get("state") == "Error", what="team-b refused"
+        )
+        assert SECRET_KEY not in str(models())
+    finally:
+        agent.stop()
+    assert denied_calls(fake_api) == ["agent: get secrets team-a/s3-creds"], (
+        "only the read the tenant never granted is refused"
+    )

@@ -84,7 +84,7 @@ class SecretCredentials:
         ref = storage.get("secretRef")
         key = storage.get("key")
         if not ref and not key:
-            return parameters(decl)
+            return decl.storage_parameters()
         namespace = decl.namespace or self.agent_namespace
         found: dict[str, str] = {}
         if isinstance(ref, Mapping) and ref.get("name"):
@@ -106,7 +106,7 @@ class SecretCredentials:
                     "is not a JSON object"
                 )
             found.update(storage_config_names(entry))
-        return {**found, **(parameters(decl) or {})}
+        return {**found, **(decl.storage_parameters() or {})}
 
     async def _data(self, name: str, namespace: str) -> dict[str, str]:
         try:
@@ -130,12 +130,3 @@ class SecretCredentials:
                     f"Secret {namespace}/{name}: key {field!r} is not base64 UTF-8 text"
                 ) from None
         return out
-
-
-def parameters(decl: ModelDeclaration) -> dict[str, str] | None:
-    """``spec.storage.parameters`` (plainHTTP, include/exclude globs, endpoints...), which a
-    source reads before anything else."""
-    raw = (decl.storage or {}).get("parameters")
-    if not isinstance(raw, dict):
-        return None
-    return {str(k): str(v) for k, v in raw.items() if isinstance(v, str | int | bool)}

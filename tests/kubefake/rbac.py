@@ -104,7 +104,10 @@ def authorize(
 
 def denied_calls(fake: FakeApiServer) -> list[str]:
     """Calls the agent or reconciler made that their ServiceAccount could not make."""
-    rules = {token: _rules(account) for token, account in ACCOUNTS.items()}
+    rules = {
+        token: _rules(account) + _stored_bindings(fake, account)
+        for token, account in ACCOUNTS.items()
+    }
     denied = []
     for token, method, path_qs in fake.calls:
         if token not in rules:
