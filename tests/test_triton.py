@@ -47,8 +47,8 @@ class Node:
         self.grpc = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
 
 
-MODELS = ("batched", "plain", "fixed", "counted", "counted-batched", "tv")
-KEYS = ("batched", "plain", "fixed", "counted", "counted-batched", "tv-1", "tv-2")
+MODELS = ("batched", "plain", "fixed", "counted", "counted-batched", "tv", "types")
+KEYS = ("batched", "plain", "fixed", "counted", "counted-batched", "tv-1", "tv-2", "types")
 
 
 @pytest.fixture(scope="module", params=["in-process", "workers"])
@@ -57,6 +57,7 @@ def node(
     tmp_path_factory: pytest.TempPathFactory,
     mlp_dir: Path,
     fixed_dir: Path,
+    all_types_dir: Path,
 ) -> Iterator[Node]:
     agent = Agent(tmp_path_factory.mktemp(request.param) / "agent")
     http_port, grpc_port = free_port(), free_port()
@@ -66,6 +67,7 @@ def node(
     agent.declare("a.yaml", declaration("batched", mlp_dir.as_uri(), batching=batching))
     agent.declare("b.yaml", declaration("plain", mlp_dir.as_uri()))
     agent.declare("c.yaml", declaration("fixed", fixed_dir.as_uri()))
+    agent.declare("t.yaml", declaration("types", all_types_dir.as_uri()))
     agent.declare("d.yaml", declaration("counted", mlp_dir.as_uri()))
     agent.declare("e.yaml", declaration("counted-batched", mlp_dir.as_uri(), batching=batching))
     # Two versions of one served name: 1 takes the unpinned requests, 2 only pinned ones.
@@ -481,3 +483,39 @@ def test_configuration_and_statistics_follow_the_versions(node: Node) -> None:
     assert two["inference_stats"]["success"]["count"] == 2
     with pytest.raises(InferenceServerException, match="not found"):
         node.http.get_inference_statistics("tv", "3")
+
+
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+             "FP16", "FP32", "FP64", "BYTES")  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_inputs_in_shared_memory_beside_inputs_in_the_request(
+    node: Node, regions: tuple, protocol: str
+) -> None:
+    """One input in shared memory, the others sent as usual (gRPC: raw contents for those
+    only, as Triton's clients send them)."""
+    inp_handle, _, tag = regions
+    module = triton_http if protocol == "http" else triton_grpc
+    client = node.http if protocol == "http" else node.grpc
+    x = np.arange(4, dtype=np.float32).reshape(2, 2)
+    shm.set_shared_memory_region(inp_handle, [x])
+    client.register_system_shared_memory(f"in_{tag}", f"/nc_in_{tag}", IN_BYTES)
+    try:
+        inputs = []
+        for datatype in DATATYPES:
+            if datatype == "FP32":
+                inp = module.InferInput("in_FP32", [2, 2], "FP32")
+                inp.set_shared_memory(f"in_{tag}", x.nbytes)
+            else:
+                inp = module.InferInput(f"in_{datatype}", [0, 2], datatype)
+                dtype = (
+                    np.object_ if datatype == "BYTES" else triton_http.triton_to_np_dtype(datatype)
+                )
+                inp.set_data_from_numpy(np.zeros((0, 2), dtype=dtype))
+            inputs.append(inp)
+        outputs = [module.InferRequestedOutput("out_FP32")]
+        result = client.infer("types", inputs, outputs=outputs)
+        np.testing.assert_array_equal(result.as_numpy("out_FP32"), x)
+    finally:
+        client.unregister_system_shared_memory()

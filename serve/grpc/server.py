@@ -65,19 +65,23 @@ def _parameters(params: Any) -> dict[str, Any]:
 
 def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    shared: dict[str, SharedRef] = {}
+    carried = []  # inputs whose bytes are in the message (Triton: raw for these only)
+    for tensor in request.inputs:
+        ref = shared_ref(_parameters(tensor.parameters), f"input {excerpt(tensor.name)}")
+        if ref is None:
+            carried.append(tensor)
+        elif tensor.name in shared:
+            raise InvalidInput(f"input {excerpt(tensor.name)} is given twice")
+        else:
+            shared[tensor.name] = replace(ref, datatype=tensor.datatype, shape=list(tensor.shape))
+    if raw and len(raw) != len(carried):
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+            f"raw_input_contents has {len(raw)} entries for {len(carried)} inputs"
+            + (" outside shared memory" if shared else "")
         )
     inputs: dict[str, np.ndarray] = {}
-    shared: dict[str, SharedRef] = {}
-    for i, tensor in enumerate(request.inputs):
-        ref = shared_ref(_parameters(tensor.parameters), f"input {excerpt(tensor.name)}")
-        if ref is not None:
-            if tensor.name in shared:
-                raise InvalidInput(f"input {excerpt(tensor.name)} is given twice")
-            shared[tensor.name] = replace(ref, datatype=tensor.datatype, shape=list(tensor.shape))
-            continue
+    for i, tensor in enumerate(carried):
         spec: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
