@@ -166,6 +166,33 @@ def test_tritonclient_grpc_sees_the_isvc_name(proxy: Proxy, mlp_dir: Path) -> No
     assert result.get_response().model_name == ISVC
 
 
+def test_tritons_configuration_and_statistics_through_the_proxy(proxy: Proxy) -> None:
+    """What perf_analyzer asks before it sends load, under the isvc's name, both ways."""
+    http = triton_http.InferenceServerClient(url=f"127.0.0.1:{proxy.http}")
+    grpc_client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{proxy.grpc}")
+    inp = triton_http.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 64), np.float32))
+    before = http.get_inference_statistics(ISVC)["model_stats"][0]["inference_stats"]
+    http.infer(ISVC, [inp])
+
+    for config in (
+        http.get_model_config(ISVC),
+        grpc_client.get_model_config(ISVC, as_json=True)["config"],
+    ):
+        assert config["name"] == ISVC and config["platform"] == "onnxruntime_onnx"
+        assert [i["name"] for i in config["input"]] == ["input"]
+    for stats in (
+        http.get_inference_statistics(ISVC),
+        grpc_client.get_inference_statistics(ISVC, as_json=True),
+    ):
+        (entry,) = stats["model_stats"]
+        assert entry["name"] == ISVC
+        done = int(entry["inference_stats"]["success"]["count"])
+        assert done == int(before["success"]["count"]) + 1
+    with pytest.raises(Exception, match="not served here"):
+        grpc_client.get_model_config("other")
+
+
 def test_large_tensors_cross_both_ways_intact(node: Agent, tmp_path: Path) -> None:
     """An identity model, 4 MiB in and out, binary over REST and raw over gRPC."""
     types = Proxy(node.socket_dir, tmp_path / "types.log", model="types")

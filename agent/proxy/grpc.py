@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from nodecache.agent.proxy.names import BadMessage, Names, field_one, replace_field_one
+from nodecache.serve.grpc import grpc_service_pb2 as pb
 
 __all__ = ["MAX_MESSAGE", "GrpcProxy"]
 
@@ -49,6 +51,12 @@ class GrpcProxy:
             "ModelReady": self._renamed("ModelReady", answer_named=False),
             "ModelMetadata": self._renamed("ModelMetadata", answer_named=True),
             "ModelInfer": self._renamed("ModelInfer", answer_named=True),
+            # Triton's extensions, which perf_analyzer asks first: small answers naming the
+            # model inside a sub-message, so they are decoded and renamed.
+            "ModelConfig": self._renamed("ModelConfig", answer_named=False, nested=_config_name),
+            "ModelStatistics": self._renamed(
+                "ModelStatistics", answer_named=False, nested=_statistics_names
+            ),
             "RepositoryModelLoad": self._no_repository,
             "RepositoryModelUnload": self._no_repository,
         }
@@ -89,9 +97,15 @@ class GrpcProxy:
 
         return passed
 
-    def _renamed(self, method: str, *, answer_named: bool) -> Handler:
+    def _renamed(
+        self,
+        method: str,
+        *,
+        answer_named: bool,
+        nested: Callable[[bytes, str, str], bytes] | None = None,
+    ) -> Handler:
         """A call naming the model in field 1, renamed on the way in and, when the answer
-        names it too, on the way out."""
+        names it too (at its top level, or deeper: ``nested``), on the way out."""
 
         async def renamed(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
@@ -110,6 +124,8 @@ class GrpcProxy:
             if not self.names.same:
                 request = replace_field_one(request, where, self.names.model)
             answer = await self._call(method, request, context)
+            if nested is not None and not self.names.same:
+                return nested(answer, self.names.model, self.names.served)
             if answer_named and not self.names.same:
                 try:
                     where = field_one(answer)
@@ -165,3 +181,26 @@ class GrpcProxy:
 def _unreachable(exc: grpc.aio.AioRpcError) -> bool:
     """The node's socket could not be reached (not: the node answered UNAVAILABLE)."""
     return exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "")
+
+
+def _config_name(answer: bytes, model: str, served: str) -> bytes:
+    """A ModelConfigResponse whose configuration is named as the client knows the model."""
+    try:
+        message = pb.ModelConfigResponse.FromString(answer)
+    except DecodeError:
+        return answer
+    if message.config.name == model:
+        message.config.name = served
+    return message.SerializeToString()
+
+
+def _statistics_names(answer: bytes, model: str, served: str) -> bytes:
+    """A ModelStatisticsResponse whose entries for the model carry the client's name."""
+    try:
+        message = pb.ModelStatisticsResponse.FromString(answer)
+    except DecodeError:
+        return answer
+    for entry in message.model_stats:
+        if entry.name == model:
+            entry.name = served
+    return message.SerializeToString()

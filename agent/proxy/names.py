@@ -33,7 +33,8 @@ class Route:
     target: str = ""
     renamed: str | None = None
     """The JSON key holding the model's name in the node's answer (``model_name`` for
-    inference, ``name`` for metadata and readiness), or None when none needs renaming."""
+    inference, ``name`` for metadata, readiness and configuration, ``model_stats`` for the
+    names in Triton's statistics), or None when none needs renaming."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ class Names:
         if unquote(segment) != self.served:
             return Route("other-model", unquote(segment))
         target = prefix + quote(self.model, safe="") + tail + query
-        if self.same or tail.endswith((":predict", "/config", "/stats")):
+        if self.same or tail.endswith(":predict"):
             return Route("node", target)
+        if tail.endswith("/stats"):
+            return Route("node", target, "model_stats")
         return Route("node", target, "model_name" if tail.endswith("/infer") else "name")
 
     def rename_json(self, key: str, head: Buffer) -> Sequence[Buffer] | None:
@@ -87,6 +90,8 @@ class Names:
         The node writes the key first (``{"model_name":"NAME",...``): then only those bytes
         change and the rest of ``head`` is written as it is; otherwise the object is
         parsed and written again (only small bodies take this path: metadata, readiness)."""
+        if key == "model_stats":  # Triton's statistics: a list of entries, each named
+            return self._rename_statistics(head)
         served = orjson.dumps(self.served)
         model = orjson.dumps(self.model)
         for space in (b"", b" "):
@@ -101,6 +106,19 @@ class Names:
         if not isinstance(doc, dict) or doc.get(key) != self.model:
             return None
         doc[key] = self.served
+        return (orjson.dumps(doc),)
+
+    def _rename_statistics(self, head: Buffer) -> Sequence[Buffer] | None:
+        try:
+            doc = orjson.loads(head)
+        except orjson.JSONDecodeError:
+            return None
+        entries = doc.get("model_stats") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            return None
+        for entry in entries:
+            if isinstance(entry, dict) and entry.get("name") == self.model:
+                entry["name"] = self.served
         return (orjson.dumps(doc),)
 
 
