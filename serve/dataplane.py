@@ -1,7 +1,7 @@
 """The Open Inference Protocol's operations, independent of any transport.
 
-HTTP (and later gRPC) adapters parse the wire and call these; validation of a
-request against the model's declared inputs happens here, once.
+HTTP and gRPC adapters parse the wire and call these; a request is checked against the
+model's declared tensors here, once (with ``checking.TensorChecks``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from random import random
 from time import perf_counter, perf_counter_ns
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from nodecache.serve.batching import Batcher
+from nodecache.serve.checking import TensorChecks
 from nodecache.serve.errors import (
     InvalidInput,
     ModelNotFound,
@@ -25,14 +26,7 @@ from nodecache.serve.errors import (
     ServeError,
     excerpt,
 )
-from nodecache.serve.metrics import (
-    BATCH_SIZE,
-    INFERENCE_SECONDS,
-    QUEUE_SECONDS,
-    UNKNOWN_MODEL,
-    child,
-    request_stats,
-)
+from nodecache.serve.metrics import BATCH_SIZE, UNKNOWN_MODEL, child, request_stats
 from nodecache.serve.mirror import Mirror, Outputs
 from nodecache.serve.protocol import (
     DEFAULT_MAX_ELEMENTS,
@@ -45,10 +39,10 @@ from nodecache.serve.protocol import (
 )
 from nodecache.serve.repository import ModelRepository, ServedModel
 from nodecache.serve.routing import Caller, Route, Router, nobody
-from nodecache.serve.runtime import Runtime, TensorSpec
+from nodecache.serve.runtime import Runtime
 from nodecache.serve.spec import ModelState
-from nodecache.serve.tensors import DATATYPES, datatype_of, encoded_size
-from nodecache.serve.triton.config import has_batch_dimension, model_config
+from nodecache.serve.tensors import encoded_size
+from nodecache.serve.triton.config import model_config
 from nodecache.serve.triton.shm import SharedMemory, place_outputs, resolve_inputs
 from nodecache.serve.triton.statistics import RequestTiming, Statistics, statistics_routes
 
@@ -103,7 +97,7 @@ class DataPlane:
         self.mirror = mirror or Mirror()
         self._executor = executor or ThreadPoolExecutor(thread_name_prefix="predict")
         self._batchers: dict[str, Batcher] = {}
-        self._specs: dict[str, _ModelSpec] = {}
+        self._checks: dict[str, TensorChecks] = {}
         self.statistics = Statistics()
         self.shared_memory = SharedMemory()
 
@@ -253,11 +247,11 @@ class DataPlane:
             timing = RequestTiming()
             async with self.repository.use(key) as model:
                 runtime = _runtime(model)
-                spec = self._spec(key, runtime)
-                inputs = spec.check_inputs(request.inputs)
-                wanted = spec.check_outputs(request) if request.outputs is not None else None
+                checks = self._checks_of(key, runtime)
+                inputs = checks.check_inputs(request.inputs)
+                wanted = checks.check_outputs(request) if request.outputs is not None else None
                 names = list(wanted) if wanted else None
-                timing.checked, timing.rows = perf_counter_ns(), spec.rows(inputs)
+                timing.checked, timing.rows = perf_counter_ns(), checks.rows(inputs)
                 if model.batching is not None:
                     outputs = await self._batcher(model).submit(inputs, timing)
                     if wanted:
@@ -265,7 +259,7 @@ class DataPlane:
                 elif _inline(model, inputs) and not model.slots.locked():
                     # Runs to the end without yielding to the loop: taking a free slot and
                     # giving it back around it would change nothing.
-                    spec.queue_seconds.observe(perf_counter() - started)
+                    checks.queue_seconds.observe(perf_counter() - started)
                     began = perf_counter()
                     timing.began = perf_counter_ns()
                     outputs = runtime.predict(inputs, names)
@@ -273,7 +267,7 @@ class DataPlane:
                     timing.ended = perf_counter_ns()
                 else:
                     async with model.slots:
-                        spec.queue_seconds.observe(perf_counter() - started)
+                        checks.queue_seconds.observe(perf_counter() - started)
                         timing.began = perf_counter_ns()
                         outputs = await self._predict(model, inputs, names)
                         timing.ended = perf_counter_ns()
@@ -295,12 +289,14 @@ class DataPlane:
             if timing is not None:
                 self.statistics.record(key, timing, ok=code == "200")
 
-    def _spec(self, name: str, runtime: Runtime) -> _ModelSpec:
-        """The model's prepared tensor spec, rebuilt only when a new load changed it."""
-        spec = self._specs.get(name)
-        if spec is None or spec.inputs is not runtime.inputs or spec.outputs is not runtime.outputs:
-            spec = self._specs[name] = _ModelSpec(name, runtime.inputs, runtime.outputs)
-        return spec
+    def _checks_of(self, name: str, runtime: Runtime) -> TensorChecks:
+        """The model's prepared tensor checks, rebuilt only when a new load changed it."""
+        checks = self._checks.get(name)
+        if checks is None or not (
+            checks.inputs is runtime.inputs and checks.outputs is runtime.outputs
+        ):
+            checks = self._checks[name] = TensorChecks(name, runtime.inputs, runtime.outputs)
+        return checks
 
     async def _predict(
         self, model: ServedModel, inputs: dict[str, np.ndarray], names: list[str] | None
@@ -319,9 +315,9 @@ class DataPlane:
         took = perf_counter() - began
         typical = model.typical_predict
         model.typical_predict = took if typical is None else 0.9 * typical + 0.1 * took
-        spec = self._specs[model.name]
-        spec.inference_seconds.observe(took)
-        self.statistics.executed(model.name, spec.rows(inputs), round(took * 1e9))
+        checks = self._checks[model.name]
+        checks.inference_seconds.observe(took)
+        self.statistics.executed(model.name, checks.rows(inputs), round(took * 1e9))
 
     def _batcher(self, model: ServedModel) -> Batcher:
         batcher = self._batchers.get(model.name)
@@ -473,95 +469,3 @@ def _runtime(model: ServedModel) -> Runtime:
 def _oip_state(model: ServedModel) -> str:
     # The repository extension speaks READY/UNAVAILABLE/LOADING/UNLOADING.
     return {ModelState.WARM: "READY", ModelState.LOADING: "LOADING"}.get(model.state, "UNAVAILABLE")
-
-
-class _ModelSpec:
-    """A model's declared tensors, prepared once per load so each request is checked with
-    dict lookups; also the model's queue and inference metrics."""
-
-    def __init__(self, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-        self.inputs, self.outputs = inputs, outputs
-        # name -> (datatype, numpy dtype, rank, (index, size) of each fixed dimension)
-        self.expected = {
-            s.name: (
-                s.datatype,
-                DATATYPES[s.datatype],
-                len(s.shape),
-                tuple((i, d) for i, d in enumerate(s.shape) if d != -1),
-            )
-            for s in inputs
-        }
-        self.output_names = {s.name for s in outputs}
-        self.batched = has_batch_dimension(inputs, outputs)
-        self.queue_seconds = child(QUEUE_SECONDS, name)
-        self.inference_seconds = child(INFERENCE_SECONDS, name)
-
-    def rows(self, inputs: dict[str, np.ndarray]) -> int:
-        """Inferences one call with these inputs makes: its batch rows, if batched (Triton's
-        ``inference_count``)."""
-        if not self.batched or not inputs:
-            return 1
-        first = next(iter(inputs.values()))
-        return first.shape[0] if first.ndim else 1
-
-    def check_inputs(self, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = self.expected
-        if not expected:  # a custom model that describes no inputs takes what it is given
-            return given
-        if len(given) != len(expected) or not expected.keys() >= given.keys():
-            _refuse_names(self.inputs, given)
-        for name, array in given.items():
-            datatype, dtype, rank, fixed = expected[name]
-            # Arrays decoded from the wire carry the table's dtypes; anything else (another
-            # byte order, say) is compared by OIP datatype.
-            if array.dtype != dtype:
-                _check_datatype(name, array, datatype)
-            shape = array.shape
-            if len(shape) != rank:
-                _refuse_shape(name, shape, self.inputs)
-            for i, size in fixed:
-                if shape[i] != size:
-                    _refuse_shape(name, shape, self.inputs)
-        return given
-
-    def check_outputs(self, request: InferRequest) -> dict[str, bool]:
-        """Requested outputs -> binary flag."""
-        assert request.outputs is not None
-        if not self.outputs:
-            return {out.name: out.binary for out in request.outputs}
-        wanted: dict[str, bool] = {}
-        for out in request.outputs:
-            if out.name not in self.output_names:
-                raise InvalidInput(
-                    f"unknown output {excerpt(out.name)}; the model has "
-                    f"{', '.join(sorted(self.output_names))}"
-                )
-            wanted[out.name] = out.binary
-        return wanted
-
-
-def _refuse_names(specs: list[TensorSpec], given: dict[str, np.ndarray]) -> NoReturn:
-    """Raise for the first unknown input, else the first missing one."""
-    expected = [s.name for s in specs]
-    unknown = sorted(set(given) - set(expected))
-    if unknown:
-        raise InvalidInput(
-            f"unknown input {excerpt(unknown[0])}; "
-            f"the model takes {', '.join(expected) or 'no inputs'}"
-        )
-    missing = [n for n in expected if n not in given]
-    raise InvalidInput(f"input '{missing[0]}' is missing")
-
-
-def _refuse_shape(name: str, shape: tuple[int, ...], specs: list[TensorSpec]) -> NoReturn:
-    spec = next(s for s in specs if s.name == name)
-    raise InvalidInput(
-        f"input '{name}' has shape {list(shape)}, "
-        f"the model expects {list(spec.shape)} (-1 is any size)"
-    )
-
-
-def _check_datatype(name: str, array: np.ndarray, wanted: str) -> None:
-    datatype = "BYTES" if array.dtype == DATATYPES["BYTES"] else datatype_of(array)
-    if datatype != wanted:
-        raise InvalidInput(f"input '{name}' has datatype {datatype}, the model expects {wanted}")
