@@ -149,15 +149,16 @@ async def test_verify_usage_errors_and_manifests_without_a_local_digest(
     assert missing.returncode == 2 and "no cache at" in missing.stderr
     assert not (tmp_path / "nowhere").exists()
 
-    # A manifest written before local digests: it still loads, and says it cannot be checked.
+    # A manifest written before local digests: it still loads, and its sha256 checks it.
     old = manifest(model.path)
     for f in old["files"]:
         del f["local"]
     (model.path / MANIFEST_NAME).write_text(json.dumps(old))
     assert ModelStore(cache, options=SMALL).lookup(model.source_uri) is not None
+    assert nodecache("verify", "--cache-dir", str(cache)).returncode == 0
+    flip(model.path / "big.bin", 5)
     result = nodecache("verify", "--cache-dir", str(cache))
-    assert result.returncode == 1
-    assert "no local digest recorded for big.bin" in result.stdout
+    assert result.returncode == 1 and "corrupt: big.bin bytes 0-" in result.stdout
 
 
 def test_agent_verify_on_start_full_fetches_a_corrupt_model_again(
