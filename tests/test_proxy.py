@@ -193,6 +193,23 @@ def test_tritons_configuration_and_statistics_through_the_proxy(proxy: Proxy) ->
         grpc_client.get_model_config("other")
 
 
+def test_shared_memory_is_refused_through_the_proxy(proxy: Proxy) -> None:
+    """Regions are scoped to the calling pod; through the proxy that is the predictor pod,
+    so a network client naming a region would use memory its other containers registered."""
+    http = triton_http.InferenceServerClient(url=f"127.0.0.1:{proxy.http}")
+    grpc_client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{proxy.grpc}")
+    http_input = triton_http.InferInput("input", [1, 64], "FP32")
+    http_input.set_shared_memory("sidecar-region", 256)
+    with pytest.raises(Exception, match="shared memory is not available through the proxy"):
+        http.infer(ISVC, [http_input])
+    grpc_input = triton_grpc.InferInput("input", [1, 64], "FP32")
+    grpc_input.set_shared_memory("sidecar-region", 256)
+    with pytest.raises(Exception, match="shared memory is not available through the proxy"):
+        grpc_client.infer(ISVC, [grpc_input])
+    status, _, _ = proxy.get("/v2/systemsharedmemory/region/r/register", b"{}")
+    assert status == 404
+
+
 def test_large_tensors_cross_both_ways_intact(node: Agent, tmp_path: Path) -> None:
     """An identity model, 4 MiB in and out, binary over REST and raw over gRPC."""
     types = Proxy(node.socket_dir, tmp_path / "types.log", model="types")

@@ -16,7 +16,13 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from nodecache.agent.proxy.names import BadMessage, Names, field_one, replace_field_one
+from nodecache.agent.proxy.names import (
+    SHARED_MEMORY_REFUSED,
+    BadMessage,
+    Names,
+    field_one,
+    replace_field_one,
+)
 from nodecache.serve.grpc import grpc_service_pb2 as pb
 
 __all__ = ["MAX_MESSAGE", "GrpcProxy"]
@@ -121,6 +127,8 @@ class GrpcProxy:
                     f"model {asked[:100]!r} is not served here; this endpoint serves "
                     f"{self.names.served!r}",
                 )
+            if method == "ModelInfer" and b"shared_memory_region" in request:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, SHARED_MEMORY_REFUSED)
             if not self.names.same:
                 request = replace_field_one(request, where, self.names.model)
             answer = await self._call(method, request, context)

@@ -25,7 +25,7 @@ from typing import cast
 import httptools
 import orjson
 
-from nodecache.agent.proxy.names import Names, Route
+from nodecache.agent.proxy.names import SHARED_MEMORY_REFUSED, Names, Route, names_shared_memory
 from nodecache.serve.protocol import HEADER_LENGTH
 from nodecache.serve.relay import RelayBusy, RelayError, UnsafeRequest, WorkerLink
 from nodecache.serve.transport import TransportLimits
@@ -129,6 +129,8 @@ class HttpProxy:
     async def _relay(self, request: _Request, route: Route) -> _Answer:
         body = request.body[0] if len(request.body) == 1 else b"".join(request.body)
         headers = [(k, v) for k, v in request.headers if k.lower() in _REQUEST_HEADERS]
+        if names_shared_memory(body, headers):
+            return _Answer.error(400, SHARED_MEMORY_REFUSED)
         method = "GET" if request.method == "HEAD" else request.method
         try:
             status, answer, payload = await self.node.request(method, route.target, body, headers)

@@ -8,15 +8,25 @@ splicing the few bytes that hold the name: a tensor payload is never parsed or r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 import orjson
 
-__all__ = ["BadMessage", "Names", "Route", "field_one", "replace_field_one"]
+__all__ = [
+    "SHARED_MEMORY_REFUSED",
+    "BadMessage",
+    "Names",
+    "Route",
+    "field_one",
+    "names_shared_memory",
+    "replace_field_one",
+]
 
 Buffer = bytes | memoryview
+_HEADER_LENGTH = "inference-header-content-length"
 
 
 class BadMessage(ValueError):
@@ -188,3 +198,22 @@ def _encode_varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+SHARED_MEMORY_REFUSED = (
+    "shared memory is not available through the proxy: its network clients share no memory "
+    "with the node, and the regions of this pod's other containers are not theirs to use"
+)
+
+
+def names_shared_memory(body: bytes, headers: list[tuple[str, str]]) -> bool:
+    """Whether a request's JSON part names a shared-memory region. The node scopes regions
+    to the calling pod, and through the proxy that pod is the predictor's: a network client
+    must never reach the regions its other containers registered. A byte search of the JSON
+    part (not of binary tensors after it), so tensors are still never parsed here."""
+    end = len(body)
+    for name, value in headers:
+        if name.lower() == _HEADER_LENGTH:
+            with contextlib.suppress(ValueError):
+                end = min(end, max(0, int(value)))
+    return body.find(b"shared_memory_region", 0, end) >= 0
