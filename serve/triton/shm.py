@@ -18,6 +18,7 @@ pass through the agent.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import re
 import stat
@@ -224,15 +225,50 @@ class SharedMemory:
             self._regions.pop(key).close()
 
 
+TMPFS_MAGIC = 0x01021994
+"""``statfs.f_type`` of tmpfs: a caller's /dev/shm and its keys must be shared memory."""
+_FOLDER = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _filesystem_type(fd: int) -> int:
+    """``fstatfs(fd).f_type`` (``os.statvfs`` does not give it); f_type is the first
+    field of ``struct statfs``, a C long, on every Linux ABI."""
+    buffer = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux
+    if _LIBC.fstatfs(fd, buffer) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return ctypes.c_long.from_buffer(buffer).value
+
+
 def _open_in(caller: Peer, file: str, key: str) -> int:
-    path = caller.root() / "dev" / "shm" / file
+    """The key, opened in the caller's /dev/shm one component at a time from its root.
+
+    Never by path: the kernel resolves an absolute symlink at ``dev`` or ``shm`` against
+    *our* root (the host's), so a caller that chroots into a folder whose ``dev/shm``
+    links out would have us open host files as root. Each folder is opened with
+    O_NOFOLLOW (a symlink is refused), and must be tmpfs (no NFS or FUSE to hang on)."""
+    opened: list[int] = []
     try:
-        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        opened.append(os.open(caller.root(), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        for folder in ("dev", "shm"):
+            opened.append(os.open(folder, _FOLDER, dir_fd=opened[-1]))
+        if _filesystem_type(opened[-1]) != TMPFS_MAGIC:
+            raise InvalidInput("the caller's /dev/shm is not shared memory (tmpfs)")
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(file, flags, dir_fd=opened[-1])
     except FileNotFoundError:
         raise InvalidInput(f"shared memory key {excerpt(key)} does not exist") from None
     except OSError as exc:
         raise InvalidInput(f"shared memory key {excerpt(key)} cannot be opened: "
                            f"{exc.strerror}") from None  # fmt: skip
+    finally:
+        for folder_fd in opened:
+            os.close(folder_fd)
+    if _filesystem_type(fd) != TMPFS_MAGIC:  # a file mounted over a key
+        os.close(fd)
+        raise InvalidInput(f"shared memory key {excerpt(key)} is not shared memory (tmpfs)")
+    return fd
 
 
 class TensorBytes(Protocol):

@@ -1,0 +1,100 @@
+"""Shared memory against hostile callers, with real processes and real files: a caller's
+/dev/shm reached only inside its own root, descriptors a request owns, sizes checked
+before anything is read, and a node-wide cap on regions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nodecache.serve.errors import InvalidInput
+from nodecache.serve.peers import Peer, _peer
+from nodecache.serve.triton.shm import open_region
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+
+
+def _me() -> Peer:
+    peer = _peer(os.getpid(), os.getuid())
+    assert peer is not None
+    return peer
+
+
+@pytest.fixture
+def key() -> Iterator[str]:
+    """A 64-byte file of our /dev/shm, removed afterwards."""
+    name = f"nc_hardening_{os.getpid()}"
+    Path(f"/dev/shm/{name}").write_bytes(bytes(range(64)))
+    yield name
+    Path(f"/dev/shm/{name}").unlink(missing_ok=True)
+
+
+def _chrooted(root: Path) -> subprocess.Popen[bytes]:
+    """A caller that chroots into ``root`` (as a pod's root may with CAP_SYS_CHROOT)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import os,time; os.chroot({str(root)!r}); os.chdir('/'); "
+         "print('in', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdout.readline() == b"in\n"
+    return child
+
+
+@needs_root
+@pytest.mark.parametrize("link", ["shm", "dev"])
+def test_a_dev_shm_that_links_out_of_the_callers_root_is_refused(tmp_path: Path, link: str) -> None:
+    outside = tmp_path / "host"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"HOST-ONLY SECRET")
+    (outside / "shm").symlink_to(outside)
+    root = tmp_path / "root"
+    if link == "dev":  # root/dev -> host, so dev/shm -> host/shm -> host
+        root.mkdir()
+        (root / "dev").symlink_to(outside)
+    else:
+        (root / "dev").mkdir(parents=True)
+        (root / "dev" / "shm").symlink_to(outside)
+    child = _chrooted(root)
+    try:
+        caller = _peer(child.pid, 0)
+        assert caller is not None
+        with pytest.raises(InvalidInput, match="cannot be opened"):
+            open_region(caller, "r", "secret", 0, 16)
+    finally:
+        child.kill()
+        child.wait()
+    assert (outside / "secret").read_bytes() == b"HOST-ONLY SECRET"
+
+
+@needs_root
+def test_a_dev_shm_that_is_not_tmpfs_is_refused(tmp_path: Path) -> None:
+    shm = tmp_path / "root" / "dev" / "shm"
+    shm.mkdir(parents=True)
+    (shm / "k").write_bytes(b"x" * 16)
+    if os.statvfs(shm).f_fsid == os.statvfs("/dev/shm").f_fsid:
+        pytest.skip("the test folder is on /dev/shm's filesystem")
+    child = _chrooted(tmp_path / "root")
+    try:
+        caller = _peer(child.pid, 0)
+        assert caller is not None
+        with pytest.raises(InvalidInput, match="not shared memory"):
+            open_region(caller, "r", "k", 0, 16)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_key_in_the_callers_own_dev_shm_opens(key: str) -> None:
+    region = open_region(_me(), "r", key, 8, 16)
+    try:
+        assert bytes(region.read(0, 4, "input")) == bytes([8, 9, 10, 11])
+        region.write(0, np.frombuffer(b"ab", np.uint8), "output")
+    finally:
+        region.close()
+    assert Path(f"/dev/shm/{key}").read_bytes()[8:10] == b"ab"
