@@ -43,7 +43,12 @@ from nodecache.serve.runtime import Runtime
 from nodecache.serve.spec import ModelState
 from nodecache.serve.tensors import encoded_size
 from nodecache.serve.triton.config import model_config
-from nodecache.serve.triton.shm import SharedMemory, place_outputs, resolve_inputs
+from nodecache.serve.triton.shm import (
+    RequestRegions,
+    SharedMemory,
+    place_outputs,
+    resolve_inputs,
+)
 from nodecache.serve.triton.statistics import RequestTiming, Statistics, statistics_routes
 
 __all__ = ["MODEL_VERSION", "SERVER_NAME", "Catalog", "DataPlane", "check_version"]
@@ -381,13 +386,15 @@ class DataPlane:
         caller: Caller = nobody,
     ) -> InferResponse:
         """``infer`` for a request with tensors in the caller's shared memory
-        (``request.regions``): inputs are read there, outputs written there."""
+        (``request.regions``): inputs are read there, outputs written there, each on the
+        request's own descriptor, closed at its end."""
         regions = request.regions
-        assert regions is not None, "the transport names the caller's regions"
-        size = sum(r.byte_size for r in request.shared.values())
-        await sized_work(size, resolve_inputs, request, regions, DEFAULT_MAX_ELEMENTS)
-        result = await self.infer(name, request, version, protocol=protocol, caller=caller)
-        await sized_work(tensor_bytes(result.outputs), place_outputs, request, result, regions)
+        assert isinstance(regions, RequestRegions), "the transport names the caller's regions"
+        with regions:
+            size = sum(r.byte_size for r in request.shared.values())
+            await sized_work(size, resolve_inputs, request, regions, DEFAULT_MAX_ELEMENTS)
+            result = await self.infer(name, request, version, protocol=protocol, caller=caller)
+            await sized_work(tensor_bytes(result.outputs), place_outputs, request, result, regions)
         return result
 
     # -- model repository extension -----------------------------------------

@@ -43,7 +43,7 @@ from nodecache.serve.pool.messages import (
 from nodecache.serve.repository import ModelRepository
 from nodecache.serve.settings import ServeSettings
 from nodecache.serve.triton.routes import WORKER_REGIONS
-from nodecache.serve.triton.shm import SWEEP_SECONDS, WorkerRegions
+from nodecache.serve.triton.shm import WorkerRegions
 
 __all__ = ["build_control_app", "build_worker_app", "main", "parse_args"]
 
@@ -192,12 +192,7 @@ async def _serve(args: argparse.Namespace) -> None:
             await asyncio.sleep(settings.idle_check_seconds)
             await repository.unload_idle()
 
-    async def close_regions() -> None:
-        while True:
-            await asyncio.sleep(SWEEP_SECONDS)
-            app[WORKER_REGIONS].sweep()
-
-    tasks = [asyncio.create_task(t()) for t in (watch_parent, unload_idle, close_regions)]
+    tasks = [asyncio.create_task(t()) for t in (watch_parent, unload_idle)]
     await stop.wait()
     for task in tasks:
         task.cancel()

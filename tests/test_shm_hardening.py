@@ -4,6 +4,7 @@ before anything is read, and a node-wide cap on regions."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from nodecache.serve.errors import InvalidInput
 from nodecache.serve.peers import Peer, _peer
-from nodecache.serve.triton.shm import open_region
+from nodecache.serve.triton.shm import SharedMemory, open_region
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
 
@@ -92,9 +93,74 @@ def test_a_dev_shm_that_is_not_tmpfs_is_refused(tmp_path: Path) -> None:
 
 def test_a_key_in_the_callers_own_dev_shm_opens(key: str) -> None:
     region = open_region(_me(), "r", key, 8, 16)
+    file = region.file()
     try:
-        assert bytes(region.read(0, 4, "input")) == bytes([8, 9, 10, 11])
-        region.write(0, np.frombuffer(b"ab", np.uint8), "output")
+        assert bytes(file.read(0, 4, "input")) == bytes([8, 9, 10, 11])
+        file.write(0, np.frombuffer(b"ab", np.uint8), "output")
     finally:
+        file.close()
         region.close()
     assert Path(f"/dev/shm/{key}").read_bytes()[8:10] == b"ab"
+
+
+async def test_a_request_keeps_its_region_when_the_caller_unregisters_it(
+    key: str, tmp_path: Path
+) -> None:
+    """The probe of S2: unregistering mid-request frees the agent's descriptor number and
+    the next file opened takes it; the request still reads the caller's file."""
+    me, memory = _me(), SharedMemory()
+    memory.add(open_region(me, "mine", key, 0, 32))
+    secret = tmp_path / "agent-secret"
+    secret.write_bytes(b"AGENT TOKEN " + b"." * 20)
+    with memory.lookup(me) as regions:
+        region = regions("mine")  # an in-flight request holds it
+        memory.unregister(me, "mine")  # the caller, from another connection
+        fd = os.open(secret, os.O_RDWR)  # whatever the agent opens next
+        try:
+            assert bytes(region.read(0, 32, "input")) == bytes(range(32))
+            region.write(0, np.frombuffer(b"out", np.uint8), "output")
+        finally:
+            os.close(fd)
+    assert secret.read_bytes() == b"AGENT TOKEN " + b"." * 20
+    assert Path(f"/dev/shm/{key}").read_bytes()[:3] == b"out"
+    with pytest.raises(OSError):
+        os.fstat(region.fd)  # the request's own descriptor went with it
+    with memory.lookup(me) as later, pytest.raises(InvalidInput, match="no shared memory"):
+        later("mine")
+
+
+_WORKER = """
+import json, sys
+from nodecache.serve.errors import InvalidInput
+from nodecache.serve.triton.shm import WorkerRegions
+with WorkerRegions().lookup(json.loads(sys.argv[1])) as regions:
+    try:
+        print(bytes(regions("mine").read(0, 4, "input")).hex())
+    except InvalidInput as exc:
+        print(exc)
+"""
+
+
+def _worker_reads(handles: dict) -> str:
+    """What a worker (our child: we are its agent) reads through the handles."""
+    argv = [sys.executable, "-P", "-c", _WORKER, json.dumps(handles)]
+    return subprocess.run(argv, capture_output=True, check=True, text=True).stdout.strip()
+
+
+async def test_a_worker_never_reads_a_descriptor_number_the_agent_reused(
+    key: str, tmp_path: Path
+) -> None:
+    me, memory = _me(), SharedMemory()
+    memory.add(open_region(me, "mine", key, 0, 32))
+    with memory.lookup(me) as regions:
+        handles = {"mine": regions("mine").handle()}
+        assert _worker_reads(handles) == "00010203"
+    secret = tmp_path / "agent-secret"
+    secret.write_bytes(b"AGENT TOKEN")
+    fd = os.open(secret, os.O_RDONLY)  # the request ended: its number is free again
+    try:
+        assert handles["mine"]["path"].endswith(f"/fd/{fd}")
+        assert _worker_reads(handles) == "the shared memory region changed since it was registered"
+    finally:
+        os.close(fd)
+    memory.unregister(me, None)

@@ -53,7 +53,7 @@ from nodecache.serve.spec import ModelState
 from nodecache.serve.triton.config import version_policy
 from nodecache.serve.triton.routes import REGIONS_HEADER, peer_of
 from nodecache.serve.triton.routes import add_routes as add_triton_routes
-from nodecache.serve.triton.shm import SharedMemory, refs_of
+from nodecache.serve.triton.shm import RequestRegions, SharedMemory, refs_of
 from nodecache.serve.triton.statistics import merge as merge_statistics
 from nodecache.serve.triton.statistics import statistics_routes
 
@@ -269,8 +269,11 @@ class PoolDataPlane:
         caller: Caller = nobody,
     ) -> InferResponse:
         """The worker reads and writes the caller's regions itself (``infer`` hands them
-        over)."""
-        return await self.infer(name, request, version, protocol=protocol, caller=caller)
+        over); our descriptors of them stay open until its answer."""
+        regions = request.regions
+        assert isinstance(regions, RequestRegions), "the transport names the caller's regions"
+        with regions:
+            return await self.infer(name, request, version, protocol=protocol, caller=caller)
 
     async def model_config(
         self, name: str, version: str | None = None, caller: Caller = nobody
@@ -335,12 +338,18 @@ class PoolDataPlane:
         named: set[str] = set()  # shared memory regions: read and written by the worker
         if rest == "/infer" and b"shared_memory_region" in body:  # cheap first
             named = refs_of(_json_part(body, request.headers.get(HEADER_LENGTH)))
-        if named:
-            regions = self.shared_memory.lookup(await peer_of(request))
+        regions = self.shared_memory.lookup(await peer_of(request)) if named else None
+        if regions is not None:
             headers.append(_regions_header(regions, named))
         route = self.resolve(name, version, caller)  # no await until the relay counts it
         target = _target(request, route.key, rest)
-        status, answer, payload = await self.pool.infer(route.key, method, target, body, headers)
+        try:  # our descriptors of the regions stay open until the worker answers
+            status, answer, payload = await self.pool.infer(
+                route.key, method, target, body, headers
+            )
+        finally:
+            if regions is not None:
+                regions.close()
         if version is None and rest in ("/infer", ":predict") and not named:
             relayed = (status, answer, payload)
             self._mirror(name, route, caller, body, headers, relayed, v1=rest == ":predict")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -17,10 +16,10 @@ import orjson
 from aiohttp import web
 
 from nodecache.serve.errors import CallerUnknown, InvalidInput, Unimplemented
-from nodecache.serve.peers import Peer, peer_at
+from nodecache.serve.peers import Peer, connection_peer
 from nodecache.serve.protocol import InferRequest, InferResponse
 from nodecache.serve.routing import Caller, nobody
-from nodecache.serve.triton.shm import Lookup, SharedMemory, WorkerRegions, open_region
+from nodecache.serve.triton.shm import RequestRegions, SharedMemory, WorkerRegions, open_region
 
 __all__ = [
     "REGIONS_HEADER",
@@ -33,7 +32,7 @@ __all__ = [
 
 REGIONS_HEADER = "X-Nodecache-Regions"
 """Set by the agent on a request it relays to a worker: the caller's regions the request
-names, as handles the worker opens itself (``shm.Region.handle``). Read only by workers."""
+names, as handles the worker opens itself (``shm.RegionFile.handle``). Read only by workers."""
 WORKER_REGIONS = web.AppKey("worker_regions", WorkerRegions)
 """On a worker's data app only: the regions the agent handed it."""
 
@@ -62,19 +61,12 @@ class TritonOperations(Protocol):
     ) -> InferResponse: ...
 
 
-# Per connection (its aiohttp protocol): finding a TCP caller walks /proc, once. As with
-# SO_PEERCRED, the caller is who opened the connection.
-_CONNECTIONS: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
-
-
 async def peer_of(request: web.Request) -> Peer:
-    """The process that sent ``request`` (its socket's peer); 403 if the kernel cannot say."""
-    caller = _CONNECTIONS.get(request.protocol)
-    if caller is not None:
-        return caller
-    caller = await asyncio.to_thread(peer_at, request.transport)
-    if caller is not None:
-        _CONNECTIONS[request.protocol] = caller
+    """The process that sent ``request`` (its socket's peer, checked again now): 403 if the
+    kernel cannot say, 403 "reconnect" once that process is gone."""
+    caller = connection_peer(request.protocol, request.transport, find=False)  # cheap
+    if caller is None:
+        caller = await asyncio.to_thread(connection_peer, request.protocol, request.transport)
     if caller is None:
         raise CallerUnknown(
             "shared memory is the calling process's own, and this connection does not say "
@@ -83,9 +75,9 @@ async def peer_of(request: web.Request) -> Peer:
     return caller
 
 
-async def regions_for(request: web.Request, dataplane: TritonOperations) -> Lookup:
+async def regions_for(request: web.Request, dataplane: TritonOperations) -> RequestRegions:
     """The regions an infer request may name: on a worker, those the agent handed over
-    with it; elsewhere, the caller's own."""
+    with it; elsewhere, the caller's own. The dataplane's ``infer_shared`` closes them."""
     regions = request.app.get(WORKER_REGIONS)
     if regions is not None:
         try:

@@ -22,9 +22,8 @@ import ctypes
 import os
 import re
 import stat
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +37,7 @@ __all__ = [
     "MAX_REGIONS",
     "Region",
     "RegionFile",
+    "RequestRegions",
     "SharedMemory",
     "WorkerRegions",
     "open_region",
@@ -105,6 +105,45 @@ class RegionFile:
             written = os.pwrite(self.fd, view, self.offset + offset)
             view, offset = view[written:], offset + written
 
+    def handle(self) -> dict[str, Any]:
+        """What a worker needs to open this file itself (our descriptor, by /proc)."""
+        st = os.fstat(self.fd)
+        return {"path": f"/proc/{os.getpid()}/fd/{self.fd}", "ino": st.st_ino,
+                "dev": st.st_dev, "offset": self.offset, "byte_size": self.byte_size}  # fmt: skip
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class RequestRegions:
+    """The regions one request uses, each on a descriptor of the request's own, closed
+    when the request ends (``close``, or ``with``).
+
+    Never the registered descriptor itself: an unregister (from another connection) or a
+    sweep closes that mid-request, the next file this process opens takes its number, and
+    the request would read or write that file instead."""
+
+    def __init__(self, open_file: Callable[[str], RegionFile]) -> None:
+        self._open_file = open_file
+        self._files: dict[str, RegionFile] = {}
+
+    def __call__(self, name: str) -> RegionFile:
+        file = self._files.get(name)
+        if file is None:
+            file = self._files[name] = self._open_file(name)
+        return file
+
+    def close(self) -> None:
+        files, self._files = self._files, {}
+        for file in files.values():
+            file.close()
+
+    def __enter__(self) -> RequestRegions:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
 
 @dataclass
 class Region:
@@ -116,25 +155,14 @@ class Region:
     byte_size: int
     owner: Peer
     fd: int
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset,
                 "byte_size": self.byte_size}  # fmt: skip
 
-    def read(self, offset: int, size: int, what: str) -> memoryview:
-        """The region's bytes, read in this process (``RegionFile.read``)."""
-        return RegionFile(self.fd, self.offset, self.byte_size).read(offset, size, what)
-
-    def write(self, offset: int, data: np.ndarray, what: str) -> None:
-        """Bytes written into the region from this process (``RegionFile.write``)."""
-        RegionFile(self.fd, self.offset, self.byte_size).write(offset, data, what)
-
-    def handle(self) -> dict[str, Any]:
-        """What a worker needs to open this region itself (our descriptor, by /proc)."""
-        st = os.fstat(self.fd)
-        return {"id": self.id, "path": f"/proc/{os.getpid()}/fd/{self.fd}", "ino": st.st_ino,
-                "dev": st.st_dev, "offset": self.offset, "byte_size": self.byte_size}  # fmt: skip
+    def file(self) -> RegionFile:
+        """The region on a descriptor of its own (``os.dup``), for one request."""
+        return RegionFile(os.dup(self.fd), self.offset, self.byte_size)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -196,7 +224,7 @@ class SharedMemory:
 
     def unregister(self, caller: Peer, name: str | None) -> None:
         """Forget the caller's region (or all of them); unknown names are no error, as in
-        Triton. Workers notice by themselves (``WorkerRegions.sweep``)."""
+        Triton. Requests under way keep their own descriptors (``RequestRegions``)."""
         keys = [k for k in self._regions if k[0] == caller.scope and name in (None, k[1])]
         for key in keys:
             self._regions.pop(key).close()
@@ -209,9 +237,9 @@ class SharedMemory:
             r.status() for (scope, _), r in sorted(self._regions.items()) if scope == caller.scope
         ]
 
-    def lookup(self, caller: Peer) -> Callable[[str], Region]:
-        """The caller's regions by name, for one request."""
-        return lambda name: self.region(caller, name)
+    def lookup(self, caller: Peer) -> RequestRegions:
+        """The caller's regions by name, for one request (which closes them)."""
+        return RequestRegions(lambda name: self.region(caller, name).file())
 
     def region(self, caller: Peer, name: str) -> Region:
         region = self._regions.get((caller.scope, name))
@@ -325,49 +353,33 @@ def place_outputs(request: InferRequest, response: InferResponse, lookup: Lookup
 
 
 class WorkerRegions:
-    """In a worker: the regions the agent handed over with requests, opened once (through
-    the agent's descriptor) and closed when the agent no longer holds them (``sweep``)."""
+    """In a worker: the regions the agent handed over with a request, each opened through
+    the agent's descriptor for that request only (the agent holds it open until the
+    request's answer; the inode is checked, so a number reused meanwhile is refused)."""
 
-    def __init__(self) -> None:
-        self._files: dict[str, tuple[str, RegionFile]] = {}  # id -> (agent's fd path, file)
-
-    def lookup(self, handles: dict[str, Any]) -> Lookup:
-        def find(name: str) -> RegionFile:
+    def lookup(self, handles: dict[str, Any]) -> RequestRegions:
+        def open_file(name: str) -> RegionFile:
             handle = handles.get(name)
             if not isinstance(handle, dict):
                 raise InvalidInput(f"no shared memory region {excerpt(name)} is registered")
-            return self._open(handle)
+            return _open_handed(handle)
 
-        return find
+        return RequestRegions(open_file)
 
-    def _open(self, handle: dict[str, Any]) -> RegionFile:
-        known = self._files.get(handle["id"])
-        if known is not None:
-            return known[1]
-        path = str(handle["path"])
-        if not re.fullmatch(rf"/proc/{os.getppid()}/fd/\d+", path):
-            raise InvalidInput("a shared memory region must come from the agent")
+
+def _open_handed(handle: dict[str, Any]) -> RegionFile:
+    path = str(handle["path"])
+    if not re.fullmatch(rf"/proc/{os.getppid()}/fd/\d+", path):
+        raise InvalidInput("a shared memory region must come from the agent")
+    try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        st = os.fstat(fd)
-        if (st.st_ino, st.st_dev) != (handle["ino"], handle["dev"]):
-            os.close(fd)
-            raise InvalidInput("the shared memory region changed since it was registered")
-        file = RegionFile(fd, int(handle["offset"]), int(handle["byte_size"]))
-        self._files[handle["id"]] = (path, file)
-        return file
-
-    def sweep(self) -> None:
-        """Close the regions the agent no longer holds open (unregistered, or their caller
-        gone): its descriptor is closed, or now names another file."""
-        for region_id, (path, file) in list(self._files.items()):
-            st = os.fstat(file.fd)
-            try:
-                now = os.stat(path)
-            except OSError:
-                now = None
-            if now is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-                del self._files[region_id]
-                os.close(file.fd)
+    except OSError:
+        raise InvalidInput("the shared memory region is no longer registered") from None
+    st = os.fstat(fd)
+    if (st.st_ino, st.st_dev) != (handle["ino"], handle["dev"]):
+        os.close(fd)
+        raise InvalidInput("the shared memory region changed since it was registered")
+    return RegionFile(fd, int(handle["offset"]), int(handle["byte_size"]))
 
 
 def refs_of(doc: dict[str, Any]) -> set[str]:
