@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_urldispatcher import Handler
 
+from nodecache.serve.peers import boot_seconds
 from nodecache.serve.settings import TransportLimits
 
 __all__ = [
@@ -65,6 +66,7 @@ class LimitedProtocol(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.accepted = boot_seconds()  # a caller's process must be older (serve.peers)
         super().connection_made(transport)
         self._arm()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -17,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from nodecache.serve.errors import CallerUnknown, InvalidInput, Unimplemented
-from nodecache.serve.peers import Peer, peer_at
+from nodecache.serve.peers import Peer, connection_peer
 from nodecache.serve.protocol import InferRequest, InferResponse
 from nodecache.serve.routing import Caller, nobody
 from nodecache.serve.triton.shm import RequestRegions, SharedMemory, WorkerRegions, open_region
@@ -62,19 +61,12 @@ class TritonOperations(Protocol):
     ) -> InferResponse: ...
 
 
-# Per connection (its aiohttp protocol): finding a TCP caller walks /proc, once. As with
-# SO_PEERCRED, the caller is who opened the connection.
-_CONNECTIONS: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
-
-
 async def peer_of(request: web.Request) -> Peer:
-    """The process that sent ``request`` (its socket's peer); 403 if the kernel cannot say."""
-    caller = _CONNECTIONS.get(request.protocol)
-    if caller is not None:
-        return caller
-    caller = await asyncio.to_thread(peer_at, request.transport)
-    if caller is not None:
-        _CONNECTIONS[request.protocol] = caller
+    """The process that sent ``request`` (its socket's peer, checked again now): 403 if the
+    kernel cannot say, 403 "reconnect" once that process is gone."""
+    caller = connection_peer(request.protocol, request.transport, find=False)  # cheap
+    if caller is None:
+        caller = await asyncio.to_thread(connection_peer, request.protocol, request.transport)
     if caller is None:
         raise CallerUnknown(
             "shared memory is the calling process's own, and this connection does not say "
