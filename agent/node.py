@@ -199,7 +199,8 @@ class NodeAgent:
             # Bytes on disk, and downloads in flight, are shared by URI. A namespaced cache
             # gets them for its pods only once its own credentials show it may read the
             # source: otherwise naming another scope's URI would be enough to get its model.
-            await self.store.check_readable(decl.source_uri, credentials=credentials)
+            # Isolated: its own Secret and parameters only, never the agent's credentials.
+            await self.store.check_readable(decl.source_uri, credentials=credentials, isolated=True)
         if stored is None:
             status.state = ModelState.DOWNLOADING
             status.bytes_done, status.bytes_total = 0, None
@@ -214,6 +215,7 @@ class NodeAgent:
                 progress=progress,
                 max_bytes=decl.model_size,
                 credentials=credentials,
+                isolated=decl.namespace is not None,
             )
             log.info(
                 "download finished",

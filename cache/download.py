@@ -101,6 +101,8 @@ class DownloadSpec:
     file_mode: int
     credentials: Mapping[str, str]
     max_bytes: int | None
+    isolated: bool = False
+    """A namespaced cache's download: ``credentials`` alone (see ``open_source``)."""
 
 
 async def run_download(spec: DownloadSpec, inflight: InFlight, hooks: StoreHooks[T]) -> T:
@@ -174,6 +176,7 @@ class _Run(Generic[T]):
                 timeout=opts.timeout,
                 credentials=spec.credentials,
                 registry_mirrors=opts.registry_mirrors,
+                isolated=spec.isolated,
             )
         )
         files: list[RemoteFile] = await self.run(

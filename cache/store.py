@@ -238,12 +238,18 @@ class ModelStore:
     # ---- fetch --------------------------------------------------------------------------
 
     async def check_readable(
-        self, source_uri: str, *, credentials: Mapping[str, str] | None = None
+        self,
+        source_uri: str,
+        *,
+        credentials: Mapping[str, str] | None = None,
+        isolated: bool = False,
     ) -> None:
         """Raise unless ``credentials`` can list ``source_uri`` now: one listing, no bytes.
 
         A cache hit skips the source, so a caller who must prove access of its own (a
-        namespaced cache naming a URI another scope already fetched) asks this first.
+        namespaced cache naming a URI another scope already fetched) asks this first, with
+        ``isolated`` (see :func:`open_source`): otherwise the agent's own credentials would
+        prove it.
         """
         opts = self.options
 
@@ -254,6 +260,7 @@ class ModelStore:
                 timeout=opts.timeout,
                 credentials=credentials,
                 registry_mirrors=opts.registry_mirrors,
+                isolated=isolated,
             )
             try:
                 retrying(source.list_files, opts, threading.Event())
@@ -272,6 +279,7 @@ class ModelStore:
         progress: Progress | None = None,
         credentials: Mapping[str, str] | None = None,
         max_bytes: int | None = None,
+        isolated: bool = False,
     ) -> StoredModel:
         """Return the model for ``source_uri``, downloading and publishing it if needed.
 
@@ -283,8 +291,10 @@ class ModelStore:
         source resumes from them.
 
         ``credentials`` (resolved by the caller from a Secret or credentials file; see
-        :func:`nodecache.cache.sources.open_source` for the names) override the environment.
-        Their values never appear in errors or logs.
+        :func:`nodecache.cache.sources.open_source` for the names) override the environment;
+        ``isolated`` (a namespaced cache) uses them alone. Their values never appear in
+        errors or logs. A fetch that joins a download in flight gets that download's
+        credentials: a namespaced cache proves its own first (:meth:`check_readable`).
 
         ``max_bytes`` is the model's declared size (``modelSize``): a source that lists, or
         sends, more than it plus :data:`MODEL_SIZE_TOLERANCE` fails with
@@ -306,7 +316,7 @@ class ModelStore:
             download = InFlight()
             self._downloads[key] = download
             download.task = asyncio.create_task(
-                self._download(uri, key, download, dict(credentials or {}), max_bytes)
+                self._download(uri, key, download, dict(credentials or {}), max_bytes, isolated)
             )
             download.task.add_done_callback(lambda _t: self._forget(key, download))
         if progress is not None:
@@ -344,6 +354,7 @@ class ModelStore:
         download: InFlight,
         credentials: dict[str, str],
         max_bytes: int | None,
+        isolated: bool,
     ) -> StoredModel:
         lock_fd = await acquire_download_lock(self._lock_path(key), self.file_mode)
         try:
@@ -358,6 +369,7 @@ class ModelStore:
                 file_mode=self.file_mode,
                 credentials=credentials,
                 max_bytes=max_bytes,
+                isolated=isolated,
             )
             try:
                 hooks = self._hooks(uri, key, download, credentials)

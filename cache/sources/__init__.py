@@ -20,7 +20,7 @@ from nodecache.cache.azure_uri import is_blob_url
 from nodecache.cache.errors import CacheError
 from nodecache.cache.ociref import Mirror
 from nodecache.cache.sources.azure import AzureSource
-from nodecache.cache.sources.base import RemoteFile, Sink, Source
+from nodecache.cache.sources.base import RemoteFile, Sink, Source, is_isolated, isolate
 from nodecache.cache.sources.errors import (
     SourceHttpError,
     is_transient,
@@ -71,6 +71,7 @@ def open_source(
     timeout: float,
     credentials: Mapping[str, str] | None = None,
     registry_mirrors: Sequence[Mirror] = (),
+    isolated: bool = False,
 ) -> Source:
     """Return the :class:`Source` for ``uri``. Blocking (imports, clients).
 
@@ -82,7 +83,15 @@ def open_source(
     ``GOOGLE_SERVICE_ACCOUNT_JSON``, ``STORAGE_EMULATOR_HOST``; ``AZURE_STORAGE_*`` and
     Azure AD identities (:mod:`.azure`). ``registry_mirrors`` are tried first for
     ``oci://`` sources of their registry.
+
+    ``isolated`` (a namespaced cache; kept by settings already isolated, as a source that
+    opens another passes them on): ``credentials`` are all the source reads, never the
+    environment, the node's files, botocore's chain, the Hugging Face token file, docker
+    configs, credential helpers or a cloud identity; with none it is anonymous. A key
+    naming a file on the node is refused.
     """
+    if isolated or is_isolated(credentials):
+        credentials = isolate(credentials)
     uri = validate_source_uri(uri)
     kind = AzureSource if is_blob_url(uri) else _KINDS[uri.split(":", 1)[0]]
     extra = {"mirrors": registry_mirrors} if kind is OciSource else {}

@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -142,6 +142,14 @@ class _Auth:
         return out
 
 
+def _service_principal(pick: Callable[..., str | None]) -> tuple[str, str, str] | None:
+    """(tenant, client, secret) of a service principal given by value, if all three are."""
+    client = pick("AZURE_CLIENT_ID", "AZ_CLIENT_ID", "AZURE_STORAGE_CLIENT_ID")
+    secret = pick("AZURE_CLIENT_SECRET", "AZ_CLIENT_SECRET", "AZURE_STORAGE_CLIENT_SECRET")
+    tenant = pick("AZURE_TENANT_ID", "AZ_TENANT_ID", "AZURE_STORAGE_TENANT_ID")
+    return (tenant, client, secret) if client and secret and tenant else None
+
+
 class AzureSource(FsspecBucketSource):
     """An Azure Blob URI: adlfs lists it, ranged REST ``GET``\\ s read it."""
 
@@ -229,7 +237,9 @@ class AzureSource(FsspecBucketSource):
             options["connection_string"] = (
                 f"BlobEndpoint={endpoint};SharedAccessSignature={sas.lstrip('?')}"
             )
-        elif (self.setting("AZURE_STORAGE_ANON") or "").lower() in ("1", "true", "yes"):
+        elif (self.setting("AZURE_STORAGE_ANON") or "").lower() in ("1", "true", "yes") or (
+            self.isolated and _service_principal(pick) is None
+        ):  # isolated: never DefaultAzureCredential (the node's managed identity)
             byte_auth = _Auth(account=account, container=loc.container)
             options["connection_string"] = f"BlobEndpoint={endpoint};"
         else:
@@ -247,14 +257,10 @@ class AzureSource(FsspecBucketSource):
         from azure.identity.aio import ClientSecretCredential as AioClientSecretCredential
         from azure.identity.aio import DefaultAzureCredential as AioDefaultAzureCredential
 
+        principal = _service_principal(pick)
+        if principal is not None:
+            return ClientSecretCredential(*principal), AioClientSecretCredential(*principal)
         client = pick("AZURE_CLIENT_ID", "AZ_CLIENT_ID", "AZURE_STORAGE_CLIENT_ID")
-        secret = pick("AZURE_CLIENT_SECRET", "AZ_CLIENT_SECRET", "AZURE_STORAGE_CLIENT_SECRET")
-        tenant = pick("AZURE_TENANT_ID", "AZ_TENANT_ID", "AZURE_STORAGE_TENANT_ID")
-        if client and secret and tenant:
-            return (
-                ClientSecretCredential(tenant, client, secret),
-                AioClientSecretCredential(tenant, client, secret),
-            )
         options = {}
         if client:  # a user-assigned identity
             options = {"managed_identity_client_id": client, "workload_identity_client_id": client}

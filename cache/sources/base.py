@@ -25,11 +25,14 @@ from nodecache.cache.localdigest import LocalDigest
 from nodecache.cache.uri import redact_uri
 
 __all__ = [
+    "IsolatedSettings",
     "RemoteFile",
     "Sink",
     "Source",
     "UnpackedFile",
     "finish_listing",
+    "is_isolated",
+    "isolate",
     "lookup_setting",
     "map_threads",
     "thread_buffer",
@@ -85,12 +88,48 @@ class UnpackedFile:
     """Its fast local digest, folded in the same pass (for ``nodecache verify``)."""
 
 
+_NODE_FILE_KEYS = frozenset(
+    {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG"}
+    | {"GOOGLE_APPLICATION_CREDENTIALS", "SSL_CERT_DIR"}
+)
+_NODE_FILE_SUFFIXES = ("_FILE", "_PATH", "_CA_BUNDLE", "_CERT_DIR")
+
+
+class IsolatedSettings(dict[str, str]):
+    """The settings of a source opened isolated (a namespaced cache): these and nothing
+    else. No fallback to the agent's environment, its files or its cloud identity, because
+    a tenant names the endpoint and the platform's credentials must never go there."""
+
+
+def is_isolated(credentials: Mapping[str, str] | None) -> bool:
+    return isinstance(credentials, IsolatedSettings)
+
+
+def isolate(credentials: Mapping[str, str] | None) -> IsolatedSettings:
+    """``credentials`` as :class:`IsolatedSettings`; refuses a key that names a file on the
+    node (the agent runs as root: a tenant would make it read the node's files)."""
+    settings = IsolatedSettings(credentials or {})
+    for name in sorted(settings):
+        upper = name.upper()
+        if upper in _NODE_FILE_KEYS or upper.endswith(_NODE_FILE_SUFFIXES):
+            raise FetchError(
+                f"storage setting {name} names a file on the node, which a namespaced cache "
+                "cannot use: give the value itself in its Secret (keys, a service account "
+                "JSON, a .dockerconfigjson), or use a cluster cache",
+                permanent=True,
+            )
+    return settings
+
+
 def lookup_setting(credentials: Mapping[str, str], *names: str) -> str | None:
     """The first of ``names`` set in ``credentials``, else in the environment: credentials
-    from a Secret or a credentials file take precedence over the agent's own."""
+    from a Secret or a credentials file take precedence over the agent's own. Isolated
+    settings never fall back to the environment."""
     for name in names:
         if credentials.get(name):
             return credentials[name]
+    if is_isolated(credentials):
+        return None
     for name in names:
         if os.environ.get(name):
             return os.environ[name]
@@ -111,10 +150,16 @@ class Source(ABC):
         self.uri = uri
         self.chunk_size = chunk_size
         self.timeout = timeout
-        self.credentials: Mapping[str, str] = credentials or {}
+        self.credentials: Mapping[str, str] = credentials if credentials is not None else {}
+
+    @property
+    def isolated(self) -> bool:
+        """Opened for a namespaced cache: its own settings only, anonymous without any."""
+        return is_isolated(self.credentials)
 
     def setting(self, *names: str) -> str | None:
-        """The first of ``names`` set in the credentials given, else in the environment."""
+        """The first of ``names`` set in the credentials given, else in the environment
+        (unless isolated)."""
         return lookup_setting(self.credentials, *names)
 
     @property

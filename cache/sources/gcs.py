@@ -44,6 +44,8 @@ class GcsSource(FsspecBucketSource):
             options["token"] = json.loads(self.credentials["GOOGLE_SERVICE_ACCOUNT_JSON"])
         elif self.credentials.get("GOOGLE_APPLICATION_CREDENTIALS"):
             options["token"] = self.credentials["GOOGLE_APPLICATION_CREDENTIALS"]
+        elif self.isolated:  # never the node's application default credentials
+            options["token"] = "anon"
         self.fs = GCSFileSystem(**options)
         self.root = uri[len("gs://") :]
         base = emulator or "https://storage.googleapis.com"

@@ -10,8 +10,9 @@ one). LFS files are verified by their sha256 (the LFS oid), the others by their 
 
 Settings, from the cache's storage credentials and parameters first, then the environment as
 ``huggingface_hub`` reads it: ``HF_ENDPOINT``, ``HF_TOKEN`` (also the token file ``hf auth
-login`` writes). ``include`` / ``exclude``: comma-separated globs as ``snapshot_download``'s
-``allow_patterns`` / ``ignore_patterns`` (``exclude: "original/*,*.pth"``).
+login`` writes; an isolated source has only its own settings). ``include`` / ``exclude``:
+comma-separated globs as ``snapshot_download``'s ``allow_patterns`` / ``ignore_patterns``
+(``exclude: "original/*,*.pth"``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class HfSource(Source):
         ref = parse_hf_uri(uri)
         self.repo_id, self.revision = ref.repo_id, ref.revision or "main"
         self.endpoint = (self.setting("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-        self.token = self.credentials.get("HF_TOKEN") or _stored_token()
+        self.token = self.credentials.get("HF_TOKEN") or (
+            None if self.isolated else _stored_token()
+        )
         self.include = _globs(self.credentials.get("include"))
         self.exclude = _globs(self.credentials.get("exclude"))
         self.commit: str | None = None

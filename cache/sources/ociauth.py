@@ -3,6 +3,8 @@
 Credentials come from, first to last: the cache's ``storage`` secret (``.dockerconfigjson``
 as a ``kubernetes.io/dockerconfigjson`` Secret holds it, or ``REGISTRY_AUTH_FILE``), the
 agent's ``REGISTRY_AUTH_FILE``, ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``.
+An isolated source (a namespaced cache) reads only its secret's ``.dockerconfigjson``, and
+refuses one naming helpers.
 In one config, as Docker reads it: ``credHelpers[HOST]`` names a helper for that registry;
 else an ``auths`` entry with a login; else ``credsStore`` names the helper for every
 registry. A helper is ``docker-credential-NAME get`` on ``PATH`` (ECR, GCR/Artifact
@@ -30,6 +32,7 @@ from urllib.parse import urlencode, urlsplit
 
 from nodecache.cache.errors import FetchError
 from nodecache.cache.ociref import DOCKER_HUB, is_loopback
+from nodecache.cache.sources.base import is_isolated
 from nodecache.cache.sources.errors import SourceHttpError
 
 __all__ = [
@@ -84,6 +87,8 @@ def _config_texts(credentials: Mapping[str, str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if credentials.get(".dockerconfigjson"):
         out.append(("the storage secret's .dockerconfigjson", credentials[".dockerconfigjson"]))
+    if is_isolated(credentials):
+        return out  # never the agent's docker configs
     paths: list[str] = []
     for source in (credentials, os.environ):
         if source.get("REGISTRY_AUTH_FILE"):
@@ -114,6 +119,13 @@ def find_login(registry: str, credentials: Mapping[str, str]) -> Login | None:
             raise FetchError(
                 f"registry credentials in {where} are not a docker config.json", permanent=True
             ) from None
+        if (helpers or store) and is_isolated(credentials):
+            raise FetchError(
+                f"{where} names credHelpers or credsStore, which would run the node's "
+                "credential helpers (and its cloud identity) for a namespaced cache: give "
+                "the registry's login in auths instead",
+                permanent=True,
+            )
         helper = _entry_for(helpers, registry)
         if isinstance(helper, str) and helper:
             login = run_helper(helper, registry, f"credHelpers in {where}")

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 def open_s3(uri: str, **kwargs: Any) -> Source:
     """The source for an ``s3://`` URI: :class:`S3Source` where it can go, else s3fs."""
-    settings = resolve_s3_settings(kwargs.get("credentials") or {})
+    credentials = kwargs.get("credentials")
+    settings = resolve_s3_settings(credentials if credentials is not None else {})
     config = signed_config(settings, uri[len("s3://") :].partition("/")[0])
     if config is None:
         return S3fsSource(uri, settings=settings, **kwargs)

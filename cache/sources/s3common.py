@@ -20,7 +20,7 @@ from nodecache.cache.checksums import (
     stream_from_base64,
 )
 from nodecache.cache.errors import FetchError
-from nodecache.cache.sources.base import RemoteFile, lookup_setting
+from nodecache.cache.sources.base import RemoteFile, is_isolated, lookup_setting
 
 __all__ = [
     "CHECKSUM_NAMES",
@@ -68,7 +68,9 @@ class S3Settings:
 def resolve_s3_settings(credentials: Mapping[str, str]) -> S3Settings:
     """The :class:`S3Settings` of ``credentials`` (and the environment). A shared
     credentials file given with the credentials (``AWS_SHARED_CREDENTIALS_FILE`` +
-    ``AWS_PROFILE``) is read here, unless keys were given as values."""
+    ``AWS_PROFILE``) is read here, unless keys were given as values. Isolated settings
+    without keys are anonymous (never botocore's chain: the node's role)."""
+    isolated = is_isolated(credentials)
 
     def setting(*names: str) -> str | None:
         return lookup_setting(credentials, *names)
@@ -77,7 +79,7 @@ def resolve_s3_settings(credentials: Mapping[str, str]) -> S3Settings:
     secret = setting("AWS_SECRET_ACCESS_KEY")
     token = setting("AWS_SESSION_TOKEN")
     shared = credentials.get("AWS_SHARED_CREDENTIALS_FILE")
-    if shared and not credentials.get("AWS_ACCESS_KEY_ID"):
+    if shared and not isolated and not credentials.get("AWS_ACCESS_KEY_ID"):
         key, secret, token = _read_credentials_file(
             shared, credentials.get("AWS_PROFILE") or "default"
         )
@@ -90,8 +92,9 @@ def resolve_s3_settings(credentials: Mapping[str, str]) -> S3Settings:
         key=key,
         secret=secret,
         token=token,
-        anon=setting("AWS_NO_SIGN_REQUEST") in ("1", "true", "yes"),
-        profile=setting("AWS_PROFILE"),
+        anon=setting("AWS_NO_SIGN_REQUEST") in ("1", "true", "yes")
+        or (isolated and not (key and secret)),
+        profile=None if isolated else setting("AWS_PROFILE"),
         ca_bundle=setting("AWS_CA_BUNDLE"),
     )
 
