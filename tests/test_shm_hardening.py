@@ -16,7 +16,14 @@ import pytest
 
 from nodecache.serve.errors import InvalidInput
 from nodecache.serve.peers import Peer, _peer
-from nodecache.serve.triton.shm import SharedMemory, open_region
+from nodecache.serve.protocol import InferRequest, SharedRef
+from nodecache.serve.triton.shm import (
+    RegionFile,
+    RequestRegions,
+    SharedMemory,
+    open_region,
+    resolve_inputs,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
 
@@ -164,3 +171,57 @@ async def test_a_worker_never_reads_a_descriptor_number_the_agent_reused(
     finally:
         os.close(fd)
     memory.unregister(me, None)
+
+
+def _unread(name: str) -> RegionFile:
+    pytest.fail(f"region {name} was read before the input's size was checked")
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "byte_size", "error"),
+    [
+        ("FP32", [1], 1 << 30, "needs 4"),  # the probe: a 1 GiB sparse file for one float
+        ("FP32", [2], 4, "needs 8"),
+        ("FP32", [1 << 20, 1 << 20], 1 << 42, "over the limit"),
+        ("BYTES", [1], (1 << 26) + 1, "at most"),
+        ("BYTES", [4], 8, "at least 16"),
+        ("FP99", [1], 4, "unknown datatype"),
+        ("FP32", [-1], 4, "non-negative"),
+    ],
+)
+def test_an_input_whose_size_does_not_fit_its_shape_is_refused_before_reading(
+    datatype: str, shape: list[int], byte_size: int, error: str
+) -> None:
+    request = InferRequest(inputs={})
+    request.shared = {"x": SharedRef("big", byte_size, 0, datatype, shape)}
+    with pytest.raises(InvalidInput, match=error):
+        resolve_inputs(request, _unread, max_elements=1 << 24)
+
+
+def test_an_input_of_the_size_its_shape_needs_is_read(key: str) -> None:
+    request = InferRequest(inputs={})
+    request.shared = {"x": SharedRef("r", 8, 4, "UINT16", [2, 2])}
+    region = open_region(_me(), "r", key, 0, 64)
+    with RequestRegions(lambda _: region.file()) as regions:
+        resolve_inputs(request, regions, max_elements=16)
+    region.close()
+    expected = np.frombuffer(bytes(range(4, 12)), np.uint16).reshape(2, 2)
+    assert np.array_equal(request.inputs["x"], expected)
+
+
+def test_a_region_over_2_gib_is_read_whole() -> None:
+    """One preadv stops at 2 GiB; a legal input past that must not read as "shrank"."""
+    size, name = (2 << 30) + 4096, f"nc_huge_{os.getpid()}"
+    path = Path(f"/dev/shm/{name}")
+    with path.open("wb") as f:  # sparse: only the last page is stored
+        f.seek(size - 4)
+        f.write(b"tail")
+    try:
+        region = open_region(_me(), "huge", name, 0, size)
+        with RequestRegions(lambda _: region.file()) as regions:
+            data = regions("huge").read(0, size, "input")
+            assert len(data) == size and bytes(data[-4:]) == b"tail"
+            del data
+        region.close()
+    finally:
+        path.unlink()

@@ -24,16 +24,18 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import prod
 from typing import Any, Protocol
 
 import numpy as np
 
 from nodecache.serve.errors import InvalidInput, excerpt
 from nodecache.serve.peers import Peer
-from nodecache.serve.protocol import InferRequest, InferResponse
+from nodecache.serve.protocol import InferRequest, InferResponse, SharedRef
 from nodecache.serve.tensors import DATATYPES, datatype_of, decode_tensor, encode_tensor
 
 __all__ = [
+    "MAX_BYTES_INPUT",
     "MAX_REGIONS",
     "Region",
     "RegionFile",
@@ -51,6 +53,8 @@ _KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,255})")
 _NAME = re.compile(r"[!-~]{1,255}")  # a region's name: visible ASCII
 MAX_REGIONS = 256
 """Regions one scope may hold at once."""
+MAX_BYTES_INPUT = 64 * 1024 * 1024
+"""The most bytes a BYTES input may take in shared memory: what a request body may carry."""
 SWEEP_SECONDS = 5.0
 """How often regions of callers that are gone are looked for."""
 
@@ -92,10 +96,14 @@ class RegionFile:
         """``size`` bytes at ``offset`` into the region; 400 if they are not all inside it
         (or no longer in the file)."""
         self._check(offset, size, what)
-        buffer = np.empty(size, np.uint8)
-        if size and os.preadv(self.fd, [buffer], self.offset + offset) != size:
-            raise InvalidInput(f"{what}: the shared memory file shrank below the region")
-        return memoryview(buffer)
+        buffer = memoryview(np.empty(size, np.uint8))
+        done = 0
+        while done < size:  # one preadv returns at most 2 GiB
+            got = os.preadv(self.fd, [buffer[done:]], self.offset + offset + done)
+            if got == 0:
+                raise InvalidInput(f"{what}: the shared memory file shrank below the region")
+            done += got
+        return buffer
 
     def write(self, offset: int, data: np.ndarray, what: str) -> None:
         """``data``'s bytes at ``offset`` into the region; 400 if they do not fit it."""
@@ -316,10 +324,40 @@ def resolve_inputs(request: InferRequest, lookup: Lookup, max_elements: int) -> 
     for name, ref in request.shared.items():
         if name in request.inputs:
             raise InvalidInput(f"input {excerpt(name)} is given twice")
+        _check_input_size(name, ref, max_elements)
         raw = lookup(ref.region).read(ref.offset, ref.byte_size, f"input {excerpt(name)}")
         spec = {"name": name, "datatype": ref.datatype, "shape": ref.shape}
         request.inputs[name] = decode_tensor(spec, raw, max_elements=max_elements)[1]
     request.shared = {}
+
+
+def _check_input_size(name: str, ref: SharedRef, max_elements: int) -> None:
+    """An input's byte_size against what its datatype and shape need, before a byte is
+    allocated or read: a caller's sparse file costs it nothing, our memory a lot."""
+    what = f"input {excerpt(name)}"
+    dtype = DATATYPES.get(ref.datatype) if isinstance(ref.datatype, str) else None
+    if dtype is None:
+        raise InvalidInput(f"{what}: unknown datatype {excerpt(str(ref.datatype))}")
+    shape = ref.shape
+    if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
+        raise InvalidInput(f"{what}: 'shape' must be a list of non-negative integers")
+    count = prod(shape)
+    if count > max_elements:
+        raise InvalidInput(
+            f"{what}: shape {excerpt(str(shape))} has {count} elements, over the limit of "
+            f"{max_elements}"
+        )
+    if ref.datatype == "BYTES":  # each element behind a 4-byte length
+        if not 4 * count <= ref.byte_size <= MAX_BYTES_INPUT:
+            raise InvalidInput(
+                f"{what}: {ref.byte_size} bytes for {count} BYTES elements (at least "
+                f"{4 * count}, at most {MAX_BYTES_INPUT})"
+            )
+    elif ref.byte_size != count * dtype.itemsize:
+        raise InvalidInput(
+            f"{what}: shared_memory_byte_size is {ref.byte_size}, shape {excerpt(str(shape))} of "
+            f"{ref.datatype} needs {count * dtype.itemsize}"
+        )
 
 
 def place_outputs(request: InferRequest, response: InferResponse, lookup: Lookup) -> None:
