@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -137,6 +138,7 @@ class NodeServices:
     async def start(self, **log_fields: Any) -> None:
         """Listen and start serving. A port in use ends the start with one line saying which
         flag to change (SystemExit), and nothing is left running."""
+        _raise_open_files_limit()
         options = self.options
         if options.metrics_port:
             # First: a port in use must fail the start before workers or sockets exist.
@@ -271,6 +273,18 @@ class NodeServices:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
         log.info("agent stopped")
+
+
+def _raise_open_files_limit() -> None:
+    """The soft open-files limit up to the hard one: every connection, cache file and shared
+    memory region holds a descriptor, and the default soft limit (1024 under containerd 2)
+    runs out long before the node does. Workers, started later, inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:  # an unlimited hard limit, past fs.nr_open
+            log.warning("open files limit stays low", extra={"soft": soft, "error": str(exc)})
 
 
 async def _bind(what: str, flag: str, starting: Awaitable[T]) -> T:

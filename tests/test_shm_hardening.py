@@ -4,8 +4,10 @@ before anything is read, and a node-wide cap on regions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import Agent
 
 from nodecache.serve.errors import InvalidInput
 from nodecache.serve.peers import Peer, _peer
 from nodecache.serve.protocol import InferRequest, SharedRef
 from nodecache.serve.triton.shm import (
+    SWEEP_SECONDS,
     RegionFile,
     RequestRegions,
     SharedMemory,
@@ -225,3 +229,70 @@ def test_a_region_over_2_gib_is_read_whole() -> None:
         region.close()
     finally:
         path.unlink()
+
+
+_NODE_CAP = """
+import asyncio, os, resource, sys
+from nodecache.serve.errors import InvalidInput
+from nodecache.serve.peers import _peer
+from nodecache.serve.triton.shm import SharedMemory, node_region_limit, open_region
+resource.setrlimit(resource.RLIMIT_NOFILE, (80, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+async def main():
+    me, memory = _peer(os.getpid(), os.getuid()), SharedMemory()
+    print(node_region_limit())
+    for n in range(node_region_limit() + 1):
+        try:
+            memory.add(open_region(me, f"r{n}", sys.argv[1], 0, 8))
+        except InvalidInput as exc:
+            print(n, exc)
+    print(len(os.listdir("/proc/self/fd")) < 80)
+asyncio.run(main())
+"""
+
+
+def test_regions_stop_at_a_quarter_of_the_open_files_limit(key: str) -> None:
+    argv = [sys.executable, "-P", "-c", _NODE_CAP, key]
+    out = subprocess.run(argv, capture_output=True, check=True, text=True).stdout.splitlines()
+    assert out == [
+        "20",
+        "20 the node holds as many shared memory regions as it may; try again later",
+        "True",
+    ]
+
+
+async def test_a_gone_callers_region_is_swept_and_its_name_free_again(key: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        caller = _peer(child.pid, os.getuid())
+        assert caller is not None
+        memory = SharedMemory()
+        memory.add(open_region(caller, "r", key, 0, 8))
+        with pytest.raises(InvalidInput, match="already registered"):
+            memory.add(open_region(caller, "r", key, 0, 8))
+    finally:
+        child.kill()
+        child.wait()
+    await asyncio.sleep(SWEEP_SECONDS + 1)  # the sweep reads /proc in a thread
+    assert memory.status(caller, None) == []
+    memory.add(open_region(_me(), "r", key, 0, 8))  # the same name, another process
+    assert [r["name"] for r in memory.status(_me(), None)] == ["r"]
+    memory.unregister(_me(), None)
+
+
+def test_the_agent_raises_its_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip("the hard open-files limit is already low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the agent inherits it
+    try:
+        agent = Agent(tmp_path).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert agent.proc is not None
+        limits = Path(f"/proc/{agent.proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)]
+    finally:
+        agent.stop()

@@ -21,6 +21,7 @@ import asyncio
 import ctypes
 import os
 import re
+import resource
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,12 +37,14 @@ from nodecache.serve.tensors import DATATYPES, datatype_of, decode_tensor, encod
 
 __all__ = [
     "MAX_BYTES_INPUT",
+    "MAX_NODE_REGIONS",
     "MAX_REGIONS",
     "Region",
     "RegionFile",
     "RequestRegions",
     "SharedMemory",
     "WorkerRegions",
+    "node_region_limit",
     "open_region",
     "place_outputs",
     "refs_of",
@@ -53,6 +56,9 @@ _KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,255})")
 _NAME = re.compile(r"[!-~]{1,255}")  # a region's name: visible ASCII
 MAX_REGIONS = 256
 """Regions one scope may hold at once."""
+MAX_NODE_REGIONS = 4096
+"""Regions the node holds at once, all scopes together: a constant, not a flag, because the
+bound that matters is the agent's descriptors (``node_region_limit``), not a policy."""
 MAX_BYTES_INPUT = 64 * 1024 * 1024
 """The most bytes a BYTES input may take in shared memory: what a request body may carry."""
 SWEEP_SECONDS = 5.0
@@ -204,31 +210,51 @@ def open_region(caller: Peer, name: Any, key: Any, offset: Any, byte_size: Any) 
 
 class SharedMemory:
     """Registered regions by (scope, name); regions of callers that are gone are dropped
-    every ``SWEEP_SECONDS`` while any is registered."""
+    every ``SWEEP_SECONDS`` while any is registered (their /proc reads in a thread)."""
 
     def __init__(self) -> None:
         self._regions: dict[tuple[str, str], Region] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def add(self, region: Region) -> None:
-        """Register an opened region (``open_region``); refused if its name is taken."""
-        self.sweep()
+        """Register an opened region (``open_region``); refused if its name is taken, or
+        past the caller's or the node's limit."""
         scope = region.owner.scope
-        if (scope, region.name) in self._regions:
+        taken = self._regions.get((scope, region.name))
+        if taken is not None and not taken.owner.alive():  # one /proc read, not a sweep
+            del self._regions[(scope, region.name)]
+            taken.close()
+        elif taken is not None:
             region.close()
             raise InvalidInput(f"shared memory region {excerpt(region.name)} is already registered")
         if sum(1 for s, _ in self._regions if s == scope) >= MAX_REGIONS:
             region.close()
             raise InvalidInput(f"at most {MAX_REGIONS} shared memory regions per caller")
+        if len(self._regions) >= node_region_limit():
+            region.close()
+            raise InvalidInput(
+                "the node holds as many shared memory regions as it may; try again later"
+            )
         self._regions[(scope, region.name)] = region
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_later)
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
 
-    def _sweep_later(self) -> None:
+    def _sweep(self) -> None:
         self._sweeper = None
-        self.sweep()
-        if self._regions:
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_later)
+        regions = list(self._regions.items())
+        gone = asyncio.get_running_loop().run_in_executor(None, _of_gone_callers, regions)
+        gone.add_done_callback(self._drop)
+
+    def _drop(self, gone: asyncio.Future[list[tuple[tuple[str, str], Region]]]) -> None:
+        """Close the regions the sweep found gone (unless unregistered meanwhile)."""
+        if gone.cancelled():
+            return
+        for key, region in gone.result():
+            if self._regions.get(key) is region:
+                del self._regions[key]
+                region.close()
+        if self._regions and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
 
     def unregister(self, caller: Peer, name: str | None) -> None:
         """Forget the caller's region (or all of them); unknown names are no error, as in
@@ -238,7 +264,7 @@ class SharedMemory:
             self._regions.pop(key).close()
 
     def status(self, caller: Peer, name: str | None) -> list[dict[str, Any]]:
-        self.sweep()
+        """The caller's regions (those of its processes gone go within ``SWEEP_SECONDS``)."""
         if name is not None:
             return [self.region(caller, name).status()]
         return [
@@ -255,10 +281,20 @@ class SharedMemory:
             raise InvalidInput(f"no shared memory region {excerpt(name)} is registered")
         return region
 
-    def sweep(self) -> None:
-        """Drop the regions of processes that are gone."""
-        for key in [k for k, r in self._regions.items() if not r.owner.alive()]:
-            self._regions.pop(key).close()
+
+def _of_gone_callers(
+    regions: list[tuple[tuple[str, str], Region]],
+) -> list[tuple[tuple[str, str], Region]]:
+    """Those of ``regions`` whose registering process is gone (one /proc read each)."""
+    return [(key, region) for key, region in regions if not region.owner.alive()]
+
+
+def node_region_limit() -> int:
+    """How many regions the node holds at most: ``MAX_NODE_REGIONS``, and at most a
+    quarter of our open-files limit, since each region holds a descriptor (the agent
+    raises its soft limit to the hard one when it starts)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_NODE_REGIONS if soft == resource.RLIM_INFINITY else min(MAX_NODE_REGIONS, soft // 4)
 
 
 TMPFS_MAGIC = 0x01021994
