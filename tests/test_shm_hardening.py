@@ -19,6 +19,7 @@ from support import Agent
 
 from nodecache.serve.errors import InvalidInput
 from nodecache.serve.peers import Peer, _peer
+from nodecache.serve.pool.dataplane import _regions_named
 from nodecache.serve.protocol import InferRequest, SharedRef
 from nodecache.serve.triton.shm import (
     SWEEP_SECONDS,
@@ -296,3 +297,27 @@ def test_the_agent_raises_its_open_files_limit_to_the_hard_one(tmp_path: Path) -
         assert line.split()[3:5] == [str(hard), str(hard)]
     finally:
         agent.stop()
+
+
+async def test_a_relayed_bodys_json_is_parsed_off_the_event_loop() -> None:
+    """Worker mode reads the region names of any /infer body (no registration needed):
+    a large JSON part must not hold the loop while it is parsed."""
+    tensor = {"name": "x", "parameters": {"shared_memory_region": "r"}, "data": [0] * 1000}
+    body = json.dumps({"inputs": [tensor] * 4000}).encode()  # ~12 MiB
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    before = ticks
+    named = await _regions_named(body, None)
+    ticker.cancel()
+    assert named == {"r"}
+    assert ticks - before > 50, "the loop stood still while the JSON was parsed"
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        await _regions_named(body[:-1], None)

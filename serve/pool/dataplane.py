@@ -337,7 +337,7 @@ class PoolDataPlane:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() in _REQUEST_HEADERS]
         named: set[str] = set()  # shared memory regions: read and written by the worker
         if rest == "/infer" and b"shared_memory_region" in body:  # cheap first
-            named = refs_of(_json_part(body, request.headers.get(HEADER_LENGTH)))
+            named = await _regions_named(body, request.headers.get(HEADER_LENGTH))
         regions = self.shared_memory.lookup(await peer_of(request)) if named else None
         if regions is not None:
             headers.append(_regions_header(regions, named))
@@ -387,6 +387,12 @@ def _target(request: web.Request, key: str, rest: str) -> str:
     base = f"/v1/models/{quoted}" if request.path.startswith("/v1/") else f"/v2/models/{quoted}"
     query = request.raw_path.partition("?")[2]
     return base + rest + (f"?{query}" if query else "")
+
+
+async def _regions_named(body: bytes, header_length: str | None) -> set[str]:
+    """The shared memory regions a REST infer body names; its JSON (up to the body limit,
+    and no registration needed to send it) parsed off the event loop when large."""
+    return await sized_work(len(body), lambda: refs_of(_json_part(body, header_length)))
 
 
 def _json_part(body: bytes, header_length: str | None) -> dict[str, Any]:
