@@ -40,9 +40,7 @@ from nodecache.agent.kube.secrets import SecretCredentials
 from nodecache.agent.kube.watching import Informer
 from nodecache.agent.node import NodeAgent
 from nodecache.agent.services import NodeOptions, NodeServices
-from nodecache.serve.errors import Forbidden, ServeError
 from nodecache.serve.loop import on_stop_signal
-from nodecache.serve.routing import Router, nobody
 
 __all__ = ["ClusterOptions", "run_cluster"]
 
@@ -90,7 +88,6 @@ async def run_cluster(options: ClusterOptions, *, stop: asyncio.Event | None = N
     identity = CallerIdentity(follower.pods, options.proc_root)
     node.app.middlewares.append(caller_middleware(identity))
     # gRPC cannot name its caller's pod: it sees only the cluster's open names.
-    node.grpc_gate = lambda model: grpc_refusal(node.router, model)
     # CSI mounts resolve names with the same routing, for kubelet's podInfoOnMount namespace.
     node.node_name = options.node_name
     await node.start(mode="cluster", node=options.node_name)
@@ -226,18 +223,6 @@ class NodeFollower:
                 await self.agent.collect_garbage()  # leftovers from before a restart
                 collected = True
             self.status.wake.set()
-
-
-def grpc_refusal(router: Router, name: str) -> str | None:
-    """Why a gRPC call for ``name`` is refused: gRPC cannot tell the caller's pod, so a
-    name no open cluster cache serves is refused, with where to call it instead."""
-    try:
-        router.table.versions(name, nobody)
-    except Forbidden as exc:
-        return f"{exc}; call it on the HTTP node socket, where the caller's pod is identified"
-    except ServeError:
-        return None  # unknown names get their 404 from the dataplane
-    return None
 
 
 class NodeLabeler:

@@ -21,7 +21,7 @@ from nodecache.cache import CacheError, ModelStore, redact_uri
 from nodecache.serve.errors import NoRoom, ServeError
 from nodecache.serve.host import ModelHost
 from nodecache.serve.metrics import forget_model
-from nodecache.serve.routing import Route, Router
+from nodecache.serve.routing import Caller, Route, Router
 from nodecache.serve.runtimes import UnsupportedFormat, detect_format
 from nodecache.serve.spec import ModelPolicy, ModelSpec, ModelState
 
@@ -282,8 +282,12 @@ class NodeAgent:
             return f"Error: {status.error} (next retry in {_seconds_until(status.next_retry)})"
         return str(status.state)
 
-    def status(self, shown: Callable[[str], bool] | None = None) -> dict[str, Any]:
-        """Every model's status (only those ``shown`` says of a key, if given)."""
+    def status(
+        self, shown: Callable[[str], bool] | None = None, caller: Caller | None = None
+    ) -> dict[str, Any]:
+        """Every model's status (only those ``shown`` says of a key, if given), and the
+        declarations refused (a namespace cache's, ``NAMESPACE/NAME``, only to pods of that
+        namespace when a ``caller`` is given: its names and errors are that namespace's)."""
         models = []
         for name, status in sorted(self._status.items()):
             if shown is not None and not shown(name):
@@ -315,11 +319,21 @@ class NodeAgent:
         return {
             "models": models,
             "declarationErrors": [
-                {"file": f, "error": e} for f, e in sorted(self.declaration_errors.items())
+                {"file": f, "error": e}
+                for f, e in sorted(self.declaration_errors.items())
+                if caller is None or _error_shown(f, caller)
             ],
             "cache": {"dir": str(self.store.root), "usedBytes": self.store.used_bytes()},
             "devices": self.host.devices(),
         }
+
+
+def _error_shown(declared_as: str, caller: Caller) -> bool:
+    """Whether ``caller`` may read the refusal of ``declared_as``: one of a namespace
+    cache (``NAMESPACE/NAME``) only from that namespace; any other (a cluster cache, a
+    declaration file) from anyone."""
+    namespace, slash, _ = declared_as.rpartition("/")
+    return not slash or caller() == namespace
 
 
 async def own_parameters(decl: ModelDeclaration) -> Mapping[str, str] | None:

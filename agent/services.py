@@ -124,7 +124,7 @@ class NodeServices:
         """The node's status, of the models the caller may use (cluster mode: a pod sees
         its namespace's and the cluster's open ones)."""
         visible = {route.key for route in self.router.table.visible(caller_of(request))}
-        status = self.agent.status(shown=visible.__contains__)
+        status = self.agent.status(visible.__contains__, caller_of(request))
         if self.csi is not None:  # pods holding each model mounted
             mounts = self.csi.volumes.mounts(self._csi_key)
             for model in status["models"]:

@@ -122,12 +122,6 @@ class DataPlane:
         )
         return route.key, route
 
-    def admit(self, name: str, caller: Caller) -> None:
-        """403 for a name the caller may not use, before its request body is read (an
-        unknown name is counted as such by ``infer``)."""
-        if self.router is not None and self.router.table.knows(name):
-            self.router.table.versions(name, caller)
-
     def _check(self, name: str, version: str | None) -> None:
         if name not in self.repository:
             reason = self.catalog.not_ready_reason(name)

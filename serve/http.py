@@ -134,7 +134,8 @@ async def _infer(request: web.Request) -> web.Response:
                 f"{HEADER_LENGTH} must be an integer, got {excerpt(length_header)}"
             ) from None
     app = request.app
-    app[DATAPLANE].admit(request.match_info["name"], caller_of(request))
+    # A name the caller may not use is read and refused as an undeclared one (404 after
+    # the body): refusing it sooner would tell the caller that it exists.
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -178,8 +179,7 @@ async def _v1_predict(request: web.Request) -> web.Response:
     written as JSON with non-finite floats as null, like every JSON answer here."""
     name, version, caller = request.match_info["name"], _version(request), caller_of(request)
     dataplane = request.app[DATAPLANE]
-    dataplane.admit(name, caller)
-    body = await request.read()
+    body = await request.read()  # even for a name the caller may not use: see _infer
     doc = await sized_work(len(body), _json_document, body)
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise InvalidInput('a V1 request is {"instances": [...]}')

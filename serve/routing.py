@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from nodecache.serve.errors import Forbidden, ModelNotFound, ModelNotReady
+from nodecache.serve.errors import ModelNotFound, ModelNotReady
 from nodecache.serve.spec import ModelState
 
 __all__ = ["Caller", "Route", "Router", "RoutingTable", "StateOf", "nobody"]
@@ -81,8 +81,10 @@ class RoutingTable:
         return name in self._scoped or (None, name) in self._scopes
 
     def versions(self, name: str, caller: Caller) -> tuple[Route, ...]:
-        """The versions of ``name`` the caller may use: ModelNotFound if none is declared
-        anywhere, Forbidden if they are all another namespace's or closed to the caller's."""
+        """The versions of ``name`` the caller may use; ModelNotFound (404) if none is
+        declared, and also if all are another namespace's or closed to the caller's: as
+        Kubernetes does, a caller learns nothing of what it may not use, not even that it
+        exists (nor which namespaces own it)."""
         if name not in self._scoped:
             found = self._scopes.get((None, name))
             if found is None:
@@ -92,21 +94,10 @@ class RoutingTable:
         own = self._scopes.get((namespace, name)) if namespace is not None else None
         if own:
             return own
-        shared = self._scopes.get((None, name), ())
-        usable = tuple(r for r in shared if r.admits(namespace))
-        if usable:
-            return usable
-        closed = {r.namespace for r in self.routes if r.name == name and r.namespace}
-        closed |= {ns for r in shared for ns in (r.allowed or ())}
-        if not closed:
+        usable = tuple(r for r in self._scopes.get((None, name), ()) if r.admits(namespace))
+        if not usable:
             raise ModelNotFound(name)
-        who = f"a pod of namespace {namespace}" if namespace else (
-            "not a known pod of this node (or not on the node socket)"
-        )  # fmt: skip
-        raise Forbidden(
-            f"model {name} answers only to pods of namespace(s) "
-            f"{', '.join(sorted(closed))}; the caller is {who}"
-        )
+        return usable
 
     def choose(
         self,

@@ -253,7 +253,8 @@ def test_namespaced_models_answer_only_to_pods_of_their_namespace(
         "metadata": {"name": "node-a"},
         "spec": {
             "localModels": [
-                {"modelName": m, "sourceModelUri": uri} for m in ("team/secret", "open", "listed")
+                {"modelName": m, "sourceModelUri": uri}
+                for m in ("team/secret", "open", "listed", "team/gone")  # gone: no such cache
             ]
         },
     }
@@ -285,16 +286,25 @@ def test_namespaced_models_answer_only_to_pods_of_their_namespace(
         wait_for(lambda: infer(agent, "secret") == 200, what="the team pod is let in")
         assert infer(agent, "listed") == 200 and infer(agent, "open") == 200
         run_as_pod_of("other")
+        # Another namespace's model is not found, as an undeclared one: no owner named,
+        # and a bad body is answered alike (its name is not checked sooner).
+        assert infer(agent, "secret") == infer(agent, "undeclared") == 404
         code, body = agent.request("POST", "/v2/models/secret/infer", {"inputs": []})
-        assert code == 403 and "namespace(s) team" in body["error"]
-        assert "a pod of namespace other" in body["error"]
-        assert infer(agent, "listed") == 403 and infer(agent, "open") == 200
+        assert (code, body) == agent.request("POST", "/v2/models/undeclared/infer", {"inputs": []})
+        code, body = agent.request("GET", "/v2/models/secret")
+        assert code == 404 and "team" not in body["error"]
+        assert infer(agent, "listed") == 404 and infer(agent, "open") == 200
         assert index_names(agent) == {"open"}
+        status = agent.request("GET", "/nodecache/v1/status")[1]
+        assert {m["name"] for m in status["models"]} == {"open"}
+        assert status["declarationErrors"] == []  # team/gone is team's to know of
         run_as_pod_of(None)  # not a pod at all
-        assert infer(agent, "secret") == 403 and infer(agent, "open") == 200
+        assert infer(agent, "secret") == 404 and infer(agent, "open") == 200
         assert index_names(agent) == {"open"}
         run_as_pod_of("team")  # the index lists what the caller may use, no more
         assert index_names(agent) == {"secret", "open", "listed"}
+        errors = agent.request("GET", "/nodecache/v1/status")[1]["declarationErrors"]
+        assert [e["file"] for e in errors] == ["team/gone"]
     finally:
         agent.stop()
     assert fake_api.pruned == [] and denied_calls(fake_api) == []

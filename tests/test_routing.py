@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from nodecache.serve.errors import Forbidden, ModelNotFound, ModelNotReady
+from nodecache.serve.errors import ModelNotFound, ModelNotReady
 from nodecache.serve.routing import Route, RoutingTable, pick
 from nodecache.serve.spec import ModelState
 
@@ -97,10 +97,10 @@ def test_namespaces_shadow_the_cluster_for_their_own_pods_only() -> None:
                         (ns("team-c"), "fraud"), (NOBODY, "fraud")):  # fmt: skip
         assert table.choose("fraud", None, caller, ready, 0.3).key == key
     assert table.choose("only", None, ns("team-b"), ready, 0.3).key == "team-b/only"
-    with pytest.raises(
-        Forbidden, match=r"namespace\(s\) team-b; the caller is a pod of namespace team-a"
-    ):
+    # Another namespace's model is "not found", as an undeclared one: no owner named.
+    with pytest.raises(ModelNotFound) as refused:
         table.choose("only", None, ns("team-a"), ready, 0.3)
+    assert str(refused.value) == str(ModelNotFound("only")) and "team-b" not in str(refused.value)
     assert [r.key for r in table.visible(ns("team-a"))] == ["team-a/fraud"]
     assert [r.key for r in table.visible(ns("team-b"))] == ["team-b/fraud", "team-b/only"]
     assert [r.key for r in table.visible(NOBODY)] == ["fraud"]
@@ -110,8 +110,9 @@ def test_allowed_namespaces_close_a_cluster_cache() -> None:
     table = RoutingTable([Route("m", "m", allowed=frozenset({"ops"})), Route("open", "open")])
     ready = states(m=WARM, open=WARM)
     assert table.choose("m", None, ns("ops"), ready, 0).key == "m"
-    with pytest.raises(Forbidden, match="not a known pod"):
+    with pytest.raises(ModelNotFound) as refused:
         table.choose("m", None, NOBODY, ready, 0)
+    assert "ops" not in str(refused.value)
     asked: list[int] = []
 
     def counted() -> str | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from nodecache.agent.csi.backend import NotFound, PermissionDenied
 from nodecache.agent.node import NodeAgent
 from nodecache.cache import CacheError, ModelStore
-from nodecache.serve.errors import Forbidden, ModelNotFound
+from nodecache.serve.errors import ModelNotFound
 from nodecache.serve.spec import ModelState
 
 __all__ = ["NodeCsiBackend"]
@@ -72,10 +72,8 @@ class NodeCsiBackend:
         version with the most traffic (a volume holds one)."""
         try:
             routes = self.agent.router.table.versions(name, lambda: namespace)
-        except ModelNotFound:
+        except ModelNotFound:  # also another namespace's: it is not told it exists
             raise NotFound(name) from None
-        except Forbidden:
-            raise PermissionDenied(name) from None
         return max(routes, key=lambda r: r.traffic).key
 
     def model_key(self, name: str, namespace: str) -> str:

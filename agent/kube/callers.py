@@ -50,9 +50,9 @@ class CallerIdentity:
 def caller_middleware(identity: CallerIdentity) -> Any:
     """aiohttp middleware: the caller's namespace for the routing (``serve.http.CALLER``),
     found from its peer credentials only when a name depends on it, at most once a
-    request. The routing refuses what the caller may not use (403) and lists only the
-    rest. Reading the caller on the loop is a few small /proc
-    reads (a Unix socket's peer only: no /proc walk)."""
+    request. The routing answers what the caller may not use as undeclared (404) and
+    lists only the rest. Reading the caller on the loop is a few small /proc reads (a Unix
+    socket's peer only: no /proc walk)."""
 
     @web.middleware
     async def identify(
