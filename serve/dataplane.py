@@ -217,7 +217,9 @@ class DataPlane:
             stats.done(str(exc.status), 0.0)
             raise
         response = await self.infer_model(key, request, protocol)
-        if route is not None and version is None and self.router is not None:
+        # A copy must not read or write the caller's memory (as in worker mode).
+        shared = request.regions is not None
+        if route is not None and version is None and self.router is not None and not shared:
             table = self.router.table
             if table.has_mirrors(name):
                 for mirror in table.mirrors(name, route, caller, random):

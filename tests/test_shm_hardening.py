@@ -10,12 +10,13 @@ import os
 import resource
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import Agent
+from support import Agent, declaration, free_port, wait_for
 
 from nodecache.serve.errors import InvalidInput
 from nodecache.serve.peers import Peer, _peer
@@ -321,3 +322,70 @@ async def test_a_relayed_bodys_json_is_parsed_off_the_event_loop() -> None:
     assert ticks - before > 50, "the loop stood still while the JSON was parsed"
     with pytest.raises(InvalidInput, match="not valid JSON"):
         await _regions_named(body[:-1], None)
+
+
+_VERSIONED = """
+import numpy as np
+from nodecache.serve import Model
+from nodecache.serve.runtimes import TensorSpec
+
+
+class Doubled(Model):
+    inputs = [TensorSpec("x", "FP32", (-1,))]
+    outputs = [TensorSpec("y", "FP32", (-1,))]
+
+    def predict(self, inputs):
+        return {"y": inputs["x"] * 2}
+"""
+
+
+def _metric(port: int, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = resp.read().decode()
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    line = next((x for x in text.splitlines() if x.startswith(f"{name}{{{wanted}}} ")), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_requests_in_shared_memory_are_never_mirrored(
+    agent: Agent, tmp_path: Path, key: str, workers: int
+) -> None:
+    port = free_port()
+    agent.start("--workers", str(workers), "--metrics-port", str(port),
+                "--metrics-host", "127.0.0.1")  # fmt: skip
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.py").write_text(_VERSIONED)
+    for name, number, traffic, mirror in (("primary", "1", 100, 0), ("shadow", "2", 0, 100)):
+        serving = {"name": "m", "version": number, "traffic": traffic, "mirror": mirror}
+        agent.declare(f"{name}.yaml", declaration(
+            name, (tmp_path / "model").as_uri(), size="1Mi", runtime="python",
+            entrypoint="model:Doubled", serving=serving,
+        ))  # fmt: skip
+    for name in ("primary", "shadow"):
+        agent.wait_state(name, "Warm")
+    Path(f"/dev/shm/{key}").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    code, doc = agent.request("POST", "/v2/systemsharedmemory/region/r/register",
+                              {"key": key, "offset": 0, "byte_size": 64})  # fmt: skip
+    assert code == 200, doc
+    shared = {"shared_memory_region": "r", "shared_memory_byte_size": 32}
+    body = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [8], "parameters": shared}],
+        "outputs": [{"name": "y", "parameters": {**shared, "shared_memory_offset": 32}}],
+    }
+    for _ in range(20):
+        code, doc = agent.request("POST", "/v2/models/m/infer", body)
+        assert code == 200, doc
+    got = np.frombuffer(Path(f"/dev/shm/{key}").read_bytes()[32:], np.float32)
+    assert np.array_equal(got, np.arange(8, dtype=np.float32) * 2)
+    plain = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    assert agent.request("POST", "/v2/models/m/infer", plain)[0] == 200
+
+    def copies() -> float:
+        labels = {"model": "shadow", "version": "2"}
+        return _metric(port, "nodecache_mirror_requests_total", **labels) + _metric(
+            port, "nodecache_mirror_dropped_total", **labels
+        )
+
+    wait_for(lambda: copies() >= 1, what="the plain request's copy")
+    assert copies() == 1  # that one only
