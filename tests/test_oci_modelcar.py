@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -319,6 +320,136 @@ async def test_a_gzip_bomb_stops_at_the_declared_size(
     with pytest.raises(SizeLimitError, match="modelSize"):
         await store.fetch(f"oci://{oci_registry.host}/{repo}:v1", max_bytes=1 << 20)
 
+    assert not list((tmp_path / "cache" / "models").iterdir())
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+def zeros_gzip(head: bytes, zeros: int, tail: bytes) -> bytes:
+    """One gzip stream of ``head``, ``zeros`` MiB of zeros and ``tail``, built from one
+    compressed MiB repeated (each block starts afresh after a full flush): a blob of
+    about 1 KiB per MiB it expands to, valid to its trailer."""
+
+    def deflated(data: bytes, end: int) -> bytes:
+        pack = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return pack.compress(data) + pack.flush(end)
+
+    mib = bytes(1 << 20)
+    crc = zlib.crc32(head)
+    for _ in range(zeros):
+        crc = zlib.crc32(mib, crc)
+    crc = zlib.crc32(tail, crc)
+    size = len(head) + (zeros << 20) + len(tail)
+    body = (
+        deflated(head, zlib.Z_FULL_FLUSH)
+        + deflated(mib, zlib.Z_FULL_FLUSH) * zeros
+        + deflated(tail, zlib.Z_FINISH)
+    )
+    trailer = crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + body + trailer
+
+
+def header(kind: bytes, size: int, name: str = "././@LongHeader") -> bytes:
+    """One tar header block announcing ``size`` bytes of ``kind``."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def pax_record(size: int) -> bytes:
+    """A pax ``comment`` record of exactly ``size`` bytes (its length counts itself)."""
+    filler = size - len(str(size)) - len(" comment=\n")
+    record = b"%d comment=%s\n" % (size, b"x" * filler)
+    assert len(record) == size
+    return record
+
+
+def extended(kind: bytes, data: bytes, name: str = "././@LongHeader") -> bytes:
+    """One tar entry (header and padded data), as it sits inside an archive."""
+    return header(kind, len(data), name) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+GIB_PAX = 1 << 10
+"""MiB the pax header of the probe announces (the layer blob is about 1 MiB)."""
+MODEL = extended(tarfile.REGTYPE, b"the model", "models/model.onnx") + bytes(2 * tarfile.BLOCKSIZE)
+"""The model's entry and the archive's end, to append after hostile headers."""
+UNSAFE = {
+    "pax-header-of-1-gib": (
+        lambda: zeros_gzip(header(tarfile.XHDTYPE, GIB_PAX << 20), GIB_PAX, MODEL),
+        "has an extended tar header of 1.0 GiB",
+    ),
+    "global-pax-headers-past-1-mib": (
+        lambda: gzip.compress(
+            extended(tarfile.XGLTYPE, pax_record(600 << 10))
+            + extended(tarfile.REGTYPE, b"base", "base/a")
+            + extended(tarfile.XGLTYPE, pax_record(600 << 10))
+            + MODEL
+        ),
+        "global pax headers past 1.0 MiB",
+    ),
+    "gnu-long-name-of-2-mib": (
+        lambda: gzip.compress(extended(tarfile.GNUTYPE_LONGNAME, b"n" * (2 << 20)) + MODEL),
+        "has an extended tar header of 2.0 MiB",
+    ),
+    "chain-of-headers-past-1-mib": (
+        lambda: gzip.compress(
+            extended(tarfile.GNUTYPE_LONGLINK, b"l" * (600 << 10))
+            + extended(tarfile.XHDTYPE, pax_record(600 << 10))
+            + MODEL
+        ),
+        "taking the headers of one entry past 1.0 MiB",
+    ),
+    "many-small-headers-in-a-row": (
+        lambda: gzip.compress(extended(tarfile.XHDTYPE, pax_record(64)) * 200 + MODEL),
+        "more than 8 extended headers in a row",
+    ),
+    "gnu-sparse-entry": (
+        lambda: gzip.compress(header(tarfile.GNUTYPE_SPARSE, 0, "models/sparse") + MODEL),
+        "has a GNU sparse entry",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+async def test_extended_headers_are_refused_before_they_are_read(
+    tmp_path: Path, oci_registry: Registry, case: str
+) -> None:
+    """tarfile reads pax and GNU long-name headers whole into memory: a 1 MiB layer whose
+    header announces 1 GiB is refused from that header, before its bytes are read."""
+    make, said = UNSAFE[case]
+    blob = make()
+    assert len(blob) < 4 << 20
+    repo = _repo("unsafe")
+    oci_registry.push_image(f"{repo}:v1", [(blob, OCI_TAR_GZIP)])
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+
+    with pytest.raises(FetchError) as info:
+        await store.fetch(f"oci://{oci_registry.host}/{repo}:v1")
+
+    assert said in str(info.value)
+    assert "nothing was published" in str(info.value)
+    assert info.value.permanent
+    assert not list((tmp_path / "cache" / "models").iterdir())
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+async def test_layers_that_expand_without_end_stop_at_the_bound(
+    tmp_path: Path, oci_registry: Registry
+) -> None:
+    """Entries outside /models are never written, but decompressing them costs CPU: every
+    byte counts, and 2 GiB of base for a 4 MiB model stops past 2 x 5 MiB + 1 GiB."""
+    junk = header(tarfile.REGTYPE, 2 << 30, "usr/lib/huge.so")
+    blob = zeros_gzip(junk, 2 << 10, MODEL)
+    assert len(blob) < 4 << 20
+    repo = _repo("expand")
+    oci_registry.push_image(f"{repo}:v1", [(BASE, OCI_TAR_GZIP), (blob, OCI_TAR_GZIP)])
+    store = ModelStore(tmp_path / "cache", options=SMALL)
+
+    with pytest.raises(FetchError) as info:
+        await store.fetch(f"oci://{oci_registry.host}/{repo}:v1", max_bytes=4 << 20)
+
+    assert "expands the layers past 1.0 GiB" in str(info.value)
+    assert "twice the model's write allowance of 5.0 MiB" in str(info.value)
+    assert info.value.permanent
     assert not list((tmp_path / "cache" / "models").iterdir())
     assert not list((tmp_path / "cache" / "tmp").iterdir())
 

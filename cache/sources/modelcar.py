@@ -21,6 +21,12 @@ whose target is not under ``/models``. A symbolic link that stays inside becomes
 to its target file (the manifest lists regular files only); one to a folder or to nothing is
 dropped and logged. Bytes written are taken from the download's budget, so a gzip bomb stops
 at the model's allowance.
+
+Reading a layer is bounded too, not only what it writes: extended tar headers and sparse
+entries as :mod:`boundedtar` says, and every byte the tar streams of one model yield after
+decompression, skipped entries outside ``/models`` included, is counted against
+:func:`expansion_limit` (twice the write budget, plus :data:`BASE_ALLOWANCE` for the base
+image), so no layer spends unbounded memory or CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ import posixpath
 import shutil
 import tarfile
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,9 +48,20 @@ from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import JOURNAL_NAME, RESERVED_PREFIX, check_relative_path
 from nodecache.cache.localdigest import LocalDigest, new_hash
 from nodecache.cache.perms import create_file, folder_mode, make_folder
+from nodecache.cache.quota import format_bytes
 from nodecache.cache.sources.base import UnpackedFile
+from nodecache.cache.sources.boundedtar import ARCHIVE_ERRORS, UnsafeArchive, open_tar
 
-__all__ = ["LAYERS_DIR", "LAYER_TYPES", "MODELS", "Layer", "tar_mode", "unpack_layers"]
+__all__ = [
+    "BASE_ALLOWANCE",
+    "LAYERS_DIR",
+    "LAYER_TYPES",
+    "MODELS",
+    "Layer",
+    "expansion_limit",
+    "tar_mode",
+    "unpack_layers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +83,16 @@ _CHUNK = 1 << 20
 LOCAL_CHUNK = 32 << 20
 """Bytes per chunk of an unpacked file's local digest (the fetcher's default part size)."""
 _MAX_LINK_HOPS = 40
+BASE_ALLOWANCE = 1 << 30
+"""Decompressed bytes a model's layers may hold beyond twice its write budget: the base
+image's files outside ``/models`` (busybox is 4 MiB, a full Python image about 1 GiB)."""
+
+
+def expansion_limit(budget: WriteBudget) -> int:
+    """The most the tar streams of one model may yield after decompression: the model's
+    files (the budget), as much again for what is overwritten, deleted or skipped, and the
+    base image."""
+    return 2 * budget.limit + BASE_ALLOWANCE
 
 
 @dataclass(frozen=True)
@@ -138,6 +164,18 @@ class _Tree:
     """Symbolic links (path -> target path, both relative to ``models/``), made at the end."""
     written: set[str] = field(default_factory=set)
     """Paths the layer being applied wrote (an opaque marker keeps them)."""
+    expanded: int = 0
+    """Bytes the layers' tar streams yielded so far, after decompression."""
+
+    def count(self, n: int) -> None:
+        """``n`` more bytes read from a layer's tar stream, within :func:`expansion_limit`."""
+        self.expanded += n
+        if self.expanded > (most := expansion_limit(self.budget)):
+            raise UnsafeArchive(
+                f"expands the layers past {format_bytes(most)} (twice the model's write "
+                f"allowance of {format_bytes(self.budget.limit)}, plus "
+                f"{format_bytes(BASE_ALLOWANCE)} for the base image)"
+            )
 
     def refuse(self, entry: str, layer: Layer, why: str) -> FetchError:
         return FetchError(
@@ -273,16 +311,19 @@ def _remove_path(path: Path) -> None:
 
 def _apply(tree: _Tree, layer: Layer, abort: threading.Event) -> None:
     """Apply one layer's tar stream to the tree."""
+    gzipped = layer.mode == "r|gz"
     try:
-        with (
-            open(layer.path, "rb") as blob,
-            tarfile.open(fileobj=blob, mode=layer.mode) as tar,
-        ):
+        with open_tar(layer.path, gzipped=gzipped, count=tree.count, bufsize=_CHUNK) as tar:
             for member in _members(tar):
                 if abort.is_set():
                     raise tree.stopped()
                 _entry(tree, layer, tar, member, abort)
-    except (tarfile.TarError, zlib.error, EOFError) as exc:  # disk errors go up as they are
+    except UnsafeArchive as exc:
+        raise FetchError(
+            f"{tree.uri}: layer {layer.digest[:19]} {exc.args[0]}; refused, nothing was published",
+            permanent=True,
+        ) from None
+    except ARCHIVE_ERRORS as exc:  # disk errors go up as they are
         raise FetchError(
             f"{tree.uri}: layer {layer.digest[:19]} is not a valid {layer.media_type} "
             f"archive ({type(exc).__name__}: {str(exc)[:120]})",
