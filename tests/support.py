@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -252,3 +253,30 @@ def launch_seaweedfs(
     with (root / "weed.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{s3}"
+
+
+# A child connects to the node socket, passes the connection to us (SCM_RIGHTS) and exits:
+# whatever we send on it is no longer the connector's.
+_HAND_OVER = textwrap.dedent(
+    """
+    import socket, sys
+    back = socket.socket(fileno=int(sys.argv[2]))
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(sys.argv[1])
+    socket.send_fds(back, [b"x"], [client.fileno()])
+    """
+)
+
+
+def orphaned_connection(node_socket: Path) -> socket.socket:
+    """A connection to ``node_socket`` whose connecting process has exited."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        child = subprocess.run(
+            [sys.executable, "-c", _HAND_OVER, str(node_socket), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            timeout=30,
+        )
+        assert child.returncode == 0
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    return socket.socket(fileno=fds[0])

@@ -16,7 +16,7 @@ from kubefake.rbac import denied_calls
 from kubefake.server import FakeApiServer
 from kubernetes import client
 from prometheus_client import REGISTRY
-from support import wait_for
+from support import orphaned_connection, wait_for
 
 from nodecache.agent.kube.callers import pod_uid_of
 from nodecache.agent.kube.nodestatus import RequestRates, StatusWriter, node_status, resolve
@@ -305,6 +305,11 @@ def test_namespaced_models_answer_only_to_pods_of_their_namespace(
         assert index_names(agent) == {"secret", "open", "listed"}
         errors = agent.request("GET", "/nodecache/v1/status")[1]["declarationErrors"]
         assert [e["file"] for e in errors] == ["team/gone"]
+        # A connection whose connector has exited is no one's, whatever holds it or its PID.
+        with orphaned_connection(agent.socket) as conn:
+            conn.sendall(b"GET /v2/models/secret HTTP/1.1\r\nHost: node\r\n\r\n")
+            answer = conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 403") and b"reconnect" in answer, answer[:300]
     finally:
         agent.stop()
     assert fake_api.pruned == [] and denied_calls(fake_api) == []

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ROOT, Agent
+from support import ROOT, Agent, orphaned_connection
 
 from nodecache.serve.peers import pod_uid_of
 
@@ -98,33 +98,6 @@ def test_a_reused_pid_is_not_the_connections_caller(found: str, hold: str) -> No
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "refused: the process that opened this connection is gone: reconnect" in run.stdout
-
-
-# A child connects to the node socket, passes the connection to us (SCM_RIGHTS) and exits:
-# whatever we send on it is no longer the connector's.
-_HAND_OVER = textwrap.dedent(
-    """
-    import socket, sys
-    back = socket.socket(fileno=int(sys.argv[2]))
-    client = socket.socket(socket.AF_UNIX)
-    client.connect(sys.argv[1])
-    socket.send_fds(back, [b"x"], [client.fileno()])
-    """
-)
-
-
-def orphaned_connection(node_socket: Path) -> socket.socket:
-    """A connection to ``node_socket`` whose connecting process has exited."""
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        child = subprocess.run(
-            [sys.executable, "-c", _HAND_OVER, str(node_socket), str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            timeout=30,
-        )
-        assert child.returncode == 0
-        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-    return socket.socket(fileno=fds[0])
 
 
 def _get(conn: socket.socket, path: str) -> bytes:
