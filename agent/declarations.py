@@ -15,6 +15,7 @@ import yaml
 
 from nodecache.agent.quantity import parse_quantity
 from nodecache.cache import InvalidSourceError, validate_source_uri
+from nodecache.cache.layout import scoped
 from nodecache.serve.runtimes import FORMATS
 
 __all__ = [
@@ -115,6 +116,13 @@ class ModelDeclaration:
         """The model's name on this node (store, host, status): unique even when two
         namespaces declare the same name."""
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    @property
+    def store_uri(self) -> str:
+        """What the node's store calls this model's bytes: its source URI, scoped to its
+        namespace for a namespaced cache, so a tenant's bytes for a URI (from an endpoint
+        it chose) are never another scope's, nor the other way round."""
+        return scoped(self.source_uri, self.namespace)
 
     def storage_parameters(self) -> dict[str, str] | None:
         """``spec.storage.parameters`` (plainHTTP, include/exclude globs, endpoints...),

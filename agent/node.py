@@ -18,6 +18,7 @@ from typing import Any
 
 from nodecache.agent.declarations import ModelDeclaration
 from nodecache.cache import CacheError, ModelStore, redact_uri
+from nodecache.cache.layout import split_scope
 from nodecache.serve.errors import NoRoom, ServeError
 from nodecache.serve.host import ModelHost
 from nodecache.serve.metrics import forget_model
@@ -100,7 +101,7 @@ class NodeAgent:
             forget_model(name)
         previous, self._desired = self._desired, dict(declarations)
         # What is declared is never evicted to make room on disk; leftovers may be.
-        self.store.protect(d.source_uri for d in declarations.values())
+        self.store.protect(d.store_uri for d in declarations.values())
         for name, old in previous.items():
             new = declarations.get(name)
             if new is None or not new.same_model(old):
@@ -140,9 +141,9 @@ class NodeAgent:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await self.host.unregister(name)  # waits for in-flight requests
-        still_used = any(d.source_uri == decl.source_uri for d in self._desired.values())
+        still_used = any(d.store_uri == decl.store_uri for d in self._desired.values())
         try:
-            if not still_used and await asyncio.to_thread(self.store.remove, decl.source_uri):
+            if not still_used and await asyncio.to_thread(self.store.remove, decl.store_uri):
                 log.info("model deleted from disk", extra={"model": name})
         except CacheError as exc:  # e.g. an init container still reading it
             log.warning("model kept on disk", extra={"model": name, "reason": str(exc)})
@@ -152,14 +153,14 @@ class NodeAgent:
 
     async def collect_garbage(self) -> None:
         """Delete disk copies no declaration refers to (left from before a restart)."""
-        wanted = {d.source_uri for d in self._desired.values()}
+        wanted = {d.store_uri for d in self._desired.values()}
         for stored in await asyncio.to_thread(self.store.models):
             # A model still in use (mounted into a pod through CSI) stays until released.
             if stored.source_uri not in wanted and not self.store.in_use(stored.source_uri):
                 await asyncio.to_thread(self.store.remove, stored.source_uri)
                 log.info(
                     "undeclared model deleted from disk",
-                    extra={"source": redact_uri(stored.source_uri)},
+                    extra={"source": redact_uri(split_scope(stored.source_uri)[0])},
                 )
 
     async def close(self) -> None:
@@ -193,7 +194,7 @@ class NodeAgent:
                 await asyncio.sleep(delay)
 
     async def _bring_up(self, decl: ModelDeclaration, status: ModelStatus) -> None:
-        stored = self.store.lookup(decl.source_uri)
+        stored = self.store.lookup(decl.store_uri)
         credentials = await self.credentials(decl)
         if decl.namespace is not None:
             # Bytes on disk, and downloads in flight, are shared by URI. A namespaced cache
@@ -211,7 +212,7 @@ class NodeAgent:
                 status.bytes_done, status.bytes_total = done, total
 
             stored = await self.store.fetch(
-                decl.source_uri,
+                decl.store_uri,
                 progress=progress,
                 max_bytes=decl.model_size,
                 credentials=credentials,

@@ -22,6 +22,9 @@ __all__ = [
     "check_relative_path",
     "model_files",
     "model_key",
+    "scoped",
+    "split_scope",
+    "validate_ref",
 ]
 
 RESERVED_PREFIX = ".nodecache-"
@@ -35,15 +38,46 @@ JOURNAL_NAME = RESERVED_PREFIX + "journal.json"
 """Name of the journal inside a partial download's folder."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SCOPE_PREFIX = "nodecache-scope:"
+_SCOPE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace's name
+
+
+def scoped(source_uri: str, scope: str | None) -> str:
+    """The store's name for ``source_uri`` fetched for ``scope`` (a namespace), or for the
+    cluster (None). Bytes are shared only within one scope: a namespaced cache may point
+    its source's endpoint anywhere, so what it fetches for a URI must never be what
+    another scope gets for that URI, nor the other way round."""
+    if scope is None:
+        return source_uri
+    if not _SCOPE.fullmatch(scope):
+        raise FetchError(f"scope {scope[:64]!r} is not a namespace name", permanent=True)
+    return f"{_SCOPE_PREFIX}{scope}:{source_uri}"
+
+
+def split_scope(ref: str) -> tuple[str, str | None]:
+    """``(source_uri, scope)`` of a name :func:`scoped` made (scope None for the cluster)."""
+    if not ref.startswith(_SCOPE_PREFIX):
+        return ref, None
+    scope, _, uri = ref[len(_SCOPE_PREFIX) :].partition(":")
+    return uri, scope
+
+
+def validate_ref(ref: str) -> str:
+    """:func:`validate_source_uri` for a scoped name: the URI normalised, the scope kept."""
+    uri, scope = split_scope(ref)
+    return scoped(validate_source_uri(uri), scope)
 
 
 def model_key(source_uri: str) -> str:
-    """Folder name for ``source_uri``: a readable tail plus a hash of the normalised URI.
+    """Folder name for ``source_uri``: a readable tail plus a hash of the normalised URI
+    (and of its scope, for a :func:`scoped` name).
 
-    Stable across restarts and versions; equal sources (after normalisation) share a key.
+    Stable across restarts and versions; equal sources (after normalisation) share a key
+    within one scope, never across scopes.
     """
-    uri = validate_source_uri(source_uri)
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    ref = validate_ref(source_uri)
+    uri, _ = split_scope(ref)
+    digest = hashlib.sha256(ref.encode()).hexdigest()[:16]
     tail = uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     readable = _UNSAFE.sub("_", tail).strip("._-")[:48]
     return f"{readable}-{digest}" if readable else digest

@@ -23,11 +23,11 @@ from nodecache.cache.layout import (
     MANIFEST_NAME,
     check_relative_path,
     model_key,
+    validate_ref,
 )
 from nodecache.cache.localdigest import LocalDigest
 from nodecache.cache.perms import create_file
 from nodecache.cache.sources import translate_error
-from nodecache.cache.uri import validate_source_uri
 
 __all__ = ["MANIFEST_VERSION", "StoredFile", "StoredModel", "load_model", "publish"]
 
@@ -149,7 +149,7 @@ def load_model(folder: Path) -> StoredModel | None:
     try:
         with open(folder / MANIFEST_NAME, encoding="utf-8") as f:
             raw = json.load(f)
-        uri = validate_source_uri(raw["source_uri"])
+        uri = validate_ref(raw["source_uri"])
         if model_key(uri) != folder.name:
             return None
         files = []

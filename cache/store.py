@@ -48,7 +48,7 @@ from nodecache.cache.download import (
 from nodecache.cache.errors import CacheError, ModelInUseError
 from nodecache.cache.fetch import FetchedFile
 from nodecache.cache.fsutil import listdir, make_root, rmtree
-from nodecache.cache.layout import MANIFEST_NAME, model_key
+from nodecache.cache.layout import MANIFEST_NAME, model_key, split_scope, validate_ref
 from nodecache.cache.locks import CacheDirLock, acquire_download_lock, download_lock_if_free
 from nodecache.cache.manifest import StoredFile, StoredModel, load_model, publish
 from nodecache.cache.options import FetchOptions
@@ -64,7 +64,7 @@ from nodecache.cache.retry import ensure_fetch_error, retrying
 from nodecache.cache.room import PARTIAL_SUFFIX, make_room, partial_bytes, room_left, sweep_tmp
 from nodecache.cache.sources import mask_secrets, open_source, translate_error
 from nodecache.cache.stats import StoreStats
-from nodecache.cache.uri import redact_uri, validate_source_uri
+from nodecache.cache.uri import redact_uri
 from nodecache.cache.verify import Verdict, drop_corrupt
 
 __all__ = [
@@ -301,7 +301,7 @@ class ModelStore:
         :class:`SizeLimitError` and leaves nothing on disk. Callers that join a download
         already running share its bound.
         """
-        uri = validate_source_uri(source_uri)
+        uri = validate_ref(source_uri)
         key = self.key_for(uri)
         hit = self.lookup(uri)
         if hit is not None:
@@ -363,7 +363,7 @@ class ModelStore:
                 return hit
             started = time.monotonic()
             spec = DownloadSpec(
-                uri=uri,
+                uri=split_scope(uri)[0],
                 folder=self.tmp_dir / f"{key}{PARTIAL_SUFFIX}",
                 options=self.options,
                 file_mode=self.file_mode,
@@ -372,7 +372,7 @@ class ModelStore:
                 isolated=isolated,
             )
             try:
-                hooks = self._hooks(uri, key, download, credentials)
+                hooks = self._hooks(uri, key, download, credentials)  # publishes as ``uri``
                 model = await run_download(spec, download, hooks)
             except CacheError as exc:
                 self.stats.fetches_failed += 1
@@ -381,7 +381,12 @@ class ModelStore:
                 self.stats.fetches_failed += 1
                 raise
             self._index[key] = model
-            log.info("published %s as %s (%d bytes)", redact_uri(uri), key, model.size_bytes)
+            log.info(
+                "published %s as %s (%d bytes)",
+                redact_uri(split_scope(uri)[0]),
+                key,
+                model.size_bytes,
+            )
             self.stats.fetch_seconds = [
                 *self.stats.fetch_seconds[-999:],
                 time.monotonic() - started,
@@ -395,16 +400,17 @@ class ModelStore:
         self, uri: str, key: str, download: InFlight, credentials: Mapping[str, str]
     ) -> StoreHooks[StoredModel]:
         """What one download of ``uri`` needs from the store: room, publishing, counters."""
+        source_uri = split_scope(uri)[0]
 
         def on_retry(exc: BaseException, attempt: int, delay: float) -> None:
             with self._stats_lock:
                 self.stats.retries += 1
             log.info(
                 "retrying %s in %.1fs (attempt %d): %s",
-                redact_uri(uri),
+                redact_uri(source_uri),
                 delay,
                 attempt,
-                mask_secrets(translate_error(exc, uri), credentials),
+                mask_secrets(translate_error(exc, source_uri), credentials),
             )
 
         def on_bytes(n: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from azurite import ACCOUNT, CONTAINER, AzuriteServer
+from hfhub import FakeHub
 from kubefake.fixtures import fake_api  # noqa: F401 (fixture)
 from kubefake.harness import ClusterAgent
 from kubefake.server import FakeApiServer
@@ -29,6 +30,7 @@ from support import wait_for
 
 from nodecache.cache import ModelStore
 from nodecache.cache.errors import FetchError
+from nodecache.cache.layout import scoped
 from nodecache.cache.sources import ociauth, open_source
 from nodecache.cache.sources.base import IsolatedSettings
 
@@ -299,3 +301,38 @@ def test_an_isolated_azure_source_without_credentials_is_anonymous(
     store = ModelStore(tmp_path / "cache")
     _check(store, uri, where, isolated=True)
     asyncio.run(store.check_readable(uri, credentials=where, isolated=False))
+
+
+def test_a_tenants_bytes_for_a_uri_are_never_another_scopes(tmp_path: Path) -> None:
+    """A namespaced cache may point its endpoint anywhere: what it fetches for a URI is
+    kept under its own scope, so neither the cluster nor another namespace gets it for
+    that URI (cache hit or download in flight), and the reverse."""
+    with FakeHub() as platform, FakeHub() as tenant:
+        platform.commit("platform/model", {"config.json": b'{"real": true}'})
+        tenant.commit("platform/model", {"config.json": b'{"EVIL": true}'})
+        store = ModelStore(tmp_path / "cache")
+        uri = "hf://platform/model"
+        evil = asyncio.run(
+            store.fetch(
+                scoped(uri, "team-a"), credentials={"HF_ENDPOINT": tenant.endpoint}, isolated=True
+            )
+        )
+        real = asyncio.run(store.fetch(uri, credentials={"HF_ENDPOINT": platform.endpoint}))
+        other = asyncio.run(
+            store.fetch(
+                scoped(uri, "team-b"), credentials={"HF_ENDPOINT": platform.endpoint}, isolated=True
+            )
+        )
+
+    assert not real.hit and (real.path / "config.json").read_bytes() == b'{"real": true}'
+    assert not other.hit and (other.path / "config.json").read_bytes() == b'{"real": true}'
+    assert (evil.path / "config.json").read_bytes() == b'{"EVIL": true}'
+    assert len({evil.key, real.key, other.key}) == 3
+    # A restart finds each under its own scope.
+    again = ModelStore(tmp_path / "cache")
+    assert {m.source_uri for m in again.scan()} == {
+        uri,
+        scoped(uri, "team-a"),
+        scoped(uri, "team-b"),
+    }
+    assert again.lookup(uri).key == real.key  # type: ignore[union-attr]

@@ -88,7 +88,7 @@ class NodeCsiBackend:
         decl = self.agent.declaration(self._key(name, namespace))
         if decl is None:
             raise NotFound(name)
-        stored = self.store.lookup(decl.source_uri)
+        stored = self.store.lookup(decl.store_uri)
         return stored.path if stored is not None else None
 
     def start_fetch(self, name: str, namespace: str) -> str:
@@ -118,7 +118,7 @@ class NodeCsiBackend:
             decl = self.agent.declaration(self._key(name, namespace))
         except (NotFound, PermissionDenied):
             decl = None
-        uri = decl.source_uri if decl is not None else self._pins.get(volume_id)
+        uri = decl.store_uri if decl is not None else self._pins.get(volume_id)
         if uri is None:
             log.warning("csi: cannot pin %s: model %s is not declared", volume_id, name)
             return
@@ -147,7 +147,7 @@ class NodeCsiBackend:
 
     def _collect(self, uri: str) -> None:
         """The last pin on an undeclared model went: its files go now, as they would have."""
-        declared = any(d.source_uri == uri for d in self.agent.declarations())
+        declared = any(d.store_uri == uri for d in self.agent.declarations())
         if declared or self.store.in_use(uri):
             return
 
