@@ -45,14 +45,19 @@ __all__ = [
 # Only the kubelet's own cgroup layouts name a pod, anchored at the root: cgroupfs
 # (/kubepods[/burstable|/besteffort]/pod<uid>/...) and systemd
 # (/kubepods.slice/[kubepods-<qos>.slice/]kubepods-[<qos>-]pod<uid_with_underscores>.slice/...).
-# A "pod<uid>" elsewhere (a user's own systemd scope, say) is anyone's to choose.
+# A "pod<uid>" elsewhere (a user's own systemd scope, say) is anyone's to choose. An agent
+# in a cgroup namespace of its own sees other pods' paths from an ancestor of its own
+# cgroup (/../../kubepods-besteffort.slice/...): the kubelet's, where no one else creates
+# cgroups, so there the path may start at any of the layout's levels.
 _HEX_UID = r"[0-9a-f]{8}{sep}[0-9a-f]{4}{sep}[0-9a-f]{4}{sep}[0-9a-f]{4}{sep}[0-9a-f]{12}"
+_UP = r"(?:/\.\.)+"
 _POD_CGROUP = re.compile(
     r"^[0-9]+:[^:\n]*:(?:"
-    r"/kubepods(?:/burstable|/besteffort)?/pod(?P<fs>" + _HEX_UID.replace("{sep}", "-") + ")"
-    r"|/kubepods\.slice(?:/kubepods-pod"
-    r"|/kubepods-burstable\.slice/kubepods-burstable-pod"
-    r"|/kubepods-besteffort\.slice/kubepods-besteffort-pod)"
+    rf"(?:{_UP}(?:/kubepods)?|/kubepods)(?:/burstable|/besteffort)?"
+    r"/pod(?P<fs>" + _HEX_UID.replace("{sep}", "-") + ")"
+    rf"|(?:{_UP}(?:/kubepods\.slice)?|/kubepods\.slice)(?:/kubepods-pod"
+    r"|(?:/kubepods-burstable\.slice)?/kubepods-burstable-pod"
+    r"|(?:/kubepods-besteffort\.slice)?/kubepods-besteffort-pod)"
     r"(?P<sd>" + _HEX_UID.replace("{sep}", "_") + r")\.slice"
     r")(?:/[^\n]*)?$",
     re.MULTILINE,
@@ -210,9 +215,7 @@ def _unix_peer(sock: socket.socket, accepted: float | None) -> Peer | None:
     return _peer(pid, uid, pidfd, None)
 
 
-def _peer(
-    pid: int, uid: int, pidfd: _PidFd | None = None, accepted: float | None = None
-) -> Peer:
+def _peer(pid: int, uid: int, pidfd: _PidFd | None = None, accepted: float | None = None) -> Peer:
     """The Peer of ``pid``, read from /proc. With a pidfd, the reads count only if the
     process still runs after them; without, a process started after the connection's
     accept cannot be the one that connected (its PID was reused)."""

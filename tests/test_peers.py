@@ -131,6 +131,7 @@ def _cgroups(root: Path, texts: dict[int, str]) -> None:
 
 def test_only_the_kubelets_cgroup_layouts_name_a_pod(tmp_path: Path) -> None:
     sd = UID.replace("-", "_")
+    own = f"{'0' * 8}_{sd[9:]}"  # the pod of pid 17, which names another below itself
     _cgroups(
         tmp_path,
         {
@@ -138,6 +139,12 @@ def test_only_the_kubelets_cgroup_layouts_name_a_pod(tmp_path: Path) -> None:
             2: f"12:memory:/kubepods/burstable/pod{UID}/a\n1:cpu:/kubepods/burstable/pod{UID}/a\n",
             3: f"0::/kubepods.slice/kubepods-pod{sd}.slice/cri-containerd-1.scope\n",
             4: f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{sd}.slice\n",
+            # Seen from an agent in a cgroup namespace of its own: from an ancestor of its
+            # cgroup (the kubelet's), any level of the layout.
+            5: f"0::/../../../kubepods-besteffort.slice/kubepods-besteffort-pod{sd}.slice/c\n",
+            6: f"0::/../../kubepods-burstable-pod{sd}.slice/cri-containerd-1.scope\n",
+            7: f"0::/../../../pod{UID}/0123abcd\n",
+            8: f"0::/../../../besteffort/pod{UID}/0123abcd\n",
             # Not the kubelet's: a user's own systemd scope, a name inside another path,
             # a pod segment at the wrong depth, a mismatched QoS, pods that disagree.
             10: f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/pod{UID}.scope\n",
@@ -147,8 +154,12 @@ def test_only_the_kubelets_cgroup_layouts_name_a_pod(tmp_path: Path) -> None:
             14: f"0::/kubepods/pod{UID}x/y\n",
             15: f"1:cpu:/kubepods/pod{UID}/a\n2:memory:/kubepods/pod{UID[:-1]}1/a\n",
             16: f"0::/kubepods.slice/kubepods-pod{UID}.slice/x\n",  # systemd spells it with _
+            # ... nor from above the namespace: a pod's own sub-cgroup, a user's scope.
+            17: f"0::/../../kubepods-burstable-pod{own}.slice/c/kubepods-pod{sd}.slice\n",
+            18: f"0::/../../../user.slice/user-1000.slice/kubepods-pod{sd}.slice\n",
         },
     )
-    assert [pod_uid_of(pid, tmp_path) for pid in (1, 2, 3, 4)] == [UID] * 4
+    assert [pod_uid_of(pid, tmp_path) for pid in range(1, 9)] == [UID] * 8
     assert [pod_uid_of(pid, tmp_path) for pid in range(10, 17)] == [None] * 7
+    assert [pod_uid_of(pid, tmp_path) for pid in (17, 18)] == [own.replace("_", "-"), None]
     assert pod_uid_of(99, tmp_path) is None  # no such process
