@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tarfile
@@ -432,6 +433,47 @@ async def test_extended_headers_are_refused_before_they_are_read(
     assert not list((tmp_path / "cache" / "tmp").iterdir())
 
 
+UNPACK_IN_CHILD = """
+import sys, threading
+from pathlib import Path
+from nodecache.cache.budget import WriteBudget
+from nodecache.cache.errors import SizeLimitError
+from nodecache.cache.sources.modelcar import Layer, unpack_layers
+model = Path(sys.argv[1])
+blob = Layer(model / sys.argv[2], sys.argv[3], "sha256:" + "0" * 64)
+budget = WriteBudget(1 << 20, lambda: SizeLimitError("too big"))
+files = unpack_layers(model, [blob], uri="oci://x/y:z", file_mode=0o640, budget=budget,
+                      abort=threading.Event())
+print(*(f.path for f in files))
+"""
+
+
+def test_a_pax_header_of_digits_is_parsed_in_one_pass(tmp_path: Path) -> None:
+    """Before Python 3.11.10 tarfile parses a pax header with regular expressions quadratic
+    in its digits (CVE-2024-6232): a comment of 1000 KiB of them, within the 1 MiB allowed,
+    would cost the agent half an hour of CPU. A child held to 60 CPU seconds unpacks it."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("models/model.onnx")
+        info.size, info.pax_headers = 9, {"comment": "1" * (1000 << 10)}
+        tar.addfile(info, io.BytesIO(b"the model"))
+    model = tmp_path / "model"
+    (model / LAYERS_DIR).mkdir(parents=True)
+    (model / LAYERS_DIR / "0").write_bytes(out.getvalue())
+
+    def at_most_a_minute_of_cpu() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+
+    child = subprocess.run(
+        [sys.executable, "-c", UNPACK_IN_CHILD, str(model), f"{LAYERS_DIR}/0", OCI_TAR],
+        capture_output=True,
+        preexec_fn=at_most_a_minute_of_cpu,
+    )
+    assert child.returncode == 0, (child.returncode, child.stderr.decode()[-2000:])
+    assert child.stdout.split() == [b"model.onnx"]
+    assert (model / "model.onnx").read_bytes() == b"the model"
+
+
 async def test_layers_that_expand_without_end_stop_at_the_bound(
     tmp_path: Path, oci_registry: Registry
 ) -> None:
@@ -459,6 +501,7 @@ async def test_layers_that_expand_without_end_stop_at_the_bound(
     [
         ([(b"not a tar at all, though its digest is right", OCI_TAR_GZIP)], "not a valid"),
         ([(BASE, OCI_TAR_GZIP)], "no files under /models"),
+        ([(extended(tarfile.XHDTYPE, b"99 path=a\n") + MODEL, OCI_TAR)], "invalid pax header"),
     ],
 )
 async def test_broken_and_empty_images_are_clear_errors(

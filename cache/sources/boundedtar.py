@@ -6,13 +6,15 @@ block without end; it decompresses whatever it is given. A layer blob of a few M
 so take GiBs of the agent's memory, or minutes of its CPU, before anything it writes is
 counted. Here the extended headers before one entry may hold :data:`MAX_EXTENDED` together
 (refused from their tar header, before tarfile reads them), and as much for a layer's
-global headers; sparse entries are refused; and every byte the stream yields after
-decompression goes through the caller's ``count``, which raises to stop it.
+global headers; pax records are parsed in one pass (CVE-2024-6232); sparse entries are
+refused; and every byte the stream yields after decompression goes through the caller's
+``count``, which raises to stop it.
 """
 
 from __future__ import annotations
 
 import gzip
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ _EXTENDED = (
     tarfile.GNUTYPE_LONGLINK,
 )
 _SPARSE = "has a GNU sparse entry, which we do not unpack"
+_RECORD_LENGTH = re.compile(rb"([0-9]{1,20}) ")
 ARCHIVE_ERRORS = (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError)
 """What a malformed archive raises while read (disk errors are OSError, not listed)."""
 
@@ -103,9 +106,48 @@ class _BoundedInfo(tarfile.TarInfo):
             raise UnsafeArchive(_SPARSE)
         return super()._proc_member(tar)
 
-    def _proc_gnusparse_10(self, *_: object) -> None:
-        """The pax (1.0) sparse map, which tarfile reads block by block without end."""
-        raise UnsafeArchive(_SPARSE)
+    def _proc_pax(self, tar: _BoundedTar) -> tarfile.TarInfo:
+        """tarfile's own, its records parsed in one pass: before Python 3.11.10 (Debian's
+        3.11.2 too, unless patched) its regular expressions take time quadratic in a
+        header's digits (CVE-2024-6232), half an hour for 1 MiB. Sparse maps are refused."""
+        buf = tar.fileobj.read(self._block(self.size))
+        headers = tar.pax_headers if self.type == tarfile.XGLTYPE else tar.pax_headers.copy()
+        records, charset, pos = [], None, 0
+        while pos < len(buf) and buf[pos] != 0:  # records: b"%d %s=%s\n" % (length, key, value)
+            match = _RECORD_LENGTH.match(buf, pos)
+            length = int(match.group(1)) if match else 0
+            end = pos + length - 1  # the record's newline
+            if match is None or length < 5 or end >= len(buf) or buf[end] != 0x0A:
+                raise tarfile.ReadError("invalid pax header")
+            key, equals, value = buf[match.end() : end].partition(b"=")
+            if not key or not equals:
+                raise tarfile.ReadError("invalid pax header")
+            records.append((key, value))
+            if key == b"hdrcharset" and charset is None:
+                charset = tar.encoding if value == b"BINARY" else "utf-8"
+            pos += length
+        for raw_key, raw_value in records:
+            key = self._decode_pax_field(raw_key, "utf-8", "utf-8", tar.errors)
+            if key in tarfile.PAX_NAME_FIELDS:
+                headers[key] = self._decode_pax_field(
+                    raw_value, charset or "utf-8", tar.encoding, tar.errors
+                )
+            else:
+                headers[key] = self._decode_pax_field(raw_value, "utf-8", "utf-8", tar.errors)
+        if any(key.startswith("GNU.sparse.") for key in headers):
+            raise UnsafeArchive(_SPARSE)
+        try:
+            entry = self.fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            raise tarfile.SubsequentHeaderError(str(exc)) from None
+        if self.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            entry._apply_pax_info(headers, tar.encoding, tar.errors)
+            entry.offset = self.offset
+            if "size" in headers:  # the next header is after the size the pax header gave
+                tar.offset = entry.offset_data
+                if entry.isreg() or entry.type not in tarfile.SUPPORTED_TYPES:
+                    tar.offset += entry._block(entry.size)
+        return entry
 
 
 class _Counted:
