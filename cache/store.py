@@ -60,9 +60,8 @@ from nodecache.cache.perms import (
     restrict,
 )
 from nodecache.cache.quota import MODEL_SIZE_TOLERANCE, Held, format_bytes
-from nodecache.cache.retry import ensure_fetch_error, retrying
 from nodecache.cache.room import PARTIAL_SUFFIX, make_room, partial_bytes, room_left, sweep_tmp
-from nodecache.cache.sources import mask_secrets, open_source, translate_error
+from nodecache.cache.sources import mask_secrets, translate_error
 from nodecache.cache.stats import StoreStats
 from nodecache.cache.uri import redact_uri
 from nodecache.cache.verify import Verdict, drop_corrupt
@@ -237,41 +236,6 @@ class ModelStore:
 
     # ---- fetch --------------------------------------------------------------------------
 
-    async def check_readable(
-        self,
-        source_uri: str,
-        *,
-        credentials: Mapping[str, str] | None = None,
-        isolated: bool = False,
-    ) -> None:
-        """Raise unless ``credentials`` can list ``source_uri`` now: one listing, no bytes.
-
-        A cache hit skips the source, so a caller who must prove access of its own (a
-        namespaced cache naming a URI another scope already fetched) asks this first, with
-        ``isolated`` (see :func:`open_source`): otherwise the agent's own credentials would
-        prove it.
-        """
-        opts = self.options
-
-        def listing() -> None:
-            source = open_source(
-                source_uri,
-                chunk_size=opts.chunk_size,
-                timeout=opts.timeout,
-                credentials=credentials,
-                registry_mirrors=opts.registry_mirrors,
-                isolated=isolated,
-            )
-            try:
-                retrying(source.list_files, opts, threading.Event())
-            finally:
-                source.close()
-
-        try:
-            await asyncio.to_thread(listing)
-        except Exception as exc:
-            raise ensure_fetch_error(exc, source_uri) from None
-
     async def fetch(
         self,
         source_uri: str,
@@ -293,8 +257,10 @@ class ModelStore:
         ``credentials`` (resolved by the caller from a Secret or credentials file; see
         :func:`nodecache.cache.sources.open_source` for the names) override the environment;
         ``isolated`` (a namespaced cache) uses them alone. Their values never appear in
-        errors or logs. A fetch that joins a download in flight gets that download's
-        credentials: a namespaced cache proves its own first (:meth:`check_readable`).
+        errors or logs. A fetch that joins a download in flight, or hits a copy on disk, gets
+        bytes some earlier fetch of the same name made: a namespaced cache's name is scoped
+        to its namespace (:func:`~nodecache.cache.layout.scoped`), so that earlier fetch was
+        its own namespace's.
 
         ``max_bytes`` is the model's declared size (``modelSize``): a source that lists, or
         sends, more than it plus :data:`MODEL_SIZE_TOLERANCE` fails with

@@ -31,6 +31,7 @@ from support import wait_for
 from nodecache.cache import ModelStore
 from nodecache.cache.errors import FetchError
 from nodecache.cache.layout import scoped
+from nodecache.cache.retry import ensure_fetch_error
 from nodecache.cache.sources import ociauth, open_source
 from nodecache.cache.sources.base import IsolatedSettings
 
@@ -73,10 +74,24 @@ def tenant_server() -> Iterator[Recorder]:
     server.close()
 
 
+def _list(uri: str, credentials: dict[str, str], *, isolated: bool = False) -> None:
+    """List ``uri`` as a fetch would open it; raise its FetchError."""
+    try:
+        source = open_source(
+            uri, chunk_size=64 * 1024, timeout=10, credentials=credentials, isolated=isolated
+        )
+        try:
+            source.list_files()
+        finally:
+            source.close()
+    except Exception as exc:
+        raise ensure_fetch_error(exc, uri) from None
+
+
 def _check(store: ModelStore, uri: str, credentials: dict[str, str], isolated: bool) -> str:
     """The error of listing ``uri`` (every test source here refuses)."""
     with pytest.raises(FetchError) as info:
-        asyncio.run(store.check_readable(uri, credentials=credentials, isolated=isolated))
+        _list(uri, credentials, isolated=isolated)
     return str(info.value)
 
 
@@ -141,7 +156,7 @@ def test_an_isolated_s3_source_without_keys_is_anonymous_not_the_agents(
         asyncio.run(store.fetch(uri, credentials=where, isolated=True))
     assert store.lookup(uri) is None
 
-    asyncio.run(store.check_readable(uri, credentials=where, isolated=False))
+    _list(uri, where, isolated=False)
     own = {**where, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     model = asyncio.run(store.fetch(uri, credentials=own, isolated=True))
     assert (model.path / "model.onnx").read_bytes() == (mlp_dir / "model.onnx").read_bytes()
@@ -223,7 +238,7 @@ def test_a_key_naming_a_node_file_is_refused_for_a_namespaced_cache(
     settings = {name: str(node_file), "AWS_ENDPOINT_URL": s3_server.endpoint}
     uri = f"s3://{s3_server.bucket}/anything/"
     with pytest.raises(FetchError, match=f"{name} names a file on the node") as info:
-        asyncio.run(store.check_readable(uri, credentials=settings, isolated=True))
+        _list(uri, settings, isolated=True)
     assert info.value.permanent and SECRET_KEY not in str(info.value)
     with pytest.raises(FetchError, match=f"{name} names a file on the node"):
         asyncio.run(store.fetch(uri, credentials=settings, isolated=True))
@@ -244,8 +259,7 @@ def test_a_cluster_cache_may_still_name_a_credentials_file(
         "AWS_ENDPOINT_URL": s3_server.endpoint,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    store = ModelStore(tmp_path / "cache")
-    asyncio.run(store.check_readable(f"s3://{s3_server.bucket}/file-mlp/", credentials=settings))
+    _list(f"s3://{s3_server.bucket}/file-mlp/", settings)
 
 
 def _write_config(folder: Path, config: dict[str, Any]) -> Path:
@@ -300,7 +314,7 @@ def test_an_isolated_azure_source_without_credentials_is_anonymous(
     uri = f"az://{CONTAINER}/isolated"
     store = ModelStore(tmp_path / "cache")
     _check(store, uri, where, isolated=True)
-    asyncio.run(store.check_readable(uri, credentials=where, isolated=False))
+    _list(uri, where, isolated=False)
 
 
 def test_a_tenants_bytes_for_a_uri_are_never_another_scopes(tmp_path: Path) -> None:
