@@ -69,7 +69,6 @@ class NodeServices:
         self._private: Path | None = None
         # Who may call a model over gRPC, which cannot tell who the caller is: a model
         # name -> a refusal reason (None: allowed). Set before start() to restrict.
-        self.grpc_gate: Callable[[str], str | None] | None = None
         # For the CSI service (--csi-endpoint): this node's name. Set before start().
         self.node_name = os.environ.get("NODE_NAME") or socket.gethostname()
         self.csi: CsiServer | None = None
@@ -169,7 +168,6 @@ class NodeServices:
             tcp_host=options.http_host,
             tcp_port=options.grpc_port,
             socket_group=options.socket_group,
-            gate=self.grpc_gate,
         )
         # Each server is stopped later only if it started: stopping one that never did
         # would remove a socket file another agent serves on.

@@ -151,31 +151,3 @@ def test_kserve_rest_and_grpc_clients(served, mlp_dir: Path) -> None:
     got = np.load(io.BytesIO(done.stdout))
     x = np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)
     np.testing.assert_allclose(got, expected(mlp_dir, x), rtol=1e-5)
-
-
-async def test_grpc_gate_refuses_restricted_models(tmp_path: Path, mlp_dir: Path) -> None:
-    """Models a gate restricts (namespaced ones in a cluster) are refused over gRPC."""
-    from nodecache.serve.dataplane import DataPlane
-    from nodecache.serve.grpc.server import GrpcServer
-    from nodecache.serve.repository import ModelRepository
-
-    repo = ModelRepository()
-    repo.register("open", mlp_dir, "onnx")
-    repo.register("secret", mlp_dir, "onnx")
-    server = GrpcServer(
-        DataPlane(repo),
-        tmp_path / "g.sock",
-        gate=lambda m: "restricted; use the HTTP socket" if m == "secret" else None,
-    )
-    await server.start()
-    try:
-        channel = grpc.aio.insecure_channel(f"unix:{tmp_path / 'g.sock'}")
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        assert (await stub.ModelReady(pb.ModelReadyRequest(name="open"))).ready
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelMetadata(pb.ModelMetadataRequest(name="secret"))
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "HTTP socket" in err.value.details()
-        await channel.close()
-    finally:
-        await server.stop(1)

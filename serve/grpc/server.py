@@ -132,7 +132,6 @@ def encode_infer_response(result: InferResponse) -> pb.ModelInferResponse:
     return response
 
 
-Gate = Callable[[str], "str | None"]
 _MAX_PEERS = 4096
 Call = TypeVar("Call", bound=Callable[..., Awaitable[Any]])
 
@@ -158,18 +157,12 @@ def _answers(handler: Call) -> Call:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, gate: Gate | None = None) -> None:
+    def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
-        self._gate = gate
         # Our TCP ports: a loopback caller is the process at the other end of one of them.
         self.ports: set[int] = set()
         # Callers found by their peer address (a walk of /proc), while they hold the socket.
         self._peers: dict[str, Peer] = {}
-
-    async def _admit(self, context: grpc.aio.ServicerContext, model: str) -> None:
-        refusal = self._gate(model) if self._gate is not None else None
-        if refusal is not None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
 
     async def ServerLive(self, request, context):  # type: ignore[no-untyped-def]
         return pb.ServerLiveResponse(live=True)
@@ -185,13 +178,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def ModelReady(self, request, context):  # type: ignore[no-untyped-def]
-        await self._admit(context, request.name)
         ready = self.dataplane.model_ready(request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
     @_answers
     async def ModelMetadata(self, request, context):  # type: ignore[no-untyped-def]
-        await self._admit(context, request.name)
         meta = await self.dataplane.model_metadata(request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -204,7 +195,6 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
-        await self._admit(context, request.model_name)
         infer_request = await sized_work(request.ByteSize(), decode_infer_request, request)
         infer = self.dataplane.infer
         if infer_request.uses_shared_memory:
@@ -218,14 +208,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_answers
     async def RepositoryModelLoad(self, request, context):  # type: ignore[no-untyped-def]
         name = _repository_model(request)
-        await self._admit(context, name)
         await self.dataplane.load(name)
         return pb.RepositoryModelLoadResponse()
 
     @_answers
     async def RepositoryModelUnload(self, request, context):  # type: ignore[no-untyped-def]
         name = _repository_model(request)
-        await self._admit(context, name)
         await self.dataplane.unload(name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -233,24 +221,17 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def ModelConfig(self, request, context):  # type: ignore[no-untyped-def]
-        await self._admit(context, request.name)
         config = await self.dataplane.model_config(request.name, request.version or None)
         # The same JSON as REST's, read into model_config.proto's message.
         return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
 
     @_answers
     async def ModelStatistics(self, request, context):  # type: ignore[no-untyped-def]
-        if request.name:
-            await self._admit(context, request.name)
-        elif request.version:
+        if not request.name and request.version:
             raise InvalidInput("a version needs a model name")
         report = await self.dataplane.model_statistics(
             request.name or None, request.version or None
         )
-        if request.name == "" and self._gate is not None:
-            report["model_stats"] = [
-                s for s in report["model_stats"] if self._gate(s["name"]) is None
-            ]
         return json_format.ParseDict(report, pb.ModelStatisticsResponse())
 
     async def _peer(self, context: grpc.aio.ServicerContext) -> Peer:
@@ -332,7 +313,6 @@ class GrpcServer:
         tcp_port: int | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         socket_group: int | None = None,
-        gate: Gate | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._group = socket_group
@@ -343,7 +323,7 @@ class GrpcServer:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self._server = grpc.aio.server(options=options)
-        self._servicer = OipServicer(dataplane, gate)
+        self._servicer = OipServicer(dataplane)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
 
     async def start(self) -> None:
