@@ -195,8 +195,9 @@ class NodeAgent:
 
     async def _bring_up(self, decl: ModelDeclaration, status: ModelStatus) -> None:
         stored = self.store.lookup(decl.store_uri)
-        credentials = await self.credentials(decl)
         if stored is None:
+            # Secrets are read only to fetch: a copy on disk serves while the API is away.
+            credentials = await self.credentials(decl)
             status.state = ModelState.DOWNLOADING
             status.bytes_done, status.bytes_total = 0, None
             log.info("download started", extra={"model": decl.key})
