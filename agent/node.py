@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -324,12 +325,16 @@ class NodeAgent:
         }
 
 
+# A namespace cache's key; declaration files and folders (standalone) are paths, never this.
+_NAMESPACED = re.compile(r"([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)/[a-z0-9][-a-z0-9.]*")
+
+
 def _error_shown(declared_as: str, caller: Caller) -> bool:
     """Whether ``caller`` may read the refusal of ``declared_as``: one of a namespace
     cache (``NAMESPACE/NAME``) only from that namespace; any other (a cluster cache, a
     declaration file) from anyone."""
-    namespace, slash, _ = declared_as.rpartition("/")
-    return not slash or caller() == namespace
+    match = _NAMESPACED.fullmatch(declared_as)
+    return match is None or caller() == match.group(1)
 
 
 async def own_parameters(decl: ModelDeclaration) -> Mapping[str, str] | None:
