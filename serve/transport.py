@@ -176,14 +176,25 @@ class UnixListener:
         """Listen on the path (its folder created), refusing to steal a live socket."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         clear_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The umask is the process's: set only around the bind itself, never across an
+        # await (other tasks would create their files under it).
         old_umask = os.umask(0o117)
+        try:
+            sock.bind(str(self.path))
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
         try:
             # A deep backlog: a burst of clients gets answers (503 at worst), not resets.
             server = await asyncio.get_running_loop().create_unix_server(
-                self._protocol, str(self.path), backlog=self._backlog
+                self._protocol, sock=sock, backlog=self._backlog
             )
-        finally:
-            os.umask(old_umask)
+        except BaseException:
+            sock.close()
+            raise
         if self._group is not None:
             os.chown(self.path, -1, self._group)
         st = os.stat(self.path)

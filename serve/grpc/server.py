@@ -329,16 +329,18 @@ class GrpcServer:
     async def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
+        # The umask is the process's: set only around the bind itself (add_insecure_port
+        # binds), never across an await (other tasks would create their files under it).
         old_umask = os.umask(0o117)
         try:
             self._server.add_insecure_port(f"unix:{self.socket_path}")
-            host, port = self._tcp
-            if port is not None:
-                self.tcp_port = self._server.add_insecure_port(f"{host}:{port}")
-                self._servicer.ports.add(self.tcp_port)
-            await self._server.start()
         finally:
             os.umask(old_umask)
+        host, port = self._tcp
+        if port is not None:
+            self.tcp_port = self._server.add_insecure_port(f"{host}:{port}")
+            self._servicer.ports.add(self.tcp_port)
+        await self._server.start()
         if self._group is not None:
             os.chown(self.socket_path, -1, self._group)
 
