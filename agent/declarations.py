@@ -33,6 +33,7 @@ __all__ = [
 API_VERSION = "nodecache.io/v1alpha1"
 KINDS = ("LocalModelCache",)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label
 _DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -139,6 +140,15 @@ class ModelDeclaration:
             other.format,
             other.entrypoint,
         )
+
+
+def namespace_of_key(key: str) -> str | None:
+    """The namespace in a :attr:`ModelDeclaration.key` (``NAMESPACE/NAME``), or None for a
+    cluster cache's key or anything else (a declaration file's path is never one)."""
+    namespace, slash, name = key.partition("/")
+    if slash and _NAMESPACE.fullmatch(namespace) and _NAME.fullmatch(name):
+        return namespace
+    return None
 
 
 def parse_declarations(text: str) -> list[ModelDeclaration]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nodecache.agent.declarations import ModelDeclaration
+from nodecache.agent.declarations import ModelDeclaration, namespace_of_key
 from nodecache.cache import CacheError, ModelStore, redact_uri
 from nodecache.cache.layout import split_scope
 from nodecache.serve.errors import NoRoom, ServeError
@@ -325,16 +324,12 @@ class NodeAgent:
         }
 
 
-# A namespace cache's key; declaration files and folders (standalone) are paths, never this.
-_NAMESPACED = re.compile(r"([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)/[a-z0-9][-a-z0-9.]*")
-
-
 def _error_shown(declared_as: str, caller: Caller) -> bool:
     """Whether ``caller`` may read the refusal of ``declared_as``: one of a namespace
     cache (``NAMESPACE/NAME``) only from that namespace; any other (a cluster cache, a
     declaration file) from anyone."""
-    match = _NAMESPACED.fullmatch(declared_as)
-    return match is None or caller() == match.group(1)
+    namespace = namespace_of_key(declared_as)
+    return namespace is None or caller() == namespace
 
 
 async def own_parameters(decl: ModelDeclaration) -> Mapping[str, str] | None:

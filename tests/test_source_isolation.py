@@ -75,17 +75,17 @@ def tenant_server() -> Iterator[Recorder]:
 
 
 def _list(uri: str, credentials: dict[str, str], *, isolated: bool = False) -> None:
-    """List ``uri`` as a fetch would open it; raise its FetchError."""
+    """List ``uri`` as a fetch would open it; raise its FetchError (``open_source`` raises
+    its own; a mistake in the call itself is not turned into one)."""
+    source = open_source(
+        uri, chunk_size=64 * 1024, timeout=10, credentials=credentials, isolated=isolated
+    )
     try:
-        source = open_source(
-            uri, chunk_size=64 * 1024, timeout=10, credentials=credentials, isolated=isolated
-        )
-        try:
-            source.list_files()
-        finally:
-            source.close()
+        source.list_files()
     except Exception as exc:
         raise ensure_fetch_error(exc, uri) from None
+    finally:
+        source.close()
 
 
 def _check(store: ModelStore, uri: str, credentials: dict[str, str], isolated: bool) -> str:
